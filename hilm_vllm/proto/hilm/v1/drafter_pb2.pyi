@@ -1,0 +1,141 @@
+from hilm_vllm.proto.hilm.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class UncertaintyGate(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    UNCERTAINTY_GATE_UNSPECIFIED: _ClassVar[UncertaintyGate]
+    PERTURBED_TEMPERATURE: _ClassVar[UncertaintyGate]
+    ENTROPY: _ClassVar[UncertaintyGate]
+    VAR_ENTROPY: _ClassVar[UncertaintyGate]
+    MAX_PROB: _ClassVar[UncertaintyGate]
+
+class Perturbation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PERTURBATION_UNSPECIFIED: _ClassVar[Perturbation]
+    UNIFORM: _ClassVar[Perturbation]
+    GRID: _ClassVar[Perturbation]
+UNCERTAINTY_GATE_UNSPECIFIED: UncertaintyGate
+PERTURBED_TEMPERATURE: UncertaintyGate
+ENTROPY: UncertaintyGate
+VAR_ENTROPY: UncertaintyGate
+MAX_PROB: UncertaintyGate
+PERTURBATION_UNSPECIFIED: Perturbation
+UNIFORM: Perturbation
+GRID: Perturbation
+
+class UncertaintyConfig(_message.Message):
+    __slots__ = ("gate", "num_samples", "theta_max", "perturbation")
+    GATE_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    THETA_MAX_FIELD_NUMBER: _ClassVar[int]
+    PERTURBATION_FIELD_NUMBER: _ClassVar[int]
+    gate: UncertaintyGate
+    num_samples: int
+    theta_max: float
+    perturbation: Perturbation
+    def __init__(self, gate: _Optional[_Union[UncertaintyGate, str]] = ..., num_samples: _Optional[int] = ..., theta_max: _Optional[float] = ..., perturbation: _Optional[_Union[Perturbation, str]] = ...) -> None: ...
+
+class OpenDrafterSessionRequest(_message.Message):
+    __slots__ = ("prompt", "sampling", "uncertainty", "max_tokens")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    UNCERTAINTY_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    prompt: _common_pb2.Prompt
+    sampling: _common_pb2.SamplingParams
+    uncertainty: UncertaintyConfig
+    max_tokens: int
+    def __init__(self, prompt: _Optional[_Union[_common_pb2.Prompt, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., uncertainty: _Optional[_Union[UncertaintyConfig, _Mapping]] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+
+class OpenDrafterSessionResponse(_message.Message):
+    __slots__ = ("session_id", "position", "eos_token_id", "vocab_size", "prompt_token_ids")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    position: int
+    eos_token_id: int
+    vocab_size: int
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., vocab_size: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class DraftRequest(_message.Message):
+    __slots__ = ("session_id", "position", "max_tokens", "stop_uncertainty")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STOP_UNCERTAINTY_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    position: int
+    max_tokens: int
+    stop_uncertainty: float
+    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., max_tokens: _Optional[int] = ..., stop_uncertainty: _Optional[float] = ...) -> None: ...
+
+class DraftedToken(_message.Message):
+    __slots__ = ("token_id", "uncertainty", "dist")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    UNCERTAINTY_FIELD_NUMBER: _ClassVar[int]
+    DIST_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    uncertainty: float
+    dist: _common_pb2.SparseDistribution
+    def __init__(self, token_id: _Optional[int] = ..., uncertainty: _Optional[float] = ..., dist: _Optional[_Union[_common_pb2.SparseDistribution, _Mapping]] = ...) -> None: ...
+
+class DraftResponse(_message.Message):
+    __slots__ = ("tokens", "position", "timings")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedCompositeFieldContainer[DraftedToken]
+    position: int
+    timings: _common_pb2.Timings
+    def __init__(self, tokens: _Optional[_Iterable[_Union[DraftedToken, _Mapping]]] = ..., position: _Optional[int] = ..., timings: _Optional[_Union[_common_pb2.Timings, _Mapping]] = ...) -> None: ...
+
+class RollbackRequest(_message.Message):
+    __slots__ = ("session_id", "position")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    position: int
+    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ...) -> None: ...
+
+class RollbackResponse(_message.Message):
+    __slots__ = ("position",)
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    def __init__(self, position: _Optional[int] = ...) -> None: ...
+
+class AppendRequest(_message.Message):
+    __slots__ = ("session_id", "position", "token_ids")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    position: int
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class AppendResponse(_message.Message):
+    __slots__ = ("position",)
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    def __init__(self, position: _Optional[int] = ...) -> None: ...
+
+class CloseDrafterSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class CloseDrafterSessionResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

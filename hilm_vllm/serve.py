@@ -1,0 +1,95 @@
+"""`hilm-serve --tier {llm,ilm,slm,router}`: start one tier.
+
+vLLM's own engine flags pass through (`--model`, `--max-model-len`, `--tensor-parallel-size`,
+...), parsed by vLLM's parser, and `--config engine_configs/X.yaml` supplies defaults exactly as
+it does for `vllm serve` (command line > config file > built-in defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from hilm_vllm.config import ServeConfig, Tier
+
+ZOO_PREFIX = "zoo:"  # --model zoo:demo/llm names a model of the locally built demo family
+
+
+def _tier_from_argv(argv: list[str]) -> Tier | None:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--tier", choices=[t.value for t in Tier])
+    known, _ = pre.parse_known_args(argv)
+    return Tier(known.tier) if known.tier else None
+
+
+def build_parser(tier: Tier | None):
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(
+        prog="hilm-serve",
+        description="Serve one tier of hilm-vllm. Engine tiers (llm, ilm, slm) take vLLM's "
+                    "engine flags; `hilm-serve --tier llm --help` lists them.",
+    )
+    parser.add_argument("--tier", required=True, choices=[t.value for t in Tier],
+                        help="llm: data-center verifier; ilm: edge verifier; slm: device "
+                             "drafter; router: the policy loop and OpenAI API")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=50051,
+                        help="gRPC port; 0 picks a free one (default: %(default)s)")
+    parser.add_argument("--metrics-port", type=int, default=0,
+                        help="Prometheus /metrics HTTP port; 0 picks a free one (default: %(default)s)")
+    if tier is not None and tier.runs_engine:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        AsyncEngineArgs.add_cli_args(parser)
+        # KV reuse across rounds comes from the prefix cache: on unless turned off explicitly.
+        parser.set_defaults(enable_prefix_caching=True)
+    return parser
+
+
+def resolve_model(spec: str) -> str:
+    """`zoo:<recipe>/<tier>` -> the built model's directory; anything else unchanged."""
+    if not spec.startswith(ZOO_PREFIX):
+        return spec
+    from hilm_vllm.zoo import find_zoo
+
+    recipe, _, tier = spec[len(ZOO_PREFIX):].partition("/")
+    if tier not in ("slm", "ilm", "llm"):
+        raise SystemExit(f"error: --model {spec}: expected zoo:<recipe>/<slm|ilm|llm>")
+    zoo = find_zoo(recipe)
+    if zoo is None:
+        raise SystemExit(f"error: --model {spec}: the {recipe!r} zoo is not built; run "
+                         f"`hilm zoo build --recipe {recipe}` first")
+    return str(zoo.model(tier))
+
+
+def engine_args_from(args: argparse.Namespace):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    args.model = resolve_model(args.model)
+    if args.tokenizer:
+        args.tokenizer = resolve_model(args.tokenizer)
+    return AsyncEngineArgs.from_cli_args(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    tier = _tier_from_argv(argv)
+    args = build_parser(tier).parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s [%(name)s] %(message)s")
+    cfg = ServeConfig(tier=Tier(args.tier), host=args.host, port=args.port,
+                      metrics_port=args.metrics_port)
+    if cfg.tier is Tier.ROUTER:
+        print("error: the router tier is not available in this release yet "
+              "(see the project's router issue)", file=sys.stderr)
+        return 2
+    from hilm_vllm.server.runtime import TierRuntime
+
+    asyncio.run(TierRuntime(cfg, engine_args_from(args), installers=[]).run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Service shells for the tiers: they translate between protobuf and domain objects."""

@@ -1,0 +1,106 @@
+"""Lifecycle of one tier process: gRPC server with health checking, Prometheus /metrics, and the
+vLLM engine. Health answers NOT_SERVING until the engine is ready and again from the moment a
+shutdown begins, so load balancers and the router never send work to a tier that cannot take it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from hilm_vllm.config import ServeConfig
+from hilm_vllm.server import metrics
+
+logger = logging.getLogger("hilm.serve")
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+# A tier registers its gRPC services with this: (grpc server, runtime) -> names of the
+# services added, so health can be reported for each by name.
+ServiceInstaller = Callable[[grpc.aio.Server, "TierRuntime"], list[str]]
+
+
+class TierRuntime:
+    """Owns the engine, the gRPC server, health and metrics of one tier process."""
+
+    def __init__(self, cfg: ServeConfig, engine_args, installers: list[ServiceInstaller]):
+        self.cfg = cfg
+        self.engine_args = engine_args  # vLLM AsyncEngineArgs, or None for the router
+        self.engine = None  # vllm AsyncLLM once ready
+        self._installers = installers
+        self._health = health_aio.HealthServicer()
+        self._service_names: list[str] = []
+        self._server: grpc.aio.Server | None = None
+        self._metrics_server = None
+        self._stop = asyncio.Event()
+        self.grpc_port = self.metrics_port = 0
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        try:
+            await self._start_servers()
+            await self._start_engine()
+            await self._set_health(SERVING)
+            logger.info("%s tier ready", self.cfg.tier.value)
+            await self._stop.wait()
+        finally:
+            await self._shutdown()
+
+    async def _start_servers(self) -> None:
+        self._server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        for install in self._installers:
+            self._service_names += install(self._server, self)
+        address = f"{self.cfg.host}:{self.cfg.port}"
+        self.grpc_port = self._server.add_insecure_port(address)
+        if self.grpc_port == 0:
+            raise SystemExit(f"error: cannot bind gRPC to {address}; pick another --port")
+        await self._server.start()
+        await self._set_health(NOT_SERVING)
+        self._metrics_server, self.metrics_port = metrics.start_metrics_server(
+            self.cfg.host, self.cfg.metrics_port)
+        metrics.TIER_INFO.info({"tier": self.cfg.tier.value,
+                                "model": str(getattr(self.engine_args, "model", ""))})
+        # Tests and scripts read the bound ports from this line (ports may be 0 = any).
+        logger.info("hilm-serve listening: tier=%s grpc=%s:%d metrics=http://%s:%d/metrics",
+                    self.cfg.tier.value, self.cfg.host, self.grpc_port, self.cfg.host,
+                    self.metrics_port)
+
+    async def _start_engine(self) -> None:
+        if self.engine_args is None:
+            return
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        # Construction blocks for seconds (it spawns the engine core and worker); a thread keeps
+        # health checks answering NOT_SERVING meanwhile.
+        task = asyncio.ensure_future(asyncio.to_thread(AsyncLLM.from_engine_args, self.engine_args))
+        stop = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        self.engine = await task  # on SIGTERM during startup, finish starting, then shut down
+        stop.cancel()
+        metrics.ENGINE_READY.set(1)
+
+    async def _set_health(self, status) -> None:
+        for name in ("", *self._service_names):
+            await self._health.set(name, status)
+
+    async def _shutdown(self) -> None:
+        logger.info("shutting down %s tier", self.cfg.tier.value)
+        metrics.ENGINE_READY.set(0)
+        if self._server is not None:
+            await self._health.enter_graceful_shutdown()
+            await self._server.stop(self.cfg.shutdown_grace_s)
+        if self.engine is not None:
+            self.engine.shutdown()  # terminates the engine core and worker processes
+            self.engine = None
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()

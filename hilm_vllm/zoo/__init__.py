@@ -1,0 +1,83 @@
+"""The project's demo model family (SLM < ILM < LLM sharing one tokenizer), built locally.
+
+    zoo = ensure_zoo("demo")          # builds once, then cached
+    zoo.slm, zoo.ilm, zoo.llm         # Hugging Face model directories
+    zoo.manifest["acceptance"]        # measured at build time
+    zoo.heldout_prompts()             # [{"file", "prompt", "reference"}]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from hilm_vllm.zoo.recipes import RECIPES, Recipe, get_recipe
+
+__all__ = ["RECIPES", "Recipe", "Zoo", "ensure_zoo", "find_zoo", "get_recipe", "zoo_dir"]
+
+
+@dataclass(frozen=True)
+class Zoo:
+    root: Path
+
+    @property
+    def slm(self) -> Path:
+        return self.root / "slm"
+
+    @property
+    def ilm(self) -> Path:
+        return self.root / "ilm"
+
+    @property
+    def llm(self) -> Path:
+        return self.root / "llm"
+
+    def model(self, tier: str) -> Path:
+        return self.root / tier
+
+    @cached_property
+    def manifest(self) -> dict:
+        return json.loads((self.root / "manifest.json").read_text())
+
+    def heldout_prompts(self, n: int | None = None) -> list[dict]:
+        rows = [json.loads(line) for line in (self.root / "heldout.jsonl").read_text().splitlines()]
+        return rows[:n] if n is not None else rows
+
+
+def cache_root() -> Path:
+    """`HILM_ZOO_DIR`, else the user's cache directory."""
+    if env := os.environ.get("HILM_ZOO_DIR"):
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "hilm-vllm" / "zoo"
+
+
+def zoo_dir(recipe: Recipe) -> Path:
+    return cache_root() / recipe.key()
+
+
+def find_zoo(recipe: str | Recipe = "demo", seed: int = 0) -> Zoo | None:
+    r = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    root = zoo_dir(r.with_seed(seed))
+    return Zoo(root) if (root / "manifest.json").is_file() else None
+
+
+def ensure_zoo(recipe: str | Recipe = "demo", seed: int = 0, device: str = "cpu",
+               progress: bool = True, force: bool = False) -> Zoo:
+    """Return the cached zoo for this recipe and seed, building it first if needed.
+
+    A file lock makes concurrent callers (parallel tests, two terminals) build it once."""
+    from filelock import FileLock
+
+    from hilm_vllm.zoo.build import build
+
+    r = (get_recipe(recipe) if isinstance(recipe, str) else recipe).with_seed(seed)
+    root = zoo_dir(r)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root) + ".lock"):
+        if force or not (root / "manifest.json").is_file():
+            build(r, root, device=device, progress=progress)
+    return Zoo(root)

@@ -1,0 +1,30 @@
+"""Command-line entry points answer --help and fail clearly."""
+
+import subprocess
+import sys
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_hilm_help_lists_subcommands():
+    r = run("-m", "hilm_vllm.cli", "--help")
+    assert r.returncode == 0 and "zoo" in r.stdout and "dsi" in r.stdout
+
+
+def test_zoo_path_of_an_unbuilt_zoo_says_how_to_build_it(tmp_path):
+    import os
+
+    env = dict(os.environ, HILM_ZOO_DIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "hilm_vllm.cli", "zoo", "path", "--recipe", "demo"],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 1 and "hilm zoo build --recipe demo" in r.stderr
+
+
+def test_hilm_serve_help_passes_vllm_engine_flags_through():
+    r = run("-m", "hilm_vllm.serve", "--tier", "llm", "--help")
+    assert r.returncode == 0, r.stderr
+    for flag in ("--tier", "--metrics-port", "--model", "--max-model-len",
+                 "--tensor-parallel-size", "--enable-prefix-caching"):
+        assert flag in r.stdout, flag
