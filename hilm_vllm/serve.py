@@ -16,6 +16,27 @@ from hilm_vllm.config import ServeConfig, Tier
 
 ZOO_PREFIX = "zoo:"  # --model zoo:demo/llm names a model of the locally built demo family
 
+# Each engine tier's module provides `ENGINE_DEFAULTS` (engine arguments the tier's hooks need,
+# e.g. its worker extension; the command line and --config still override them) and
+# `install(grpc_server, runtime) -> [service names]`. Imported only for the tier being served.
+TIER_MODULES: dict[Tier, str] = {
+    Tier.LLM: "hilm_vllm.verifier.tier",
+    Tier.ILM: "hilm_vllm.verifier.tier",
+    Tier.SLM: "hilm_vllm.drafter.tier",
+}
+
+
+def _tier_module(tier: Tier):
+    import importlib
+
+    name = TIER_MODULES.get(tier)
+    try:
+        return importlib.import_module(name) if name else None
+    except ModuleNotFoundError as e:
+        if e.name != name:
+            raise
+        return None  # this tier's services are not part of this build yet
+
 
 def _tier_from_argv(argv: list[str]) -> Tier | None:
     pre = argparse.ArgumentParser(add_help=False)
@@ -46,6 +67,8 @@ def build_parser(tier: Tier | None):
         AsyncEngineArgs.add_cli_args(parser)
         # KV reuse across rounds comes from the prefix cache: on unless turned off explicitly.
         parser.set_defaults(enable_prefix_caching=True)
+        module = _tier_module(tier)
+        parser.set_defaults(**getattr(module, "ENGINE_DEFAULTS", {}))
     return parser
 
 
@@ -87,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from hilm_vllm.server.runtime import TierRuntime
 
-    asyncio.run(TierRuntime(cfg, engine_args_from(args), installers=[]).run())
+    module = _tier_module(cfg.tier)
+    installers = [module.install] if module is not None else []
+    asyncio.run(TierRuntime(cfg, engine_args_from(args), installers=installers).run())
     return 0
 
 

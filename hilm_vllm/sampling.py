@@ -1,0 +1,88 @@
+"""The per-request sampling transform, identical on every tier.
+
+Exactness needs the drafter's q and the verifiers' p to be the distributions the engines really
+sample from. vLLM's sampler applies temperature, then top-k/top-p (its own masks), then softmax;
+`processed_probs` calls the same vLLM mask function, so q and p are bit-for-bit what the sampler
+uses. Pure functions of tensors; no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+GREEDY_EPS = 1e-5  # vLLM treats temperature below this as greedy (sampling_params._SAMPLING_EPS)
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """A request's sampling parameters, validated once."""
+
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.temperature >= 0 and self.temperature == self.temperature):
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_EPS
+
+    def vllm_kwargs(self) -> dict:
+        """Keyword arguments for `vllm.SamplingParams` with the same meaning."""
+        return {"temperature": self.temperature, "top_k": self.top_k or 0,
+                "top_p": self.top_p, "seed": self.seed}
+
+
+def processed_probs(logits: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:
+    """logits [N, V] (raw, float32) -> probabilities [N, V] the sampler draws from.
+
+    Greedy is one-hot on the argmax (vLLM's greedy sampler takes the argmax)."""
+    logits = logits.float()
+    if spec.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+
+    scaled = logits / spec.temperature
+    n, vocab = scaled.shape
+    k = torch.full((n,), spec.top_k, dtype=torch.long) if 0 < spec.top_k < vocab else None
+    p = torch.full((n,), spec.top_p, dtype=torch.float32) if spec.top_p < 1 else None
+    scaled = apply_top_k_top_p(scaled.clone(), k, p)
+    return torch.softmax(scaled, dim=-1)
+
+
+def to_sparse(probs: torch.Tensor) -> tuple[list[int], list[float]]:
+    """probs [V] -> (token ids, probabilities) of its support, exactly."""
+    ids = torch.nonzero(probs > 0).flatten()
+    return ids.tolist(), probs[ids].tolist()
+
+
+def sparse_problem(ids: list[int], probs: list[float], vocab_size: int, token: int,
+                   eps: float = 1e-3) -> str | None:
+    """Why (ids, probs) is not a valid draft distribution for `token`, or None if it is."""
+    if len(ids) != len(probs):
+        return f"distribution has {len(ids)} token ids but {len(probs)} probabilities"
+    if not ids:
+        return "distribution is empty"
+    if len(set(ids)) != len(ids):
+        return "distribution lists a token id twice"
+    if any(not 0 <= i < vocab_size for i in ids):
+        return f"distribution has a token id outside the vocabulary [0, {vocab_size})"
+    if any(not (p >= 0) for p in probs):  # also catches NaN
+        return "distribution has a negative or NaN probability"
+    total = sum(probs)
+    if total > 1 + eps or total < 1 - eps:
+        return f"probabilities sum to {total:.6f}, not 1"
+    if token not in ids:
+        return f"draft token {token} is missing from its own distribution"
+    if probs[ids.index(token)] <= 0:
+        return f"draft token {token} has probability 0 in its own distribution"
+    return None
