@@ -33,8 +33,8 @@ def _tier_module(tier: Tier):
     try:
         return importlib.import_module(name) if name else None
     except ModuleNotFoundError as e:
-        if e.name != name:
-            raise
+        if not (e.name and (name == e.name or name.startswith(e.name + "."))):
+            raise  # a missing dependency inside the tier module is a real error
         return None  # this tier's services are not part of this build yet
 
 
