@@ -17,8 +17,9 @@ from hilm_vllm.config import ServeConfig, Tier
 ZOO_PREFIX = "zoo:"  # --model zoo:demo/llm names a model of the locally built demo family
 
 # Each engine tier's module provides `ENGINE_DEFAULTS` (engine arguments the tier's hooks need,
-# e.g. its worker extension; the command line and --config still override them) and
-# `install(grpc_server, runtime) -> [service names]`. Imported only for the tier being served.
+# e.g. its worker extension; the command line and --config still override them),
+# `install(grpc_server, runtime) -> [service names]`, and optionally
+# `async on_engine_ready(runtime)`. Imported only for the tier being served.
 TIER_MODULES: dict[Tier, str] = {
     Tier.LLM: "hilm_vllm.verifier.tier",
     Tier.ILM: "hilm_vllm.verifier.tier",
@@ -112,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
 
     module = _tier_module(cfg.tier)
     installers = [module.install] if module is not None else []
-    asyncio.run(TierRuntime(cfg, engine_args_from(args), installers=installers).run())
+    on_ready = [module.on_engine_ready] if hasattr(module, "on_engine_ready") else []
+    runtime = TierRuntime(cfg, engine_args_from(args), installers=installers, on_ready=on_ready)
+    asyncio.run(runtime.run())
     return 0
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -25,13 +25,17 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # A tier registers its gRPC services with this: (grpc server, runtime) -> names of the
 # services added, so health can be reported for each by name.
 ServiceInstaller = Callable[[grpc.aio.Server, "TierRuntime"], list[str]]
+# Run once the engine is up, before health turns SERVING (e.g. installing a worker hook).
+ReadyHook = Callable[["TierRuntime"], Awaitable[None]]
 
 
 class TierRuntime:
     """Owns the engine, the gRPC server, health and metrics of one tier process."""
 
-    def __init__(self, cfg: ServeConfig, engine_args, installers: list[ServiceInstaller]):
+    def __init__(self, cfg: ServeConfig, engine_args, installers: list[ServiceInstaller],
+                 on_ready: list[ReadyHook] | None = None):
         self.cfg = cfg
+        self._on_ready = on_ready or []
         self.engine_args = engine_args  # vLLM AsyncEngineArgs, or None for the router
         self.engine = None  # vllm AsyncLLM once ready
         self._installers = installers
@@ -49,6 +53,8 @@ class TierRuntime:
         try:
             await self._start_servers()
             await self._start_engine()
+            for hook in self._on_ready:
+                await hook(self)
             await self._set_health(SERVING)
             logger.info("%s tier ready", self.cfg.tier.value)
             await self._stop.wait()
