@@ -95,6 +95,7 @@ def _sample(args: argparse.Namespace) -> int:
         return 1
     # One process is enough for a sample: skip the engine-core subprocess (12 s -> 2 s).
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the samples, not engine logs
     from vllm import LLM, SamplingParams
 
     pair = zoo.heldout_prompts(1)[0]
