@@ -18,6 +18,9 @@ import torch
 
 PINNED_VLLM = "0.32.0"
 
+# vLLM's own function, once register() has replaced it (plugins load in every process).
+replaced = None
+
 
 def expand_batch_to_tokens(
     x: torch.Tensor,  # [batch_size]
@@ -40,4 +43,7 @@ def register() -> None:
         return  # a newer vLLM may have fixed it differently; never patch blind
     import vllm.v1.sample.rejection_sampler as rejection_sampler
 
+    global replaced
+    if rejection_sampler.expand_batch_to_tokens is not expand_batch_to_tokens:
+        replaced = rejection_sampler.expand_batch_to_tokens  # kept for the regression test
     rejection_sampler.expand_batch_to_tokens = expand_batch_to_tokens

@@ -2,6 +2,7 @@
 
 import torch
 
+import hilm_vllm_patches.cpu_spec_decode_expand as patch
 from hilm_vllm_patches.cpu_spec_decode_expand import expand_batch_to_tokens, register
 
 
@@ -18,7 +19,10 @@ def test_vllm_cpu_kernel_is_still_broken_and_register_fixes_it():
     from vllm.platforms import current_platform
 
     current_platform.register_triton_kernel_overrides()  # what each CPU worker does at start
-    original = rs.expand_batch_to_tokens
+    # Another test may already have loaded vLLM's plugins in this process (register() ran).
+    before = rs.expand_batch_to_tokens
+    original = patch.replaced if rs.expand_batch_to_tokens is expand_batch_to_tokens else rs.expand_batch_to_tokens
+    assert original is not None and original is not expand_batch_to_tokens
     x, cu = torch.tensor([0.7, 1.3]), torch.tensor([2, 3])
     try:
         broken = original(x, cu, 3)
@@ -26,7 +30,7 @@ def test_vllm_cpu_kernel_is_still_broken_and_register_fixes_it():
         register()
         assert torch.allclose(rs.expand_batch_to_tokens(x, cu, 3), torch.tensor([0.7, 0.7, 1.3]))
     finally:
-        rs.expand_batch_to_tokens = original
+        rs.expand_batch_to_tokens = before
 
 
 def test_plugin_is_registered_as_a_vllm_general_plugin():
