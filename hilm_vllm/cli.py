@@ -16,6 +16,7 @@ import sys
 SUBCOMMANDS = (
     "hilm_vllm.zoo.cli",
     "hilm_vllm.dsi.cli",
+    "hilm_vllm.calibrate_cli",
 )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import sys
 
@@ -19,7 +20,9 @@ ZOO_PREFIX = "zoo:"  # --model zoo:demo/llm names a model of the locally built d
 # Each engine tier's module provides `ENGINE_DEFAULTS` (engine arguments the tier's hooks need,
 # e.g. its worker extension; the command line and --config still override them),
 # `install(grpc_server, runtime) -> [service names]`, and optionally
-# `async on_engine_ready(runtime)`. Imported only for the tier being served.
+# `async on_engine_ready(runtime)` and `add_cli_args(parser)` (the tier's own flags; such a
+# module's install is then called with `args=` the parsed namespace). Imported only for the tier
+# being served.
 TIER_MODULES: dict[Tier, str] = {
     Tier.LLM: "hilm_vllm.verifier.tier",
     Tier.ILM: "hilm_vllm.verifier.tier",
@@ -70,6 +73,8 @@ def build_parser(tier: Tier | None):
         parser.set_defaults(enable_prefix_caching=True)
         module = _tier_module(tier)
         parser.set_defaults(**getattr(module, "ENGINE_DEFAULTS", {}))
+        if hasattr(module, "add_cli_args"):
+            module.add_cli_args(parser)
     return parser
 
 
@@ -112,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     from hilm_vllm.server.runtime import TierRuntime
 
     module = _tier_module(cfg.tier)
-    installers = [module.install] if module is not None else []
+    installers = [] if module is None else [
+        functools.partial(module.install, args=args) if hasattr(module, "add_cli_args")
+        else module.install]
     on_ready = [module.on_engine_ready] if hasattr(module, "on_engine_ready") else []
     runtime = TierRuntime(cfg, engine_args_from(args), installers=installers, on_ready=on_ready)
     asyncio.run(runtime.run())

@@ -1,0 +1,1 @@
+"""Drafter tier (`hilm-serve --tier slm`): drafting with same-step uncertainty on vLLM."""

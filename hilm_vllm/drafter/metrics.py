@@ -1,0 +1,20 @@
+"""Prometheus metrics of the drafter tier (served on the tier's /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+SESSIONS = Gauge("hilm_drafter_sessions", "Open drafter sessions")
+DRAFTS = Counter("hilm_drafter_drafts", "Draft calls served")
+TOKENS = Counter("hilm_drafter_tokens", "Tokens drafted")
+EARLY_STOPS = Counter("hilm_drafter_early_stops", "Drafts ended early by stop_uncertainty")
+DRAFT_SECONDS = Histogram("hilm_drafter_draft_seconds", "Draft latency (engine + readout)",
+                          buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))
+
+
+def observe_draft(num_tokens: int, seconds: float, early_stop: bool) -> None:
+    DRAFTS.inc()
+    TOKENS.inc(num_tokens)
+    DRAFT_SECONDS.observe(seconds)
+    if early_stop:
+        EARLY_STOPS.inc()

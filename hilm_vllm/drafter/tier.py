@@ -1,0 +1,97 @@
+"""`hilm-serve --tier slm`: the Drafter service on a vLLM engine with the uncertainty hooks.
+
+The hooks target vLLM 0.32.0's V1 model runner: the CPU build always uses it; on GPU, 0.32
+defaults to Model Runner V2, whose logits-processor interface differs, so the drafter refuses to
+start there unless VLLM_USE_V2_MODEL_RUNNER=0.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from hilm_vllm.drafter.core import DrafterSettings
+from hilm_vllm.uncertainty import Gate, Perturbation, UncertaintyConfig
+
+PINNED_VLLM = "0.32.0"
+
+ENGINE_DEFAULTS = {
+    # A list, as EngineArgs.logits_processors (entries "<module>:<class>").
+    "logits_processors": ["hilm_vllm.drafter.processor:UncertaintyProcessor"],
+    # A dotted name: vLLM resolves it with rsplit(".", 1), not "module:class".
+    "worker_extension_cls": "hilm_vllm.drafter.worker.DrafterWorkerExtension",
+}
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    d, u = DrafterSettings(), UncertaintyConfig()
+    g = parser.add_argument_group("drafter (tier slm)")
+    g.add_argument("--max-sessions", type=int, default=d.max_sessions,
+                   help="open sessions at most (default: %(default)s)")
+    g.add_argument("--session-ttl-s", type=float, default=d.session_ttl_s,
+                   help="seconds an idle session lives (default: %(default)s)")
+    g.add_argument("--max-draft-tokens", type=int, default=d.max_draft_tokens,
+                   help="largest block one Draft may ask for (default: %(default)s)")
+    g.add_argument("--draft-top-k", type=int, default=d.draft_top_k,
+                   help="draft with min(request top_k, this): bounds the size of the returned "
+                        "distributions for large vocabularies; q stays exactly what was "
+                        "sampled, so verification stays exact. 0 = off (default: %(default)s)")
+    g.add_argument("--uncertainty-gate", choices=[x.value for x in Gate], default=u.gate.value,
+                   help="default gate of sessions that do not pick one (default: %(default)s)")
+    g.add_argument("--uncertainty-samples", type=int, default=u.num_samples,
+                   help="K, perturbed samples per token (default: %(default)s)")
+    g.add_argument("--theta-max", type=float, default=u.theta_max,
+                   help="largest perturbation temperature (default: %(default)s)")
+    g.add_argument("--perturbation", choices=[x.value for x in Perturbation],
+                   default=u.perturbation.value,
+                   help="uniform: theta ~ U(0, theta_max] per token (U-HLM); grid: theta_max*k/K "
+                        "(HiLM without theta = 0) (default: %(default)s)")
+
+
+def settings_from_args(args: argparse.Namespace) -> DrafterSettings:
+    try:
+        return DrafterSettings(
+            max_sessions=args.max_sessions, session_ttl_s=args.session_ttl_s,
+            max_draft_tokens=args.max_draft_tokens, draft_top_k=args.draft_top_k,
+            uncertainty=UncertaintyConfig(Gate(args.uncertainty_gate), args.uncertainty_samples,
+                                          args.theta_max, Perturbation(args.perturbation)))
+    except ValueError as e:
+        raise SystemExit(f"error: hilm-serve --tier slm: {e}") from e
+
+
+def check_vllm() -> None:
+    """The hooks are written against vLLM 0.32.0's V1 runner: refuse anything else clearly."""
+    import vllm
+    from vllm import envs
+    from vllm.platforms import current_platform
+
+    if vllm.__version__ != PINNED_VLLM:
+        raise SystemExit(f"error: the drafter's hooks are pinned to vLLM {PINNED_VLLM}, "
+                         f"found {vllm.__version__}: install vllm=={PINNED_VLLM}")
+    if not current_platform.is_cpu() and envs.VLLM_USE_V2_MODEL_RUNNER is not False:
+        raise SystemExit("error: the drafter's logits processor implements vLLM's V1 interface; "
+                         "on this platform vLLM 0.32 may pick Model Runner V2: set "
+                         "VLLM_USE_V2_MODEL_RUNNER=0")
+
+
+def install(grpc_server, runtime, args: argparse.Namespace | None = None) -> list[str]:
+    from hilm_vllm.drafter.service import SERVICE_NAME, DrafterServicer
+    from hilm_vllm.proto.hilm.v1 import drafter_pb2_grpc
+
+    check_vllm()
+    settings = settings_from_args(args) if args is not None else DrafterSettings()
+    drafter_pb2_grpc.add_DrafterServicer_to_server(DrafterServicer(runtime, settings), grpc_server)
+    return [SERVICE_NAME]
+
+
+async def on_engine_ready(runtime) -> None:
+    """Fail fast when the engine runs without the hooks (e.g. overridden engine flags)."""
+    try:
+        info = (await runtime.engine.collective_rpc("hilm_drafter_info"))[0]
+    except Exception as e:
+        raise SystemExit(f"error: the drafter's worker extension is missing ({e}); keep "
+                         f"--worker-extension-cls {ENGINE_DEFAULTS['worker_extension_cls']}") from e
+    if not info["installed"] or ".worker.gpu." in info["runner"]:
+        raise SystemExit(f"error: the drafter's logits processor is not active (runner "
+                         f"{info['runner']}, processors {info['processors']}); keep "
+                         f"--logits-processors {ENGINE_DEFAULTS['logits_processors'][0]} and, on "
+                         f"GPU, set VLLM_USE_V2_MODEL_RUNNER=0")

@@ -1,0 +1,156 @@
+"""Drafter uncertainty: the perturbed-temperature disagreement of U-HLM, and cheaper gates.
+
+Pure functions of tensors (no I/O, no vLLM): the drafter's logits processor calls them on the raw
+logits of each drafted position, and the tests call them directly.
+
+Perturbed temperature (the default gate). For a drafted token `x` with raw logits `z`:
+
+    u = (1/K) * sum_k 1[x_k != x],      x_k ~ softmax(z / theta_k)
+
+drawn by inverse CDF in float64: one uniform per sample, searched in the cumulative sums of
+exp((z - max z) * (1 / theta_k)) (Gumbel-max would need K x V noise draws; this is 3x cheaper). `u`
+moves in steps of 1/K (K = 20: 0, 0.05, ..., 1), so thresholds between two steps are
+equivalent; calibration works on those steps.
+
+Temperature schedules:
+- `uniform` (U-HLM): theta_k ~ U(0, theta_max], redrawn for every token.
+- `grid` (HiLM, for comparison): theta_k = theta_max * k / K, k = 1..K. HiLM's grid started at
+  theta = 0, where the "sample" is the argmax: every non-argmax draft then disagrees with at least
+  one sample, so u >= 1/K for it whatever the distribution looks like. Starting at theta_max / K
+  avoids that; the uniform schedule draws theta = theta_max * (1 - U) with U in [0, 1), which is
+  never 0 either (small theta still behave like argmax, as they should).
+
+Other gates are functions of the model's own distribution softmax(z) (temperature 1, like the
+perturbed gate they ignore the request's temperature), each scaled to [0, 1]:
+- `entropy`: H / log V (1 = uniform).
+- `var-entropy`: Var[-log p(X)] / (log^2(V - 1) / 4 + 1), clipped to [0, 1]. The denominator is
+  an upper bound on the varentropy of a distribution over V outcomes (two-level distributions
+  come within 0.1% of it for V >= 512; see tests).
+- `max-prob`: 1 - max_x p(x).
+They do not depend on the drafted token and are continuous, not steps of 1/K.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+import torch
+
+MAX_SAMPLES = 1024  # K above this costs K*V noise per token for no measurable gain
+_MASK64 = (1 << 64) - 1
+
+
+class Gate(str, enum.Enum):
+    PERTURBED = "perturbed"  # (1/K) sum 1[x_k != x] at perturbed temperatures
+    ENTROPY = "entropy"
+    VAR_ENTROPY = "var-entropy"
+    MAX_PROB = "max-prob"
+
+
+class Perturbation(str, enum.Enum):
+    UNIFORM = "uniform"  # theta_k ~ U(0, theta_max] per token (U-HLM)
+    GRID = "grid"  # theta_k = theta_max * k / K (HiLM, without its theta = 0)
+
+
+@dataclass(frozen=True)
+class UncertaintyConfig:
+    gate: Gate = Gate.PERTURBED
+    num_samples: int = 20  # K (U-HLM's default)
+    theta_max: float = 2.0  # U-HLM's default
+    perturbation: Perturbation = Perturbation.UNIFORM
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "gate", Gate(self.gate))
+        object.__setattr__(self, "perturbation", Perturbation(self.perturbation))
+        if not 1 <= self.num_samples <= MAX_SAMPLES:
+            raise ValueError(f"num_samples (K) must be in [1, {MAX_SAMPLES}], "
+                             f"got {self.num_samples}")
+        if not (0 < self.theta_max <= 100 and math.isfinite(self.theta_max)):
+            raise ValueError(f"theta_max must be in (0, 100], got {self.theta_max}")
+
+    @property
+    def needs_token(self) -> bool:
+        """True when u depends on the drafted token (known only after it is sampled)."""
+        return self.gate is Gate.PERTURBED
+
+
+def derive_seed(seed: int, position: int, stream: int = 0) -> int:
+    """A 63-bit seed for (session seed, token position, stream), SplitMix64-mixed.
+
+    Seeding by position (not by call) makes "roll back, then draft again" reproducible."""
+    x = (seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9 + stream) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) >> 1
+
+
+def temperatures(cfg: UncertaintyConfig, generator: torch.Generator) -> torch.Tensor:
+    """The K perturbation temperatures of one token: [K] float64, all in (0, theta_max]."""
+    k = cfg.num_samples
+    if cfg.perturbation is Perturbation.GRID:
+        return cfg.theta_max * torch.arange(1, k + 1, dtype=torch.float64) / k
+    return cfg.theta_max * (1.0 - torch.rand(k, generator=generator, dtype=torch.float64))
+
+
+def perturbed_samples(logits: torch.Tensor, thetas: torch.Tensor,
+                      uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF samples x_k ~ softmax(z / theta_k).
+
+    logits: [V] raw; thetas: [K]; uniforms: [K] in [0, 1) -> samples [K] (int64)."""
+    z = logits.double()
+    z = z - z.max()
+    cdf = torch.outer(thetas.reciprocal(), z).exp_().cumsum_(-1)  # [K, V], unnormalised
+    picks = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True)  # [K, 1]
+    return picks.view(-1).clamp_max_(logits.shape[-1] - 1)
+
+
+def draw_samples(logits: torch.Tensor, cfg: UncertaintyConfig, seed: int) -> torch.Tensor:
+    """logits [V] raw -> the K perturbed samples [K], from a generator seeded by `seed`.
+
+    Draw order (K temperatures, then K uniforms, float64) is part of the contract: tests
+    replay it."""
+    gen = torch.Generator().manual_seed(seed)
+    thetas = temperatures(cfg, gen)
+    uniforms = torch.rand(cfg.num_samples, generator=gen, dtype=torch.float64)
+    return perturbed_samples(logits, thetas, uniforms)
+
+
+def disagreement(samples: torch.Tensor, token: int) -> float:
+    """samples [K] -> u = fraction of samples that differ from the drafted token (steps of 1/K)."""
+    return float((samples != token).sum()) / samples.numel()
+
+
+def entropy_gate(logits: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] raw -> H(softmax(z)) / log V, [B] in [0, 1]."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    h = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)  # 0 * log 0 = 0
+    return (h / math.log(logits.shape[-1])).clamp(0.0, 1.0)
+
+
+def varentropy_bound(vocab: int) -> float:
+    """Upper bound on Var[-log p(X)] over distributions on `vocab` outcomes."""
+    return math.log(max(vocab - 1, 1)) ** 2 / 4 + 1
+
+
+def varentropy_gate(logits: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] raw -> Var[-log p(X)] / varentropy_bound(V), [B] clipped to [0, 1]."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    p = logp.exp()
+    logp = logp.nan_to_num(neginf=0.0)  # 0 * log 0 = 0 for masked tokens
+    h = -(p * logp).sum(-1, keepdim=True)
+    var = (p * (logp + h) ** 2).sum(-1)
+    return (var / varentropy_bound(logits.shape[-1])).clamp(0.0, 1.0)
+
+
+def max_prob_gate(logits: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] raw -> 1 - max_x softmax(z)(x), [B] in [0, 1 - 1/V]."""
+    return 1.0 - torch.softmax(logits.float(), dim=-1).amax(-1)
+
+
+TOKEN_FREE_GATES = {
+    Gate.ENTROPY: entropy_gate,
+    Gate.VAR_ENTROPY: varentropy_gate,
+    Gate.MAX_PROB: max_prob_gate,
+}

@@ -1,0 +1,256 @@
+"""The `Verifier`: sessions, and the engine calls that verify a block or generate.
+
+One Verify = one vLLM request (prompt = history + append + draft, max_tokens = 1) carrying
+`wire.VerifyArgs`; the worker hook (`worker.py`) does the exact accept / recover step in the
+same forward pass and pushes m to this process (`channel.py`). Requests of different sessions
+run concurrently and vLLM's scheduler batches them; only calls of one session wait for each
+other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from hilm_vllm.errors import HilmError, InvalidArgument, Unavailable
+from hilm_vllm.sampling import SamplingSpec
+from hilm_vllm.sessions import SessionLimits as StoreLimits
+from hilm_vllm.sessions import SessionStore
+from hilm_vllm.verifier.channel import ResultChannel
+from hilm_vllm.verifier.session import (SessionLimits, Timings, VerifierSession, VerifyCall,
+                                        VerifyReply, check_tokens)
+from hilm_vllm.verifier.wire import ROWS_CACHED, VerifyArgs, VerifyResult
+
+logger = logging.getLogger("hilm.verifier")
+
+
+@dataclass(frozen=True)
+class VerifierSettings:
+    """The tier's own settings (hilm-serve flags; see tier.add_cli_args)."""
+
+    max_sessions: int = 256
+    session_ttl_s: float = 600.0
+    max_block: int = 16  # draft tokens per Verify; the hook's cost grows with n x vocab
+
+
+@dataclass(frozen=True)
+class EngineFacts:
+    vocab_size: int
+    max_model_len: int
+    eos_token_id: int  # -1 when the model names none
+
+    @classmethod
+    def of(cls, engine) -> EngineFacts:
+        config = engine.model_config
+        tokenizer = engine.tokenizer
+        eos = getattr(tokenizer, "eos_token_id", None)
+        if eos is None:
+            eos = getattr(config.hf_text_config, "eos_token_id", None)
+        eos = eos[0] if isinstance(eos, list) else eos
+        return cls(config.get_vocab_size(), config.max_model_len, -1 if eos is None else eos)
+
+
+@dataclass(frozen=True)
+class OpenedSession:
+    session_id: str
+    position: int
+    prompt_token_ids: tuple[int, ...]
+    eos_token_id: int
+    vocab_size: int
+    max_block: int
+
+
+@dataclass(frozen=True)
+class GenerateChunk:
+    token_ids: tuple[int, ...]  # new since the previous chunk
+    text: str
+    finish_reason: str | None  # set on the last chunk
+
+
+Prompt = list[int] | str
+
+
+# How long a round waits for its pushed result once the engine's output is in; it is normally
+# there already (pushed before the output left the worker). Past this, hilm_pop_verify fetches it.
+CHANNEL_GRACE_S = 1.0
+
+
+class Verifier:
+    def __init__(self, engine, settings: VerifierSettings, facts: EngineFacts,
+                 channel: ResultChannel | None = None):
+        self.engine = engine  # vllm AsyncLLM with the verifier worker hook installed
+        self.settings = settings
+        self.facts = facts
+        self.channel = channel  # None: every result is fetched with hilm_pop_verify
+        self.sessions: SessionStore[VerifierSession] = SessionStore(
+            StoreLimits(settings.max_sessions, settings.session_ttl_s))
+
+    @classmethod
+    async def start(cls, engine, settings: VerifierSettings) -> Verifier:
+        """Install the worker hook on a running AsyncLLM, with a result channel to here."""
+        channel = ResultChannel()
+        installed = await engine.collective_rpc("hilm_install_verifier",
+                                                args=(channel.address, channel.token))
+        logger.info("verifier hook: %s; results pushed to %s", installed, channel.address)
+        return cls(engine, settings, EngineFacts.of(engine), channel)
+
+    # ---- sessions -----------------------------------------------------------------------
+
+    async def open_session(self, owner: str, prompt: Prompt, spec: SamplingSpec,
+                           max_tokens: int = 0) -> OpenedSession:
+        if max_tokens < 0:
+            raise InvalidArgument(f"max_tokens must be >= 0 (0 = up to max-model-len), "
+                                  f"got {max_tokens}")
+        ids = self._prompt_ids(prompt)
+        limits = SessionLimits(self.facts.vocab_size, self.facts.max_model_len,
+                               self.settings.max_block, max_tokens or None)
+        session = self.sessions.open(owner, VerifierSession(ids, len(ids), spec, limits))
+        return OpenedSession(session.id, len(ids), tuple(ids), self.facts.eos_token_id,
+                             self.facts.vocab_size, self.settings.max_block)
+
+    async def close_session(self, owner: str, session_id: str) -> None:
+        self.sessions.close(session_id, owner)
+
+    async def verify(self, owner: str, session_id: str, call: VerifyCall) -> VerifyReply:
+        received = time.perf_counter()
+        session = self.sessions.get(session_id, owner)
+        async with session.lock:
+            state = session.state
+            if (reply := state.replay(call)) is not None:
+                return reply
+            state.check(call)
+            reply = await self._score(state, call, received)
+            state.advance(call, reply)
+            return reply
+
+    # ---- engine calls ---------------------------------------------------------------------
+
+    async def _score(self, state: VerifierSession, call: VerifyCall,
+                     received: float) -> VerifyReply:
+        prompt = [*state.tokens, *call.append, *call.draft]
+        draw_seed, sample_seed = state.seeds(call.position)
+        args = VerifyArgs.build(uuid.uuid4().hex, state.spec, draw_seed, call.dists)
+        started = time.perf_counter()
+        token, result = await self._verify_request(prompt, state, args, sample_seed)
+        if result.error == ROWS_CACHED:
+            # Only after an interrupted earlier attempt at the same position left its blocks
+            # in the cache (see _engine_prompt); recompute without reading the cache.
+            args = VerifyArgs.build(uuid.uuid4().hex, state.spec, draw_seed, call.dists)
+            token, result = await self._verify_request(prompt, state, args, sample_seed, True)
+        if result.error is not None:
+            raise HilmError(f"verification failed inside the engine: {result.error}")
+        now = time.perf_counter()
+        engine_ms = (now - started) * 1e3
+        timings = Timings(max(0.0, engine_ms - result.forward_ms), result.forward_ms,
+                          (now - received) * 1e3)
+        m = result.num_accepted
+        return VerifyReply(m, token, call.position + len(call.append) + m + 1,
+                           result.target_probs if call.want_target_probs else (), timings)
+
+    async def _verify_request(self, prompt: list[int], state: VerifierSession, args: VerifyArgs,
+                              sample_seed: int, skip_cache: bool = False
+                              ) -> tuple[int, VerifyResult]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            **(state.spec.vllm_kwargs() | {"seed": sample_seed}), max_tokens=1,
+            detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY,
+            skip_reading_prefix_cache=skip_cache, extra_args=args.to_extra_args())
+        token, pushed = None, self.channel.expect(args.key) if self.channel else None
+        try:
+            async for out in self._engine_generate(self._engine_prompt(prompt, state), params):
+                token = out.outputs[0].token_ids[0]
+            result = await self._result(args.key, pushed)
+        finally:
+            if self.channel:
+                self.channel.forget(args.key)
+        if result.recovered is not None and result.recovered != token:
+            raise HilmError(f"engine emitted {token}, the hook recovered {result.recovered}: "
+                            f"the hook no longer matches this vLLM's model runner")
+        return token, result
+
+    async def _result(self, key: str, pushed: asyncio.Future | None) -> VerifyResult:
+        if pushed is not None:
+            try:
+                return await asyncio.wait_for(pushed, CHANNEL_GRACE_S)
+            except TimeoutError:
+                logger.warning("verify result %s not pushed in %.1f s; fetching it by RPC",
+                               key, CHANNEL_GRACE_S)
+        raw = (await self.engine.collective_rpc("hilm_pop_verify", args=(key,)))[0]
+        if raw is None:
+            raise HilmError("the verifier hook produced no result: is it installed "
+                            "(hilm_install_verifier) in this engine?")
+        return VerifyResult.from_dict(raw)
+
+    @staticmethod
+    def _engine_prompt(prompt: list[int], state: VerifierSession):
+        """The engine's input for a round. The hook needs the hidden states of the rows that
+        predict the draft, so they must be computed in this request's forward, not read from
+        the prefix cache. Within one session they never are cached (each round's context ends
+        with a token never fed to the model: the previous round's sampled one), but another
+        session with the same content would have them cached (e.g. 8 sessions with one prompt
+        at T=0). A per-session cache_salt keeps sessions' blocks apart: the price is no prefix
+        sharing across sessions; the exact alternative, capping the cache hit at L - n - 1 in
+        the engine core's KVCacheManager, needs a general plugin in the engine core process."""
+        from vllm.inputs.engine import tokens_input
+
+        return tokens_input(prompt, cache_salt=state.cache_salt)
+
+    async def _engine_generate(self, prompt, params) -> AsyncIterator:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            stream = self.engine.generate(prompt, params, request_id=uuid.uuid4().hex)
+            async with aclosing(stream):  # a consumer that stops early aborts the request now
+                async for out in stream:
+                    yield out
+        except EngineDeadError as e:
+            raise Unavailable("the vLLM engine died; the tier must be restarted") from e
+        except ValueError as e:  # vLLM's request validation (VLLMValidationError and others)
+            raise InvalidArgument(f"the engine refused the request: {e}") from e
+        except Exception as e:  # e.g. EngineGenerateError: INTERNAL with its cause, not UNKNOWN
+            logger.exception("engine request failed")
+            raise HilmError(f"the engine failed on this request: {e!r}") from e
+
+    async def generate(self, prompt: Prompt, spec: SamplingSpec, max_tokens: int = 0,
+                       ignore_eos: bool = False) -> AsyncIterator[GenerateChunk]:
+        """Plain streaming generation (the LLM-only baseline). Cancelling the consumer aborts
+        the vLLM request (AsyncLLM.generate aborts on CancelledError / GeneratorExit)."""
+        from vllm import SamplingParams
+        from vllm.inputs.engine import tokens_input
+        from vllm.sampling_params import RequestOutputKind
+
+        ids = self._prompt_ids(prompt)
+        if max_tokens < 0:
+            raise InvalidArgument(f"max_tokens must be >= 0 (0 = up to max-model-len), "
+                                  f"got {max_tokens}")
+        params = SamplingParams(**spec.vllm_kwargs(), max_tokens=max_tokens or None,
+                                ignore_eos=ignore_eos, output_kind=RequestOutputKind.DELTA,
+                                detokenize=self.engine.tokenizer is not None)
+        async for out in self._engine_generate(tokens_input(ids), params):
+            c = out.outputs[0]
+            yield GenerateChunk(tuple(c.token_ids), c.text or "",
+                                c.finish_reason if out.finished else None)
+
+    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.engine.tokenizer is None:
+                raise InvalidArgument("this tier runs without a tokenizer "
+                                      "(--skip-tokenizer-init): send prompt.token_ids")
+            ids = list(self.engine.tokenizer.encode(prompt))
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise InvalidArgument("prompt is empty: send prompt.token_ids or prompt.text")
+        check_tokens(ids, self.facts.vocab_size, "prompt")
+        if len(ids) + 1 > self.facts.max_model_len:
+            raise InvalidArgument(f"prompt has {len(ids)} tokens; with the next token it must "
+                                  f"fit max-model-len {self.facts.max_model_len}: shorten it")
+        return ids
+

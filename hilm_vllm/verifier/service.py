@@ -1,0 +1,125 @@
+"""gRPC shells of the verifier tiers: protobuf <-> domain objects, nothing more.
+
+`hilm.v1.Verifier` (OpenSession, Verify, CloseSession) and `hilm.v1.Generator` (Generate, the
+LLM-only baseline). Domain errors leave as status codes through `translate_errors`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import grpc
+
+from hilm_vllm.errors import HilmError, InvalidArgument
+from hilm_vllm.proto.hilm.v1 import (common_pb2, generate_pb2, generate_pb2_grpc, verifier_pb2,
+                                     verifier_pb2_grpc)
+from hilm_vllm.sampling import SamplingSpec
+from hilm_vllm.server.grpc_util import client_id, translate_errors
+from hilm_vllm.verifier.core import Prompt, Verifier
+from hilm_vllm.verifier.session import VerifyCall, VerifyReply
+
+VerifierGetter = Callable[[], Verifier]  # raises Unavailable until the engine is ready
+
+ENGINE_TIER_POLICIES = ("", "llm-only")  # an engine tier generates with its own model only
+
+
+# ---- protobuf -> domain -----------------------------------------------------------------------
+
+def spec_from(pb: common_pb2.SamplingParams) -> SamplingSpec:
+    """Proto defaults mean "off": top_p 0 is 1, an unset seed is no seed."""
+    return SamplingSpec(temperature=pb.temperature, top_k=pb.top_k, top_p=pb.top_p or 1.0,
+                        seed=pb.seed if pb.HasField("seed") else None)
+
+
+def prompt_from(pb: common_pb2.Prompt) -> Prompt:
+    kind = pb.WhichOneof("kind")
+    if kind is None:
+        raise InvalidArgument("prompt is empty: set prompt.token_ids or prompt.text")
+    return list(pb.token_ids.ids) if kind == "token_ids" else pb.text
+
+
+def call_from(pb: verifier_pb2.VerifyRequest) -> VerifyCall:
+    return VerifyCall(position=pb.position, append=tuple(pb.append_token_ids),
+                      draft=tuple(pb.draft_token_ids),
+                      dists=tuple((tuple(d.token_ids), tuple(d.probs)) for d in pb.draft_dists),
+                      want_target_probs=pb.return_target_probs)
+
+
+# ---- domain -> protobuf -----------------------------------------------------------------------
+
+def reply_to(reply: VerifyReply) -> verifier_pb2.VerifyResponse:
+    t = reply.timings
+    return verifier_pb2.VerifyResponse(
+        num_accepted=reply.num_accepted, next_token_id=reply.next_token, position=reply.position,
+        target_probs=reply.target_probs,
+        timings=common_pb2.Timings(queue_ms=t.queue_ms, forward_ms=t.forward_ms,
+                                   total_ms=t.total_ms))
+
+
+# ---- servicers --------------------------------------------------------------------------------
+
+class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
+    def __init__(self, verifier: VerifierGetter):
+        self._verifier = verifier
+
+    @translate_errors
+    async def OpenSession(self, request, context):
+        opened = await self._verifier().open_session(
+            client_id(context), prompt_from(request.prompt), spec_from(request.sampling),
+            request.max_tokens)
+        return verifier_pb2.OpenVerifierSessionResponse(
+            session_id=opened.session_id, position=opened.position,
+            eos_token_id=opened.eos_token_id, vocab_size=opened.vocab_size,
+            max_block=opened.max_block, prompt_token_ids=opened.prompt_token_ids)
+
+    @translate_errors
+    async def Verify(self, request, context):
+        reply = await self._verifier().verify(client_id(context), request.session_id,
+                                              call_from(request))
+        return reply_to(reply)
+
+    @translate_errors
+    async def CloseSession(self, request, context):
+        await self._verifier().close_session(client_id(context), request.session_id)
+        return verifier_pb2.CloseVerifierSessionResponse()
+
+
+def translate_stream_errors(method):
+    """`translate_errors` for a server-streaming method (an async generator)."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            async for item in method(self, request, context):
+                yield item
+        except HilmError as e:
+            await context.abort(e.code, str(e))
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    return wrapper
+
+
+class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
+    def __init__(self, verifier: VerifierGetter):
+        self._verifier = verifier
+
+    @translate_stream_errors
+    async def Generate(self, request, context):
+        if request.policy not in ENGINE_TIER_POLICIES:
+            raise InvalidArgument(f"policy {request.policy!r} is a router option; this tier "
+                                  f"generates with its own model only (policy '' or 'llm-only')")
+        chunks = self._verifier().generate(prompt_from(request.prompt),
+                                           spec_from(request.sampling), request.max_tokens,
+                                           request.ignore_eos)
+        async for chunk in chunks:
+            yield generate_pb2.GenerateResponse(token_ids=chunk.token_ids, text=chunk.text,
+                                                finish_reason=chunk.finish_reason or "")
+
+
+def add_services(server: grpc.aio.Server, verifier: VerifierGetter) -> list[str]:
+    verifier_pb2_grpc.add_VerifierServicer_to_server(VerifierServicer(verifier), server)
+    generate_pb2_grpc.add_GeneratorServicer_to_server(GeneratorServicer(verifier), server)
+    return [verifier_pb2.DESCRIPTOR.services_by_name["Verifier"].full_name,
+            generate_pb2.DESCRIPTOR.services_by_name["Generator"].full_name]

@@ -1,0 +1,141 @@
+"""A verifier session: the token history this tier has seen, its rules, and its last reply.
+
+Pure bookkeeping and validation, no engine calls: `core.Verifier` checks a call here, runs it on
+the engine, then records the outcome with `advance`. The history is the prompt plus every
+appended, accepted and next token, so rollback is implicit: rejected drafts never enter it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from hilm_vllm.errors import FailedPrecondition, InvalidArgument
+from hilm_vllm.sampling import SamplingSpec, sparse_problem
+
+Dist = tuple[tuple[int, ...], tuple[float, ...]]  # a sparse distribution: (token ids, probs)
+
+
+@dataclass(frozen=True)
+class VerifyCall:
+    """One Verify request in domain terms; equal calls are retries of each other."""
+
+    position: int  # where the client believes the session is
+    append: tuple[int, ...]  # tokens this tier has not seen, kept without verification
+    draft: tuple[int, ...]
+    dists: tuple[Dist, ...]  # one per draft token
+    want_target_probs: bool = False
+
+
+@dataclass(frozen=True)
+class Timings:
+    queue_ms: float  # in the engine but not in a forward step of this request (scheduler, IPC)
+    forward_ms: float  # the engine step(s) that computed the request, verification included
+    total_ms: float  # from receipt to reply
+
+
+@dataclass(frozen=True)
+class VerifyReply:
+    num_accepted: int
+    next_token: int  # the recovered (m < n) or the bonus (m = n) token
+    position: int  # position + len(append) + m + 1
+    target_probs: tuple[float, ...]  # p_i(x_i), empty unless asked
+    timings: Timings
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """The bounds of one session, fixed when it opens."""
+
+    vocab_size: int
+    max_model_len: int  # the engine's: context + draft + the next token must fit
+    max_block: int  # draft tokens per Verify
+    max_new_tokens: int | None  # tokens the session may add to its prompt; None = no bound
+
+
+@dataclass
+class VerifierSession:
+    tokens: list[int]  # the prompt, then every token the session has kept
+    prompt_len: int
+    spec: SamplingSpec
+    limits: SessionLimits
+    # Isolates this session's prefix-cache blocks from other sessions' (see core._engine_prompt).
+    cache_salt: str = field(default_factory=lambda: secrets.token_hex(8))
+    last: tuple[VerifyCall, VerifyReply] | None = None
+
+    @property
+    def position(self) -> int:
+        return len(self.tokens)
+
+    def replay(self, call: VerifyCall) -> VerifyReply | None:
+        """The reply already given to this exact call (a retry), if it was the last one."""
+        return self.last[1] if self.last is not None and self.last[0] == call else None
+
+    def check(self, call: VerifyCall) -> None:
+        """Raise InvalidArgument / FailedPrecondition saying what to fix; None if valid."""
+        check_block(call, self.limits)
+        if call.position != self.position:
+            raise FailedPrecondition(
+                f"session is at position {self.position}, the request says {call.position}: "
+                f"resend with position={self.position} (and the tokens after it in append)")
+        check_length(self, call)
+
+    def advance(self, call: VerifyCall, reply: VerifyReply) -> None:
+        self.tokens += [*call.append, *call.draft[:reply.num_accepted], reply.next_token]
+        self.last = (call, reply)
+
+    def seeds(self, position: int) -> tuple[int, int]:
+        """(worker draws, engine sample) seeds for a call at `position`, reproducible when the
+        session has a seed. Two independent streams: the accept uniforms and residual draw must
+        not be correlated with the engine's bonus sample."""
+        if self.spec.seed is None:
+            return secrets.randbits(63), secrets.randbits(63)
+        return derive_seed(self.spec.seed, position, 0), derive_seed(self.spec.seed, position, 1)
+
+
+def derive_seed(seed: int, position: int, stream: int) -> int:
+    """A 63-bit seed (what vLLM's msgpack transport and torch both take) from three ints."""
+    digest = hashlib.blake2b(f"{seed}:{position}:{stream}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def check_tokens(ids: Sequence[int], vocab_size: int, what: str) -> None:
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise InvalidArgument(f"{what} has token id {bad[0]} outside the vocabulary "
+                              f"[0, {vocab_size}): send ids the model's tokenizer produced")
+
+
+def check_block(call: VerifyCall, limits: SessionLimits) -> None:
+    """Checks of the call alone: shapes, ids, and each draft distribution."""
+    n = len(call.draft)
+    if len(call.dists) != n:
+        raise InvalidArgument(f"{n} draft tokens but {len(call.dists)} draft distributions: "
+                              f"send one distribution per draft token")
+    if n > limits.max_block:
+        raise InvalidArgument(f"draft block of {n} tokens is over this tier's limit of "
+                              f"{limits.max_block}: split it into smaller blocks")
+    check_tokens(call.append, limits.vocab_size, "append_token_ids")
+    check_tokens(call.draft, limits.vocab_size, "draft_token_ids")
+    for i, ((ids, probs), token) in enumerate(zip(call.dists, call.draft)):
+        if problem := sparse_problem(list(ids), list(probs), limits.vocab_size, token):
+            raise InvalidArgument(f"draft_dists[{i}]: {problem}; send the exact distribution "
+                                  f"the drafter sampled token {token} from")
+
+
+def check_length(session: VerifierSession, call: VerifyCall) -> None:
+    """The context after this call (plus the next token) must fit the engine and the session."""
+    added = len(call.append) + len(call.draft) + 1
+    total = session.position + added
+    if total > session.limits.max_model_len:
+        raise InvalidArgument(
+            f"context would reach {total} tokens (position {session.position} + {added - 1} "
+            f"appended/draft + 1 next), over max-model-len {session.limits.max_model_len}: "
+            f"send fewer tokens or end the session")
+    bound = session.limits.max_new_tokens
+    new_tokens = total - session.prompt_len
+    if bound is not None and new_tokens > bound:
+        raise InvalidArgument(f"session would hold {new_tokens} new tokens, over its max_tokens "
+                              f"{bound}: send fewer tokens or end the session")

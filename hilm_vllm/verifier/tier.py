@@ -1,0 +1,64 @@
+"""What `hilm-serve --tier llm|ilm` loads (see serve.TIER_MODULES): engine defaults, the tier's
+flags, its gRPC services, and the worker hook installed once the engine is up."""
+
+from __future__ import annotations
+
+import argparse
+import weakref
+
+import grpc
+
+from hilm_vllm.errors import Unavailable
+from hilm_vllm.verifier.core import Verifier, VerifierSettings
+from hilm_vllm.verifier.service import add_services
+
+# vLLM resolves this dotted path in its worker process and mixes the class into the worker.
+WORKER_EXTENSION = "hilm_vllm.verifier.worker.VerifierWorkerExtension"
+ENGINE_DEFAULTS: dict = {"worker_extension_cls": WORKER_EXTENSION}
+
+# Per running tier (one per TierRuntime): its settings, and its Verifier once the engine is up.
+_TIERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _TierState:
+    def __init__(self, settings: VerifierSettings):
+        self.settings = settings
+        self.verifier: Verifier | None = None
+
+    def get(self) -> Verifier:
+        if self.verifier is None:
+            raise Unavailable("the engine is still starting: retry when health is SERVING")
+        return self.verifier
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    """The verifier tier's own flags (next to vLLM's engine flags); serve.py then calls
+    install(..., args=the parsed namespace)."""
+    d = VerifierSettings()
+    group = parser.add_argument_group("verifier tier")
+    group.add_argument("--max-sessions", type=int, default=d.max_sessions,
+                       help="open sessions at most; OpenSession beyond it is RESOURCE_EXHAUSTED "
+                            "(default: %(default)s)")
+    group.add_argument("--session-ttl-s", type=float, default=d.session_ttl_s,
+                       help="a session unused this long expires (default: %(default)s)")
+    group.add_argument("--max-block", type=int, default=d.max_block,
+                       help="draft tokens per Verify at most (default: %(default)s)")
+
+
+def settings_from_args(args: argparse.Namespace | None) -> VerifierSettings:
+    if args is None:
+        return VerifierSettings()
+    if args.max_sessions < 1 or args.session_ttl_s <= 0 or args.max_block < 1:
+        raise SystemExit("error: --max-sessions and --max-block must be >= 1 and "
+                         "--session-ttl-s > 0")
+    return VerifierSettings(args.max_sessions, args.session_ttl_s, args.max_block)
+
+
+def install(server: grpc.aio.Server, runtime, args: argparse.Namespace | None = None) -> list[str]:
+    state = _TIERS[runtime] = _TierState(settings_from_args(args))
+    return add_services(server, state.get)
+
+
+async def on_engine_ready(runtime) -> None:
+    state = _TIERS[runtime]
+    state.verifier = await Verifier.start(runtime.engine, state.settings)

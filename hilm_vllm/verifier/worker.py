@@ -1,0 +1,190 @@
+"""Block verification inside vLLM's worker process ("route B" in research/vllm-0.32-notes.md §2.2).
+
+A verification request is an ordinary vLLM request: prompt = context + draft, max_tokens = 1,
+with `VerifyArgs` in `extra_args`. Its forward pass computes the hidden states of every prompt
+token it does not read from the prefix cache; this hook, run right after the sampler, turns the
+rows that predict the n draft tokens into the target's processed p [n, V], applies
+`rejection.verify_block`, and on a rejection overwrites the token the engine sampled at the last
+position with the recovered one. When all n are accepted the engine's own sample at the last
+position, drawn with the request's SamplingParams, is the bonus token. Full rows never leave
+this process; the outcome is pushed to the API process (channel.py) and also kept here for
+`collective_rpc("hilm_pop_verify", key)`.
+
+The hook wraps two methods of vLLM 0.32's V1 model runner (`GPUModelRunner`, subclassed by
+`CPUModelRunner`), so it pins that version and that runner.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from hilm_vllm.rejection import verify_block
+from hilm_vllm.sampling import processed_probs
+from hilm_vllm.verifier.wire import EXTRA_ARGS_KEY, ROWS_CACHED, VerifyArgs, VerifyResult
+
+SUPPORTED_VLLM = "0.32.0"  # the wrapped runner methods are private: re-check them on upgrade
+# Kept results (the channel delivers them; this copy serves hilm_pop_verify, the fallback) and
+# partial rows of aborted requests are dropped oldest-first beyond this many.
+MAX_PENDING = 4096
+
+
+class VerifierWorkerExtension:
+    """Mixed into vLLM's worker class by `worker_extension_cls`; called via `collective_rpc`."""
+
+    def hilm_install_verifier(self, channel: str | None = None, token: str = "") -> str:
+        """Wrap the runner (once); results are also pushed to `channel` (channel.py) if given."""
+        runner = self.model_runner
+        installed = getattr(runner, "_hilm_verify_hook", None) is not None
+        if not installed:
+            check_runner(runner)
+            runner._hilm_verify_hook = VerifyHook(runner)
+        if channel is not None:
+            from hilm_vllm.verifier.channel import ResultSink
+
+            runner._hilm_verify_hook.sink = ResultSink(channel, token)
+        return "already installed" if installed else "installed"
+
+    def hilm_pop_verify(self, key: str) -> dict | None:
+        return self.model_runner._hilm_verify_hook.pop(key)
+
+    def hilm_verify_stats(self) -> dict:
+        """Counters since install: {"verified": requests, "hook_ms": the hook's total time}."""
+        hook = self.model_runner._hilm_verify_hook
+        return {"verified": hook.verified, "hook_ms": hook.hook_s * 1e3}
+
+
+def check_runner(runner) -> None:
+    """Refuse, with the fix in the message, anything the hook was not written for."""
+    import vllm
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if vllm.__version__.split("+")[0] != SUPPORTED_VLLM:
+        raise RuntimeError(f"hilm verifier hook supports vLLM {SUPPORTED_VLLM}, found "
+                           f"{vllm.__version__}: install vllm=={SUPPORTED_VLLM} (or port the hook)")
+    if not isinstance(runner, GPUModelRunner):
+        raise RuntimeError(f"hilm verifier hook needs vLLM's V1 model runner, found "
+                           f"{type(runner).__module__}.{type(runner).__name__}: set "
+                           f"VLLM_USE_V2_MODEL_RUNNER=0 in the tier's environment")
+    if runner.speculative_config is not None:
+        raise RuntimeError("hilm verifier hook: the verifier engine must run without "
+                           "--speculative-config (the hook is its speculative decoding)")
+
+
+@dataclass
+class _Pending:
+    """A request's draft rows gathered so far (chunked prefill may split them over steps)."""
+
+    args: VerifyArgs
+    rows: dict[int, torch.Tensor] = field(default_factory=dict)  # draft index -> p row [V]
+    forward_s: float = 0.0
+    hook_s: float = 0.0
+
+
+class _Bounded(collections.OrderedDict):
+    def put(self, key, value) -> None:
+        self[key] = value
+        while len(self) > MAX_PENDING:
+            self.popitem(last=False)
+
+
+class VerifyHook:
+    """Wraps `execute_model` (to time steps) and `_bookkeeping_sync` of one V1 runner."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.pending = _Bounded()  # key -> _Pending
+        self.results = _Bounded()  # key -> VerifyResult
+        self.verified, self.hook_s = 0, 0.0  # counters for hilm_verify_stats
+        self.sink = None  # channel.ResultSink: pushes each result to the API process at once
+        self._step_t0 = time.perf_counter()
+        self._execute_model = runner.execute_model
+        self._bookkeeping_sync = runner._bookkeeping_sync
+        runner.execute_model = self.execute_model
+        runner._bookkeeping_sync = self.bookkeeping_sync
+
+    def pop(self, key: str) -> dict | None:
+        result = self.results.pop(key, None)
+        return None if result is None else result.to_dict()
+
+    def execute_model(self, *args, **kwargs):
+        self._step_t0 = time.perf_counter()
+        return self._execute_model(*args, **kwargs)
+
+    def bookkeeping_sync(self, scheduler_output, sampler_output, logits, hidden_states,
+                         num_scheduled_tokens):
+        """Same signature as the runner's; runs after the sampler, before the tokens are
+        recorded, so an overwritten sample is what the engine emits."""
+        for req_id, n_sched in scheduler_output.num_scheduled_tokens.items():
+            state = self.runner.requests.get(req_id)
+            params = getattr(state, "sampling_params", None)
+            if params is not None and params.extra_args:
+                self._observe(req_id, state, n_sched, hidden_states, sampler_output)
+        return self._bookkeeping_sync(scheduler_output, sampler_output, logits, hidden_states,
+                                      num_scheduled_tokens)
+
+    def _observe(self, req_id, state, n_sched, hidden_states, sampler_output) -> None:
+        t0 = time.perf_counter()
+        pending = self._pending(state)
+        if pending is None:
+            return
+        n, prompt_len = pending.args.n, len(state.prompt_token_ids)
+        start = state.num_computed_tokens  # before this step: the runner updates it next step
+        row = self.runner.input_batch.req_id_to_index[req_id]
+        # Positions first .. prompt_len-2 hold the hidden states that predict draft 0 .. n-1.
+        first = prompt_len - n - 1
+        lo, hi = max(start, first), min(start + n_sched, prompt_len - 1)
+        if lo < hi:
+            offset = int(self.runner.query_start_loc.np[row]) - start  # position -> hidden row
+            logits = self.runner.model.compute_logits(hidden_states[offset + lo:offset + hi])
+            if logits is None:  # a tensor-parallel rank that does not hold gathered logits
+                return
+            for i, p_row in enumerate(processed_probs(logits, pending.args.spec)):  # [hi-lo, V]
+                pending.rows[lo - first + i] = p_row
+        final = start + n_sched >= prompt_len  # else a prefill chunk: nothing sampled yet
+        if final:
+            del self.pending[pending.args.key]
+            result = self._verify(pending, state, row, sampler_output)
+        now = time.perf_counter()
+        pending.forward_s += now - self._step_t0
+        pending.hook_s += now - t0
+        self.hook_s += now - t0
+        if final:
+            self.verified += 1
+            result = dataclasses.replace(result, forward_ms=pending.forward_s * 1e3,
+                                         hook_ms=pending.hook_s * 1e3)
+            self.results.put(result.key, result)
+            if self.sink is not None:
+                self.sink.send(result)
+
+    def _pending(self, state) -> _Pending | None:
+        raw = state.sampling_params.extra_args.get(EXTRA_ARGS_KEY)
+        if raw is None or state.num_computed_tokens >= len(state.prompt_token_ids):
+            return None  # not a verification, or a decode step (none with max_tokens=1)
+        if raw["key"] not in self.pending:
+            self.pending.put(raw["key"], _Pending(VerifyArgs.from_extra_args(
+                state.sampling_params.extra_args)))
+        return self.pending[raw["key"]]
+
+    def _verify(self, pending: _Pending, state, row: int, sampler_output) -> VerifyResult:
+        """The accept / recover step on the gathered rows; overwrites the engine's sample."""
+        args = pending.args
+        if len(pending.rows) < args.n:
+            return VerifyResult(args.key, error=ROWS_CACHED)
+        if args.n == 0:
+            return VerifyResult(args.key)
+        device = self.runner.device
+        p = torch.stack([pending.rows[i] for i in range(args.n)])  # [n, V]
+        draft = torch.tensor(state.prompt_token_ids[len(state.prompt_token_ids) - args.n:],
+                             dtype=torch.long, device=device)  # [n]
+        generator = torch.Generator(device=device).manual_seed(args.draw_seed)
+        outcome = verify_block(p, draft, args.q.to(device), generator, args.spec.greedy)
+        if outcome.recovered is not None:
+            # [num_reqs, 1] without spec decode: the engine now emits the recovered token.
+            sampler_output.sampled_token_ids[row, 0] = outcome.recovered
+        return VerifyResult(args.key, outcome.num_accepted, outcome.recovered,
+                            tuple(outcome.target_probs.tolist()))

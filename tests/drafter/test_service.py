@@ -1,0 +1,192 @@
+"""`hilm-serve --tier slm` as a real subprocess: the Drafter gRPC service end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+
+import grpc
+import pytest
+
+from hilm_vllm.drafter.client import DrafterClient
+from hilm_vllm.proto.hilm.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc
+from hilm_vllm.sampling import SamplingSpec
+from hilm_vllm.sessions import CLIENT_METADATA_KEY
+from hilm_vllm.uncertainty import Gate, UncertaintyConfig
+
+from tests.drafter.conftest import DRAFT_TOP_K
+
+PROMPT = [5, 17, 99, 250, 3, 42, 42, 7, 300, 12, 64, 128, 9, 33, 401, 77, 8, 19]
+Code = grpc.StatusCode
+
+
+def call(coro_fn, address, client_id=""):
+    """Run `coro_fn(client)` with a fresh DrafterClient (each test owns its event loop)."""
+    async def main():
+        async with DrafterClient(address, client_id) as client:
+            return await coro_fn(client)
+    return asyncio.run(main())
+
+
+@pytest.fixture
+def stub(slm_tier):
+    with grpc.insecure_channel(slm_tier.grpc_address) as channel:
+        yield drafter_pb2_grpc.DrafterStub(channel)
+
+
+def open_request(ids=PROMPT, temperature=0.8, seed=3, **kw):
+    sampling = common_pb2.SamplingParams(temperature=temperature, **kw)
+    if seed is not None:
+        sampling.seed = seed
+    return drafter_pb2.OpenDrafterSessionRequest(
+        prompt=common_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=ids)), sampling=sampling)
+
+
+def assert_valid_dists(result, k=20):
+    for t in result.tokens:
+        assert abs(float(t.probs.sum()) - 1) < 1e-4 and t.token_id in t.ids.tolist()
+        assert len(t.ids) <= DRAFT_TOP_K and (t.probs > 0).all()
+        assert 0 <= t.uncertainty <= 1 and round(t.uncertainty * k) == pytest.approx(
+            t.uncertainty * k, abs=1e-5)
+
+
+def test_draft_rollback_append_close(slm_tier):
+    async def flow(d: DrafterClient):
+        s = await d.open_session(PROMPT, SamplingSpec(temperature=0.8, seed=1))
+        assert s.position == len(PROMPT) and s.prompt_token_ids == tuple(PROMPT)
+        assert s.vocab_size == 512 and s.eos_token_id == 1
+        r = await d.draft(s.session_id, s.position, 6)
+        assert len(r.tokens) == 6 and r.position == s.position + 6 and not r.early_stop
+        assert r.total_ms > 0
+        assert_valid_dists(r)
+        assert await d.rollback(s.session_id, s.position + 2) == s.position + 2
+        assert await d.append(s.session_id, s.position + 2, [5, 6, 7]) == s.position + 5
+        r2 = await d.draft(s.session_id, s.position + 5, 3)
+        assert r2.position == s.position + 8
+        await d.close_session(s.session_id)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await d.draft(s.session_id, s.position + 8, 1)
+        assert e.value.code() == Code.NOT_FOUND
+    call(flow, slm_tier.grpc_address)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_rollback_then_redraft_reproduces_tokens_and_u(slm_tier, temperature):
+    async def flow(d: DrafterClient):
+        s = await d.open_session(PROMPT, SamplingSpec(temperature=temperature, seed=7))
+        first = await d.draft(s.session_id, s.position, 8)
+        await d.rollback(s.session_id, s.position)
+        again = await d.draft(s.session_id, s.position, 8)
+        assert [t.token_id for t in again.tokens] == [t.token_id for t in first.tokens]
+        assert [t.uncertainty for t in again.tokens] == [t.uncertainty for t in first.tokens]
+        if temperature == 0:  # into the middle: the redraft continues the same tokens
+            await d.rollback(s.session_id, s.position + 3)
+            tail = await d.draft(s.session_id, s.position + 3, 5)
+            assert [t.token_id for t in tail.tokens] == [t.token_id for t in first.tokens[3:]]
+    call(flow, slm_tier.grpc_address)
+
+
+def test_text_prompt_and_request_top_k(slm_tier):
+    async def flow(d: DrafterClient):
+        s = await d.open_session("def add(a, b):\n    return", SamplingSpec(1.0, top_k=5))
+        assert len(s.prompt_token_ids) > 3 and s.position == len(s.prompt_token_ids)
+        r = await d.draft(s.session_id, s.position, 4)
+        assert all(len(t.ids) <= 5 for t in r.tokens)
+        assert_valid_dists(r)
+    call(flow, slm_tier.grpc_address)
+
+
+def test_early_stop_returns_the_first_token_over_the_bound(slm_tier):
+    async def flow(d: DrafterClient):
+        cfg = UncertaintyConfig(theta_max=0.5)  # the tiny model's u then spreads over (0, 1)
+        s = await d.open_session(PROMPT, SamplingSpec(temperature=0.0), uncertainty=cfg)
+        full = await d.draft(s.session_id, s.position, 16)
+        us = [t.uncertainty for t in full.tokens]
+        bound = max(u for u in us if u < max(us))  # only the largest u is over it
+        first = us.index(max(us))
+        await d.rollback(s.session_id, s.position)
+        r = await d.draft(s.session_id, s.position, 16, stop_uncertainty=bound)
+        assert [t.token_id for t in r.tokens] == [t.token_id for t in full.tokens[:first + 1]]
+        assert r.early_stop == (first < 15) and r.position == s.position + first + 1
+    call(flow, slm_tier.grpc_address)
+
+
+@pytest.mark.parametrize("cfg, steps", [(UncertaintyConfig(num_samples=4), 4),
+                                        (UncertaintyConfig(gate=Gate.ENTROPY), None)])
+def test_session_picks_its_gate(slm_tier, cfg, steps):
+    async def flow(d: DrafterClient):
+        s = await d.open_session(PROMPT, SamplingSpec(0.8, seed=2), uncertainty=cfg)
+        r = await d.draft(s.session_id, s.position, 8)
+        us = [t.uncertainty for t in r.tokens]
+        assert all(0 <= u <= 1 for u in us)
+        if steps:
+            assert all(round(u * steps) == pytest.approx(u * steps, abs=1e-6) for u in us)
+        else:  # entropy of a near-uniform tiny model: high, and not on a 1/K grid
+            assert all(u > 0.5 for u in us) and len(set(us)) > 1
+    call(flow, slm_tier.grpc_address)
+
+
+def code_of(fn, *args, **kw):
+    with pytest.raises(grpc.RpcError) as e:
+        fn(*args, **kw)
+    return e.value.code(), e.value.details()
+
+
+def test_bad_requests_get_the_right_codes_and_the_server_keeps_serving(stub):
+    s = stub.OpenSession(open_request())
+    pos = s.position
+    bad_opens = [open_request(ids=[5, 9999]), open_request(temperature=-1.0),
+                 open_request(top_p=1.5), open_request(ids=list(range(3, 500)) * 3),
+                 drafter_pb2.OpenDrafterSessionRequest()]
+    for request in bad_opens:
+        assert code_of(stub.OpenSession, request)[0] == Code.INVALID_ARGUMENT
+    big_k = open_request()
+    big_k.uncertainty.num_samples = 5000
+    code, details = code_of(stub.OpenSession, big_k)
+    assert code == Code.INVALID_ARGUMENT and "num_samples" in details
+
+    draft = drafter_pb2.DraftRequest
+    assert code_of(stub.Draft, draft(session_id="nope", position=pos, max_tokens=2))[0] == \
+        Code.NOT_FOUND
+    code, details = code_of(stub.Draft, draft(session_id=s.session_id, position=3, max_tokens=2))
+    assert code == Code.FAILED_PRECONDITION and f"position {pos}" in details
+    for n in (0, 1000):
+        assert code_of(stub.Draft, draft(session_id=s.session_id, position=pos,
+                                         max_tokens=n))[0] == Code.INVALID_ARGUMENT
+    assert code_of(stub.Append, drafter_pb2.AppendRequest(
+        session_id=s.session_id, position=pos, token_ids=[512]))[0] == Code.INVALID_ARGUMENT
+    code, details = code_of(stub.Rollback, drafter_pb2.RollbackRequest(
+        session_id=s.session_id, position=pos + 1))
+    assert code == Code.FAILED_PRECONDITION and f"position {pos}" in details
+    other = ((CLIENT_METADATA_KEY, "someone-else"),)
+    assert code_of(stub.Draft, draft(session_id=s.session_id, position=pos, max_tokens=1),
+                   metadata=other)[0] == Code.PERMISSION_DENIED
+
+    r = stub.Draft(draft(session_id=s.session_id, position=pos, max_tokens=3))
+    assert len(r.tokens) == 3 and r.position == pos + 3
+
+
+def test_session_length_limit(stub):
+    request = open_request()
+    request.max_tokens = 3
+    s = stub.OpenSession(request)
+    r = stub.Draft(drafter_pb2.DraftRequest(session_id=s.session_id, position=s.position,
+                                            max_tokens=8))
+    assert len(r.tokens) == 3
+    assert code_of(stub.Draft, drafter_pb2.DraftRequest(
+        session_id=s.session_id, position=r.position, max_tokens=1))[0] == Code.INVALID_ARGUMENT
+    assert code_of(stub.Append, drafter_pb2.AppendRequest(
+        session_id=s.session_id, position=r.position, token_ids=[5]))[0] == Code.INVALID_ARGUMENT
+    stub.Rollback(drafter_pb2.RollbackRequest(session_id=s.session_id, position=r.position - 1))
+    stub.Append(drafter_pb2.AppendRequest(session_id=s.session_id, position=r.position - 1,
+                                          token_ids=[5]))
+
+
+def test_metrics_count_drafted_tokens(slm_tier, stub):
+    s = stub.OpenSession(open_request())
+    stub.Draft(drafter_pb2.DraftRequest(session_id=s.session_id, position=s.position,
+                                        max_tokens=2))
+    body = urllib.request.urlopen(slm_tier.metrics_url, timeout=10).read().decode()
+    tokens = [line for line in body.splitlines() if line.startswith("hilm_drafter_tokens_total")]
+    assert tokens and float(tokens[0].split()[-1]) >= 2
+    assert "hilm_drafter_draft_seconds_bucket" in body

@@ -1,0 +1,73 @@
+"""Session state and validation alone (no engine): tables of calls and what they must raise."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from hilm_vllm.errors import FailedPrecondition, InvalidArgument
+from hilm_vllm.sampling import SamplingSpec
+from hilm_vllm.verifier.session import (SessionLimits, Timings, VerifierSession, VerifyCall,
+                                        VerifyReply, derive_seed)
+
+LIMITS = SessionLimits(vocab_size=100, max_model_len=64, max_block=4, max_new_tokens=None)
+
+
+def session(prompt_len=10, limits=LIMITS, seed=None) -> VerifierSession:
+    return VerifierSession(list(range(prompt_len)), prompt_len, SamplingSpec(seed=seed), limits)
+
+
+def call(position=10, append=(), draft=(5,), dists=None) -> VerifyCall:
+    dists = dists if dists is not None else tuple(((x,), (1.0,)) for x in draft)
+    return VerifyCall(position, tuple(append), tuple(draft), tuple(dists))
+
+
+def reply(m, token, position) -> VerifyReply:
+    return VerifyReply(m, token, position, (), Timings(0, 0, 0))
+
+
+@pytest.mark.parametrize("bad, error, words", [
+    (call(position=9), FailedPrecondition, "session is at position 10"),
+    (call(draft=(5, 6), dists=(((5,), (1.0,)),)), InvalidArgument, "one distribution per"),
+    (call(draft=(1, 2, 3, 4, 5)), InvalidArgument, "over this tier's limit of 4"),
+    (call(draft=(100,)), InvalidArgument, "draft_token_ids has token id 100"),
+    (call(append=(3, -2)), InvalidArgument, "append_token_ids has token id -2"),
+    (call(dists=(((5, 6), (0.5, -0.1)),)), InvalidArgument, "draft_dists[0]: "),
+    (call(dists=(((5, 6), (math.inf, 0.0)),)), InvalidArgument, "sum to"),
+    (call(dists=(((6,), (1.0,)),)), InvalidArgument, "draft token 5 is missing"),
+    (call(dists=(((5, 6), (0.0, 1.0)),)), InvalidArgument, "probability 0"),
+    (call(append=(1,) * 51, draft=(5, 6, 7)), InvalidArgument, "reach 65 tokens"),
+])
+def test_invalid_calls_say_what_to_fix(bad, error, words):
+    with pytest.raises(error) as raised:
+        session().check(bad)
+    assert words in str(raised.value)
+
+
+def test_context_may_fill_max_model_len_exactly():
+    session().check(call(append=(1,) * 50, draft=(5, 6, 7)))  # 10 + 50 + 3 + 1 next = 64
+
+
+def test_max_new_tokens_bounds_the_session():
+    s = session(limits=SessionLimits(100, 64, 4, max_new_tokens=3))
+    s.check(call(append=(1,), draft=(5,)))  # 1 + 1 + 1 next = 3 new tokens
+    with pytest.raises(InvalidArgument, match="over its max_tokens 3"):
+        s.check(call(append=(1, 2), draft=(5,)))
+
+
+def test_advance_keeps_append_accepted_and_next_and_replays_only_the_last_call():
+    s = session()
+    first = call(append=(7,), draft=(5, 6, 8))
+    s.advance(first, reply(2, 9, 14))
+    assert s.tokens[10:] == [7, 5, 6, 9] and s.position == 14
+    assert s.replay(first).next_token == 9
+    assert s.replay(call(position=10, append=(7,), draft=(5, 6, 4))) is None
+
+
+def test_seeds_are_reproducible_per_position_and_independent_streams():
+    a, b = session(seed=3), session(seed=3)
+    assert a.seeds(10) == b.seeds(10) != a.seeds(11)
+    draw, sample = a.seeds(10)
+    assert draw != sample and 0 <= draw < 2**63 and derive_seed(3, 10, 0) == draw
+    assert session().seeds(10) != session().seeds(10)  # unseeded: fresh randomness
