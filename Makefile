@@ -35,9 +35,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -m "not slow"
 
+# Builds the demo zoo first if it is missing (through ensure_zoo), then runs every policy.
 demo: $(STAMP)
-	$(BIN)/hilm zoo build --recipe demo
-	$(BIN)/hilm zoo sample --recipe demo
+	$(BIN)/python bench/demo.py
 
 clean-venv:
 	rm -rf $(VENV)

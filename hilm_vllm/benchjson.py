@@ -41,12 +41,16 @@ def utc_stamp() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
 
-def write_result(name: str, config: dict, results: dict, out_dir: Path | None = None) -> Path:
-    """Write bench/results/<name>-<UTC timestamp>.json and return its path."""
+def write_result(name: str, config: dict, results: dict, out_dir: Path | None = None,
+                 top: dict | None = None) -> Path:
+    """Write bench/results/<name>-<UTC timestamp>.json and return its path. `top` adds keys at
+    the top level (where a benchmark's issue names them, e.g. the demo's `policies`)."""
     out_dir = out_dir or RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}-{utc_stamp()}.json"
     doc = {"benchmark": name, "created_utc": utc_stamp(), "config": config,
-           "git_commit": git_commit(), "machine": machine(), "results": results}
-    path.write_text(json.dumps(doc, indent=2) + "\n")
+           "git_commit": git_commit(), "machine": machine(), **(top or {}), "results": results}
+    # Results are committed: no machine paths in them (the zoo lives in the user's cache).
+    text = json.dumps(doc, indent=2).replace(str(Path.home()), "~")
+    path.write_text(text + "\n")
     return path

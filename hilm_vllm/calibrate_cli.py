@@ -183,8 +183,9 @@ ROLES = {"slm_drafter": ("slm", "slm"), "ilm_drafter": ("slm", "ilm"),
 @contextlib.contextmanager
 def tiers(args):
     """Addresses of the four roles: the given ones, else tiers launched for the family."""
-    from hilm_vllm.launch import TierProcess
+    from hilm_vllm.launch import TierProcess, exit_on_sigterm
 
+    exit_on_sigterm()
     launched = {}
     try:
         for role, (tier, model) in ROLES.items():

@@ -17,6 +17,7 @@ SUBCOMMANDS = (
     "hilm_vllm.zoo.cli",
     "hilm_vllm.dsi.cli",
     "hilm_vllm.calibrate_cli",
+    "hilm_vllm.chat_cli",
 )
 
 

@@ -25,4 +25,5 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # gRPC; 0 picks a free port
     metrics_port: int = 0  # Prometheus /metrics over HTTP; 0 picks a free port
+    http_port: int = 0  # the router's OpenAI API; 0 picks a free port
     shutdown_grace_s: float = 5.0  # in-flight RPCs get this long after SIGTERM

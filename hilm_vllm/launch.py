@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -20,7 +21,14 @@ import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 _LISTENING = re.compile(r"hilm-serve listening: tier=(\w+) grpc=([\w.:\[\]-]+):(\d+) "
-                        r"metrics=http://([\w.:\[\]-]+):(\d+)/metrics")
+                        r"metrics=http://([\w.:\[\]-]+):(\d+)/metrics"
+                        r"(?: http=http://([\w.:\[\]-]+):(\d+))?")
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit in a script that launches tiers, so its `finally`/`with`
+    blocks stop them (Python's default SIGTERM action kills the script and orphans them)."""
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
 
 
 class TierProcess:
@@ -29,7 +37,7 @@ class TierProcess:
     def __init__(self, proc: subprocess.Popen, tier: str):
         self.proc, self.tier = proc, tier
         self.log: collections.deque[str] = collections.deque(maxlen=400)
-        self.grpc_port = self.metrics_port = 0
+        self.grpc_port = self.metrics_port = self.http_port = 0
         self._listening = threading.Event()
         threading.Thread(target=self._pump, daemon=True).start()
 
@@ -48,11 +56,19 @@ class TierProcess:
             self.log.append(line.rstrip("\n"))
             if m := _LISTENING.search(line):
                 self.grpc_port, self.metrics_port = int(m.group(3)), int(m.group(5))
+                self.http_port = int(m.group(7) or 0)  # the router's OpenAI API
                 self._listening.set()
 
     @property
     def grpc_address(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        """The router's OpenAI-compatible API, e.g. http://127.0.0.1:8000 (router tier only)."""
+        if not self.http_port:
+            raise RuntimeError(f"the {self.tier} tier serves no HTTP API")
+        return f"http://127.0.0.1:{self.http_port}"
 
     @property
     def metrics_url(self) -> str:

@@ -27,6 +27,7 @@ TIER_MODULES: dict[Tier, str] = {
     Tier.LLM: "hilm_vllm.verifier.tier",
     Tier.ILM: "hilm_vllm.verifier.tier",
     Tier.SLM: "hilm_vllm.drafter.tier",
+    Tier.ROUTER: "hilm_vllm.router.tier",
 }
 
 
@@ -61,8 +62,13 @@ def build_parser(tier: Tier | None):
                         help="llm: data-center verifier; ilm: edge verifier; slm: device "
                              "drafter; router: the policy loop and OpenAI API")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=50051,
-                        help="gRPC port; 0 picks a free one (default: %(default)s)")
+    if tier is Tier.ROUTER:  # an OpenAI-compatible server: --port is its HTTP port, as in vLLM
+        parser.add_argument("--port", type=int, default=8000,
+                            help="HTTP port of the OpenAI API; 0 picks a free one "
+                                 "(default: %(default)s)")
+    else:
+        parser.add_argument("--port", type=int, default=50051,
+                            help="gRPC port; 0 picks a free one (default: %(default)s)")
     parser.add_argument("--metrics-port", type=int, default=0,
                         help="Prometheus /metrics HTTP port; 0 picks a free one (default: %(default)s)")
     if tier is not None and tier.runs_engine:
@@ -75,6 +81,8 @@ def build_parser(tier: Tier | None):
         parser.set_defaults(**getattr(module, "ENGINE_DEFAULTS", {}))
         if hasattr(module, "add_cli_args"):
             module.add_cli_args(parser)
+    elif tier is Tier.ROUTER:
+        _tier_module(tier).add_cli_args(parser)
     return parser
 
 
@@ -108,13 +116,18 @@ def main(argv: list[str] | None = None) -> int:
     tier = _tier_from_argv(argv)
     args = build_parser(tier).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s [%(name)s] %(message)s")
+    from hilm_vllm.server.runtime import TierRuntime
+
+    if Tier(args.tier) is Tier.ROUTER:
+        cfg = ServeConfig(tier=Tier.ROUTER, host=args.host, port=args.grpc_port,
+                          metrics_port=args.metrics_port, http_port=args.port)
+        module = _tier_module(cfg.tier)
+        runtime = TierRuntime(cfg, None, installers=[functools.partial(module.install, args=args)],
+                              on_shutdown=[module.on_shutdown])
+        asyncio.run(runtime.run())
+        return 0
     cfg = ServeConfig(tier=Tier(args.tier), host=args.host, port=args.port,
                       metrics_port=args.metrics_port)
-    if cfg.tier is Tier.ROUTER:
-        print("error: the router tier is not available in this release yet "
-              "(see the project's router issue)", file=sys.stderr)
-        return 2
-    from hilm_vllm.server.runtime import TierRuntime
 
     module = _tier_module(cfg.tier)
     installers = [] if module is None else [

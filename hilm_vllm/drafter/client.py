@@ -20,9 +20,9 @@ from hilm_vllm.sampling import SamplingSpec
 from hilm_vllm.sessions import CLIENT_METADATA_KEY
 from hilm_vllm.uncertainty import Gate, Perturbation, UncertaintyConfig
 
-_GATES = {Gate.PERTURBED: drafter_pb2.PERTURBED_TEMPERATURE, Gate.ENTROPY: drafter_pb2.ENTROPY,
-          Gate.VAR_ENTROPY: drafter_pb2.VAR_ENTROPY, Gate.MAX_PROB: drafter_pb2.MAX_PROB}
-_PERTURBATIONS = {Perturbation.UNIFORM: drafter_pb2.UNIFORM, Perturbation.GRID: drafter_pb2.GRID}
+_GATES = {Gate.PERTURBED: common_pb2.PERTURBED_TEMPERATURE, Gate.ENTROPY: common_pb2.ENTROPY,
+          Gate.VAR_ENTROPY: common_pb2.VAR_ENTROPY, Gate.MAX_PROB: common_pb2.MAX_PROB}
+_PERTURBATIONS = {Perturbation.UNIFORM: common_pb2.UNIFORM, Perturbation.GRID: common_pb2.GRID}
 
 
 @dataclass(frozen=True)
@@ -42,10 +42,10 @@ def sampling_pb(spec: SamplingSpec) -> common_pb2.SamplingParams:
     return pb
 
 
-def uncertainty_pb(cfg: UncertaintyConfig) -> drafter_pb2.UncertaintyConfig:
-    return drafter_pb2.UncertaintyConfig(gate=_GATES[cfg.gate], num_samples=cfg.num_samples,
-                                         theta_max=cfg.theta_max,
-                                         perturbation=_PERTURBATIONS[cfg.perturbation])
+def uncertainty_pb(cfg: UncertaintyConfig) -> common_pb2.UncertaintyConfig:
+    return common_pb2.UncertaintyConfig(gate=_GATES[cfg.gate], num_samples=cfg.num_samples,
+                                        theta_max=cfg.theta_max,
+                                        perturbation=_PERTURBATIONS[cfg.perturbation])
 
 
 def draft_result(r: drafter_pb2.DraftResponse) -> DraftResult:

@@ -11,9 +11,9 @@ from hilm_vllm.uncertainty import Gate, Perturbation, UncertaintyConfig
 
 SERVICE_NAME = drafter_pb2.DESCRIPTOR.services_by_name["Drafter"].full_name
 
-GATES = {drafter_pb2.PERTURBED_TEMPERATURE: Gate.PERTURBED, drafter_pb2.ENTROPY: Gate.ENTROPY,
-         drafter_pb2.VAR_ENTROPY: Gate.VAR_ENTROPY, drafter_pb2.MAX_PROB: Gate.MAX_PROB}
-PERTURBATIONS = {drafter_pb2.UNIFORM: Perturbation.UNIFORM, drafter_pb2.GRID: Perturbation.GRID}
+GATES = {common_pb2.PERTURBED_TEMPERATURE: Gate.PERTURBED, common_pb2.ENTROPY: Gate.ENTROPY,
+         common_pb2.VAR_ENTROPY: Gate.VAR_ENTROPY, common_pb2.MAX_PROB: Gate.MAX_PROB}
+PERTURBATIONS = {common_pb2.UNIFORM: Perturbation.UNIFORM, common_pb2.GRID: Perturbation.GRID}
 
 
 def sampling_spec(msg: common_pb2.SamplingParams) -> SamplingSpec:
@@ -22,7 +22,7 @@ def sampling_spec(msg: common_pb2.SamplingParams) -> SamplingSpec:
                         seed=msg.seed if msg.HasField("seed") else None)
 
 
-def uncertainty_config(msg: drafter_pb2.UncertaintyConfig,
+def uncertainty_config(msg: common_pb2.UncertaintyConfig,
                        default: UncertaintyConfig) -> UncertaintyConfig:
     """Unset (0) fields take the drafter's defaults (its --uncertainty-* flags)."""
     unknown = ((msg.gate and msg.gate not in GATES)

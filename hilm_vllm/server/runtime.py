@@ -6,6 +6,7 @@ shutdown begins, so load balancers and the router never send work to a tier that
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -33,8 +34,12 @@ class TierRuntime:
     """Owns the engine, the gRPC server, health and metrics of one tier process."""
 
     def __init__(self, cfg: ServeConfig, engine_args, installers: list[ServiceInstaller],
-                 on_ready: list[ReadyHook] | None = None):
+                 on_ready: list[ReadyHook] | None = None, on_shutdown: list[ReadyHook] | None = None):
         self.cfg = cfg
+        self._on_shutdown = on_shutdown or []
+        self.http_app = None  # an ASGI app an installer may set (the router's OpenAI API)
+        self._http_server = self._http_task = None
+        self.http_port = 0
         self._on_ready = on_ready or []
         self.engine_args = engine_args  # vLLM AsyncEngineArgs, or None for the router
         self.engine = None  # vllm AsyncLLM once ready
@@ -74,12 +79,36 @@ class TierRuntime:
         await self._set_health(NOT_SERVING)
         self._metrics_server, self.metrics_port = metrics.start_metrics_server(
             self.cfg.host, self.cfg.metrics_port)
+        http = ""
+        if self.http_app is not None:
+            await self._start_http()
+            http = f" http=http://{self.cfg.host}:{self.http_port}"
         metrics.TIER_INFO.info({"tier": self.cfg.tier.value,
                                 "model": str(getattr(self.engine_args, "model", ""))})
         # Tests and scripts read the bound ports from this line (ports may be 0 = any).
-        logger.info("hilm-serve listening: tier=%s grpc=%s:%d metrics=http://%s:%d/metrics",
+        logger.info("hilm-serve listening: tier=%s grpc=%s:%d metrics=http://%s:%d/metrics%s",
                     self.cfg.tier.value, self.cfg.host, self.grpc_port, self.cfg.host,
-                    self.metrics_port)
+                    self.metrics_port, http)
+
+    async def _start_http(self) -> None:
+        import socket
+
+        import uvicorn
+
+        sock = socket.socket(socket.AF_INET6 if ":" in self.cfg.host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.cfg.host, self.cfg.http_port))
+        except OSError as e:
+            raise SystemExit(f"error: cannot bind HTTP to {self.cfg.host}:{self.cfg.http_port} "
+                             f"({e.strerror}); pick another --port") from None
+        self.http_port = sock.getsockname()[1]
+        config = uvicorn.Config(self.http_app, log_level="warning", lifespan="off",
+                                timeout_graceful_shutdown=int(self.cfg.shutdown_grace_s))
+        self._http_server = uvicorn.Server(config)
+        # SIGTERM/SIGINT stop the whole tier through our handlers, not uvicorn's.
+        self._http_server.capture_signals = contextlib.nullcontext
+        self._http_task = asyncio.ensure_future(self._http_server.serve(sockets=[sock]))
 
     async def _start_engine(self) -> None:
         if self.engine_args is None:
@@ -104,7 +133,13 @@ class TierRuntime:
         metrics.ENGINE_READY.set(0)
         if self._server is not None:
             await self._health.enter_graceful_shutdown()
+        if self._http_server is not None:
+            self._http_server.should_exit = True
+            await self._http_task
+        if self._server is not None:
             await self._server.stop(self.cfg.shutdown_grace_s)
+        for hook in self._on_shutdown:
+            await hook(self)
         if self.engine is not None:
             self.engine.shutdown()  # terminates the engine core and worker processes
             self.engine = None

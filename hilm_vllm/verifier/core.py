@@ -15,16 +15,19 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from hilm_vllm.errors import HilmError, InvalidArgument, Unavailable
 from hilm_vllm.sampling import SamplingSpec
 from hilm_vllm.sessions import SessionLimits as StoreLimits
 from hilm_vllm.sessions import SessionStore
+from hilm_vllm.uncertainty import UncertaintyConfig
 from hilm_vllm.verifier.channel import ResultChannel
-from hilm_vllm.verifier.session import (SessionLimits, Timings, VerifierSession, VerifyCall,
-                                        VerifyReply, check_tokens)
-from hilm_vllm.verifier.wire import ROWS_CACHED, VerifyArgs, VerifyResult
+from hilm_vllm.verifier.session import (EmittedToken, SessionLimits, Timings, VerifierSession,
+                                        VerifyCall, VerifyReply, check_tokens)
+from hilm_vllm.verifier.wire import ROWS_CACHED, EmitArgs, VerifyArgs, VerifyResult, unpack
 
 logger = logging.getLogger("hilm.verifier")
 
@@ -36,6 +39,9 @@ class VerifierSettings:
     max_sessions: int = 256
     session_ttl_s: float = 600.0
     max_block: int = 16  # draft tokens per Verify; the hook's cost grows with n x vocab
+    # How emitted tokens' uncertainty is measured when a Verify does not say (flags
+    # --uncertainty-gate, --uncertainty-samples, --theta-max, --perturbation).
+    uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,22 @@ Prompt = list[int] | str
 # How long a round waits for its pushed result once the engine's output is in; it is normally
 # there already (pushed before the output left the worker). Past this, hilm_pop_verify fetches it.
 CHANNEL_GRACE_S = 1.0
+
+
+def emitted_tokens(result: VerifyResult, expected: list[int]) -> tuple[EmittedToken, ...]:
+    """The worker's emitted rows -> EmittedTokens, checked against what the engine emitted:
+    the same tokens, each inside its own distribution (else the hook no longer matches the
+    engine, and a next tier would refuse the block as a draft)."""
+    tokens = tuple(EmittedToken(e.token, e.u, unpack(e.ids, "<i4"), unpack(e.probs, "<f4"))
+                   for e in result.emitted)
+    if [t.token_id for t in tokens] != expected:
+        raise HilmError(f"the hook's emitted tokens {[t.token_id for t in tokens]} are not the "
+                        f"engine's {expected}: the hook no longer matches this vLLM's runner")
+    for t in tokens:
+        if not np.any((t.ids == t.token_id) & (t.probs > 0)):
+            raise HilmError(f"emitted token {t.token_id} has probability 0 in the verifier's "
+                            f"own p: the hook no longer matches this vLLM's sampler")
+    return tokens
 
 
 class Verifier:
@@ -132,15 +154,20 @@ class Verifier:
 
     async def _score(self, state: VerifierSession, call: VerifyCall,
                      received: float) -> VerifyReply:
-        prompt = [*state.tokens, *call.append, *call.draft]
-        draw_seed, sample_seed = state.seeds(call.position)
-        args = VerifyArgs.build(uuid.uuid4().hex, state.spec, draw_seed, call.dists)
+        base = state.base(call)
+        prompt = [*state.context(call), *call.append, *call.draft]
+        # Seeded by the absolute position of the first draft row: strictly increasing over a
+        # session's calls even across rollbacks, so no two calls share their uniforms.
+        draw_seed, sample_seed = state.seeds(base + len(call.append))
+        emit = (EmitArgs(call.uncertainty or self.settings.uncertainty, state.noise_seed)
+                if call.want_emitted else None)
+        args = VerifyArgs.build(uuid.uuid4().hex, state.spec, draw_seed, call.dists, emit)
         started = time.perf_counter()
         token, result = await self._verify_request(prompt, state, args, sample_seed)
         if result.error == ROWS_CACHED:
             # Only after an interrupted earlier attempt at the same position left its blocks
             # in the cache (see _engine_prompt); recompute without reading the cache.
-            args = VerifyArgs.build(uuid.uuid4().hex, state.spec, draw_seed, call.dists)
+            args = VerifyArgs.build(uuid.uuid4().hex, state.spec, draw_seed, call.dists, emit)
             token, result = await self._verify_request(prompt, state, args, sample_seed, True)
         if result.error is not None:
             raise HilmError(f"verification failed inside the engine: {result.error}")
@@ -149,8 +176,10 @@ class Verifier:
         timings = Timings(max(0.0, engine_ms - result.forward_ms), result.forward_ms,
                           (now - received) * 1e3)
         m = result.num_accepted
-        return VerifyReply(m, token, call.position + len(call.append) + m + 1,
-                           result.target_probs if call.want_target_probs else (), timings)
+        emitted = emitted_tokens(result, [*call.draft[:m], token]) if call.want_emitted else ()
+        return VerifyReply(m, token, base + len(call.append) + m + 1,
+                           result.target_probs if call.want_target_probs else (), timings,
+                           emitted)
 
     async def _verify_request(self, prompt: list[int], state: VerifierSession, args: VerifyArgs,
                               sample_seed: int, skip_cache: bool = False

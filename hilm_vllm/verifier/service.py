@@ -16,6 +16,7 @@ from hilm_vllm.proto.hilm.v1 import (common_pb2, generate_pb2, generate_pb2_grpc
                                      verifier_pb2_grpc)
 from hilm_vllm.sampling import SamplingSpec
 from hilm_vllm.server.grpc_util import client_id, translate_errors
+from hilm_vllm.uncertainty import MAX_SAMPLES, Gate, Perturbation, UncertaintyConfig
 from hilm_vllm.verifier.core import Prompt, Verifier
 from hilm_vllm.verifier.session import VerifyCall, VerifyReply
 
@@ -39,11 +40,49 @@ def prompt_from(pb: common_pb2.Prompt) -> Prompt:
     return list(pb.token_ids.ids) if kind == "token_ids" else pb.text
 
 
-def call_from(pb: verifier_pb2.VerifyRequest) -> VerifyCall:
+GATES = {common_pb2.PERTURBED_TEMPERATURE: Gate.PERTURBED, common_pb2.ENTROPY: Gate.ENTROPY,
+         common_pb2.VAR_ENTROPY: Gate.VAR_ENTROPY, common_pb2.MAX_PROB: Gate.MAX_PROB}
+PERTURBATIONS = {common_pb2.UNIFORM: Perturbation.UNIFORM, common_pb2.GRID: Perturbation.GRID}
+
+
+def uncertainty_from(pb: common_pb2.UncertaintyConfig,
+                     default: UncertaintyConfig) -> UncertaintyConfig:
+    """Unset (0) fields take the tier's defaults (its --uncertainty-* flags); a bad value is
+    INVALID_ARGUMENT saying what to send instead."""
+    if pb.gate and pb.gate not in GATES:
+        raise InvalidArgument(f"uncertainty.gate {pb.gate} is unknown: send one of "
+                              f"hilm.v1.UncertaintyGate's values, or 0 for this tier's default "
+                              f"({default.gate.value})")
+    if pb.perturbation and pb.perturbation not in PERTURBATIONS:
+        raise InvalidArgument(f"uncertainty.perturbation {pb.perturbation} is unknown: send one "
+                              f"of hilm.v1.Perturbation's values, or 0 for this tier's default "
+                              f"({default.perturbation.value})")
+    if pb.num_samples and not 1 <= pb.num_samples <= MAX_SAMPLES:
+        raise InvalidArgument(f"uncertainty.num_samples (K) must be in [1, {MAX_SAMPLES}], got "
+                              f"{pb.num_samples}: send 0 for this tier's default "
+                              f"({default.num_samples})")
+    if pb.theta_max and not 0 < pb.theta_max <= 100:  # also NaN
+        raise InvalidArgument(f"uncertainty.theta_max must be in (0, 100], got {pb.theta_max}: "
+                              f"send 0 for this tier's default ({default.theta_max})")
+    return UncertaintyConfig(
+        gate=GATES[pb.gate] if pb.gate else default.gate,
+        num_samples=pb.num_samples or default.num_samples,
+        theta_max=pb.theta_max or default.theta_max,
+        perturbation=PERTURBATIONS[pb.perturbation] if pb.perturbation else default.perturbation)
+
+
+def call_from(pb: verifier_pb2.VerifyRequest,
+              default_uncertainty: UncertaintyConfig | None = None) -> VerifyCall:
+    default_uncertainty = default_uncertainty or UncertaintyConfig()
+    uncertainty = (uncertainty_from(pb.uncertainty, default_uncertainty)
+                   if pb.HasField("uncertainty") else None)
     return VerifyCall(position=pb.position, append=tuple(pb.append_token_ids),
                       draft=tuple(pb.draft_token_ids),
                       dists=tuple((tuple(d.token_ids), tuple(d.probs)) for d in pb.draft_dists),
-                      want_target_probs=pb.return_target_probs)
+                      want_target_probs=pb.return_target_probs,
+                      want_emitted=pb.return_emitted,
+                      uncertainty=uncertainty if pb.return_emitted else None,
+                      rollback_to=pb.rollback_to if pb.HasField("rollback_to") else None)
 
 
 # ---- domain -> protobuf -----------------------------------------------------------------------
@@ -54,7 +93,11 @@ def reply_to(reply: VerifyReply) -> verifier_pb2.VerifyResponse:
         num_accepted=reply.num_accepted, next_token_id=reply.next_token, position=reply.position,
         target_probs=reply.target_probs,
         timings=common_pb2.Timings(queue_ms=t.queue_ms, forward_ms=t.forward_ms,
-                                   total_ms=t.total_ms))
+                                   total_ms=t.total_ms),
+        emitted=[verifier_pb2.EmittedToken(
+            token_id=e.token_id, uncertainty=e.uncertainty,
+            dist=common_pb2.SparseDistribution(token_ids=e.ids.tolist(), probs=e.probs.tolist()))
+            for e in reply.emitted])
 
 
 # ---- servicers --------------------------------------------------------------------------------
@@ -75,8 +118,9 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
 
     @translate_errors
     async def Verify(self, request, context):
-        reply = await self._verifier().verify(client_id(context), request.session_id,
-                                              call_from(request))
+        verifier = self._verifier()
+        reply = await verifier.verify(client_id(context), request.session_id,
+                                      call_from(request, verifier.settings.uncertainty))
         return reply_to(reply)
 
     @translate_errors

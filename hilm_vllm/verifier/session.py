@@ -12,8 +12,11 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from hilm_vllm.errors import FailedPrecondition, InvalidArgument
 from hilm_vllm.sampling import SamplingSpec, sparse_problem
+from hilm_vllm.uncertainty import UncertaintyConfig
 
 Dist = tuple[tuple[int, ...], tuple[float, ...]]  # a sparse distribution: (token ids, probs)
 
@@ -27,6 +30,10 @@ class VerifyCall:
     draft: tuple[int, ...]
     dists: tuple[Dist, ...]  # one per draft token
     want_target_probs: bool = False
+    want_emitted: bool = False  # fill VerifyReply.emitted
+    # How emitted uncertainties are measured; None = the tier's default (VerifierSettings).
+    uncertainty: UncertaintyConfig | None = None
+    rollback_to: int | None = None  # cut the context to this length first (overruled tokens)
 
 
 @dataclass(frozen=True)
@@ -36,13 +43,27 @@ class Timings:
     total_ms: float  # from receipt to reply
 
 
+@dataclass(frozen=True, eq=False)
+class EmittedToken:
+    """A token a Verify emitted, with the verifier's own view of it (see VerifyReply.emitted)."""
+
+    token_id: int
+    uncertainty: float  # the verifier's u of token_id (same gates as the drafter's)
+    ids: np.ndarray  # [S] int32: support of the verifier's p at this position (p > 0)
+    probs: np.ndarray  # [S] float32: p there (sums to 1); token_id is an exact sample of it
+
+
 @dataclass(frozen=True)
 class VerifyReply:
     num_accepted: int
     next_token: int  # the recovered (m < n) or the bonus (m = n) token
-    position: int  # position + len(append) + m + 1
+    position: int  # base + len(append) + m + 1 (base: rollback_to, else position)
     target_probs: tuple[float, ...]  # p_i(x_i), empty unless asked
     timings: Timings
+    # When asked: the m + 1 emitted tokens (accepted drafts, then next_token), each with the
+    # verifier's sparse p at its position and its uncertainty; a next tier can verify them as
+    # a draft with q = p and stay exact.
+    emitted: tuple[EmittedToken, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -64,6 +85,13 @@ class VerifierSession:
     # Isolates this session's prefix-cache blocks from other sessions' (see core._engine_prompt).
     cache_salt: str = field(default_factory=lambda: secrets.token_hex(8))
     last: tuple[VerifyCall, VerifyReply] | None = None
+    # Seeds the perturbation noise of emitted uncertainties per absolute position, as the
+    # drafter does: the session's seed when it has one, else a random one fixed per session.
+    noise_seed: int = field(default_factory=lambda: secrets.randbits(63))
+
+    def __post_init__(self) -> None:
+        if self.spec.seed is not None:
+            self.noise_seed = self.spec.seed
 
     @property
     def position(self) -> int:
@@ -80,9 +108,21 @@ class VerifierSession:
             raise FailedPrecondition(
                 f"session is at position {self.position}, the request says {call.position}: "
                 f"resend with position={self.position} (and the tokens after it in append)")
+        if call.rollback_to is not None and not self.prompt_len <= call.rollback_to <= self.position:
+            raise InvalidArgument(
+                f"rollback_to {call.rollback_to} is outside [{self.prompt_len}, {self.position}] "
+                f"(the prompt cannot be cut; the session holds {self.position} tokens)")
         check_length(self, call)
 
+    def base(self, call: VerifyCall) -> int:
+        """The length of the context this call builds on."""
+        return self.position if call.rollback_to is None else call.rollback_to
+
+    def context(self, call: VerifyCall) -> list[int]:
+        return self.tokens[:self.base(call)]
+
     def advance(self, call: VerifyCall, reply: VerifyReply) -> None:
+        del self.tokens[self.base(call):]
         self.tokens += [*call.append, *call.draft[:reply.num_accepted], reply.next_token]
         self.last = (call, reply)
 
@@ -128,10 +168,10 @@ def check_block(call: VerifyCall, limits: SessionLimits) -> None:
 def check_length(session: VerifierSession, call: VerifyCall) -> None:
     """The context after this call (plus the next token) must fit the engine and the session."""
     added = len(call.append) + len(call.draft) + 1
-    total = session.position + added
+    total = session.base(call) + added
     if total > session.limits.max_model_len:
         raise InvalidArgument(
-            f"context would reach {total} tokens (position {session.position} + {added - 1} "
+            f"context would reach {total} tokens ({session.base(call)} held + {added - 1} "
             f"appended/draft + 1 next), over max-model-len {session.limits.max_model_len}: "
             f"send fewer tokens or end the session")
     bound = session.limits.max_new_tokens

@@ -3,11 +3,15 @@
 A verification request travels inside `SamplingParams.extra_args[EXTRA_ARGS_KEY]` (msgpack to the
 engine core, then to the worker), so it holds only plain values; the draft distributions are
 packed as compact little-endian arrays. The worker's answer comes back from
-`collective_rpc("hilm_pop_verify", key)` as a plain dict. Full vocabulary rows never travel.
+`collective_rpc("hilm_pop_verify", key)` (or the ZMQ channel, as JSON) as a plain dict. Full
+vocabulary rows never travel: emitted distributions come back sparse (their nonzero entries only),
+as base64 little-endian arrays. Without top-k that is still up to the whole support: ~1 MB per
+emitted token for a 128k vocabulary (16 KB at most for the demo's 2048).
 """
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -16,8 +20,29 @@ import torch
 
 from hilm_vllm.rejection import SparseRows
 from hilm_vllm.sampling import SamplingSpec
+from hilm_vllm.uncertainty import UncertaintyConfig
 
 EXTRA_ARGS_KEY = "hilm_verify"
+
+
+@dataclass(frozen=True)
+class EmitArgs:
+    """Asks the worker for the emitted tokens' sparse p and uncertainty (VerifyResult.emitted)."""
+
+    uncertainty: UncertaintyConfig
+    noise_seed: int  # perturbation noise of absolute position t: derive_seed(noise_seed, t, 1)
+
+    def to_dict(self) -> dict:
+        u = self.uncertainty
+        return {"noise_seed": self.noise_seed,
+                "uncertainty": {"gate": u.gate.value, "num_samples": u.num_samples,
+                                "theta_max": u.theta_max, "perturbation": u.perturbation.value}}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> EmitArgs | None:
+        if d is None:
+            return None
+        return cls(UncertaintyConfig(**d["uncertainty"]), int(d["noise_seed"]))
 
 
 @dataclass(frozen=True)
@@ -29,6 +54,7 @@ class VerifyArgs:
     spec: SamplingSpec  # the same transform the engine's sampler applies (seed unused here)
     draw_seed: int  # seeds the worker's uniforms and residual draw (same on every TP rank)
     q: SparseRows  # the n draft distributions
+    emit: EmitArgs | None = None  # None: no emitted tokens, and no cost for them
 
     def to_extra_args(self) -> dict:
         lengths = self.q.offsets.diff().numpy().astype("<i4")
@@ -39,6 +65,7 @@ class VerifyArgs:
             "q_ids": self.q.ids.numpy().astype("<i4").tobytes(),
             "q_probs": self.q.probs.numpy().astype("<f4").tobytes(),
             "q_lengths": lengths.tobytes(),
+            "emit": None if self.emit is None else self.emit.to_dict(),
         }}
 
     @classmethod
@@ -51,17 +78,38 @@ class VerifyArgs:
                        torch.from_numpy(np.frombuffer(raw["q_probs"], "<f4").copy()),
                        torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]))
         spec = SamplingSpec(raw["temperature"], raw["top_k"], raw["top_p"])
-        return cls(raw["key"], raw["n"], spec, raw["draw_seed"], q)
+        return cls(raw["key"], raw["n"], spec, raw["draw_seed"], q,
+                   EmitArgs.from_dict(raw.get("emit")))
 
     @classmethod
     def build(cls, key: str, spec: SamplingSpec, draw_seed: int,
-              dists: Sequence[tuple[Sequence[int], Sequence[float]]]) -> VerifyArgs:
-        return cls(key, len(dists), spec, draw_seed, SparseRows.from_lists(dists))
+              dists: Sequence[tuple[Sequence[int], Sequence[float]]],
+              emit: EmitArgs | None = None) -> VerifyArgs:
+        return cls(key, len(dists), spec, draw_seed, SparseRows.from_lists(dists), emit)
 
 
 # Why a result has no outcome: the rows that predict the draft were not computed in this
 # request's forward (served from the prefix cache); the caller re-runs without reading the cache.
 ROWS_CACHED = "draft rows were served from the prefix cache"
+
+
+def pack(array: np.ndarray, dtype: str) -> str:
+    """A 1-D array as base64 of its little-endian bytes (travels as JSON and msgpack alike)."""
+    return base64.b64encode(np.ascontiguousarray(array, dtype=dtype).tobytes()).decode("ascii")
+
+
+def unpack(text: str, dtype: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype=dtype).astype(dtype[1:])
+
+
+@dataclass(frozen=True)
+class EmittedRow:
+    """One emitted token as the worker ships it: the sparse p at its position, and its u."""
+
+    token: int
+    u: float
+    ids: str  # pack(support, "<i4")
+    probs: str  # pack(p[support], "<f4")
 
 
 @dataclass(frozen=True)
@@ -73,10 +121,12 @@ class VerifyResult:
     forward_ms: float = 0.0  # engine steps that computed this request (forward + sample + hook)
     hook_ms: float = 0.0  # of which this hook's own work for the request (rows, p, the math)
     error: str | None = None
+    emitted: tuple[EmittedRow, ...] = ()  # m + 1 tokens, when VerifyArgs.emit asked for them
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> VerifyResult:
-        return cls(**(d | {"target_probs": tuple(d.get("target_probs", ()))}))
+        return cls(**(d | {"target_probs": tuple(d.get("target_probs", ())),
+                           "emitted": tuple(EmittedRow(**e) for e in d.get("emitted", ()))}))

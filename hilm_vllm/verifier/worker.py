@@ -10,6 +10,16 @@ position, drawn with the request's SamplingParams, is the bonus token. Full rows
 this process; the outcome is pushed to the API process (channel.py) and also kept here for
 `collective_rpc("hilm_pop_verify", key)`.
 
+Emitted tokens (only when `VerifyArgs.emit` asks; otherwise nothing below runs or is kept). For
+each of the m + 1 tokens the request emits (the accepted drafts, then the correction or bonus
+token), the hook also ships the verifier's p at that position, sparse (every nonzero entry of
+`processed_probs` of the same raw logits row the accept decision used; for the bonus token, the
+row of the last position, recomputed from the same forward's hidden state), and the verifier's
+own uncertainty u of that token: `hilm_vllm.uncertainty`'s gates on that RAW row, perturbation
+noise seeded from (session noise seed, absolute position) on the drafter's noise stream, exactly
+as the drafter's processor does. Only sparse rows leave this process: without top-k a 128k-vocab
+model still ships ~1 MB per emitted token (the demo's 2048: <= 16 KB).
+
 The hook wraps two methods of vLLM 0.32's V1 model runner (`GPUModelRunner`, subclassed by
 `CPUModelRunner`), so it pins that version and that runner.
 """
@@ -21,11 +31,15 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from hilm_vllm.drafter.processor import NOISE_STREAM  # the drafter's noise stream: same u
 from hilm_vllm.rejection import verify_block
 from hilm_vllm.sampling import processed_probs
-from hilm_vllm.verifier.wire import EXTRA_ARGS_KEY, ROWS_CACHED, VerifyArgs, VerifyResult
+from hilm_vllm.uncertainty import TOKEN_FREE_GATES, derive_seed, disagreement, draw_samples
+from hilm_vllm.verifier.wire import (EXTRA_ARGS_KEY, ROWS_CACHED, EmittedRow, VerifyArgs,
+                                     VerifyResult, pack)
 
 SUPPORTED_VLLM = "0.32.0"  # the wrapped runner methods are private: re-check them on upgrade
 # Kept results (the channel delivers them; this copy serves hilm_pop_verify, the fallback) and
@@ -81,6 +95,7 @@ class _Pending:
 
     args: VerifyArgs
     rows: dict[int, torch.Tensor] = field(default_factory=dict)  # draft index -> p row [V]
+    raw: dict[int, torch.Tensor] = field(default_factory=dict)  # raw logits rows (emit only)
     forward_s: float = 0.0
     hook_s: float = 0.0
 
@@ -138,17 +153,21 @@ class VerifyHook:
         # Positions first .. prompt_len-2 hold the hidden states that predict draft 0 .. n-1.
         first = prompt_len - n - 1
         lo, hi = max(start, first), min(start + n_sched, prompt_len - 1)
+        offset = int(self.runner.query_start_loc.np[row]) - start  # position -> hidden row
         if lo < hi:
-            offset = int(self.runner.query_start_loc.np[row]) - start  # position -> hidden row
             logits = self.runner.model.compute_logits(hidden_states[offset + lo:offset + hi])
             if logits is None:  # a tensor-parallel rank that does not hold gathered logits
                 return
             for i, p_row in enumerate(processed_probs(logits, pending.args.spec)):  # [hi-lo, V]
                 pending.rows[lo - first + i] = p_row
+                if pending.args.emit is not None:
+                    pending.raw[lo - first + i] = logits[i]
         final = start + n_sched >= prompt_len  # else a prefill chunk: nothing sampled yet
         if final:
             del self.pending[pending.args.key]
-            result = self._verify(pending, state, row, sampler_output)
+            # hidden row of the last position: the bonus token's, when emitted tokens are asked
+            last = (hidden_states, offset + prompt_len - 1)
+            result = self._verify(pending, state, row, sampler_output, last)
         now = time.perf_counter()
         pending.forward_s += now - self._step_t0
         pending.hook_s += now - t0
@@ -170,21 +189,59 @@ class VerifyHook:
                 state.sampling_params.extra_args)))
         return self.pending[raw["key"]]
 
-    def _verify(self, pending: _Pending, state, row: int, sampler_output) -> VerifyResult:
+    def _verify(self, pending: _Pending, state, row: int, sampler_output,
+                last: tuple[torch.Tensor, int]) -> VerifyResult:
         """The accept / recover step on the gathered rows; overwrites the engine's sample."""
         args = pending.args
         if len(pending.rows) < args.n:
             return VerifyResult(args.key, error=ROWS_CACHED)
         if args.n == 0:
-            return VerifyResult(args.key)
-        device = self.runner.device
-        p = torch.stack([pending.rows[i] for i in range(args.n)])  # [n, V]
-        draft = torch.tensor(state.prompt_token_ids[len(state.prompt_token_ids) - args.n:],
-                             dtype=torch.long, device=device)  # [n]
-        generator = torch.Generator(device=device).manual_seed(args.draw_seed)
-        outcome = verify_block(p, draft, args.q.to(device), generator, args.spec.greedy)
-        if outcome.recovered is not None:
-            # [num_reqs, 1] without spec decode: the engine now emits the recovered token.
-            sampler_output.sampled_token_ids[row, 0] = outcome.recovered
-        return VerifyResult(args.key, outcome.num_accepted, outcome.recovered,
-                            tuple(outcome.target_probs.tolist()))
+            result = VerifyResult(args.key)
+        else:
+            device = self.runner.device
+            p = torch.stack([pending.rows[i] for i in range(args.n)])  # [n, V]
+            draft = torch.tensor(state.prompt_token_ids[len(state.prompt_token_ids) - args.n:],
+                                 dtype=torch.long, device=device)  # [n]
+            generator = torch.Generator(device=device).manual_seed(args.draw_seed)
+            outcome = verify_block(p, draft, args.q.to(device), generator, args.spec.greedy)
+            if outcome.recovered is not None:
+                # [num_reqs, 1] without spec decode: the engine now emits the recovered token.
+                sampler_output.sampled_token_ids[row, 0] = outcome.recovered
+            result = VerifyResult(args.key, outcome.num_accepted, outcome.recovered,
+                                  tuple(outcome.target_probs.tolist()))
+        if args.emit is None:
+            return result
+        return dataclasses.replace(result, emitted=self._emitted(
+            pending, state, result, int(sampler_output.sampled_token_ids[row, 0]), last))
+
+    def _emitted(self, pending: _Pending, state, result: VerifyResult, sampled: int,
+                 last: tuple[torch.Tensor, int]) -> tuple[EmittedRow, ...]:
+        """The m + 1 emitted tokens with their sparse p and u (see the module docstring).
+        `sampled` is what the engine emits (the recovered token once overwritten, else the
+        engine's own sample: the bonus token)."""
+        args, m = pending.args, result.num_accepted
+        base = len(state.prompt_token_ids) - args.n  # absolute position of draft token 0
+        tokens = [*state.prompt_token_ids[base:base + m], sampled]
+        p_rows = [pending.rows[j] for j in range(m + 1 if m < args.n else m)]
+        raw_rows = [pending.raw[j] for j in range(len(p_rows))]
+        if m == args.n:  # the bonus: p of the last position, from the same forward
+            hidden_states, index = last
+            raw_last = self.runner.model.compute_logits(hidden_states[index:index + 1])  # [1, V]
+            if raw_last is None:  # a tensor-parallel rank without gathered logits
+                return ()
+            p_rows.append(processed_probs(raw_last, args.spec)[0])
+            raw_rows.append(raw_last[0])
+        cfg = args.emit.uncertainty
+        rows = []
+        for j, (token, p_row, raw) in enumerate(zip(tokens, torch.stack(p_rows).cpu().numpy(),
+                                                    raw_rows)):
+            raw = raw.float().cpu()
+            if cfg.needs_token:
+                seed = derive_seed(args.emit.noise_seed, base + j, NOISE_STREAM)
+                u = disagreement(draw_samples(raw, cfg, seed), token)
+            else:
+                u = float(TOKEN_FREE_GATES[cfg.gate](raw[None, :])[0])
+            # numpy, not torch: nonzero/boolean indexing in torch costs ~10x inside the worker
+            support = np.flatnonzero(p_row > 0)
+            rows.append(EmittedRow(token, u, pack(support, "<i4"), pack(p_row[support], "<f4")))
+        return tuple(rows)

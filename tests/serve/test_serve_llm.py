@@ -39,10 +39,10 @@ def test_health_turns_serving_metrics_answer_and_sigterm_leaves_no_child(llm_tie
     assert not alive, f"orphaned engine processes: {alive}"
 
 
-def test_router_tier_says_it_is_not_available_yet():
+def test_router_tier_names_its_missing_flags():
     proc = TierProcess.start("router", ["--port", "0"])
     assert proc.proc.wait(120) == 2
-    assert "router tier is not available" in proc.tail()
+    assert "--model" in proc.tail() and "--llm" in proc.tail()
 
 
 def test_unknown_zoo_model_is_a_clear_error(tmp_path, monkeypatch):

@@ -1,10 +1,33 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class UncertaintyGate(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    UNCERTAINTY_GATE_UNSPECIFIED: _ClassVar[UncertaintyGate]
+    PERTURBED_TEMPERATURE: _ClassVar[UncertaintyGate]
+    ENTROPY: _ClassVar[UncertaintyGate]
+    VAR_ENTROPY: _ClassVar[UncertaintyGate]
+    MAX_PROB: _ClassVar[UncertaintyGate]
+
+class Perturbation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PERTURBATION_UNSPECIFIED: _ClassVar[Perturbation]
+    UNIFORM: _ClassVar[Perturbation]
+    GRID: _ClassVar[Perturbation]
+UNCERTAINTY_GATE_UNSPECIFIED: UncertaintyGate
+PERTURBED_TEMPERATURE: UncertaintyGate
+ENTROPY: UncertaintyGate
+VAR_ENTROPY: UncertaintyGate
+MAX_PROB: UncertaintyGate
+PERTURBATION_UNSPECIFIED: Perturbation
+UNIFORM: Perturbation
+GRID: Perturbation
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "seed")
@@ -49,3 +72,15 @@ class Timings(_message.Message):
     forward_ms: float
     total_ms: float
     def __init__(self, queue_ms: _Optional[float] = ..., forward_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+
+class UncertaintyConfig(_message.Message):
+    __slots__ = ("gate", "num_samples", "theta_max", "perturbation")
+    GATE_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    THETA_MAX_FIELD_NUMBER: _ClassVar[int]
+    PERTURBATION_FIELD_NUMBER: _ClassVar[int]
+    gate: UncertaintyGate
+    num_samples: int
+    theta_max: float
+    perturbation: Perturbation
+    def __init__(self, gate: _Optional[_Union[UncertaintyGate, str]] = ..., num_samples: _Optional[int] = ..., theta_max: _Optional[float] = ..., perturbation: _Optional[_Union[Perturbation, str]] = ...) -> None: ...

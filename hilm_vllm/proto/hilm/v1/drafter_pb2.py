@@ -25,41 +25,35 @@ _sym_db = _symbol_database.Default()
 from hilm_vllm.proto.hilm.v1 import common_pb2 as hilm__vllm_dot_proto_dot_hilm_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%hilm_vllm/proto/hilm/v1/drafter.proto\x12\x07hilm.v1\x1a$hilm_vllm/proto/hilm/v1/common.proto\"\x90\x01\n\x11UncertaintyConfig\x12&\n\x04gate\x18\x01 \x01(\x0e\x32\x18.hilm.v1.UncertaintyGate\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x05\x12\x11\n\ttheta_max\x18\x03 \x01(\x02\x12+\n\x0cperturbation\x18\x04 \x01(\x0e\x32\x15.hilm.v1.Perturbation\"\xac\x01\n\x19OpenDrafterSessionRequest\x12\x1f\n\x06prompt\x18\x01 \x01(\x0b\x32\x0f.hilm.v1.Prompt\x12)\n\x08sampling\x18\x02 \x01(\x0b\x32\x17.hilm.v1.SamplingParams\x12/\n\x0buncertainty\x18\x03 \x01(\x0b\x32\x1a.hilm.v1.UncertaintyConfig\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\"\x86\x01\n\x1aOpenDrafterSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x03\x12\x14\n\x0c\x65os_token_id\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\x05\"|\n\x0c\x44raftRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x03\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x1d\n\x10stop_uncertainty\x18\x04 \x01(\x02H\x00\x88\x01\x01\x42\x13\n\x11_stop_uncertainty\"`\n\x0c\x44raftedToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x13\n\x0buncertainty\x18\x02 \x01(\x02\x12)\n\x04\x64ist\x18\x03 \x01(\x0b\x32\x1b.hilm.v1.SparseDistribution\"\x82\x01\n\rDraftResponse\x12%\n\x06tokens\x18\x01 \x03(\x0b\x32\x15.hilm.v1.DraftedToken\x12\x10\n\x08position\x18\x02 \x01(\x03\x12!\n\x07timings\x18\x03 \x01(\x0b\x32\x10.hilm.v1.Timings\x12\x15\n\rstopped_early\x18\x04 \x01(\x08\"7\n\x0fRollbackRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x03\"$\n\x10RollbackResponse\x12\x10\n\x08position\x18\x01 \x01(\x03\"H\n\rAppendRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x03\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\"\"\n\x0e\x41ppendResponse\x12\x10\n\x08position\x18\x01 \x01(\x03\"0\n\x1a\x43loseDrafterSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x1d\n\x1b\x43loseDrafterSessionResponse*z\n\x0fUncertaintyGate\x12 \n\x1cUNCERTAINTY_GATE_UNSPECIFIED\x10\x00\x12\x19\n\x15PERTURBED_TEMPERATURE\x10\x01\x12\x0b\n\x07\x45NTROPY\x10\x02\x12\x0f\n\x0bVAR_ENTROPY\x10\x03\x12\x0c\n\x08MAX_PROB\x10\x04*C\n\x0cPerturbation\x12\x1c\n\x18PERTURBATION_UNSPECIFIED\x10\x00\x12\x0b\n\x07UNIFORM\x10\x01\x12\x08\n\x04GRID\x10\x02\x32\xf0\x02\n\x07\x44rafter\x12V\n\x0bOpenSession\x12\".hilm.v1.OpenDrafterSessionRequest\x1a#.hilm.v1.OpenDrafterSessionResponse\x12\x36\n\x05\x44raft\x12\x15.hilm.v1.DraftRequest\x1a\x16.hilm.v1.DraftResponse\x12?\n\x08Rollback\x12\x18.hilm.v1.RollbackRequest\x1a\x19.hilm.v1.RollbackResponse\x12\x39\n\x06\x41ppend\x12\x16.hilm.v1.AppendRequest\x1a\x17.hilm.v1.AppendResponse\x12Y\n\x0c\x43loseSession\x12#.hilm.v1.CloseDrafterSessionRequest\x1a$.hilm.v1.CloseDrafterSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%hilm_vllm/proto/hilm/v1/drafter.proto\x12\x07hilm.v1\x1a$hilm_vllm/proto/hilm/v1/common.proto\"\xac\x01\n\x19OpenDrafterSessionRequest\x12\x1f\n\x06prompt\x18\x01 \x01(\x0b\x32\x0f.hilm.v1.Prompt\x12)\n\x08sampling\x18\x02 \x01(\x0b\x32\x17.hilm.v1.SamplingParams\x12/\n\x0buncertainty\x18\x03 \x01(\x0b\x32\x1a.hilm.v1.UncertaintyConfig\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\"\x86\x01\n\x1aOpenDrafterSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x03\x12\x14\n\x0c\x65os_token_id\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\x05\"|\n\x0c\x44raftRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x03\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x1d\n\x10stop_uncertainty\x18\x04 \x01(\x02H\x00\x88\x01\x01\x42\x13\n\x11_stop_uncertainty\"`\n\x0c\x44raftedToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x13\n\x0buncertainty\x18\x02 \x01(\x02\x12)\n\x04\x64ist\x18\x03 \x01(\x0b\x32\x1b.hilm.v1.SparseDistribution\"\x82\x01\n\rDraftResponse\x12%\n\x06tokens\x18\x01 \x03(\x0b\x32\x15.hilm.v1.DraftedToken\x12\x10\n\x08position\x18\x02 \x01(\x03\x12!\n\x07timings\x18\x03 \x01(\x0b\x32\x10.hilm.v1.Timings\x12\x15\n\rstopped_early\x18\x04 \x01(\x08\"7\n\x0fRollbackRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x03\"$\n\x10RollbackResponse\x12\x10\n\x08position\x18\x01 \x01(\x03\"H\n\rAppendRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x03\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\"\"\n\x0e\x41ppendResponse\x12\x10\n\x08position\x18\x01 \x01(\x03\"0\n\x1a\x43loseDrafterSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x1d\n\x1b\x43loseDrafterSessionResponse2\xf0\x02\n\x07\x44rafter\x12V\n\x0bOpenSession\x12\".hilm.v1.OpenDrafterSessionRequest\x1a#.hilm.v1.OpenDrafterSessionResponse\x12\x36\n\x05\x44raft\x12\x15.hilm.v1.DraftRequest\x1a\x16.hilm.v1.DraftResponse\x12?\n\x08Rollback\x12\x18.hilm.v1.RollbackRequest\x1a\x19.hilm.v1.RollbackResponse\x12\x39\n\x06\x41ppend\x12\x16.hilm.v1.AppendRequest\x1a\x17.hilm.v1.AppendResponse\x12Y\n\x0c\x43loseSession\x12#.hilm.v1.CloseDrafterSessionRequest\x1a$.hilm.v1.CloseDrafterSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hilm_vllm.proto.hilm.v1.drafter_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_UNCERTAINTYGATE']._serialized_start=1190
-  _globals['_UNCERTAINTYGATE']._serialized_end=1312
-  _globals['_PERTURBATION']._serialized_start=1314
-  _globals['_PERTURBATION']._serialized_end=1381
-  _globals['_UNCERTAINTYCONFIG']._serialized_start=89
-  _globals['_UNCERTAINTYCONFIG']._serialized_end=233
-  _globals['_OPENDRAFTERSESSIONREQUEST']._serialized_start=236
-  _globals['_OPENDRAFTERSESSIONREQUEST']._serialized_end=408
-  _globals['_OPENDRAFTERSESSIONRESPONSE']._serialized_start=411
-  _globals['_OPENDRAFTERSESSIONRESPONSE']._serialized_end=545
-  _globals['_DRAFTREQUEST']._serialized_start=547
-  _globals['_DRAFTREQUEST']._serialized_end=671
-  _globals['_DRAFTEDTOKEN']._serialized_start=673
-  _globals['_DRAFTEDTOKEN']._serialized_end=769
-  _globals['_DRAFTRESPONSE']._serialized_start=772
-  _globals['_DRAFTRESPONSE']._serialized_end=902
-  _globals['_ROLLBACKREQUEST']._serialized_start=904
-  _globals['_ROLLBACKREQUEST']._serialized_end=959
-  _globals['_ROLLBACKRESPONSE']._serialized_start=961
-  _globals['_ROLLBACKRESPONSE']._serialized_end=997
-  _globals['_APPENDREQUEST']._serialized_start=999
-  _globals['_APPENDREQUEST']._serialized_end=1071
-  _globals['_APPENDRESPONSE']._serialized_start=1073
-  _globals['_APPENDRESPONSE']._serialized_end=1107
-  _globals['_CLOSEDRAFTERSESSIONREQUEST']._serialized_start=1109
-  _globals['_CLOSEDRAFTERSESSIONREQUEST']._serialized_end=1157
-  _globals['_CLOSEDRAFTERSESSIONRESPONSE']._serialized_start=1159
-  _globals['_CLOSEDRAFTERSESSIONRESPONSE']._serialized_end=1188
-  _globals['_DRAFTER']._serialized_start=1384
-  _globals['_DRAFTER']._serialized_end=1752
+  _globals['_OPENDRAFTERSESSIONREQUEST']._serialized_start=89
+  _globals['_OPENDRAFTERSESSIONREQUEST']._serialized_end=261
+  _globals['_OPENDRAFTERSESSIONRESPONSE']._serialized_start=264
+  _globals['_OPENDRAFTERSESSIONRESPONSE']._serialized_end=398
+  _globals['_DRAFTREQUEST']._serialized_start=400
+  _globals['_DRAFTREQUEST']._serialized_end=524
+  _globals['_DRAFTEDTOKEN']._serialized_start=526
+  _globals['_DRAFTEDTOKEN']._serialized_end=622
+  _globals['_DRAFTRESPONSE']._serialized_start=625
+  _globals['_DRAFTRESPONSE']._serialized_end=755
+  _globals['_ROLLBACKREQUEST']._serialized_start=757
+  _globals['_ROLLBACKREQUEST']._serialized_end=812
+  _globals['_ROLLBACKRESPONSE']._serialized_start=814
+  _globals['_ROLLBACKRESPONSE']._serialized_end=850
+  _globals['_APPENDREQUEST']._serialized_start=852
+  _globals['_APPENDREQUEST']._serialized_end=924
+  _globals['_APPENDRESPONSE']._serialized_start=926
+  _globals['_APPENDRESPONSE']._serialized_end=960
+  _globals['_CLOSEDRAFTERSESSIONREQUEST']._serialized_start=962
+  _globals['_CLOSEDRAFTERSESSIONREQUEST']._serialized_end=1010
+  _globals['_CLOSEDRAFTERSESSIONRESPONSE']._serialized_start=1012
+  _globals['_CLOSEDRAFTERSESSIONRESPONSE']._serialized_end=1041
+  _globals['_DRAFTER']._serialized_start=1044
+  _globals['_DRAFTER']._serialized_end=1412
 # @@protoc_insertion_point(module_scope)

@@ -1,46 +1,11 @@
 from hilm_vllm.proto.hilm.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
-from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
-
-class UncertaintyGate(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
-    __slots__ = ()
-    UNCERTAINTY_GATE_UNSPECIFIED: _ClassVar[UncertaintyGate]
-    PERTURBED_TEMPERATURE: _ClassVar[UncertaintyGate]
-    ENTROPY: _ClassVar[UncertaintyGate]
-    VAR_ENTROPY: _ClassVar[UncertaintyGate]
-    MAX_PROB: _ClassVar[UncertaintyGate]
-
-class Perturbation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
-    __slots__ = ()
-    PERTURBATION_UNSPECIFIED: _ClassVar[Perturbation]
-    UNIFORM: _ClassVar[Perturbation]
-    GRID: _ClassVar[Perturbation]
-UNCERTAINTY_GATE_UNSPECIFIED: UncertaintyGate
-PERTURBED_TEMPERATURE: UncertaintyGate
-ENTROPY: UncertaintyGate
-VAR_ENTROPY: UncertaintyGate
-MAX_PROB: UncertaintyGate
-PERTURBATION_UNSPECIFIED: Perturbation
-UNIFORM: Perturbation
-GRID: Perturbation
-
-class UncertaintyConfig(_message.Message):
-    __slots__ = ("gate", "num_samples", "theta_max", "perturbation")
-    GATE_FIELD_NUMBER: _ClassVar[int]
-    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
-    THETA_MAX_FIELD_NUMBER: _ClassVar[int]
-    PERTURBATION_FIELD_NUMBER: _ClassVar[int]
-    gate: UncertaintyGate
-    num_samples: int
-    theta_max: float
-    perturbation: Perturbation
-    def __init__(self, gate: _Optional[_Union[UncertaintyGate, str]] = ..., num_samples: _Optional[int] = ..., theta_max: _Optional[float] = ..., perturbation: _Optional[_Union[Perturbation, str]] = ...) -> None: ...
 
 class OpenDrafterSessionRequest(_message.Message):
     __slots__ = ("prompt", "sampling", "uncertainty", "max_tokens")
@@ -50,9 +15,9 @@ class OpenDrafterSessionRequest(_message.Message):
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt: _common_pb2.Prompt
     sampling: _common_pb2.SamplingParams
-    uncertainty: UncertaintyConfig
+    uncertainty: _common_pb2.UncertaintyConfig
     max_tokens: int
-    def __init__(self, prompt: _Optional[_Union[_common_pb2.Prompt, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., uncertainty: _Optional[_Union[UncertaintyConfig, _Mapping]] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+    def __init__(self, prompt: _Optional[_Union[_common_pb2.Prompt, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., uncertainty: _Optional[_Union[_common_pb2.UncertaintyConfig, _Mapping]] = ..., max_tokens: _Optional[int] = ...) -> None: ...
 
 class OpenDrafterSessionResponse(_message.Message):
     __slots__ = ("session_id", "position", "eos_token_id", "vocab_size", "prompt_token_ids")

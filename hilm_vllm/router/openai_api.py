@@ -1,0 +1,373 @@
+"""OpenAI-compatible HTTP API of the router (FastAPI, as vLLM's own server).
+
+`/v1/completions`, `/v1/chat/completions` (the model's chat template), SSE streaming, `/v1/models`,
+`/health`. The policy is chosen per request by the `model` field (the served model name for the
+router's default policy, or a policy name: `hilm`, `llm-only`, ...) or the extra body field
+`policy`. `usage` carries the OpenAI counts plus `usage.hilm`, the round's statistics
+(`RequestStats.usage`). Errors are OpenAI-style bodies (`{"error": {"message", "type", "param",
+"code"}}`) with a 4xx status for bad requests; a response completed around an unreachable tier
+says so in `usage.hilm.degraded` and the `x-hilm-degraded` header.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from hilm_vllm.errors import HilmError, InvalidArgument, NotFound
+from hilm_vllm.router import metrics
+from hilm_vllm.router.engine import GenerationRequest, RequestStats, Router
+from hilm_vllm.router.policy import Policy, Thresholds
+from hilm_vllm.sampling import SamplingSpec
+
+logger = logging.getLogger("hilm.router.api")
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Base):
+    include_usage: bool = False
+
+
+class ThresholdsBody(_Base):
+    """Per-request thresholds (research use): unset ones take the router's."""
+
+    t1: float | None = None
+    t2: float | None = None
+    t_ilm: float | None = None
+
+
+class _Sampling(_Base):
+    model: str
+    max_tokens: int | None = Field(default=None)
+    max_completion_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # vLLM's extra parameter (0 or -1 = off)
+    seed: int | None = Field(default=None, ge=0, lt=2 ** 63)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    user: str | None = None
+    # hilm-vllm's extra parameters
+    policy: str | None = None
+    ignore_eos: bool = False
+    skip_rate: float | None = None  # `rand`
+    block_size: int | None = None
+    thresholds: ThresholdsBody | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[int]
+    echo: bool = False
+    logprobs: int | None = None
+
+
+class ChatMessage(_Base):
+    role: Literal["system", "user", "assistant"]
+    content: str
+    name: str | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage]
+    logprobs: bool = False
+
+
+def error_body(status: int, message: str, type_: str = "BadRequestError",
+               param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param,
+                                   "code": status}}, status_code=status)
+
+
+_ERROR_TYPES = {400: "BadRequestError", 403: "PermissionDeniedError", 404: "NotFoundError",
+                409: "ConflictError", 429: "RateLimitError", 503: "ServiceUnavailableError"}
+
+
+def _hilm_error(e: HilmError) -> JSONResponse:
+    return error_body(e.http_status, str(e), _ERROR_TYPES.get(e.http_status, "InternalServerError"))
+
+
+class TextStream:
+    """Incremental detokenization: text appears once its bytes are complete."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.sent = tokenizer, [], 0
+
+    def push(self, ids: list[int]) -> str:
+        self.ids += ids
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # a multi-byte character is still incomplete
+            return ""
+        delta, self.sent = text[self.sent:], len(text)
+        return delta
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        delta, self.sent = text[self.sent:], len(text)
+        return delta
+
+
+class StopScanner:
+    """OpenAI `stop` strings: text is held back while it could still be the start of one."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.hit = False
+
+    def push(self, text: str) -> str:
+        if not self.stops:
+            return text
+        self.pending += text
+        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self.pending, self.hit = self.pending[:cut], "", True
+            return out
+        hold = max(len(s) - 1 for s in self.stops)
+        safe = max(0, len(self.pending) - hold)
+        out, self.pending = self.pending[:safe], self.pending[safe:]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class RouterAPI:
+    def __init__(self, router: Router, tokenizer, served_model_name: str):
+        self.router, self.tokenizer, self.name = router, tokenizer, served_model_name
+
+    # -- request -> GenerationRequest ----------------------------------------------------------
+
+    def policy_of(self, body: _Sampling) -> Policy:
+        if body.policy is not None:
+            policy = Policy.parse(body.policy)
+        elif body.model in (self.name, ""):
+            policy = self.router.cfg.policy
+        else:
+            try:
+                policy = Policy(body.model)
+            except ValueError:
+                raise NotFound(f"The model `{body.model}` does not exist: use "
+                               f"{self.name!r} or a policy name "
+                               f"({', '.join(p.value for p in Policy)})") from None
+        self.router.check_policy(policy)
+        return policy
+
+    def generation_request(self, body: _Sampling, prompt_ids: list[int]) -> GenerationRequest:
+        if body.n != 1:
+            raise InvalidArgument("n must be 1: the router generates one choice per request")
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        if max_tokens is None:
+            max_tokens = 16  # OpenAI's default for completions
+        if max_tokens < 1:
+            raise InvalidArgument(f"max_tokens must be >= 1, got {max_tokens}")
+        try:
+            spec = SamplingSpec(body.temperature, max(body.top_k, 0), body.top_p, body.seed)
+        except ValueError as e:
+            raise InvalidArgument(str(e)) from None
+        th = None
+        if body.thresholds is not None:
+            base = self.router.cfg.thresholds
+            t = body.thresholds
+            th = Thresholds(base.t1 if t.t1 is None else t.t1, base.t2 if t.t2 is None else t.t2,
+                            base.t_ilm if t.t_ilm is None else t.t_ilm)
+        return GenerationRequest(tuple(prompt_ids), spec, max_tokens, self.policy_of(body),
+                                 body.ignore_eos, body.skip_rate, body.block_size, th)
+
+    def prompt_ids(self, body: CompletionRequest | ChatCompletionRequest) -> list[int]:
+        if isinstance(body, ChatCompletionRequest):
+            if not body.messages:
+                raise InvalidArgument("messages is empty: give at least one message")
+            if body.logprobs:
+                raise InvalidArgument("logprobs are not supported by the router")
+            messages = [m.model_dump(exclude_none=True) for m in body.messages]
+            try:
+                return list(self.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+            except Exception as e:  # a template that rejects the conversation
+                raise InvalidArgument(f"the chat template rejected the messages: {e}") from None
+        if body.echo or body.logprobs:
+            raise InvalidArgument("echo and logprobs are not supported by the router")
+        if isinstance(body.prompt, str):
+            if not body.prompt:
+                raise InvalidArgument("prompt is empty")
+            return self.tokenizer.encode(body.prompt)  # BOS as `vllm serve` adds it
+        vocab = len(self.tokenizer)
+        bad = [t for t in body.prompt if not 0 <= t < vocab]
+        if bad:
+            raise InvalidArgument(f"prompt token ids {bad[:5]} are outside the vocabulary "
+                                  f"[0, {vocab})")
+        return list(body.prompt)
+
+    # -- running ---------------------------------------------------------------------------------
+
+    async def run(self, body: CompletionRequest | ChatCompletionRequest, chat: bool):
+        try:
+            ids = self.prompt_ids(body)
+            req = self.generation_request(body, ids)
+        except HilmError as e:
+            return _hilm_error(e)
+        except ValueError as e:
+            return error_body(400, str(e))
+        stats = RequestStats(req.policy.value)
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        events = self._events(req, stats, stops)
+        t0 = time.perf_counter()
+        try:
+            first = await events.__anext__()  # errors before the first token become 4xx/5xx
+        except HilmError as e:
+            return _hilm_error(e)
+        except StopAsyncIteration:
+            first = None
+        metrics.TTFT.labels(req.policy.value).observe(time.perf_counter() - t0)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        created = int(time.time())
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                self._sse(rid, created, body.model, chat, first, events, stats, req,
+                          include_usage), media_type="text/event-stream")
+        text, finish = "", "length"
+        try:
+            ev = first
+            while ev is not None:
+                kind, value = ev
+                if kind == "text":
+                    text += value
+                else:
+                    finish = value
+                ev = await anext(events, None)
+        except HilmError as e:
+            return _hilm_error(e)
+        usage = self._usage(req, stats)
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "finish_reason": finish, "logprobs": None}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+            obj = "text_completion"
+        headers = {"x-hilm-degraded": ",".join(stats.degraded)} if stats.degraded else None
+        return JSONResponse({"id": rid, "object": obj, "created": created, "model": body.model,
+                             "choices": [choice], "usage": usage}, headers=headers)
+
+    def _usage(self, req: GenerationRequest, stats: RequestStats) -> dict:
+        return {"prompt_tokens": len(req.prompt_ids), "completion_tokens": stats.tokens,
+                "total_tokens": len(req.prompt_ids) + stats.tokens, "hilm": stats.usage()}
+
+    async def _events(self, req: GenerationRequest, stats: RequestStats,
+                      stops: list[str]) -> AsyncIterator[tuple[str, str]]:
+        """("text", delta)... then ("finish", reason)."""
+        text, stop = TextStream(self.tokenizer), StopScanner(stops)
+        gen = self.router.generate(req, stats)
+        finish = "length"
+        try:
+            async for ids in gen:
+                delta = stop.push(text.push(ids))
+                if delta:
+                    yield "text", delta
+                if stop.hit:
+                    finish = "stop"
+                    break
+            else:
+                tail = stop.push(text.flush())
+                if stop.hit:
+                    finish = "stop"
+                tail += stop.flush() if not stop.hit else ""
+                if tail:
+                    yield "text", tail
+                if not stop.hit and stats.tokens < req.max_tokens:
+                    finish = "stop"  # EOS
+        finally:
+            await gen.aclose()
+        yield "finish", finish
+
+    async def _sse(self, rid, created, model, chat, first, events, stats, req,
+                   include_usage) -> AsyncIterator[str]:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(text: str | None, finish: str | None, role: bool = False) -> str:
+            if chat:
+                delta: dict[str, Any] = {"role": "assistant"} if role else {}
+                if text:
+                    delta["content"] = text
+                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": text or "", "finish_reason": finish,
+                          "logprobs": None}
+            payload = {"id": rid, "object": obj, "created": created, "model": model,
+                       "choices": [choice]}
+            if include_usage:
+                payload["usage"] = None
+            return f"data: {json.dumps(payload)}\n\n"
+
+        if chat:
+            yield chunk(None, None, role=True)
+        try:
+            ev = first
+            while ev is not None:
+                kind, value = ev
+                yield chunk(value, None) if kind == "text" else chunk(None, value)
+                ev = await anext(events, None)
+        except HilmError as e:  # after the first token: tokens sent stay sent; say why it ended
+            err = {"error": {"message": str(e), "type": _ERROR_TYPES.get(e.http_status,
+                                                                         "InternalServerError"),
+                             "param": None, "code": e.http_status}}
+            yield f"data: {json.dumps(err)}\n\n"
+        if include_usage:
+            payload = {"id": rid, "object": obj, "created": created, "model": model,
+                       "choices": [], "usage": self._usage(req, stats)}
+            yield f"data: {json.dumps(payload)}\n\n"
+        yield "data: [DONE]\n\n"
+
+
+def build_app(api: RouterAPI) -> FastAPI:
+    app = FastAPI(title="hilm-vllm router", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError):
+        # OpenAI answers 400 (not FastAPI's 422) with a readable message.
+        parts = []
+        for err in exc.errors():
+            loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+            parts.append(f"{loc or 'body'}: {err.get('msg')}")
+        return error_body(400, "; ".join(parts) or "invalid request body")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        return await api.run(body, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest):
+        return await api.run(body, chat=True)
+
+    @app.get("/v1/models")
+    async def models():
+        created = int(time.time())
+        ids = [api.name] + [p.value for p in Policy]
+        return {"object": "list", "data": [
+            {"id": i, "object": "model", "created": created, "owned_by": "hilm-vllm",
+             "root": api.name} for i in ids]}
+
+    @app.get("/health")
+    async def health():
+        r = api.router
+        tiers = {"llm": r.llm.available, "ilm": None if r.ilm is None else r.ilm.available,
+                 "slm": None if r.slm is None else r.slm.available}
+        return {"status": "ok", "tiers": tiers}
+
+    return app

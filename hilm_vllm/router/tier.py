@@ -1,0 +1,133 @@
+"""`hilm-serve --tier router`: the policy loop, its OpenAI-compatible HTTP API and gRPC
+`Generate`. The router runs no model; `--model` names the family's tokenizer and chat template.
+
+    hilm-serve --tier router --model zoo:demo/llm --slm H:P --ilm H:P --llm H:P \\
+        --policy hilm --thresholds engine_configs/thresholds-demo.yaml --block-size 4 \\
+        --latency hilm --port 8000
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from hilm_vllm.netmodel import PRESETS, network_model
+from hilm_vllm.router.engine import RouterConfig
+from hilm_vllm.router.policy import Policy, Thresholds
+from hilm_vllm.uncertainty import UncertaintyConfig
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("router")
+    g.add_argument("--model", required=True,
+                   help="the model family's tokenizer and chat template (a Hugging Face model "
+                        "directory or name, or zoo:<recipe>/<tier>)")
+    g.add_argument("--served-model-name", default=None,
+                   help="the `model` name clients use for the default policy (default: --model)")
+    g.add_argument("--llm", required=True, metavar="HOST:PORT", help="the LLM tier (gRPC)")
+    g.add_argument("--ilm", metavar="HOST:PORT", help="the ILM tier (needed by hilm, cascade)")
+    g.add_argument("--slm", metavar="HOST:PORT",
+                   help="the drafter tier (needed by every policy but llm-only)")
+    g.add_argument("--policy", default=Policy.HILM.value, choices=[p.value for p in Policy],
+                   help="default policy of requests that name none (default: %(default)s)")
+    g.add_argument("--thresholds", type=Path, default=None,
+                   help="calibration YAML written by `hilm calibrate` (t1, t2, t_ilm and the "
+                        "uncertainty gate they were fitted with)")
+    g.add_argument("--t1", type=float, help="override: u <= t1 is kept on the device")
+    g.add_argument("--t2", type=float, help="override: t1 < u <= t2 goes to the ILM, above to "
+                                            "the LLM")
+    g.add_argument("--t-ilm", type=float, help="override: the ILM forwards its tokens with "
+                                               "u > t_ilm to the LLM")
+    g.add_argument("--block-size", "-k", type=int, default=4,
+                   help="tokens drafted per round (hlm always uses 1) (default: %(default)s)")
+    g.add_argument("--skip-rate", type=float, default=0.5,
+                   help="`rand`: probability of keeping a token unverified (default: %(default)s)")
+    g.add_argument("--latency", default="none", choices=sorted(PRESETS),
+                   help="network latency preset; hilm = device-edge 10 ms, device-cloud 60 ms, "
+                        "edge-cloud 50 ms (default: %(default)s)")
+    g.add_argument("--bandwidth", type=float, default=None, metavar="HZ",
+                   help="channel bandwidth W; the rate is W log2(1 + SNR) (default: unlimited)")
+    g.add_argument("--snr-db", type=float, default=20.0, help="channel SNR (default: %(default)s)")
+    g.add_argument("--grpc-port", type=int, default=0,
+                   help="gRPC Generate port; 0 picks a free one (default: %(default)s)")
+    g.add_argument("--rpc-timeout-s", type=float, default=60.0,
+                   help="deadline of one call to a tier (default: %(default)s)")
+
+
+def thresholds_from_args(args: argparse.Namespace) -> tuple[Thresholds, UncertaintyConfig | None]:
+    t1 = t2 = t_ilm = 0.0
+    uncertainty = None
+    if args.thresholds is not None:
+        import yaml
+
+        if not args.thresholds.is_file():
+            raise SystemExit(f"error: --thresholds {args.thresholds}: no such file; run "
+                             f"`hilm calibrate` to write it")
+        data = yaml.safe_load(args.thresholds.read_text()) or {}
+        try:
+            t1, t2, t_ilm = float(data["t1"]), float(data["t2"]), float(data["t_ilm"])
+        except (KeyError, TypeError, ValueError):
+            raise SystemExit(f"error: --thresholds {args.thresholds}: expected numbers t1, t2, "
+                             f"t_ilm (as `hilm calibrate` writes)") from None
+        if u := data.get("uncertainty"):
+            # The thresholds only mean something with the gate they were fitted with.
+            uncertainty = UncertaintyConfig(u.get("gate", "perturbed"), int(u.get("num_samples", 20)),
+                                            float(u.get("theta_max", 2.0)),
+                                            u.get("perturbation", "uniform"))
+    t1 = args.t1 if args.t1 is not None else t1
+    t2 = args.t2 if args.t2 is not None else t2
+    t_ilm = args.t_ilm if args.t_ilm is not None else t_ilm
+    try:
+        return Thresholds(t1, t2, t_ilm), uncertainty
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def config_from_args(args: argparse.Namespace) -> RouterConfig:
+    thresholds, uncertainty = thresholds_from_args(args)
+    try:
+        return RouterConfig(
+            llm=args.llm, ilm=args.ilm, slm=args.slm, policy=Policy(args.policy),
+            thresholds=thresholds, block_size=args.block_size, skip_rate=args.skip_rate,
+            uncertainty=uncertainty,
+            network=network_model(args.latency, args.bandwidth, args.snr_db),
+            rpc_timeout_s=args.rpc_timeout_s)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def load_tokenizer(model: str):
+    from transformers import AutoTokenizer
+
+    from hilm_vllm.serve import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model(model))
+
+
+def install(grpc_server, runtime, args: argparse.Namespace | None = None) -> list[str]:
+    import logging
+
+    from hilm_vllm.proto.hilm.v1 import generate_pb2_grpc
+    from hilm_vllm.router.engine import Router
+    from hilm_vllm.router.openai_api import RouterAPI, build_app
+    from hilm_vllm.router.service import SERVICE_NAME, RouterGenerator
+
+    cfg = config_from_args(args)
+    router = Router(cfg)
+    tokenizer = load_tokenizer(args.model)
+    api = RouterAPI(router, tokenizer, args.served_model_name or args.model)
+    runtime.http_app = build_app(api)
+    runtime.router = router
+    generate_pb2_grpc.add_GeneratorServicer_to_server(RouterGenerator(api), grpc_server)
+    th = cfg.thresholds
+    logging.getLogger("hilm.router").info(
+        "router: policy=%s k=%d t1=%.4g t2=%.4g t_ilm=%.4g network=%s llm=%s ilm=%s slm=%s",
+        cfg.policy.value, cfg.block_size, th.t1, th.t2, th.t_ilm, cfg.network.describe(),
+        cfg.llm, cfg.ilm, cfg.slm)
+    return [SERVICE_NAME]
+
+
+async def on_shutdown(runtime) -> None:
+    router = getattr(runtime, "router", None)
+    if router is not None:
+        await router.close()

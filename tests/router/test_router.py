@@ -1,0 +1,311 @@
+"""The router end to end: real llm, ilm and slm tiers (tiny zoo), a real router process, the
+official `openai` client over HTTP and gRPC `Generate`, all on loopback with ports picked by the
+OS."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import urllib.request
+
+import grpc
+import numpy as np
+import openai
+import pytest
+from scipy import stats
+
+from hilm_vllm.launch import TierProcess
+from hilm_vllm.proto.hilm.v1 import common_pb2, generate_pb2, generate_pb2_grpc
+from hilm_vllm.sampling import SamplingSpec
+from tests.verifier.helpers import ENGINE_FLAGS, next_probs
+
+PROMPT = "def read_config(path):\n    "
+ALL_POLICIES = ["llm-only", "hlm", "spec", "uhlm", "hilm", "cascade", "rand"]
+LOSSLESS = ["llm-only", "hlm", "spec", "cascade"]
+
+
+@contextlib.contextmanager
+def tier(name: str, model_dir):
+    proc = TierProcess.start(name, ["--model", str(model_dir), *ENGINE_FLAGS])
+    try:
+        proc.wait_healthy()
+        yield proc
+    finally:
+        proc.stop()
+
+
+@contextlib.contextmanager
+def router(zoo, llm, slm=None, ilm=None, *flags: str):
+    args = ["--model", str(zoo.llm), "--llm", llm.grpc_address, "--port", "0",
+            "--metrics-port", "0", *flags]
+    if slm is not None:
+        args += ["--slm", slm.grpc_address]
+    if ilm is not None:
+        args += ["--ilm", ilm.grpc_address]
+    proc = TierProcess.start("router", args)
+    try:
+        proc.wait_healthy(120)
+        yield proc
+    finally:
+        assert proc.stop() == 0, proc.tail()
+
+
+@pytest.fixture(scope="module")
+def tiers(tiny_zoo):
+    with tier("llm", tiny_zoo.llm) as llm, tier("ilm", tiny_zoo.ilm) as ilm, \
+            tier("slm", tiny_zoo.slm) as slm:
+        yield llm, ilm, slm
+
+
+@pytest.fixture(scope="module")
+def served(tiny_zoo, tiers):
+    llm, ilm, slm = tiers
+    with router(tiny_zoo, llm, slm, ilm, "--policy", "hilm", "--t1", "0.3", "--t2", "0.8",
+                "--t-ilm", "0.6", "--block-size", "3") as r:
+        yield r
+
+
+def client(r) -> openai.OpenAI:
+    return openai.OpenAI(base_url=r.http_url + "/v1", api_key="unused", max_retries=0)
+
+
+def hilm_usage(usage) -> dict:
+    return usage.model_extra["hilm"]
+
+
+@pytest.mark.parametrize("policy", ALL_POLICIES)
+def test_every_policy_over_http_streaming_and_not(served, policy):
+    c = client(served)
+    out = c.completions.create(model=policy, prompt=PROMPT, max_tokens=20, temperature=1.0,
+                               seed=11, extra_body={"ignore_eos": True})
+    u = out.usage
+    assert u.completion_tokens == 20 and out.choices[0].finish_reason == "length"
+    assert out.choices[0].text
+    h = hilm_usage(u)
+    assert h["policy"] == policy and h["degraded"] == []
+    if policy == "llm-only":
+        assert h["llm_forwards"] == 20 and h["messages"]["slm"] == 0
+    else:
+        # every generated token was skipped, accepted, or emitted by a verifier
+        assert h["rounds"] >= 1 and h["messages"]["slm"] >= h["rounds"]
+        emitted = h["skips"] + h["llm_accepted"] + h["llm_messages"]
+        if policy in ("hilm", "cascade"):
+            emitted += h["ilm_accepted"] + h["ilm_messages"]
+        assert emitted >= 20
+    if policy in ("hlm", "spec", "cascade"):
+        assert h["skips"] == 0 and h["llm_messages"] >= 1
+    if policy == "cascade":
+        assert h["ilm_messages"] == h["llm_messages"] >= 1
+
+    chunks = list(c.completions.create(model=policy, prompt=PROMPT, max_tokens=20,
+                                       temperature=1.0, seed=11, stream=True,
+                                       stream_options={"include_usage": True},
+                                       extra_body={"ignore_eos": True}))
+    text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+    assert chunks[-1].usage.completion_tokens == 20
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    # same seed, same tokens: streaming changes nothing but the delivery
+    assert text == out.choices[0].text
+
+
+def test_chat_completions_use_the_chat_template(served):
+    c = client(served)
+    msgs = [{"role": "user", "content": "Write a loop."}]
+    out = c.chat.completions.create(model="spec", messages=msgs, max_tokens=8, seed=1)
+    assert out.choices[0].message.role == "assistant"
+    assert out.usage.prompt_tokens > len("Write a loop.") // 4  # the template's tokens count
+    chunks = list(c.chat.completions.create(model="spec", messages=msgs, max_tokens=8, seed=1,
+                                            stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == \
+        out.choices[0].message.content
+    models = {m.id for m in c.models.list()}
+    assert set(ALL_POLICIES) <= models
+
+
+async def _generate(address: str, prompt: list[int], spec: SamplingSpec, max_tokens: int,
+                    policy: str, ignore_eos: bool = True) -> list[int]:
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = generate_pb2_grpc.GeneratorStub(ch)
+        sampling = common_pb2.SamplingParams(temperature=spec.temperature, top_k=spec.top_k,
+                                             top_p=spec.top_p)
+        if spec.seed is not None:
+            sampling.seed = spec.seed
+        ids = []
+        async for r in stub.Generate(generate_pb2.GenerateRequest(
+                prompt=common_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=prompt)),
+                sampling=sampling, max_tokens=max_tokens, ignore_eos=ignore_eos,
+                policy=policy)):
+            ids += r.token_ids
+        return ids
+
+
+def _prompts(zoo, n: int) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(zoo.llm))
+    return [tok.encode(p["prompt"])[-40:] for p in zoo.heldout_prompts(n)]
+
+
+def test_lossless_policies_are_token_identical_to_llm_only_at_t0(served, tiny_zoo):
+    prompts = _prompts(tiny_zoo, 3)
+    greedy = SamplingSpec(temperature=0.0)
+
+    async def run():
+        out = {}
+        for policy in LOSSLESS:
+            out[policy] = [await _generate(served.grpc_address, p, greedy, 32, policy)
+                           for p in prompts]
+        return out
+
+    out = asyncio.run(run())
+    for policy in LOSSLESS[1:]:
+        assert out[policy] == out["llm-only"], policy
+    assert all(len(x) == 32 for x in out["llm-only"])
+
+
+N_SEEDS = 400
+
+
+def test_lossless_policies_follow_the_llm_distribution_at_t1(served, tiny_zoo):
+    """The first token of N seeded requests per policy against the LLM's p (transformers):
+    chi-square, p > 1e-3. top_k = 8 keeps the expected counts large."""
+    prompt = _prompts(tiny_zoo, 1)[0]
+    spec = SamplingSpec(temperature=1.0, top_k=8)
+    p = next_probs(tiny_zoo.llm, prompt, spec).numpy().astype(np.float64)
+    support = np.nonzero(p)[0]
+
+    async def first_tokens(policy: str) -> list[int]:
+        sem = asyncio.Semaphore(8)
+
+        async def one(seed: int) -> int:
+            async with sem:
+                ids = await _generate(served.grpc_address, prompt,
+                                      SamplingSpec(1.0, 8, 1.0, 1000 + seed), 1, policy)
+                return ids[0]
+
+        return await asyncio.gather(*(one(s) for s in range(N_SEEDS)))
+
+    for policy in LOSSLESS:
+        tokens = asyncio.run(first_tokens(policy))
+        assert set(tokens) <= set(support.tolist()), policy
+        observed = np.array([tokens.count(int(t)) for t in support])
+        pvalue = stats.chisquare(observed, p[support] * N_SEEDS).pvalue
+        assert pvalue > 1e-3, (policy, observed, p[support] * N_SEEDS)
+
+
+def test_thresholds_steer_the_routing(served):
+    c = client(served)
+
+    def usage(thresholds: dict, policy: str = "hilm") -> dict:
+        out = c.completions.create(model=policy, prompt=PROMPT, max_tokens=24, seed=5,
+                                   extra_body={"ignore_eos": True, "thresholds": thresholds})
+        return hilm_usage(out.usage)
+
+    # T1 = 0: only a token whose K perturbed samples all agree (u = 0) could stay; the tiny
+    # models are far too unsure for that at T = 1.
+    none_kept = usage({"t1": 0.0, "t2": 1.0, "t_ilm": 1.0})
+    assert none_kept["skips"] == 0 and none_kept["ilm_messages"] >= 1
+    all_kept = usage({"t1": 1.0, "t2": 1.0})
+    assert all_kept["skips"] == 24 and all_kept["ilm_messages"] == all_kept["llm_messages"] == 0
+    to_llm = usage({"t1": -1.0, "t2": -1.0})
+    assert to_llm["ilm_messages"] == 0 and to_llm["llm_messages"] >= 1
+    forwarded = usage({"t1": -1.0, "t2": 2.0, "t_ilm": -1.0})  # the ILM forwards everything
+    assert forwarded["ilm_forwarded"] >= forwarded["ilm_messages"] >= 1
+    assert forwarded["llm_messages"] == forwarded["ilm_messages"]
+
+
+def test_rand_skips_at_its_target_rate(served):
+    c = client(served)
+    rate, skips, rounds = 0.3, 0, 0
+    for seed in range(6):
+        out = c.completions.create(model="rand", prompt=PROMPT, max_tokens=60, seed=seed,
+                                   extra_body={"ignore_eos": True, "skip_rate": rate,
+                                               "block_size": 1})
+        h = hilm_usage(out.usage)
+        skips, rounds = skips + h["skips"], rounds + h["rounds"]
+    # block size 1: one routing decision per round
+    assert abs(skips / rounds - rate) < 4 * math.sqrt(rate * (1 - rate) / rounds), (skips, rounds)
+
+
+def test_killing_the_ilm_mid_request_completes_through_the_llm(tiny_zoo, tiers):
+    llm, _, slm = tiers
+    with tier("ilm", tiny_zoo.ilm) as ilm, \
+            router(tiny_zoo, llm, slm, ilm, "--policy", "hilm", "--t1", "-1", "--t2", "2",
+                   "--t-ilm", "2") as r:
+        stream = client(r).completions.create(
+            model="hilm", prompt=PROMPT, max_tokens=80, seed=3, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        engine = ilm.descendants()
+        chunks = []
+        for ch in stream:
+            chunks.append(ch)
+            if len(chunks) == 3:
+                ilm.proc.kill()  # no goodbye: the connection just drops
+        for child in engine:
+            with contextlib.suppress(Exception):
+                child.kill()
+    usage = chunks[-1].usage
+    assert usage.completion_tokens == 80
+    h = hilm_usage(usage)
+    assert "ilm-unreachable" in h["degraded"]
+    assert h["ilm_messages"] >= 1 and h["llm_messages"] >= 1
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"model": "hilm", "max_tokens": 4}, 400, "prompt"),
+    ({"model": "hilm", "prompt": "x", "max_tokens": -3}, 400, "max_tokens"),
+    ({"model": "hilm", "prompt": "x", "policy": "fastest"}, 400, "unknown policy"),
+    ({"model": "gpt-9", "prompt": "x"}, 404, "does not exist"),
+    ({"model": "hilm", "prompt": "x", "temperature": -1}, 400, "temperature"),
+    ({"model": "hilm", "prompt": [1, 2, 10 ** 6]}, 400, "vocabulary"),
+    ({"model": "hilm", "prompt": "x" * 4000, "max_tokens": 4}, 400, "max-model-len"),
+    ({"model": "hilm", "prompt": "x", "n": 2}, 400, "n must be 1"),
+    ({"model": "hilm", "prompt": "x", "frobnicate": 1}, 400, "frobnicate"),
+])
+def test_bad_requests_get_openai_errors_and_the_router_keeps_serving(served, body, status,
+                                                                     words):
+    code, err = _post(served.http_url + "/v1/completions", body)
+    assert code == status, err
+    assert set(err["error"]) >= {"message", "type", "code"} and err["error"]["code"] == status
+    assert words in err["error"]["message"], err
+    out = client(served).completions.create(model="spec", prompt=PROMPT, max_tokens=4)
+    assert out.usage.completion_tokens >= 1
+
+
+def test_chat_with_no_messages_and_grpc_bad_input(served):
+    code, err = _post(served.http_url + "/v1/chat/completions", {"model": "hilm", "messages": []})
+    assert code == 400 and "messages" in err["error"]["message"]
+
+    async def bad():
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            async with grpc.aio.insecure_channel(served.grpc_address) as ch:
+                stub = generate_pb2_grpc.GeneratorStub(ch)
+                async for _ in stub.Generate(generate_pb2.GenerateRequest(max_tokens=3)):
+                    pass
+        return e.value
+
+    e = asyncio.run(bad())
+    assert e.code() is grpc.StatusCode.INVALID_ARGUMENT and "prompt" in e.details()
+
+
+def test_metrics_count_routes_and_hops(served):
+    client(served).completions.create(model="hilm", prompt=PROMPT, max_tokens=8)
+    with urllib.request.urlopen(served.metrics_url, timeout=10) as resp:
+        text = resp.read().decode()
+    for name in ("hilm_router_route_decisions_total", "hilm_router_rtt_seconds_bucket",
+                 "hilm_router_uplink_bytes_total", "hilm_router_transmission_rate_bucket",
+                 "hilm_router_accepted_drafts_total", "hilm_router_requests_total"):
+        assert name in text, name
+    assert 'hilm_router_requests_total{outcome="ok",policy="hilm"}' in text
