@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -16,9 +18,17 @@ def tiny_zoo():
 
 @pytest.fixture(scope="session")
 def demo_zoo():
-    from hilm_vllm.zoo import ensure_zoo
+    """The demo family, built first if missing — in a child process: vLLM engines run in this
+    process by other tests bind its OpenMP threads and disable `torch.set_num_threads`, which
+    would train on one core."""
+    from hilm_vllm.zoo import find_zoo
 
-    return ensure_zoo("demo")
+    if find_zoo("demo") is None:
+        subprocess.run([sys.executable, "-m", "hilm_vllm.cli", "zoo", "build", "--recipe", "demo"],
+                       check=True)
+    zoo = find_zoo("demo")
+    assert zoo is not None, "`hilm zoo build --recipe demo` finished without a manifest"
+    return zoo
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ import pytest
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # ~15 min to build on 2 idle cores, more on a busy machine
 def test_demo_ladder_holds(demo_zoo):
     m = demo_zoo.manifest
     loss, acc = m["heldout_loss"], m["acceptance"]
