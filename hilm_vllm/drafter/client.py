@@ -15,15 +15,10 @@ import grpc
 import numpy as np
 
 from hilm_vllm.drafter.core import DraftedToken, DraftResult
-from hilm_vllm.proto.hilm.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc
+from hilm_vllm.proto.hilm.v1 import drafter_pb2, drafter_pb2_grpc
 from hilm_vllm.sampling import SamplingSpec
-from hilm_vllm.sessions import CLIENT_METADATA_KEY
-from hilm_vllm.uncertainty import Gate, Perturbation, UncertaintyConfig
-
-_GATES = {Gate.PERTURBED: common_pb2.PERTURBED_TEMPERATURE, Gate.ENTROPY: common_pb2.ENTROPY,
-          Gate.VAR_ENTROPY: common_pb2.VAR_ENTROPY, Gate.MAX_PROB: common_pb2.MAX_PROB}
-_PERTURBATIONS = {Perturbation.UNIFORM: common_pb2.UNIFORM, Perturbation.GRID: common_pb2.GRID}
-
+from hilm_vllm.server.client import TierClient, prompt_pb, sampling_pb, uncertainty_pb
+from hilm_vllm.uncertainty import UncertaintyConfig
 
 @dataclass(frozen=True)
 class OpenedDraftSession:
@@ -34,20 +29,6 @@ class OpenedDraftSession:
     vocab_size: int
 
 
-def sampling_pb(spec: SamplingSpec) -> common_pb2.SamplingParams:
-    pb = common_pb2.SamplingParams(temperature=spec.temperature, top_k=spec.top_k,
-                                   top_p=spec.top_p)
-    if spec.seed is not None:
-        pb.seed = spec.seed
-    return pb
-
-
-def uncertainty_pb(cfg: UncertaintyConfig) -> common_pb2.UncertaintyConfig:
-    return common_pb2.UncertaintyConfig(gate=_GATES[cfg.gate], num_samples=cfg.num_samples,
-                                        theta_max=cfg.theta_max,
-                                        perturbation=_PERTURBATIONS[cfg.perturbation])
-
-
 def draft_result(r: drafter_pb2.DraftResponse) -> DraftResult:
     tokens = [DraftedToken(t.token_id, t.uncertainty, np.asarray(t.dist.token_ids, np.int32),
                            np.asarray(t.dist.probs, np.float32)) for t in r.tokens]
@@ -56,30 +37,14 @@ def draft_result(r: drafter_pb2.DraftResponse) -> DraftResult:
 
 
 @dataclass
-class DrafterClient:
-    address: str
-    client_id: str = ""
-
-    def __post_init__(self):
-        self.channel = grpc.aio.insecure_channel(self.address)
-        self._stub = drafter_pb2_grpc.DrafterStub(self.channel)
-        self._metadata = ((CLIENT_METADATA_KEY, self.client_id),) if self.client_id else ()
-
-    async def __aenter__(self) -> DrafterClient:
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        await self.channel.close()
+class DrafterClient(TierClient):
+    def _init_stubs(self, channel: grpc.aio.Channel) -> None:
+        self._stub = drafter_pb2_grpc.DrafterStub(channel)
 
     async def open_session(self, prompt: Sequence[int] | str, spec: SamplingSpec,
                            uncertainty: UncertaintyConfig | None = None,
                            max_tokens: int = 0) -> OpenedDraftSession:
-        prompt_pb = (common_pb2.Prompt(text=prompt) if isinstance(prompt, str) else
-                     common_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=list(prompt))))
-        request = drafter_pb2.OpenDrafterSessionRequest(prompt=prompt_pb,
+        request = drafter_pb2.OpenDrafterSessionRequest(prompt=prompt_pb(prompt),
                                                         sampling=sampling_pb(spec),
                                                         max_tokens=max_tokens)
         if uncertainty is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from hilm_vllm.drafter.core import DrafterSettings
-from hilm_vllm.uncertainty import Gate, Perturbation, UncertaintyConfig
+from hilm_vllm.server.flags import add_uncertainty_args, uncertainty_from_args
 
 PINNED_VLLM = "0.32.0"
 
@@ -23,7 +23,7 @@ ENGINE_DEFAULTS = {
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
-    d, u = DrafterSettings(), UncertaintyConfig()
+    d = DrafterSettings()
     g = parser.add_argument_group("drafter (tier slm)")
     g.add_argument("--max-sessions", type=int, default=d.max_sessions,
                    help="open sessions at most (default: %(default)s)")
@@ -35,25 +35,16 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                    help="draft with min(request top_k, this): bounds the size of the returned "
                         "distributions for large vocabularies; q stays exactly what was "
                         "sampled, so verification stays exact. 0 = off (default: %(default)s)")
-    g.add_argument("--uncertainty-gate", choices=[x.value for x in Gate], default=u.gate.value,
-                   help="default gate of sessions that do not pick one (default: %(default)s)")
-    g.add_argument("--uncertainty-samples", type=int, default=u.num_samples,
-                   help="K, perturbed samples per token (default: %(default)s)")
-    g.add_argument("--theta-max", type=float, default=u.theta_max,
-                   help="largest perturbation temperature (default: %(default)s)")
-    g.add_argument("--perturbation", choices=[x.value for x in Perturbation],
-                   default=u.perturbation.value,
-                   help="uniform: theta ~ U(0, theta_max] per token (U-HLM); grid: theta_max*k/K "
-                        "(HiLM without theta = 0) (default: %(default)s)")
+    add_uncertainty_args(g, d.uncertainty, "default gate of sessions that do not pick one")
 
 
 def settings_from_args(args: argparse.Namespace) -> DrafterSettings:
+    d = DrafterSettings()
     try:
         return DrafterSettings(
             max_sessions=args.max_sessions, session_ttl_s=args.session_ttl_s,
             max_draft_tokens=args.max_draft_tokens, draft_top_k=args.draft_top_k,
-            uncertainty=UncertaintyConfig(Gate(args.uncertainty_gate), args.uncertainty_samples,
-                                          args.theta_max, Perturbation(args.perturbation)))
+            uncertainty=uncertainty_from_args(args, d.uncertainty))
     except ValueError as e:
         raise SystemExit(f"error: hilm-serve --tier slm: {e}") from e
 

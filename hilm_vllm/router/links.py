@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from hilm_vllm.drafter.client import draft_result, sampling_pb, uncertainty_pb
+from hilm_vllm.drafter.client import draft_result
 from hilm_vllm.drafter.core import DraftResult
 from hilm_vllm.netmodel import NetworkModel, Site
 from hilm_vllm.proto.hilm.v1 import (common_pb2, drafter_pb2, drafter_pb2_grpc, generate_pb2,
                                      generate_pb2_grpc, verifier_pb2, verifier_pb2_grpc)
 from hilm_vllm.router import metrics
 from hilm_vllm.sampling import SamplingSpec
+from hilm_vllm.server.client import sampling_pb, uncertainty_pb
 from hilm_vllm.sessions import CLIENT_METADATA_KEY
 from hilm_vllm.uncertainty import UncertaintyConfig
 

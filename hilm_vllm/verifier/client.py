@@ -18,26 +18,12 @@ import numpy as np
 from hilm_vllm.proto.hilm.v1 import (common_pb2, generate_pb2, generate_pb2_grpc, verifier_pb2,
                                      verifier_pb2_grpc)
 from hilm_vllm.sampling import SamplingSpec
-from hilm_vllm.sessions import CLIENT_METADATA_KEY
-from hilm_vllm.uncertainty import Gate, Perturbation, UncertaintyConfig
+from hilm_vllm.server.client import TierClient, prompt_pb, sampling_pb, uncertainty_pb
+from hilm_vllm.uncertainty import UncertaintyConfig
 from hilm_vllm.verifier.core import GenerateChunk, OpenedSession, Prompt
 from hilm_vllm.verifier.session import EmittedToken, Timings, VerifyReply
 
 Dist = tuple[Sequence[int], Sequence[float]]
-
-# Emitted distributions are sparse but, without top-k, up to the whole vocabulary per token
-# (~1 MB for 128k ids): gRPC's default 4 MB receive limit would cut long blocks off.
-MAX_RECEIVE_BYTES = 256 << 20
-
-_GATES = {Gate.PERTURBED: common_pb2.PERTURBED_TEMPERATURE, Gate.ENTROPY: common_pb2.ENTROPY,
-          Gate.VAR_ENTROPY: common_pb2.VAR_ENTROPY, Gate.MAX_PROB: common_pb2.MAX_PROB}
-_PERTURBATIONS = {Perturbation.UNIFORM: common_pb2.UNIFORM, Perturbation.GRID: common_pb2.GRID}
-
-
-def uncertainty_pb(cfg: UncertaintyConfig) -> common_pb2.UncertaintyConfig:
-    return common_pb2.UncertaintyConfig(gate=_GATES[cfg.gate], num_samples=cfg.num_samples,
-                                        theta_max=cfg.theta_max,
-                                        perturbation=_PERTURBATIONS[cfg.perturbation])
 
 
 def emitted_from(pb) -> tuple[EmittedToken, ...]:
@@ -45,40 +31,11 @@ def emitted_from(pb) -> tuple[EmittedToken, ...]:
                               np.asarray(e.dist.probs, np.float32)) for e in pb)
 
 
-def sampling_pb(spec: SamplingSpec) -> common_pb2.SamplingParams:
-    pb = common_pb2.SamplingParams(temperature=spec.temperature, top_k=spec.top_k,
-                                   top_p=spec.top_p)
-    if spec.seed is not None:
-        pb.seed = spec.seed
-    return pb
-
-
-def prompt_pb(prompt: Prompt) -> common_pb2.Prompt:
-    if isinstance(prompt, str):
-        return common_pb2.Prompt(text=prompt)
-    return common_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=list(prompt)))
-
-
 @dataclass
-class VerifierClient:
-    address: str
-    client_id: str = ""
-
-    def __post_init__(self):
-        self.channel = grpc.aio.insecure_channel(
-            self.address, options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)])
-        self._verifier = verifier_pb2_grpc.VerifierStub(self.channel)
-        self._generator = generate_pb2_grpc.GeneratorStub(self.channel)
-        self._metadata = ((CLIENT_METADATA_KEY, self.client_id),) if self.client_id else ()
-
-    async def __aenter__(self) -> VerifierClient:
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        await self.channel.close()
+class VerifierClient(TierClient):
+    def _init_stubs(self, channel: grpc.aio.Channel) -> None:
+        self._verifier = verifier_pb2_grpc.VerifierStub(channel)
+        self._generator = generate_pb2_grpc.GeneratorStub(channel)
 
     async def open_session(self, prompt: Prompt, spec: SamplingSpec,
                            max_tokens: int = 0) -> OpenedSession:

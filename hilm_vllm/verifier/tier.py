@@ -9,7 +9,7 @@ import weakref
 import grpc
 
 from hilm_vllm.errors import Unavailable
-from hilm_vllm.uncertainty import Gate, Perturbation, UncertaintyConfig
+from hilm_vllm.server.flags import add_uncertainty_args, uncertainty_from_args
 from hilm_vllm.verifier.core import Verifier, VerifierSettings
 from hilm_vllm.verifier.service import add_services
 
@@ -46,17 +46,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                        help="draft tokens per Verify at most (default: %(default)s)")
     # The verifier's own uncertainty of the tokens it emits (VerifyRequest.return_emitted), with
     # the drafter's gates; a request's UncertaintyConfig overrides what it sets.
-    u = d.uncertainty
-    group.add_argument("--uncertainty-gate", choices=[x.value for x in Gate], default=u.gate.value,
-                       help="default gate of emitted tokens' uncertainty (default: %(default)s)")
-    group.add_argument("--uncertainty-samples", type=int, default=u.num_samples,
-                       help="K, perturbed samples per token (default: %(default)s)")
-    group.add_argument("--theta-max", type=float, default=u.theta_max,
-                       help="largest perturbation temperature (default: %(default)s)")
-    group.add_argument("--perturbation", choices=[x.value for x in Perturbation],
-                       default=u.perturbation.value,
-                       help="uniform: theta ~ U(0, theta_max] per token (U-HLM); grid: "
-                            "theta_max*k/K (HiLM without theta = 0) (default: %(default)s)")
+    add_uncertainty_args(group, d.uncertainty, "default gate of emitted tokens' uncertainty")
 
 
 def settings_from_args(args: argparse.Namespace | None) -> VerifierSettings:
@@ -65,13 +55,8 @@ def settings_from_args(args: argparse.Namespace | None) -> VerifierSettings:
     if args.max_sessions < 1 or args.session_ttl_s <= 0 or args.max_block < 1:
         raise SystemExit("error: --max-sessions and --max-block must be >= 1 and "
                          "--session-ttl-s > 0")
-    d = VerifierSettings().uncertainty
     try:  # namespaces built without these flags (older callers) keep the defaults
-        uncertainty = UncertaintyConfig(
-            Gate(getattr(args, "uncertainty_gate", d.gate.value)),
-            getattr(args, "uncertainty_samples", d.num_samples),
-            getattr(args, "theta_max", d.theta_max),
-            Perturbation(getattr(args, "perturbation", d.perturbation.value)))
+        uncertainty = uncertainty_from_args(args, VerifierSettings().uncertainty)
     except ValueError as e:
         raise SystemExit(f"error: hilm-serve --tier llm|ilm: {e} (flags --uncertainty-samples, "
                          f"--theta-max)") from e
