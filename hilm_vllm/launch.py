@@ -20,6 +20,8 @@ import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from hilm_vllm.server import engine_env
+
 _LISTENING = re.compile(r"hilm-serve listening: tier=(\w+) grpc=([\w.:\[\]-]+):(\d+) "
                         r"metrics=http://([\w.:\[\]-]+):(\d+)/metrics"
                         r"(?: http=http://([\w.:\[\]-]+):(\d+))?")
@@ -37,15 +39,25 @@ class TierProcess:
     def __init__(self, proc: subprocess.Popen, tier: str):
         self.proc, self.tier = proc, tier
         self.log: collections.deque[str] = collections.deque(maxlen=400)
+        self.head: list[str] = []  # the first lines (start-up), kept for good
         self.grpc_port = self.metrics_port = self.http_port = 0
         self._listening = threading.Event()
         threading.Thread(target=self._pump, daemon=True).start()
 
     @classmethod
-    def start(cls, tier: str, args: list[str], env: dict[str, str] | None = None) -> TierProcess:
+    def start(cls, tier: str, args: list[str], env: dict[str, str] | None = None,
+              placement: str | None = None) -> TierProcess:
+        """Start `hilm-serve --tier TIER ARGS`. Engine tiers are placed on this machine's cores
+        as co-located tiers (`engine_env.placement`, layout `placement`, else $HILM_PLACEMENT,
+        else `spread`) unless the environment already sets VLLM_CPU_OMP_THREADS_BIND."""
         env = dict(os.environ if env is None else env)
         # AsyncLLM needs the engine core in its own process; a test may have turned that off.
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        if tier in engine_env.ENGINE_TIERS and "VLLM_CPU_OMP_THREADS_BIND" not in env:
+            layout = placement or env.get("HILM_PLACEMENT") or "spread"
+            binds = engine_env.placement(engine_env.ENGINE_TIERS, engine_env.available_cpus(),
+                                         layout)
+            env["VLLM_CPU_OMP_THREADS_BIND"] = binds[tier]
         cmd = [sys.executable, "-m", "hilm_vllm.serve", "--tier", tier, *args]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=env, start_new_session=True)
@@ -54,6 +66,8 @@ class TierProcess:
     def _pump(self) -> None:
         for line in self.proc.stdout:
             self.log.append(line.rstrip("\n"))
+            if len(self.head) < 1000:
+                self.head.append(line.rstrip("\n"))
             if m := _LISTENING.search(line):
                 self.grpc_port, self.metrics_port = int(m.group(3)), int(m.group(5))
                 self.http_port = int(m.group(7) or 0)  # the router's OpenAI API

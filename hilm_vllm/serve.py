@@ -74,6 +74,13 @@ def build_parser(tier: Tier | None):
     if tier is not None and tier.runs_engine:
         from vllm.engine.arg_utils import AsyncEngineArgs
 
+        parser.add_argument(
+            "--engine-busy-loop-ms", type=float, default=None,
+            help="how long vLLM's shared-memory queue readers spin after each message before "
+                 "they sleep (patches/shm_busy_loop.py; sets HILM_ENGINE_BUSY_LOOP_MS for the "
+                 "engine processes). Default: $HILM_ENGINE_BUSY_LOOP_MS, else 0 on CPU (engines "
+                 "that share cores must not spin) and vLLM's own 1000 on GPU")
+
         AsyncEngineArgs.add_cli_args(parser)
         # KV reuse across rounds comes from the prefix cache: on unless turned off explicitly.
         parser.set_defaults(enable_prefix_caching=True)
@@ -128,6 +135,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cfg = ServeConfig(tier=Tier(args.tier), host=args.host, port=args.port,
                       metrics_port=args.metrics_port)
+    from hilm_vllm.server import engine_env
+
+    try:  # before the engine exists: its processes inherit this environment
+        engine_env.prepare(args.engine_busy_loop_ms)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
     module = _tier_module(cfg.tier)
     installers = [] if module is None else [

@@ -55,11 +55,17 @@ class DrafterClient(TierClient):
 
     async def draft(self, session_id: str, position: int, max_tokens: int,
                     stop_uncertainty: float | None = None,
-                    timeout: float | None = None) -> DraftResult:
+                    timeout: float | None = None, rollback_to: int | None = None,
+                    append: Sequence[int] = ()) -> DraftResult:
+        """Draft after cutting the session to `rollback_to` and appending `append`;
+        `position` is where the session is after both."""
         request = drafter_pb2.DraftRequest(session_id=session_id, position=position,
-                                           max_tokens=max_tokens)
+                                           max_tokens=max_tokens,
+                                           append_token_ids=list(append))
         if stop_uncertainty is not None:
             request.stop_uncertainty = stop_uncertainty
+        if rollback_to is not None:
+            request.rollback_to = rollback_to
         r = await self._stub.Draft(request, metadata=self._metadata, timeout=timeout)
         return draft_result(r)
 

@@ -4,10 +4,14 @@ A session is the token history the router decided on plus the drafter's provisio
 Draft is one vLLM request whose prompt is the whole history (the prefix cache reuses its KV, so
 only the tail since the last full block is recomputed) and whose `max_tokens` is the block
 size. The uncertainty processor observes every drafted position in the same steps
-(`hilm_vllm.drafter.processor`); one `collective_rpc("hilm_pop_draft")` per Draft reads it back.
+(`hilm_vllm.drafter.processor`) and the worker's step hook pushes each finished position to this
+process (`DraftResults`): concurrent Drafts are batched by vLLM and nothing waits behind the
+engine core.
 
 Drafted tokens are appended to the session at once (the position advances by the drafted
-count); the router then `rollback`s to the accepted prefix and `append`s the verifier's tokens.
+count). A Draft may first cut the session back (`rollback_to`) and append tokens decided
+elsewhere (`append`): the router's correction and other tiers' tokens ride on the next Draft,
+so a round costs one device call. `rollback` and `append` remain separate RPCs for other clients.
 
 Seeds. A session seed (the client's, else a random one) derives a vLLM seed per Draft from
 (seed, position) and the perturbation noise per absolute position: rolling back and drafting
@@ -26,7 +30,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from hilm_vllm.drafter import metrics
-from hilm_vllm.drafter.processor import DRAFT_ARG, DraftOptions
+from hilm_vllm.drafter.processor import DRAFT_ARG, DraftOptions, readout_of
 from hilm_vllm.errors import FailedPrecondition, HilmError, InvalidArgument, Unavailable
 from hilm_vllm.sampling import SamplingSpec
 from hilm_vllm.sessions import Session, SessionLimits, SessionStore
@@ -35,7 +39,7 @@ from hilm_vllm.uncertainty import UncertaintyConfig, derive_seed
 logger = logging.getLogger("hilm.drafter")
 
 SAMPLER_STREAM = 0  # derive_seed stream of the per-Draft vLLM seed (1 is the processor's noise)
-POP_RPC = "hilm_pop_draft"
+READOUT_TIMEOUT_S = 10.0  # the worker pushes before the engine's output leaves it: ms, not s
 
 
 @dataclass(frozen=True)
@@ -124,13 +128,76 @@ def engine_timings(output) -> tuple[float, float]:
             (stats.last_token_ts - stats.scheduled_ts) * 1e3)
 
 
+class _Gather:
+    """The entries of one draft as they arrive; complete once the engine's token count is
+    known and every index below it has arrived (a forced stop counts)."""
+
+    def __init__(self):
+        self.entries: dict[int, tuple] = {}
+        self.need: int | None = None
+        self.ready = asyncio.Event()
+
+    def add(self, entry: tuple) -> None:
+        self.entries[int(entry[1])] = entry
+        self._check()
+
+    def _check(self) -> None:
+        if self.need is not None and all(i in self.entries for i in range(self.need)):
+            self.ready.set()
+
+    async def wait(self, n: int, timeout: float) -> dict:
+        self.need = n
+        self._check()
+        await asyncio.wait_for(self.ready.wait(), timeout)
+        return readout_of([self.entries[i] for i in range(n)])
+
+
+class DraftResults:
+    """API side of the drafter's push channel: entries by draft key, for the keys awaited."""
+
+    def __init__(self):
+        from hilm_vllm.server.push import PullChannel
+
+        self.channel = PullChannel(self._on_entries)
+        self._waiting: dict[str, _Gather] = {}
+
+    def expect(self, key: str) -> _Gather:
+        """Register before submitting the request: entries may arrive before its output."""
+        gather = self._waiting[key] = _Gather()
+        metrics.WAITING.set(len(self._waiting))
+        return gather
+
+    def forget(self, key: str) -> None:
+        self._waiting.pop(key, None)
+        metrics.WAITING.set(len(self._waiting))
+
+    def _on_entries(self, frame: list) -> None:
+        """One step of the worker: [records it holds, entries]."""
+        records, entries = frame
+        metrics.WORKER_RECORDS.set(int(records))
+        for key, index, token, u, ids, probs in entries:
+            if not (isinstance(key, str) and isinstance(ids, bytes) and isinstance(probs, bytes)
+                    and isinstance(index, int) and isinstance(token, int)):
+                raise ValueError("malformed draft entry")
+            if (gather := self._waiting.get(key)) is not None:
+                gather.add((key, index, token, float(u), ids, probs))
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
 class Drafter:
     def __init__(self, engine, info: ModelInfo, settings: DrafterSettings,
-                 store: SessionStore[DrafterSession] | None = None):
+                 store: SessionStore[DrafterSession] | None = None,
+                 results: DraftResults | None = None):
         self.engine, self.info, self.settings = engine, info, settings
         if store is None:
             store = SessionStore(SessionLimits(settings.max_sessions, settings.session_ttl_s))
         self.sessions = store
+        self.results = results  # the push channel (set by the tier once the engine is up)
 
     # ---- validation -------------------------------------------------------------------------
     def check_ids(self, ids: list[int], what: str) -> None:
@@ -179,22 +246,40 @@ class Drafter:
         return session
 
     async def draft(self, owner: str, sid: str, position: int, max_tokens: int,
-                    stop_uncertainty: float | None = None) -> DraftResult:
+                    stop_uncertainty: float | None = None, rollback_to: int | None = None,
+                    append: list[int] | tuple[int, ...] = ()) -> DraftResult:
+        """Draft up to `max_tokens` after first cutting the session back to `rollback_to` (if
+        given) and appending `append`; `position` is where the session must then be. The
+        session changes only if everything checks out (then it holds the drafts too)."""
         if not 1 <= max_tokens <= self.settings.max_draft_tokens:
             raise InvalidArgument(f"max_tokens must be in [1, {self.settings.max_draft_tokens}] "
                                   f"(--max-draft-tokens), got {max_tokens}")
         if stop_uncertainty is not None and math.isnan(stop_uncertainty):
             raise InvalidArgument("stop_uncertainty is NaN: send a bound in [0, 1] or leave it "
                                   "unset")
+        append = list(append)
+        self.check_ids(append, "appended")
         session = self.sessions.get(sid, owner)
         async with session.lock:
-            self.check_position(session, position)
             state = session.state
-            room = state.limit - len(state.tokens)
+            base = len(state.tokens) if rollback_to is None else rollback_to
+            self.check_rollback(session, base)
+            if base + len(append) != position:
+                raise FailedPrecondition(
+                    f"session {sid} would be at position {base + len(append)} after rollback_to="
+                    f"{rollback_to} and {len(append)} appended tokens, not {position}: resend "
+                    f"with position={base + len(append)}")
+            if base + len(append) > state.limit:
+                raise InvalidArgument(
+                    f"appending {len(append)} tokens at position {base} would exceed the "
+                    f"session's limit of {state.limit} (prompt + max_tokens, or max-model-len)")
+            room = state.limit - position
             if room <= 0:
                 raise InvalidArgument(
-                    f"session {sid} holds {len(state.tokens)} tokens, its limit (prompt + "
+                    f"session {sid} holds {position} tokens, its limit (prompt + "
                     f"max_tokens, or max-model-len): nothing is left to draft; close it")
+            del state.tokens[base:]
+            state.tokens += append
             t0 = time.perf_counter()
             result = await self._draft(session, min(max_tokens, room), stop_uncertainty)
             state.tokens += [t.token_id for t in result.tokens]
@@ -202,19 +287,23 @@ class Drafter:
             return replace(result, position=len(state.tokens),
                            total_ms=(time.perf_counter() - t0) * 1e3)
 
+    @staticmethod
+    def check_rollback(session: Session[DrafterSession], position: int) -> None:
+        held = len(session.state.tokens)
+        if position > held:
+            raise FailedPrecondition(
+                f"cannot roll session {session.id} forward: it is at position {held}, "
+                f"asked for {position}; use Append to add tokens")
+        if position < 1:
+            raise InvalidArgument(f"position must be >= 1 (a context needs a token), "
+                                  f"got {position}")
+
     async def rollback(self, owner: str, sid: str, position: int) -> int:
         session = self.sessions.get(sid, owner)
         async with session.lock:
-            tokens = session.state.tokens
-            if position > len(tokens):
-                raise FailedPrecondition(
-                    f"cannot roll session {sid} forward: it is at position {len(tokens)}, "
-                    f"asked for {position}; use Append to add tokens")
-            if position < 1:
-                raise InvalidArgument(f"position must be >= 1 (a context needs a token), "
-                                      f"got {position}")
-            del tokens[position:]
-            return len(tokens)
+            self.check_rollback(session, position)
+            del session.state.tokens[position:]
+            return position
 
     async def append(self, owner: str, sid: str, position: int, token_ids: list[int]) -> int:
         session = self.sessions.get(sid, owner)
@@ -260,29 +349,38 @@ class Drafter:
         state.drafts += 1
         key = f"{session.id}-{state.drafts}"
         params = self.sampling_params(session, key, n, stop_uncertainty)
+        if self.results is None:
+            raise Unavailable("the drafter's result channel is not up yet: retry when health "
+                              "reports SERVING")
+        gather = self.results.expect(key)
         try:
             final = None
             async for out in self.engine.generate(tokens_input(list(state.tokens)), params, key):
                 final = out
-            readout = (await self.engine.collective_rpc(POP_RPC, args=(key,)))[0]
-        except asyncio.CancelledError:
-            asyncio.ensure_future(self._discard(key))  # the client left: free the worker record
-            raise
+            tokens = list(final.outputs[0].token_ids)
+            try:
+                readout = await gather.wait(len(tokens), READOUT_TIMEOUT_S)
+            except TimeoutError:
+                raise HilmError(f"draft {key}: the engine returned {len(tokens)} tokens but the "
+                                f"uncertainty processor's results did not arrive within "
+                                f"{READOUT_TIMEOUT_S:g} s: is the drafter's worker hook "
+                                f"installed?") from None
         except (ValueError, VLLMClientError) as e:  # vLLM's request validation
-            asyncio.ensure_future(self._discard(key))
             raise InvalidArgument(f"the drafter's engine refused the draft: {e}") from e
+        except (HilmError, asyncio.CancelledError):
+            raise
         except Exception as e:  # the engine died or failed: not the client's fault
-            asyncio.ensure_future(self._discard(key))
             logger.exception("draft %s failed", key)
             raise Unavailable(f"the drafter's engine failed this draft ({type(e).__name__}: "
                               f"{e}); retry, or reopen the session if it persists") from e
+        finally:
+            # Nothing is left behind: this process forgets the key, and the worker drops its
+            # record when the request leaves the batch (finished or aborted by generate()).
+            self.results.forget(key)
         return self._result(final, readout, key)
 
     @staticmethod
-    def _result(final, readout: dict | None, key: str) -> DraftResult:
-        if readout is None:
-            raise HilmError(f"draft {key}: the uncertainty processor saw no token; is the "
-                            f"engine running with the drafter's logits processor?")
+    def _result(final, readout: dict, key: str) -> DraftResult:
         engine_tokens = list(final.outputs[0].token_ids)
         if engine_tokens[:len(readout["tokens"])] != readout["tokens"]:
             raise HilmError(f"draft {key}: processor and engine disagree on the tokens: the "
@@ -290,9 +388,3 @@ class Drafter:
         queue_ms, forward_ms = engine_timings(final)
         return DraftResult(drafted_tokens(readout), 0, readout["forced_stop"] is not None,
                            queue_ms, forward_ms)
-
-    async def _discard(self, key: str) -> None:
-        try:
-            await self.engine.collective_rpc(POP_RPC, args=(key,))
-        except Exception:  # best effort; the worker's store is bounded anyway
-            logger.debug("could not discard draft %s", key, exc_info=True)

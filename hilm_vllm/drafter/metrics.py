@@ -8,6 +8,11 @@ SESSIONS = Gauge("hilm_drafter_sessions", "Open drafter sessions")
 DRAFTS = Counter("hilm_drafter_drafts", "Draft calls served")
 TOKENS = Counter("hilm_drafter_tokens", "Tokens drafted")
 EARLY_STOPS = Counter("hilm_drafter_early_stops", "Drafts ended early by stop_uncertainty")
+WAITING = Gauge("hilm_drafter_waiting_drafts",
+                "Drafts whose results this process is waiting for (0 when idle)")
+WORKER_RECORDS = Gauge("hilm_drafter_worker_records",
+                       "Draft records held by the engine's worker, as of its last step "
+                       "(0 when idle: nothing is left behind by finished or aborted drafts)")
 DRAFT_SECONDS = Histogram("hilm_drafter_draft_seconds", "Draft latency (engine + readout)",
                           buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))
 

@@ -13,9 +13,10 @@ and, for each position it drafts, the processor stores
   2. q, the exact distribution the sampler draws the token from: `processed_probs` applies
      vLLM's own temperature and top-k/top-p to the same raw row, so q is bit-for-bit the
      sampler's. Its support (the nonzero entries) is kept, so q is sparse but exact.
-The drafted token is not known inside `apply()`; it is read from the request's live output list
-(held by reference from `BatchUpdate.added`) when the position is finished: at the next step, or
-when the worker extension pops the draft (`hilm_vllm.drafter.worker`).
+The drafted token is not known inside `apply()`: the worker's step hook
+(`hilm_vllm.drafter.worker.DraftHook`, after the sampler) reads this step's sampled token of
+every drafter row, finishes that position (u, sparse q) with `collect_step`, and pushes the
+results to the API process at once (`hilm_vllm.server.push`): no RPC per Draft.
 
 Early stop. With `stop_uncertainty` set, the step after token i computes u_i (token i is in the
 output list by then); if u_i exceeds the bound, the processor forces this step's token to the
@@ -28,7 +29,11 @@ Exactness needs every transform after this processor to be reproduced here: pena
 (applied later by the sampler) are therefore refused for drafter requests, and so is n > 1
 (rows are keyed by request).
 
-All state lives in the worker process (`STORE`); the worker extension reads it.
+All state lives in the worker process (`STORE`). A record lives while its request is in the
+batch and not finished: it is dropped when its last token is pushed, or when vLLM removes the
+request from the batch (finished, aborted, preempted: a preempted request re-attaches and goes on
+from its live output list). Without a push channel (in-process engines, tests) finished drafts
+are kept, bounded, for `collective_rpc("hilm_pop_draft", key)`.
 """
 
 from __future__ import annotations
@@ -42,8 +47,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 from vllm.exceptions import VLLMValidationError
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
-from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from hilm_vllm.sampling import SamplingSpec, processed_probs
 from hilm_vllm.uncertainty import (TOKEN_FREE_GATES, UncertaintyConfig, derive_seed,
@@ -51,7 +55,8 @@ from hilm_vllm.uncertainty import (TOKEN_FREE_GATES, UncertaintyConfig, derive_s
 
 DRAFT_ARG = "hilm_draft"  # SamplingParams.extra_args key that turns the processor on
 NOISE_STREAM = 1  # derive_seed stream of the perturbation noise (0 is the session's sampler)
-STORE_CAPACITY = 4096  # drafts kept unread before the oldest are dropped (a reader that died)
+STORE_CAPACITY = 4096  # live drafts, or finished ones kept unread without a push channel
+FORCED_STOP = -1  # the token field of the entry that marks a forced (dropped) stop token
 
 
 @dataclass(frozen=True)
@@ -121,7 +126,7 @@ class Position:
 
     samples: torch.Tensor | None  # [K] perturbed samples (perturbed gate only)
     gate: float | None  # token-free gate value
-    q: torch.Tensor  # [V] float32, dense; made sparse at readout, all positions at once
+    q: torch.Tensor | None  # [V] float32, dense; made sparse (all rows at once) when pushed
     u: float | None = None
 
     def finish(self, token: int) -> float:
@@ -130,52 +135,102 @@ class Position:
         return self.u
 
 
+@dataclass(frozen=True)
+class Stops:
+    """When vLLM's scheduler ends the request: the worker does not know, so it mirrors it."""
+
+    max_tokens: int
+    token_ids: frozenset[int]  # stop_token_ids, plus EOS unless ignore_eos
+    min_tokens: int = 0
+
+    @classmethod
+    def of(cls, params) -> Stops:
+        ids = set(params.stop_token_ids or ())
+        eos = getattr(params, "eos_token_id", None)
+        if eos is not None and not params.ignore_eos:
+            ids.add(eos)
+        return cls(params.max_tokens or 1 << 30, frozenset(ids), params.min_tokens or 0)
+
+    def last(self, index: int, token: int) -> bool:
+        """Is the token at output index `index` the request's last?"""
+        n = index + 1
+        return n >= self.max_tokens or (n >= self.min_tokens and token in self.token_ids)
+
+
+# One finished position, as pushed: (key, index, token, u, ids <i4 bytes, probs <f4 bytes); a
+# forced stop is (key, index, FORCED_STOP, 0.0, b"", b"").
+Entry = tuple[str, int, int, float, bytes, bytes]
+
+
 @dataclass
 class Draft:
     options: DraftOptions
     spec: SamplingSpec
     output_ids: list[int]  # vLLM's live output list of the request
+    stops: Stops = Stops(1 << 30, frozenset())
     positions: dict[int, Position] = field(default_factory=dict)
     forced_stop: int | None = None  # index of the forced (dropped) token
+    done: bool = False
+    kept: list[Entry] | None = None  # entries, when kept for hilm_pop_draft (no push channel)
 
     def readout(self) -> dict:
-        """Finished per-token results (plain types, so collective_rpc can carry them)."""
-        tokens = list(self.output_ids)
-        n = len(tokens) if self.forced_stop is None else self.forced_stop
-        if any(i not in self.positions for i in range(n)):
-            raise RuntimeError(f"draft {self.options.key}: a drafted position was not observed")
-        pos = [self.positions[i] for i in range(n)]
-        ids, probs = sparse_rows(torch.stack([p.q for p in pos])) if pos else ([], [])
-        return {"tokens": tokens[:n], "forced_stop": self.forced_stop,
-                "u": [p.finish(t) for p, t in zip(pos, tokens)],
-                "ids": [i.tobytes() for i in ids], "probs": [p.tobytes() for p in probs]}
+        """The kept entries as plain types (what `collective_rpc("hilm_pop_draft")` returns)."""
+        return readout_of(self.kept or [])
+
+
+def readout_of(entries: list[Entry]) -> dict:
+    """A draft's entries, in order -> {"tokens", "forced_stop", "u", "ids", "probs"}."""
+    entries = sorted(entries, key=lambda e: e[1])
+    forced = next((e[1] for e in entries if e[2] == FORCED_STOP), None)
+    done = [e for e in entries if e[2] != FORCED_STOP]
+    return {"tokens": [e[2] for e in done], "forced_stop": forced, "u": [e[3] for e in done],
+            "ids": [e[4] for e in done], "probs": [e[5] for e in done]}
 
 
 class DraftStore:
-    """Drafts by key in the worker process, bounded (a reader that died leaks nothing)."""
+    """Live drafts by key in the worker process, and (without a push channel) finished ones
+    until they are popped; bounded, oldest dropped first."""
 
     def __init__(self, capacity: int = STORE_CAPACITY):
         self.capacity = capacity
         self._drafts: OrderedDict[str, Draft] = OrderedDict()
+        self.finished: OrderedDict[str, Draft] = OrderedDict()
         self._lock = threading.Lock()  # rpc reader and sampler may be different threads
+        self.keep_finished = True  # False once a push channel delivers the results
 
-    def attach(self, options: DraftOptions, spec: SamplingSpec, output_ids: list[int]) -> Draft:
+    def attach(self, options: DraftOptions, spec: SamplingSpec, output_ids: list[int],
+               stops: Stops) -> Draft:
         """Start a draft, or re-attach one whose request was re-added (preemption)."""
         with self._lock:
             draft = self._drafts.get(options.key)
             if draft is None:
-                draft = self._drafts[options.key] = Draft(options, spec, output_ids)
+                draft = self._drafts[options.key] = Draft(
+                    options, spec, output_ids, stops, kept=[] if self.keep_finished else None)
                 while len(self._drafts) > self.capacity:
                     self._drafts.popitem(last=False)
             draft.output_ids = output_ids
             return draft
 
-    def pop(self, key: str) -> Draft | None:
+    def drop(self, draft: Draft | None) -> None:
+        """Forget a live draft (its request left the batch, or its last token was pushed)."""
+        if draft is None:
+            return
         with self._lock:
-            return self._drafts.pop(key, None)
+            if self._drafts.get(draft.options.key) is not draft:
+                return  # dropped already (done, then removed from the batch)
+            del self._drafts[draft.options.key]
+            if draft.done and draft.kept is not None:
+                self.finished[draft.options.key] = draft
+                while len(self.finished) > self.capacity:
+                    self.finished.popitem(last=False)
+
+    def pop(self, key: str) -> Draft | None:
+        """A finished draft kept for `hilm_pop_draft`, removed."""
+        with self._lock:
+            return self.finished.pop(key, None)
 
     def __len__(self) -> int:
-        return len(self._drafts)
+        return len(self._drafts) + len(self.finished)
 
 
 STORE = DraftStore()
@@ -204,6 +259,37 @@ def observe(raw: torch.Tensor, draft: Draft, position: int) -> Position:
     return Position(None, float(TOKEN_FREE_GATES[cfg.gate](raw[None, :])[0]), q)
 
 
+def collect_step(rows: dict[int, Draft], sampled: list[int], skip: set[int]) -> list[Entry]:
+    """After the sampler: finish this step's position of every drafter row (`sampled[row]` is
+    the token the engine sampled; rows in `skip` had their sample discarded, e.g. a partial
+    prefill chunk) and return the entries to push. A draft whose last token this was is done
+    and leaves the store. q is made sparse for all rows at once and then released."""
+    finished: list[tuple[Draft, int, int, Position]] = []
+    out: list[tuple[Draft, Entry]] = []
+    for row, draft in rows.items():
+        if row in skip or row >= len(sampled):
+            continue
+        index = len(draft.output_ids)  # this step's token is appended after this hook
+        if draft.forced_stop == index:
+            out.append((draft, (draft.options.key, index, FORCED_STOP, 0.0, b"", b"")))
+            draft.done = True
+        elif (pos := draft.positions.get(index)) is not None and pos.q is not None:
+            finished.append((draft, index, sampled[row], pos))
+    if finished:
+        ids, probs = sparse_rows(torch.stack([f[3].q for f in finished]))
+        for (draft, index, token, pos), i, p in zip(finished, ids, probs):
+            out.append((draft, (draft.options.key, index, token, pos.finish(token), i.tobytes(),
+                                p.tobytes())))
+            pos.q = None
+            draft.done = draft.stops.last(index, token)
+    for draft, entry in out:
+        if draft.kept is not None:
+            draft.kept.append(entry)
+        if draft.done:
+            STORE.drop(draft)
+    return [entry for _, entry in out]
+
+
 def should_stop(draft: Draft, position: int) -> bool:
     """True when the token before `position` was more uncertain than the draft's bound."""
     bound = draft.options.stop_uncertainty
@@ -229,12 +315,25 @@ class UncertaintyProcessor(LogitsProcessor):
         return False  # => raw logits of all rows, before penalties and temperature
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
-        process_dict_updates(self.rows, batch_update, self._new_row)
-
-    @staticmethod
-    def _new_row(params, prompt_ids, output_ids) -> Draft | None:
-        options = draft_options(params)
-        return None if options is None else STORE.attach(options, spec_of(params), output_ids)
+        """vLLM's order: removed, added, moved. A draft whose row goes away is dropped from
+        the store (nothing is left behind by an abort)."""
+        if not batch_update:
+            return
+        rows = self.rows
+        for index in batch_update.removed:
+            STORE.drop(rows.pop(index, None))
+        for index, params, _prompt_ids, output_ids in batch_update.added:
+            STORE.drop(rows.pop(index, None))
+            if (options := draft_options(params)) is not None:
+                rows[index] = STORE.attach(options, spec_of(params), output_ids, Stops.of(params))
+        for a, b, direction in batch_update.moved:
+            a_draft, b_draft = rows.pop(a, None), rows.pop(b, None)
+            if a_draft is not None:
+                rows[b] = a_draft
+            if direction == MoveDirectionality.SWAP and b_draft is not None:
+                rows[a] = b_draft
+            else:
+                STORE.drop(b_draft)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:  # [num_rows, V] float32
         if not self.rows:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hilm_vllm.drafter.core import Drafter, DrafterSettings, DraftResult, ModelInfo
+from hilm_vllm.drafter.core import Drafter, DrafterSettings, DraftResult, DraftResults, ModelInfo
 from hilm_vllm.errors import InvalidArgument, Unavailable
 from hilm_vllm.proto.hilm.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc
 from hilm_vllm.sampling import SamplingSpec
@@ -59,15 +59,17 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
     def __init__(self, runtime, settings: DrafterSettings):
         self._runtime, self._settings = runtime, settings
         self._core: Drafter | None = None
+        self.results: DraftResults | None = None  # set by the tier once the engine is up
 
     @property
     def core(self) -> Drafter:
         if self._core is None:
             engine = self._runtime.engine
-            if engine is None:
+            if engine is None or self.results is None:
                 raise Unavailable("the drafter's engine is still starting: retry once health "
                                   "reports SERVING")
-            self._core = Drafter(engine, ModelInfo.from_engine(engine), self._settings)
+            self._core = Drafter(engine, ModelInfo.from_engine(engine), self._settings,
+                                 results=self.results)
         return self._core
 
     @translate_errors
@@ -86,8 +88,10 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
     @translate_errors
     async def Draft(self, request, context):
         stop = request.stop_uncertainty if request.HasField("stop_uncertainty") else None
+        rollback_to = request.rollback_to if request.HasField("rollback_to") else None
         result = await self.core.draft(client_id(context), request.session_id, request.position,
-                                       request.max_tokens, stop)
+                                       request.max_tokens, stop, rollback_to,
+                                       request.append_token_ids)
         return draft_response(result)
 
     @translate_errors

@@ -8,6 +8,7 @@ start there unless VLLM_USE_V2_MODEL_RUNNER=0.
 from __future__ import annotations
 
 import argparse
+import weakref
 
 from hilm_vllm.drafter.core import DrafterSettings
 from hilm_vllm.server.flags import add_uncertainty_args, uncertainty_from_args
@@ -64,23 +65,38 @@ def check_vllm() -> None:
                          "VLLM_USE_V2_MODEL_RUNNER=0")
 
 
+# The servicer of each running tier, for on_engine_ready (one per TierRuntime).
+_SERVICERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def install(grpc_server, runtime, args: argparse.Namespace | None = None) -> list[str]:
     from hilm_vllm.drafter.service import SERVICE_NAME, DrafterServicer
     from hilm_vllm.proto.hilm.v1 import drafter_pb2_grpc
 
     check_vllm()
     settings = settings_from_args(args) if args is not None else DrafterSettings()
-    drafter_pb2_grpc.add_DrafterServicer_to_server(DrafterServicer(runtime, settings), grpc_server)
+    servicer = _SERVICERS[runtime] = DrafterServicer(runtime, settings)
+    drafter_pb2_grpc.add_DrafterServicer_to_server(servicer, grpc_server)
     return [SERVICE_NAME]
 
 
 async def on_engine_ready(runtime) -> None:
-    """Fail fast when the engine runs without the hooks (e.g. overridden engine flags)."""
+    """Open the push channel, install the worker's step hook on it, and fail fast when the
+    engine runs without the hooks (e.g. overridden engine flags)."""
+    from hilm_vllm.drafter.core import DraftResults
+
+    results = DraftResults()
     try:
+        await runtime.engine.collective_rpc(
+            "hilm_install_drafter", args=(results.channel.address, results.channel.token))
         info = (await runtime.engine.collective_rpc("hilm_drafter_info"))[0]
     except Exception as e:
-        raise SystemExit(f"error: the drafter's worker extension is missing ({e}); keep "
-                         f"--worker-extension-cls {ENGINE_DEFAULTS['worker_extension_cls']}") from e
+        results.close()
+        raise SystemExit(f"error: the drafter's worker extension is missing or refused to "
+                         f"install ({e}); keep --worker-extension-cls "
+                         f"{ENGINE_DEFAULTS['worker_extension_cls']}") from e
+    if runtime in _SERVICERS:
+        _SERVICERS[runtime].results = results
     if not info["installed"] or ".worker.gpu." in info["runner"]:
         raise SystemExit(f"error: the drafter's logits processor is not active (runner "
                          f"{info['runner']}, processors {info['processors']}); keep "

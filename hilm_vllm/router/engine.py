@@ -318,13 +318,14 @@ class _Run:
             self.start_open("ilm")
         self.start_open("llm")
         drafter = await self.session("slm")
-        position = len(self.history)
         usage = self.stats.tiers["slm"]
+        # What the drafter's next Draft must first do to its session (one call per round).
+        rollback_to, append = None, []
         while True:
             base = len(self.history)
             n = min(self.block_size, self.req.max_tokens - self.generated)
             try:
-                d = await self.r.slm.draft(drafter.sid, position, n, usage)
+                d = await self.r.slm.draft(drafter.sid, base, n, usage, rollback_to, append)
             except grpc.aio.AioRpcError as e:
                 raise _translate("slm", e) from None
             self.stats.rounds += 1
@@ -337,13 +338,10 @@ class _Run:
                 yield kept
             if done:
                 return
-            # The drafter holds base + drafted; keep what survived, give it the rest.
+            # The drafter holds base + drafted; keep what survived, give it the rest next round.
             keep = common_prefix(drafted, kept)
-            position = d.position
-            if keep < len(drafted):
-                position = await self.r.slm.rollback(drafter.sid, base + keep, usage)
-            if keep < len(kept):
-                position = await self.r.slm.append(drafter.sid, position, kept[keep:], usage)
+            rollback_to = base + keep if keep < len(drafted) else None
+            append = kept[keep:]
 
     async def verify_round(self, tokens) -> list[int]:
         """Route one drafted block; return the tokens it makes final (before cutting)."""

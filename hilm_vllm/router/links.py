@@ -130,9 +130,14 @@ class DrafterLink(TierLink):
             request.uncertainty.CopyFrom(uncertainty_pb(uncertainty))
         return await self.unary(self.stub.OpenSession, request, usage)
 
-    async def draft(self, sid: str, position: int, n: int, usage: TierUsage) -> DraftResult:
-        r = await self.unary(self.stub.Draft, drafter_pb2.DraftRequest(
-            session_id=sid, position=position, max_tokens=n), usage, verify=True)
+    async def draft(self, sid: str, position: int, n: int, usage: TierUsage,
+                    rollback_to: int | None = None, append: Sequence[int] = ()) -> DraftResult:
+        """One device call per round: cut back to `rollback_to`, append, then draft."""
+        request = drafter_pb2.DraftRequest(session_id=sid, position=position, max_tokens=n,
+                                           append_token_ids=list(append))
+        if rollback_to is not None:
+            request.rollback_to = rollback_to
+        r = await self.unary(self.stub.Draft, request, usage, verify=True)
         return draft_result(r)
 
     async def rollback(self, sid: str, position: int, usage: TierUsage) -> int:

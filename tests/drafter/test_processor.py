@@ -36,6 +36,8 @@ def engines(tiny_zoo):
         mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         hooked = vllm_llm(tiny_zoo.slm, logits_processors=[RecordingProcessor],
                           worker_extension_cls=WORKER_EXT, max_num_seqs=64)
+        # The step hook, without a push channel: finished drafts are kept for hilm_pop_draft.
+        assert hooked.collective_rpc("hilm_install_drafter") == ["installed"]
         plain = vllm_llm(tiny_zoo.slm)
         yield hooked, plain
         del hooked, plain

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 import urllib.request
 
 import grpc
@@ -14,7 +16,7 @@ from hilm_vllm.sampling import SamplingSpec
 from hilm_vllm.sessions import CLIENT_METADATA_KEY
 from hilm_vllm.uncertainty import Gate, UncertaintyConfig
 
-from tests.drafter.conftest import DRAFT_TOP_K
+from tests.drafter.conftest import BUSY_LOOP_MS, DRAFT_TOP_K
 
 PROMPT = [5, 17, 99, 250, 3, 42, 42, 7, 300, 12, 64, 128, 9, 33, 401, 77, 8, 19]
 Code = grpc.StatusCode
@@ -191,3 +193,125 @@ def test_metrics_count_drafted_tokens(slm_tier, stub):
     tokens = [line for line in body.splitlines() if line.startswith("hilm_drafter_tokens_total")]
     assert tokens and float(tokens[0].split()[-1]) >= 2
     assert "hilm_drafter_draft_seconds_bucket" in body
+
+
+def scrape(tier, name: str) -> float:
+    text = urllib.request.urlopen(tier.metrics_url, timeout=10).read().decode()
+    m = re.search(rf"^{name} ([-+\de.]+)$", text, re.M)
+    assert m, f"{name} is not on {tier.metrics_url}"
+    return float(m.group(1))
+
+
+def test_busy_loop_plugin_runs_in_every_engine_process(slm_tier):
+    """The shm window plugin (patches/shm_busy_loop.py) is active in the engine core and the
+    worker, with the window --engine-busy-loop-ms gave."""
+    found = [re.search(r"hilm: shm busy-loop window ([\d.]+) ms \(pid (\d+)\)", line)
+             for line in slm_tier.head]
+    windows = {float(m.group(1)) for m in found if m}
+    pids = {int(m.group(2)) for m in found if m}
+    engine_pids = {p.pid for p in slm_tier.descendants()}
+    assert windows == {float(BUSY_LOOP_MS)}
+    assert len(pids & engine_pids) >= 2, (pids, engine_pids)  # engine core + worker
+
+
+def draft_rows(result):
+    return [(t.token_id, t.uncertainty, t.ids.tolist()) for t in result.tokens]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_eight_concurrent_sessions_draft_what_one_at_a_time_drafts(slm_tier, temperature):
+    """Drafts are batched by vLLM (no per-Draft RPC): same tokens, u and support as alone."""
+    async def session(client, i):
+        s = await client.open_session(PROMPT[:10 + i], SamplingSpec(temperature, seed=100 + i))
+        rows, position = [], s.position
+        for _ in range(3):
+            r = await client.draft(s.session_id, position, 4)
+            rows += draft_rows(r)
+            position = r.position
+        await client.close_session(s.session_id)
+        return rows
+
+    async def main(client):
+        alone = [await session(client, i) for i in range(8)]
+        together = await asyncio.gather(*(session(client, i) for i in range(8)))
+        return alone, together
+
+    alone, together = call(main, slm_tier.grpc_address)
+    assert [len(r) for r in alone] == [12] * 8
+    assert together == alone
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_fused_draft_equals_rollback_append_draft(slm_tier, temperature):
+    async def run(client, fused: bool):
+        s = await client.open_session(PROMPT, SamplingSpec(temperature, seed=21))
+        base = s.position
+        first = await client.draft(s.session_id, base, 4)
+        keep, extra = base + 1, [11, 12, 13]
+        if fused:
+            second = await client.draft(s.session_id, keep + len(extra), 4, rollback_to=keep,
+                                        append=extra)
+        else:
+            await client.rollback(s.session_id, keep)
+            position = await client.append(s.session_id, keep, extra)
+            second = await client.draft(s.session_id, position, 4)
+        await client.close_session(s.session_id)
+        return draft_rows(first), draft_rows(second), second.position
+
+    async def main(client):
+        return await run(client, False), await run(client, True)
+
+    separate, fused = call(main, slm_tier.grpc_address)
+    assert fused == separate and fused[2] == len(PROMPT) + 1 + 3 + 4
+
+
+def test_fused_draft_changes_nothing_unless_it_all_checks_out(slm_tier):
+    async def main(client):
+        s = await client.open_session(PROMPT, SamplingSpec(0.8, seed=4))
+        r = await client.draft(s.session_id, s.position, 4)
+        bad = [dict(position=r.position + 1, rollback_to=r.position - 2, append=[1, 2]),
+               dict(position=r.position + 1, rollback_to=r.position + 1, append=[]),  # forward
+               dict(position=r.position - 1, rollback_to=r.position - 2, append=[1, 10**6])]
+        codes = []
+        for kw in bad:
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await client.draft(s.session_id, max_tokens=2, **kw)
+            codes.append(e.value.code())
+        again = await client.draft(s.session_id, r.position, 2)  # still where it was
+        await client.close_session(s.session_id)
+        return codes, again.position - r.position
+
+    codes, advanced = call(main, slm_tier.grpc_address)
+    assert codes == [Code.FAILED_PRECONDITION, Code.FAILED_PRECONDITION, Code.INVALID_ARGUMENT]
+    assert advanced == 2
+
+
+def test_a_cancelled_draft_leaves_no_record_behind(slm_tier):
+    """A client that cancels mid-Draft leaves no record in the API process or the worker, and
+    its session stays where it was. (The tiny SLM drafts 48 tokens in tens of ms: the cancel is
+    retried sooner until one lands before the draft finishes.)"""
+    async def attempt(client, delay):
+        s = await client.open_session(PROMPT, SamplingSpec(0.8, seed=5), max_tokens=60)
+        task = asyncio.ensure_future(client.draft(s.session_id, s.position, 48))
+        await asyncio.sleep(delay)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        try:  # still at the prompt (the cancel landed) or 48 further (the draft finished)?
+            await client.draft(s.session_id, s.position, 1)
+            landed = True
+        except grpc.aio.AioRpcError as e:
+            assert e.code() == Code.FAILED_PRECONDITION
+            landed = False
+        await client.close_session(s.session_id)
+        return landed
+
+    async def main(client):
+        for delay in (0.03, 0.01, 0.003, 0.001, 0.0):
+            if await attempt(client, delay):
+                return True
+        return False
+
+    assert call(main, slm_tier.grpc_address), "no cancel landed before its draft finished"
+    assert scrape(slm_tier, "hilm_drafter_waiting_drafts") == 0
+    assert scrape(slm_tier, "hilm_drafter_worker_records") == 0

@@ -34,16 +34,20 @@ class OpenDrafterSessionResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., vocab_size: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DraftRequest(_message.Message):
-    __slots__ = ("session_id", "position", "max_tokens", "stop_uncertainty")
+    __slots__ = ("session_id", "position", "max_tokens", "stop_uncertainty", "rollback_to", "append_token_ids")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STOP_UNCERTAINTY_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_TO_FIELD_NUMBER: _ClassVar[int]
+    APPEND_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     position: int
     max_tokens: int
     stop_uncertainty: float
-    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., max_tokens: _Optional[int] = ..., stop_uncertainty: _Optional[float] = ...) -> None: ...
+    rollback_to: int
+    append_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., max_tokens: _Optional[int] = ..., stop_uncertainty: _Optional[float] = ..., rollback_to: _Optional[int] = ..., append_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DraftedToken(_message.Message):
     __slots__ = ("token_id", "uncertainty", "dist")

@@ -79,7 +79,8 @@ class DrafterServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Rollback(self, request, context):
-        """Truncate the session to `position` tokens (drop rejected drafts).
+        """Truncate the session to `position` tokens (drop rejected drafts). A Draft can do this
+        (and an Append) itself: see DraftRequest.rollback_to.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
