@@ -64,8 +64,9 @@ class Route(str, enum.Enum):
 class Thresholds:
     """Uncertainty thresholds: u <= t1 SKIP; t1 < u <= t2 ILM; u > t2 LLM; the ILM forwards its
     own tokens with u > t_ilm. With t2 <= t1 there is no ILM band (u <= t1 SKIP, else LLM).
-    Calibrated values may fall outside [0, 1] (the fitted line crosses the target outside the
-    range of u): they are kept as they are; u never crosses them."""
+    `hilm calibrate` writes them in [0, 1], for the gate its YAML names (`uncertainty`); values
+    set by hand outside [0, 1] are kept as they are (u never crosses them: < 0 verifies every
+    token, >= 1 skips every one)."""
 
     t1: float = 0.0
     t2: float = 0.0

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from hilm_vllm.netmodel import PRESETS, network_model
@@ -54,6 +55,16 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                    help="deadline of one call to a tier (default: %(default)s)")
 
 
+def uncertainty_from_yaml(block, path: Path, key: str) -> UncertaintyConfig:
+    """A calibration YAML's `uncertainty` / `ilm_uncertainty` block as a config."""
+    try:
+        return UncertaintyConfig(block.get("gate", "perturbed"), int(block.get("num_samples", 20)),
+                                 float(block.get("theta_max", 2.0)),
+                                 block.get("perturbation", "uniform"))
+    except (AttributeError, TypeError, ValueError) as e:
+        raise SystemExit(f"error: --thresholds {path}: bad `{key}` block ({e})") from None
+
+
 def thresholds_from_args(args: argparse.Namespace) -> tuple[Thresholds, UncertaintyConfig | None]:
     t1 = t2 = t_ilm = 0.0
     uncertainty = None
@@ -70,10 +81,15 @@ def thresholds_from_args(args: argparse.Namespace) -> tuple[Thresholds, Uncertai
             raise SystemExit(f"error: --thresholds {args.thresholds}: expected numbers t1, t2, "
                              f"t_ilm (as `hilm calibrate` writes)") from None
         if u := data.get("uncertainty"):
-            # The thresholds only mean something with the gate they were fitted with.
-            uncertainty = UncertaintyConfig(u.get("gate", "perturbed"), int(u.get("num_samples", 20)),
-                                            float(u.get("theta_max", 2.0)),
-                                            u.get("perturbation", "uniform"))
+            # The thresholds only mean something with the gate they were fitted with (`hilm
+            # calibrate --gate all` picks it by AUC): the router opens drafter sessions with it.
+            uncertainty = uncertainty_from_yaml(u, args.thresholds, "uncertainty")
+        if u := data.get("ilm_uncertainty"):
+            # t_ilm compares the ILM's own u, which the ILM tier measures with its flags.
+            ilm = uncertainty_from_yaml(u, args.thresholds, "ilm_uncertainty")
+            logging.getLogger("hilm.router").info(
+                "t_ilm was calibrated with the ILM's %s gate: run the ILM tier with "
+                "--uncertainty-gate %s", ilm.gate.value, ilm.gate.value)
     t1 = args.t1 if args.t1 is not None else t1
     t2 = args.t2 if args.t2 is not None else t2
     t_ilm = args.t_ilm if args.t_ilm is not None else t_ilm
@@ -105,8 +121,6 @@ def load_tokenizer(model: str):
 
 
 def install(grpc_server, runtime, args: argparse.Namespace | None = None) -> list[str]:
-    import logging
-
     from hilm_vllm.proto.hilm.v1 import generate_pb2_grpc
     from hilm_vllm.router.engine import Router
     from hilm_vllm.router.openai_api import RouterAPI, build_app
