@@ -10,6 +10,11 @@ Calibration fits beta = a * u + b by least squares over tokens and derives two t
 risk-prone u_th = (Delta - b) / a with Delta = P(p(x) < q(x)) (the fraction of drafts that can
 be rejected at all). Tokens with u <= u_th are skipped (kept without verification).
 
+The line is U-HLM's model, not a law: on flat models its rules leave [0, 1]. Beside it (second
+half of this file): a monotone model of beta against any gate value (isotonic regression), the
+gate's AUC for rejection with beta as a soft label, and operating points in [0, 1] from a risk
+budget or a target TR, which say why when no threshold meets the target.
+
 Pure numpy functions; no I/O.
 """
 
