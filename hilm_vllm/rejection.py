@@ -10,12 +10,17 @@ position, after the request's temperature / top-k / top-p (`sampling.processed_p
 - accepted: x_1..x_m. x_i is accepted iff u_i * q_i(x_i) < p_i(x_i) with u_i ~ U[0, 1), that is
   with probability min(1, p_i(x_i) / q_i(x_i)); m is the index of the first rejection.
 - recovered: one sample of normalize(max(0, p_m - q_m)) at the first rejected position.
-- bonus: one sample of p_{n+1}. The verifier's engine samples it itself at the last position, so
-  it is not computed here.
-- Greedy (temperature 0): x_i is accepted iff it is the argmax of p_i; recovered = argmax p_m.
+- bonus: one sample of p_{n+1}, the row after the last draft position (given as `bonus`).
+- Greedy (temperature 0): x_i is accepted iff it is the argmax of p_i; recovered = argmax p_m,
+  bonus = argmax p_{n+1}.
 
 With these rules every output token is an exact sample of p (Leviathan et al. 2023; Chen et al.
 2023). q only travels sparse (its support); a row is made dense only where it is needed.
+
+Randomness: one generator per block, used in a fixed order: n uniforms (float32), then exactly
+one categorical draw (the recovered or the bonus token), by inverse CDF from one float64
+uniform. Draws happen on the generator's own device (a CPU generator gives the same numbers on
+every device) and are moved to p's device; all the work on rows of p stays on p's device.
 """
 
 from __future__ import annotations
@@ -69,6 +74,36 @@ class BlockOutcome:
     num_accepted: int  # m
     recovered: int | None  # the token at position m when m < n; None when all were accepted
     target_probs: torch.Tensor  # [n] p_i(x_i), for calibration
+    bonus: int | None = None  # the token at position n when m = n and a bonus row was given
+
+    @property
+    def next_token(self) -> int | None:
+        """The token after the accepted ones: the recovered or the bonus token."""
+        return self.recovered if self.recovered is not None else self.bonus
+
+
+def _device_of(generator: torch.Generator | None) -> torch.device:
+    return torch.device("cpu") if generator is None else generator.device
+
+
+def uniforms(n: int, generator: torch.Generator | None, device: torch.device,
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """n uniforms in [0, 1), drawn on the generator's device (default: the CPU's default
+    generator), then moved to `device`."""
+    return torch.rand(n, generator=generator, dtype=dtype, device=_device_of(generator)).to(device)
+
+
+def sample_categorical(weights: torch.Tensor, generator: torch.Generator | None) -> int:
+    """weights [V] >= 0 (not all 0, unnormalised) -> one index i drawn w.p. weights[i] / sum.
+
+    Inverse CDF: one float64 uniform u (see `uniforms`), the first i whose cumulative sum
+    exceeds u * total, on the weights' device. A zero weight is never drawn: its cumulative sum
+    equals its predecessor's, and u * total is kept below the total."""
+    cdf = weights.double().cumsum(0)  # [V]
+    total = cdf[-1:]  # [1]
+    x = uniforms(1, generator, cdf.device, torch.float64) * total
+    x = torch.minimum(x, torch.nextafter(total, torch.zeros_like(total)))
+    return int(torch.searchsorted(cdf, x, right=True)[0])
 
 
 def first_rejection(accepted: torch.Tensor) -> int:
@@ -82,32 +117,43 @@ def accept_mask(p_x: torch.Tensor, q_x: torch.Tensor, u: torch.Tensor) -> torch.
     return u * q_x < p_x
 
 
-def sample_residual(p: torch.Tensor, q: torch.Tensor, generator: torch.Generator) -> int:
+def sample_residual(p: torch.Tensor, q: torch.Tensor,
+                    generator: torch.Generator | None) -> int:
     """p, q [V] -> one sample of normalize(max(0, p - q))."""
     residual = (p - q).clamp_min(0)
     if not float(residual.sum()) > 0:
         # Unreachable in exact arithmetic: a rejection implies q(x) > p(x), hence mass elsewhere.
         # Rounding can leave nothing when p == q; then p itself is the residual's limit.
         residual = p
-    return int(torch.multinomial(residual, 1, generator=generator))
+    return sample_categorical(residual, generator)
 
 
 def verify_block(p: torch.Tensor, draft: torch.Tensor, q: SparseRows,
-                 generator: torch.Generator | None, greedy: bool = False) -> BlockOutcome:
+                 generator: torch.Generator | None, greedy: bool = False,
+                 bonus: torch.Tensor | None = None) -> BlockOutcome:
     """p [n, V] processed target probabilities at the n draft positions; draft [n] int64;
-    q: the n draft distributions (sparse). Returns m and the recovered token (see module doc).
+    q: the n draft distributions (sparse); bonus [V]: p_{n+1}, the processed row after the last
+    draft position (None: no bonus token is drawn). Returns m and the recovered or bonus token
+    (see module doc). The work runs on p's device; draft and q are moved there.
 
-    The generator is used only when not greedy (n uniforms, then at most one residual draw)."""
+    The generator is used only when not greedy: n uniforms, then one categorical draw (the
+    residual at m < n, or the bonus at m = n when a bonus row is given)."""
     n = draft.numel()
+    device = p.device
+    draft = draft.to(device)
     target_probs = p.gather(1, draft[:, None]).squeeze(1) if n else p.new_zeros(0)  # [n]
     if greedy:
         argmax = p.argmax(-1)  # [n]
         m = first_rejection(draft == argmax)
         recovered = int(argmax[m]) if m < n else None
-        return BlockOutcome(m, recovered, target_probs)
-    u = torch.rand(n, generator=generator, device=p.device)  # [n]
+        bonus_token = int(bonus.argmax()) if m == n and bonus is not None else None
+        return BlockOutcome(m, recovered, target_probs, bonus_token)
+    u = uniforms(n, generator, device)  # [n]
+    q = q.to(device)
     m = first_rejection(accept_mask(target_probs, q.prob_of(draft), u))
-    recovered = None
+    recovered = bonus_token = None
     if m < n:
         recovered = sample_residual(p[m], q.dense(m, p.shape[-1]), generator)
-    return BlockOutcome(m, recovered, target_probs)
+    elif bonus is not None:
+        bonus_token = sample_categorical(bonus, generator)
+    return BlockOutcome(m, recovered, target_probs, bonus_token)

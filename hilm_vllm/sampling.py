@@ -43,7 +43,8 @@ class SamplingSpec:
 
 
 def processed_probs(logits: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:
-    """logits [N, V] (raw, float32) -> probabilities [N, V] the sampler draws from.
+    """logits [N, V] (raw, float32) -> probabilities [N, V] the sampler draws from, on the
+    logits' device (vLLM's mask function runs a Triton kernel on GPU: its k and p must be there).
 
     Greedy is one-hot on the argmax (vLLM's greedy sampler takes the argmax)."""
     logits = logits.float()
@@ -53,14 +54,18 @@ def processed_probs(logits: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:
 
     scaled = logits / spec.temperature
     n, vocab = scaled.shape
-    k = torch.full((n,), spec.top_k, dtype=torch.long) if 0 < spec.top_k < vocab else None
-    p = torch.full((n,), spec.top_p, dtype=torch.float32) if spec.top_p < 1 else None
+    device = scaled.device
+    k = (torch.full((n,), spec.top_k, dtype=torch.long, device=device)
+         if 0 < spec.top_k < vocab else None)
+    p = (torch.full((n,), spec.top_p, dtype=torch.float32, device=device)
+         if spec.top_p < 1 else None)
     scaled = apply_top_k_top_p(scaled.clone(), k, p)
     return torch.softmax(scaled, dim=-1)
 
 
 def to_sparse(probs: torch.Tensor) -> tuple[list[int], list[float]]:
-    """probs [V] -> (token ids, probabilities) of its support, exactly."""
+    """probs [V] (any device) -> (token ids, probabilities) of its support, exactly."""
+    probs = probs.cpu()  # one transfer; the lists are built on the host anyway
     ids = torch.nonzero(probs > 0).flatten()
     return ids.tolist(), probs[ids].tolist()
 

@@ -1,7 +1,9 @@
 """Drafter uncertainty: the perturbed-temperature disagreement of U-HLM, and cheaper gates.
 
 Pure functions of tensors (no I/O, no vLLM): the drafter's logits processor calls them on the raw
-logits of each drafted position, and the tests call them directly.
+logits of each drafted position, and the tests call them directly. Each keeps its work on the
+device of the logits it is given (on a GPU tier: the GPU); random numbers come from CPU
+generators, so a seed means the same draws on every device, and are moved there.
 
 Perturbed temperature (the default gate). For a drafted token `x` with raw logits `z`:
 
@@ -98,9 +100,12 @@ def perturbed_samples(logits: torch.Tensor, thetas: torch.Tensor,
                       uniforms: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF samples x_k ~ softmax(z / theta_k).
 
-    logits: [V] raw; thetas: [K]; uniforms: [K] in [0, 1) -> samples [K] (int64)."""
+    logits: [V] raw; thetas: [K]; uniforms: [K] in [0, 1) -> samples [K] (int64), on the
+    logits' device (thetas and uniforms may come from a CPU generator: they are moved there)."""
     z = logits.double()
     z = z - z.max()
+    thetas = thetas.to(z.device, torch.float64)
+    uniforms = uniforms.to(z.device, torch.float64)
     cdf = torch.outer(thetas.reciprocal(), z).exp_().cumsum_(-1)  # [K, V], unnormalised
     picks = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True)  # [K, 1]
     return picks.view(-1).clamp_max_(logits.shape[-1] - 1)
@@ -110,7 +115,8 @@ def draw_samples(logits: torch.Tensor, cfg: UncertaintyConfig, seed: int) -> tor
     """logits [V] raw -> the K perturbed samples [K], from a generator seeded by `seed`.
 
     Draw order (K temperatures, then K uniforms, float64) is part of the contract: tests
-    replay it."""
+    replay it. The 2K numbers are drawn on a CPU generator (the same draws on every device),
+    then moved to the logits' device, where the K x V work runs."""
     gen = torch.Generator().manual_seed(seed)
     thetas = temperatures(cfg, gen)
     uniforms = torch.rand(cfg.num_samples, generator=gen, dtype=torch.float64)

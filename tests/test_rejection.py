@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from hilm_vllm.rejection import (SparseRows, accept_mask, first_rejection, sample_residual,
-                                 verify_block)
+from hilm_vllm.rejection import (SparseRows, accept_mask, first_rejection, sample_categorical,
+                                 sample_residual, verify_block)
 
 MASTER_SEED = 1234
 P_VALUE = 0.01
@@ -164,3 +164,52 @@ def test_acceptance_length_of_a_block_follows_the_per_position_rates():
     probs = [1 - alpha[0], alpha[0] * (1 - alpha[1]), alpha[0] * alpha[1] * (1 - alpha[2]),
              alpha[0] * alpha[1] * alpha[2]]
     assert chisquare(hist, np.array(probs) * trials).pvalue > P_VALUE
+
+
+# ---- the categorical draw and the bonus token ---------------------------------------------------
+
+def test_categorical_follows_the_weights_and_never_draws_a_zero_weight():
+    weights = torch.tensor([0.0, 3.0, 0.0, 1.0, 0.5, 0.0, 0.0, 2.0, 0.0])  # unnormalised
+    g = gen(MASTER_SEED)
+    counts = np.bincount([sample_categorical(weights, g) for _ in range(TRIALS)], minlength=9)
+    assert _chisquare(counts, weights.double() / weights.double().sum()) > P_VALUE
+
+
+def test_categorical_at_the_largest_uniform_stays_in_the_support(monkeypatch):
+    """u * total can round up to the total; the last token with weight > 0 is drawn then."""
+    from hilm_vllm import rejection
+
+    monkeypatch.setattr(rejection, "uniforms",
+                        lambda n, g, device, dtype=torch.float32:
+                        torch.full((n,), 1 - 2**-53, dtype=dtype, device=device))
+    assert sample_categorical(torch.tensor([0.3, 0.7, 0.0, 0.0]), None) == 1
+    assert sample_categorical(torch.tensor([1e-30, 0.0]), None) == 0
+
+
+def test_the_bonus_follows_the_row_after_the_block_and_only_when_all_are_accepted():
+    p, _ = _toy(8, MASTER_SEED)
+    bonus_row, _ = _toy(8, MASTER_SEED + 1)
+    g, counts = gen(MASTER_SEED), np.zeros(8)
+    for _ in range(TRIALS):
+        out = verify_block(p[None], torch.multinomial(p, 1, generator=g), rows(p.tolist()), g,
+                           bonus=bonus_row)
+        assert (out.num_accepted, out.recovered) == (1, None)  # q = p: always accepted
+        counts[out.bonus] += 1
+        assert out.next_token == out.bonus
+    assert _chisquare(counts, bonus_row) > P_VALUE
+    never = verify_block(p[None], torch.tensor([0]), rows([1.0] + [0.0] * 7), g, bonus=bonus_row)
+    assert never.num_accepted == 0 and never.bonus is None and never.next_token == never.recovered
+
+
+def test_greedy_bonus_is_the_argmax_of_the_bonus_row():
+    p = torch.nn.functional.one_hot(torch.tensor([2, 0]), 3).float()
+    out = verify_block(p, torch.tensor([2, 0]), rows([1.0, 0, 0], [1.0, 0, 0]), None, greedy=True,
+                       bonus=torch.tensor([0.1, 0.2, 0.7]))
+    assert (out.num_accepted, out.recovered, out.bonus) == (2, None, 2)
+
+
+def test_an_empty_block_with_a_bonus_row_draws_the_bonus():
+    bonus_row = torch.tensor([0.0, 0.25, 0.75])
+    out = verify_block(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), rows(), gen(3),
+                       bonus=bonus_row)
+    assert out.num_accepted == 0 and out.recovered is None and out.bonus in (1, 2)

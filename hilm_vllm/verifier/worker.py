@@ -3,22 +3,27 @@
 A verification request is an ordinary vLLM request: prompt = context + draft, max_tokens = 1,
 with `VerifyArgs` in `extra_args`. Its forward pass computes the hidden states of every prompt
 token it does not read from the prefix cache; this hook, run right after the sampler, turns the
-rows that predict the n draft tokens into the target's processed p [n, V], applies
-`rejection.verify_block`, and on a rejection overwrites the token the engine sampled at the last
-position with the recovered one. When all n are accepted the engine's own sample at the last
-position, drawn with the request's SamplingParams, is the bonus token. Full rows never leave
-this process; the outcome is pushed to the API process (channel.py) and also kept here for
-`collective_rpc("hilm_pop_verify", key)`.
+n + 1 rows that predict the n draft tokens and the token after them into the target's processed
+p [n + 1, V] (one `compute_logits` per step over those rows), applies `rejection.verify_block`,
+and overwrites the token the engine sampled at the last position with its own: the recovered
+token on a rejection, else the bonus token, drawn from p_{n+1}, the row it ships. The engine's
+own sample is never emitted: it comes from the engine's batch logits, which on GPU (bf16,
+another matmul shape, FlashInfer's sampler) can differ from the hook's row enough to move a
+top-k/top-p boundary, and then the emitted bonus token could have p = 0 in the row the hook
+ships. Randomness (accept uniforms, then the one recovered or bonus draw) comes from a CPU
+generator seeded with `VerifyArgs.draw_seed`: the same draws on every device. Full rows never
+leave this process; the outcome is pushed to the API process (channel.py) and also kept here
+for `collective_rpc("hilm_pop_verify", key)`.
 
 Emitted tokens (only when `VerifyArgs.emit` asks; otherwise nothing below runs or is kept). For
 each of the m + 1 tokens the request emits (the accepted drafts, then the correction or bonus
 token), the hook also ships the verifier's p at that position, sparse (every nonzero entry of
-`processed_probs` of the same raw logits row the accept decision used; for the bonus token, the
-row of the last position, recomputed from the same forward's hidden state), and the verifier's
-own uncertainty u of that token: `hilm_vllm.uncertainty`'s gates on that RAW row, perturbation
-noise seeded from (session noise seed, absolute position) on the drafter's noise stream, exactly
-as the drafter's processor does. Only sparse rows leave this process: without top-k a 128k-vocab
-model still ships ~1 MB per emitted token (the demo's 2048: <= 16 KB).
+`processed_probs` of the same raw logits row the accept decision, the residual or the bonus draw
+used), and the verifier's own uncertainty u of that token: `hilm_vllm.uncertainty`'s gates on
+that RAW row, perturbation noise seeded from (session noise seed, absolute position) on the
+drafter's noise stream, exactly as the drafter's processor does. Only sparse rows leave this
+process: without top-k a 128k-vocab model still ships ~1 MB per emitted token (the demo's 2048:
+<= 16 KB).
 
 The hook wraps two methods of vLLM 0.32's V1 model runner (`GPUModelRunner`, subclassed by
 `CPUModelRunner`), so it pins that version and that runner.
@@ -35,7 +40,7 @@ import numpy as np
 import torch
 
 from hilm_vllm.drafter.processor import NOISE_STREAM  # the drafter's noise stream: same u
-from hilm_vllm.rejection import verify_block
+from hilm_vllm.rejection import BlockOutcome, verify_block
 from hilm_vllm.sampling import processed_probs
 from hilm_vllm.uncertainty import TOKEN_FREE_GATES, derive_seed, disagreement, draw_samples
 from hilm_vllm.verifier.wire import (EXTRA_ARGS_KEY, ROWS_CACHED, EmittedRow, VerifyArgs,
@@ -94,7 +99,8 @@ class _Pending:
     """A request's draft rows gathered so far (chunked prefill may split them over steps)."""
 
     args: VerifyArgs
-    rows: dict[int, torch.Tensor] = field(default_factory=dict)  # draft index -> p row [V]
+    # row index j -> p row [V] of the token at draft index j (j = n: the bonus token's row)
+    rows: dict[int, torch.Tensor] = field(default_factory=dict)
     raw: dict[int, torch.Tensor] = field(default_factory=dict)  # raw logits rows (emit only)
     forward_s: float = 0.0
     hook_s: float = 0.0
@@ -150,9 +156,10 @@ class VerifyHook:
         n, prompt_len = pending.args.n, len(state.prompt_token_ids)
         start = state.num_computed_tokens  # before this step: the runner updates it next step
         row = self.runner.input_batch.req_id_to_index[req_id]
-        # Positions first .. prompt_len-2 hold the hidden states that predict draft 0 .. n-1.
+        # Positions first .. prompt_len-2 hold the hidden states that predict draft 0 .. n-1,
+        # position prompt_len-1 the one that predicts the token after them (the bonus).
         first = prompt_len - n - 1
-        lo, hi = max(start, first), min(start + n_sched, prompt_len - 1)
+        lo, hi = max(start, first), min(start + n_sched, prompt_len)
         offset = int(self.runner.query_start_loc.np[row]) - start  # position -> hidden row
         if lo < hi:
             logits = self.runner.model.compute_logits(hidden_states[offset + lo:offset + hi])
@@ -165,9 +172,7 @@ class VerifyHook:
         final = start + n_sched >= prompt_len  # else a prefill chunk: nothing sampled yet
         if final:
             del self.pending[pending.args.key]
-            # hidden row of the last position: the bonus token's, when emitted tokens are asked
-            last = (hidden_states, offset + prompt_len - 1)
-            result = self._verify(pending, state, row, sampler_output, last)
+            result = self._verify(pending, state, row, sampler_output)
         now = time.perf_counter()
         pending.forward_s += now - self._step_t0
         pending.hook_s += now - t0
@@ -189,53 +194,38 @@ class VerifyHook:
                 state.sampling_params.extra_args)))
         return self.pending[raw["key"]]
 
-    def _verify(self, pending: _Pending, state, row: int, sampler_output,
-                last: tuple[torch.Tensor, int]) -> VerifyResult:
-        """The accept / recover step on the gathered rows; overwrites the engine's sample."""
+    def _verify(self, pending: _Pending, state, row: int, sampler_output) -> VerifyResult:
+        """The accept / recover / bonus step on the gathered rows; the engine then emits the
+        hook's token instead of its own sample."""
         args = pending.args
-        if len(pending.rows) < args.n:
+        if len(pending.rows) < args.n + 1:
             return VerifyResult(args.key, error=ROWS_CACHED)
-        if args.n == 0:
-            result = VerifyResult(args.key)
-        else:
-            device = self.runner.device
-            p = torch.stack([pending.rows[i] for i in range(args.n)])  # [n, V]
-            draft = torch.tensor(state.prompt_token_ids[len(state.prompt_token_ids) - args.n:],
-                                 dtype=torch.long, device=device)  # [n]
-            generator = torch.Generator(device=device).manual_seed(args.draw_seed)
-            outcome = verify_block(p, draft, args.q.to(device), generator, args.spec.greedy)
-            if outcome.recovered is not None:
-                # [num_reqs, 1] without spec decode: the engine now emits the recovered token.
-                sampler_output.sampled_token_ids[row, 0] = outcome.recovered
-            result = VerifyResult(args.key, outcome.num_accepted, outcome.recovered,
-                                  tuple(outcome.target_probs.tolist()))
+        outcome = decide(pending.rows, args,
+                         state.prompt_token_ids[len(state.prompt_token_ids) - args.n:])
+        # [num_reqs, 1] without spec decode: the engine now emits the hook's token.
+        sampler_output.sampled_token_ids[row, 0] = outcome.next_token
+        result = VerifyResult(args.key, outcome.num_accepted, outcome.recovered,
+                              tuple(outcome.target_probs.cpu().tolist()))
         if args.emit is None:
             return result
         return dataclasses.replace(result, emitted=self._emitted(
-            pending, state, result, int(sampler_output.sampled_token_ids[row, 0]), last))
+            pending, state, result, outcome.next_token))
 
-    def _emitted(self, pending: _Pending, state, result: VerifyResult, sampled: int,
-                 last: tuple[torch.Tensor, int]) -> tuple[EmittedRow, ...]:
+    def _emitted(self, pending: _Pending, state, result: VerifyResult,
+                 next_token: int) -> tuple[EmittedRow, ...]:
         """The m + 1 emitted tokens with their sparse p and u (see the module docstring).
-        `sampled` is what the engine emits (the recovered token once overwritten, else the
-        engine's own sample: the bonus token)."""
+        `next_token` is the recovered or bonus token, drawn from row m: the row shipped with
+        it."""
         args, m = pending.args, result.num_accepted
         base = len(state.prompt_token_ids) - args.n  # absolute position of draft token 0
-        tokens = [*state.prompt_token_ids[base:base + m], sampled]
-        p_rows = [pending.rows[j] for j in range(m + 1 if m < args.n else m)]
-        raw_rows = [pending.raw[j] for j in range(len(p_rows))]
-        if m == args.n:  # the bonus: p of the last position, from the same forward
-            hidden_states, index = last
-            raw_last = self.runner.model.compute_logits(hidden_states[index:index + 1])  # [1, V]
-            if raw_last is None:  # a tensor-parallel rank without gathered logits
-                return ()
-            p_rows.append(processed_probs(raw_last, args.spec)[0])
-            raw_rows.append(raw_last[0])
+        tokens = [*state.prompt_token_ids[base:base + m], next_token]
+        p_rows = [pending.rows[j] for j in range(m + 1)]
+        raw_rows = [pending.raw[j] for j in range(m + 1)]
         cfg = args.emit.uncertainty
         rows = []
         for j, (token, p_row, raw) in enumerate(zip(tokens, torch.stack(p_rows).cpu().numpy(),
                                                     raw_rows)):
-            raw = raw.float().cpu()
+            raw = raw.float()  # u is computed where the row is (GPU on a GPU tier)
             if cfg.needs_token:
                 seed = derive_seed(args.emit.noise_seed, base + j, NOISE_STREAM)
                 u = disagreement(draw_samples(raw, cfg, seed), token)
@@ -245,3 +235,16 @@ class VerifyHook:
             support = np.flatnonzero(p_row > 0)
             rows.append(EmittedRow(token, u, pack(support, "<i4"), pack(p_row[support], "<f4")))
         return tuple(rows)
+
+
+def decide(rows: dict[int, torch.Tensor], args: VerifyArgs,
+           draft_ids: list[int]) -> BlockOutcome:
+    """The hook's decision for one request, a pure function of its n + 1 processed rows (row n:
+    p_{n+1}, the bonus token's), the draft and `args`: every token the request emits after the
+    accepted drafts is drawn here, from the row that is shipped with it. Draws: a CPU generator
+    seeded with `args.draw_seed` (the same draws on every device and tensor-parallel rank)."""
+    n = args.n
+    p = torch.stack([rows[j] for j in range(n + 1)])  # [n + 1, V], on the rows' device
+    draft = torch.tensor(draft_ids, dtype=torch.long)  # [n]; verify_block moves it
+    generator = None if args.spec.greedy else torch.Generator().manual_seed(args.draw_seed)
+    return verify_block(p[:n], draft, args.q, generator, args.spec.greedy, bonus=p[n])

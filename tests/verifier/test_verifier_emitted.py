@@ -418,11 +418,12 @@ def test_the_hook_does_no_emitted_work_unless_asked_and_the_fallback_carries_it(
 
     token, plain, plain_rows = verify(None, "plain")
     assert plain.num_accepted == 3 and plain.emitted == () and emitted_calls == []
-    assert sum(plain_rows) == len(draft) + 1  # the hook's n rows, the sampler's one
+    # the hook's n + 1 rows (the draft's and the bonus token's), the sampler's one
+    assert sum(plain_rows) == len(draft) + 2
     cfg = UncertaintyConfig(num_samples=16)
     token2, asked, asked_rows = verify(EmitArgs(cfg, 123), "asked")
     assert token2 == token and asked.num_accepted == 3 and emitted_calls == [1]
-    assert sum(asked_rows) == sum(plain_rows) + 1  # + the bonus row, nothing else
+    assert sum(asked_rows) == sum(plain_rows)  # the bonus row is computed anyway
     reply = VerifyReply(3, token, 0, (), None, emitted_tokens(asked, [*draft, token]))
     check_emitted(tiny_zoo.llm, list(PROMPT), [], draft, reply, spec, cfg, 123)
 

@@ -65,9 +65,9 @@ def test_first_emitted_token_follows_the_verifiers_distribution(llm, tiny_zoo):
     assert abs(accept_rate - alpha) < 4 * se, (accept_rate, alpha)
 
 
-def test_next_token_of_an_empty_block_is_the_engines_sample_of_p(llm, tiny_zoo):
-    """With no draft the next token is the engine's own sample (the bonus token's path): it
-    must follow the same temperature / top-k transform as the hook's p."""
+def test_next_token_of_an_empty_block_is_a_sample_of_p(llm, tiny_zoo):
+    """With no draft the next token is the bonus token alone: the hook's draw from its own row
+    at the last position, which must follow the same temperature / top-k transform as p."""
     p = next_probs(tiny_zoo.llm, CONTEXT, TARGET).double().numpy()  # [V]
     replies = one_round_sessions(llm, [[]] * (TRIALS // 2), [])
     counts = np.bincount([r.next_token for r in replies], minlength=p.size)

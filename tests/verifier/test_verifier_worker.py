@@ -77,7 +77,7 @@ def test_greedy_correction_is_what_the_engine_emits(llm, tiny_zoo):
     assert (result.num_accepted, result.recovered, token) == (1, fix, fix)
 
 
-def test_all_accepted_keeps_the_engines_bonus_sample(llm, tiny_zoo):
+def test_all_accepted_emits_the_hooks_bonus_the_argmax_at_t0(llm, tiny_zoo):
     prompt = [(3 * i + 2) % 500 + 2 for i in range(40)]
     greedy = SamplingSpec(temperature=0.0)
     x = int(reference_probs(tiny_zoo.llm, prompt + [0], 1, greedy).argmax())
