@@ -58,7 +58,7 @@ class DrafterClient(TierClient):
                     timeout: float | None = None, rollback_to: int | None = None,
                     append: Sequence[int] = ()) -> DraftResult:
         """Draft after cutting the session to `rollback_to` and appending `append`;
-        `position` is where the session is after both."""
+        `position` is where the session is before both (as in Verify)."""
         request = drafter_pb2.DraftRequest(session_id=session_id, position=position,
                                            max_tokens=max_tokens,
                                            append_token_ids=list(append))

@@ -249,8 +249,9 @@ class Drafter:
                     stop_uncertainty: float | None = None, rollback_to: int | None = None,
                     append: list[int] | tuple[int, ...] = ()) -> DraftResult:
         """Draft up to `max_tokens` after first cutting the session back to `rollback_to` (if
-        given) and appending `append`; `position` is where the session must then be. The
-        session changes only if everything checks out (then it holds the drafts too)."""
+        given) and appending `append`. `position` is where the client believes the session is
+        before that (as in Verify). The session changes only if everything checks out (then
+        it holds the drafts too)."""
         if not 1 <= max_tokens <= self.settings.max_draft_tokens:
             raise InvalidArgument(f"max_tokens must be in [1, {self.settings.max_draft_tokens}] "
                                   f"(--max-draft-tokens), got {max_tokens}")
@@ -262,21 +263,17 @@ class Drafter:
         session = self.sessions.get(sid, owner)
         async with session.lock:
             state = session.state
-            base = len(state.tokens) if rollback_to is None else rollback_to
+            self.check_position(session, position)
+            base = position if rollback_to is None else rollback_to
             self.check_rollback(session, base)
-            if base + len(append) != position:
-                raise FailedPrecondition(
-                    f"session {sid} would be at position {base + len(append)} after rollback_to="
-                    f"{rollback_to} and {len(append)} appended tokens, not {position}: resend "
-                    f"with position={base + len(append)}")
             if base + len(append) > state.limit:
                 raise InvalidArgument(
                     f"appending {len(append)} tokens at position {base} would exceed the "
                     f"session's limit of {state.limit} (prompt + max_tokens, or max-model-len)")
-            room = state.limit - position
+            room = state.limit - base - len(append)
             if room <= 0:
                 raise InvalidArgument(
-                    f"session {sid} holds {position} tokens, its limit (prompt + "
+                    f"session {sid} holds {base + len(append)} tokens, its limit (prompt + "
                     f"max_tokens, or max-model-len): nothing is left to draft; close it")
             del state.tokens[base:]
             state.tokens += append

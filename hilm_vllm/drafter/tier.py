@@ -97,6 +97,9 @@ async def on_engine_ready(runtime) -> None:
                          f"{ENGINE_DEFAULTS['worker_extension_cls']}") from e
     if runtime in _SERVICERS:
         _SERVICERS[runtime].results = results
+    from hilm_vllm.server import busy
+
+    await busy.start(runtime, "slm")
     if not info["installed"] or ".worker.gpu." in info["runner"]:
         raise SystemExit(f"error: the drafter's logits processor is not active (runner "
                          f"{info['runner']}, processors {info['processors']}); keep "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 
 from hilm_vllm.drafter import processor
+from hilm_vllm.server.busy import BusyWorkerExtension
 
 SUPPORTED_VLLM = "0.32.0"
 
@@ -66,7 +67,7 @@ def check_runner(runner) -> None:
                            f"VLLM_USE_V2_MODEL_RUNNER=0 in the tier's environment")
 
 
-class DrafterWorkerExtension:
+class DrafterWorkerExtension(BusyWorkerExtension):
     def hilm_install_drafter(self, channel: str | None = None, token: str = "") -> str:
         """Wrap the runner (once). With `channel` (a `PullChannel` address) results are pushed
         there and finished drafts are not kept; without, they are kept for `hilm_pop_draft`."""

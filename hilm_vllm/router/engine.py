@@ -58,6 +58,8 @@ class RouterConfig:
     skip_rate: float = 0.5  # `rand`: probability of skipping a token
     uncertainty: UncertaintyConfig | None = None  # None: the drafter's own defaults
     network: NetworkModel = NetworkModel()
+    optimistic: bool = True  # draft the next block while this one is verified
+    lookahead: int | None = None  # tokens drafted optimistically; None = the block size
     rpc_timeout_s: float = 60.0
     down_retry_s: float = 10.0  # an unreachable tier is retried after this long
     client_id: str = ""
@@ -67,6 +69,8 @@ class RouterConfig:
             raise ValueError(f"block size k must be in [1, 64], got {self.block_size}")
         if not 0.0 <= self.skip_rate <= 1.0:
             raise ValueError(f"--skip-rate must be in [0, 1], got {self.skip_rate}")
+        if self.lookahead is not None and not 1 <= self.lookahead <= 64:
+            raise ValueError(f"--lookahead must be in [1, 64], got {self.lookahead}")
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,7 @@ class GenerationRequest:
     skip_rate: float | None = None  # `rand` only; None = the router's
     block_size: int | None = None  # None = the router's
     thresholds: Thresholds | None = None  # None = the router's
+    optimistic: bool | None = None  # None = the router's
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -107,6 +112,9 @@ class RequestStats:
     llm_accepted: int = 0
     llm_forwards: int = 0  # LLM forward passes (one per Verify; one per token for llm-only)
     ilm_forwarded: int = 0  # ILM-emitted tokens sent on to the LLM
+    skipped_at: list[int] = field(default_factory=list)  # completion indexes of the SKIPs
+    optimistic_drafts: int = 0  # Drafts made while a block was being verified
+    optimistic_kept: int = 0  # of which the tokens became the next block
     degraded: list[str] = field(default_factory=list)
     tiers: dict[str, TierUsage] = field(default_factory=lambda: {
         t: TierUsage() for t in ("slm", "ilm", "llm")})
@@ -124,6 +132,11 @@ class RequestStats:
             "ilm_drafted": self.ilm_drafted, "ilm_accepted": self.ilm_accepted,
             "llm_drafted": self.llm_drafted, "llm_accepted": self.llm_accepted,
             "llm_forwards": self.llm_forwards, "ilm_forwarded": self.ilm_forwarded,
+            "optimistic_drafts": self.optimistic_drafts,
+            "optimistic_kept": self.optimistic_kept,
+            # which completion tokens were kept unverified (for TSR, scored off the critical
+            # path by the benchmarks); only tokens actually returned
+            "skipped_at": [i for i in self.skipped_at if i < self.tokens],
             "messages": {k: v.messages for k, v in t.items()},
             "uplink_bytes": {k: v.uplink_bytes for k, v in t.items()},
             "downlink_bytes": {k: v.downlink_bytes for k, v in t.items()},
@@ -132,6 +145,20 @@ class RequestStats:
             "network_ms": round(sum(v.network_ms for v in t.values()), 3),
             "degraded": list(self.degraded),
         }
+
+
+def optimistic_start(drafted: list[int], kept: list[int], ahead: list[int]) -> int | None:
+    """Where the optimistic draft's tokens valid as the next block begin, or None.
+
+    `ahead` was drafted after `drafted` as if all of it would be accepted; the round made
+    `kept` final. If kept == drafted (every token skipped or accepted, no extra token), all of
+    `ahead` was drafted from the decided context (0); if kept == drafted + [x] (all accepted,
+    then the bonus x) and `ahead` starts with x, the rest of it was (1). Otherwise none is."""
+    if kept == drafted:
+        return 0
+    if kept[:-1] == drafted and ahead and ahead[0] == kept[-1]:
+        return 1
+    return None
 
 
 @dataclass
@@ -208,7 +235,8 @@ class _Run:
         self.sessions: dict[str, _Session] = {}
         # Sessions may add the request's tokens plus one round's overshoot.
         k = self.block_size
-        self.session_max_tokens = req.max_tokens + k + 2
+        self.session_max_tokens = req.max_tokens + k + 2 + (self.lookahead if self.optimistic
+                                                            else 0)
 
     @property
     def block_size(self) -> int:
@@ -311,7 +339,18 @@ class _Run:
 
     # -- speculative rounds -----------------------------------------------------------------
 
+    @property
+    def optimistic(self) -> bool:
+        return self.cfg.optimistic if self.req.optimistic is None else self.req.optimistic
+
     async def rounds(self) -> AsyncIterator[list[int]]:
+        """Draft, route, verify, until done. Optimistic drafting (DSI's idea on live tiers):
+        while a block is verified the drafter goes on as if all of it were accepted; the
+        tokens it drafted become the next block only if the verifier accepted the whole block
+        and its bonus token is the drafter's next token, else the next Draft rolls them back.
+        Those tokens were sampled from the drafter's q given exactly the context that was
+        decided, so verifying (or skipping) them is what a fresh Draft would have led to: the
+        output distribution does not change."""
         policy = self.req.policy
         self.start_open("slm")
         if policy.uses_ilm and self._ilm_usable():
@@ -319,29 +358,79 @@ class _Run:
         self.start_open("llm")
         drafter = await self.session("slm")
         usage = self.stats.tiers["slm"]
-        # What the drafter's next Draft must first do to its session (one call per round).
-        rollback_to, append = None, []
-        while True:
-            base = len(self.history)
-            n = min(self.block_size, self.req.max_tokens - self.generated)
-            try:
-                d = await self.r.slm.draft(drafter.sid, base, n, usage, rollback_to, append)
-            except grpc.aio.AioRpcError as e:
-                raise _translate("slm", e) from None
-            self.stats.rounds += 1
-            drafted = [t.token_id for t in d.tokens]
-            if not drafted:  # the drafter's session is full: nothing more can be generated
-                return
-            final = await self.verify_round(d.tokens)
-            kept, done = self.accept(final)
-            if kept:
-                yield kept
-            if done:
-                return
-            # The drafter holds base + drafted; keep what survived, give it the rest next round.
-            keep = common_prefix(drafted, kept)
-            rollback_to = base + keep if keep < len(drafted) else None
-            append = kept[keep:]
+        # Where the drafter's session is, and what its next Draft must first do to it (one
+        # device call per round).
+        position, rollback_to, append = len(self.history), None, []
+        ready: list = []  # tokens drafted optimistically that are this round's block
+        ahead: asyncio.Future | None = None
+        try:
+            while True:
+                base = len(self.history)
+                n = min(self.block_size, self.req.max_tokens - self.generated)
+                if ready:
+                    tokens, ready = ready[:n], ready[n:]
+                else:
+                    d = await self._draft(drafter.sid, position, n, usage, rollback_to, append)
+                    position, tokens = d.position, d.tokens
+                    if not tokens:  # the drafter's session is full: nothing more to generate
+                        return
+                self.stats.rounds += 1
+                drafted = [t.token_id for t in tokens]
+                # Draft ahead only from exactly this block's end (not when a longer optimistic
+                # draft was cut to the block), and only if more tokens will be wanted.
+                if (self.optimistic and not ready and position == base + len(drafted)
+                        and self.generated + len(drafted) < self.req.max_tokens):
+                    ahead = asyncio.ensure_future(self._draft(
+                        drafter.sid, position, self.lookahead, usage))
+                final = await self.verify_round(tokens)
+                kept, done = self.accept(final)
+                if kept:
+                    yield kept
+                if done:
+                    return
+                keep = common_prefix(drafted, kept)
+                if ahead is not None:
+                    extra, ahead = await self._settle(ahead), None
+                    if extra is not None:
+                        self.stats.optimistic_drafts += 1
+                        position = extra.position
+                        start = optimistic_start(drafted, kept,
+                                                 [t.token_id for t in extra.tokens])
+                        if start is not None:  # the drafter holds history + ready exactly
+                            self.stats.optimistic_kept += 1
+                            ready, rollback_to, append = list(extra.tokens[start:]), None, []
+                            continue
+                # The drafter holds base + drafted (+ what it drafted ahead): keep what
+                # survived, give it the rest with the next Draft.
+                ready = []
+                rollback_to = base + keep if position > base + keep else None
+                append = kept[keep:]
+        finally:
+            if ahead is not None:
+                ahead.cancel()
+
+    @property
+    def lookahead(self) -> int:
+        """Tokens drafted ahead: one more than a block, so that a kept optimistic draft (its
+        first token is the verifier's bonus) leaves a whole block."""
+        return self.cfg.lookahead or self.block_size + 1
+
+    @staticmethod
+    async def _settle(ahead: asyncio.Future):
+        """The optimistic Draft's result, or None if it failed (it changed nothing then; the
+        next Draft reports a drafter that is really gone)."""
+        try:
+            return await ahead
+        except HilmError as e:
+            logger.debug("optimistic draft failed: %s", e)
+            return None
+
+    async def _draft(self, sid: str, position: int, n: int, usage: TierUsage,
+                     rollback_to: int | None = None, append=()):
+        try:
+            return await self.r.slm.draft(sid, position, n, usage, rollback_to, append)
+        except grpc.aio.AioRpcError as e:
+            raise _translate("slm", e) from None
 
     async def verify_round(self, tokens) -> list[int]:
         """Route one drafted block; return the tokens it makes final (before cutting)."""
@@ -352,6 +441,8 @@ class _Run:
             route = Route.SKIP if i < p.skips else p.route
             metrics.ROUTES.labels(route.value).inc()
         stats.skips += p.skips
+        first = len(self.history) - self.n_prompt  # completion index of this block's token 0
+        stats.skipped_at += range(first, min(first + p.skips, self.req.max_tokens))
         final = [t.token_id for t in tokens[:p.skips]]
         block = tokens[p.skips:]
         if not block:

@@ -67,6 +67,7 @@ class _Sampling(_Base):
     skip_rate: float | None = None  # `rand`
     block_size: int | None = None
     thresholds: ThresholdsBody | None = None
+    optimistic: bool | None = None  # None = the router's --optimistic
 
 
 class CompletionRequest(_Sampling):
@@ -186,7 +187,8 @@ class RouterAPI:
             th = Thresholds(base.t1 if t.t1 is None else t.t1, base.t2 if t.t2 is None else t.t2,
                             base.t_ilm if t.t_ilm is None else t.t_ilm)
         return GenerationRequest(tuple(prompt_ids), spec, max_tokens, self.policy_of(body),
-                                 body.ignore_eos, body.skip_rate, body.block_size, th)
+                                 body.ignore_eos, body.skip_rate, body.block_size, th,
+                                 body.optimistic)
 
     def prompt_ids(self, body: CompletionRequest | ChatCompletionRequest) -> list[int]:
         if isinstance(body, ChatCompletionRequest):

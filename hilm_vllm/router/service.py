@@ -36,8 +36,10 @@ class RouterGenerator(generate_pb2_grpc.GeneratorServicer):
                             s.seed if s.HasField("seed") else None)
         policy = Policy.parse(request.policy) if request.policy else self.api.router.cfg.policy
         self.api.router.check_policy(policy)
-        return GenerationRequest(tuple(ids), spec, request.max_tokens or 16, policy,
-                                 request.ignore_eos)
+        return GenerationRequest(
+            tuple(ids), spec, request.max_tokens or 16, policy, request.ignore_eos,
+            block_size=request.block_size if request.HasField("block_size") else None,
+            optimistic=request.optimistic if request.HasField("optimistic") else None)
 
     async def Generate(self, request, context):
         try:

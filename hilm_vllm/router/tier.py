@@ -41,6 +41,14 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                                                "u > t_ilm to the LLM")
     g.add_argument("--block-size", "-k", type=int, default=4,
                    help="tokens drafted per round (hlm always uses 1) (default: %(default)s)")
+    g.add_argument("--optimistic", action=argparse.BooleanOptionalAction, default=True,
+                   help="draft the next block while one is being verified (kept only when the "
+                        "whole block is accepted and the bonus token is the drafter's next; the "
+                        "output distribution does not change). Requests may override it with "
+                        "the body field `optimistic` (default: on)")
+    g.add_argument("--lookahead", type=int, default=None,
+                   help="tokens drafted ahead while a block is verified (default: block size "
+                        "+ 1, so that a kept optimistic draft is a whole block)")
     g.add_argument("--skip-rate", type=float, default=0.5,
                    help="`rand`: probability of keeping a token unverified (default: %(default)s)")
     g.add_argument("--latency", default="none", choices=sorted(PRESETS),
@@ -105,6 +113,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         return RouterConfig(
             llm=args.llm, ilm=args.ilm, slm=args.slm, policy=Policy(args.policy),
             thresholds=thresholds, block_size=args.block_size, skip_rate=args.skip_rate,
+            optimistic=args.optimistic, lookahead=args.lookahead,
             uncertainty=uncertainty,
             network=network_model(args.latency, args.bandwidth, args.snr_db),
             rpc_timeout_s=args.rpc_timeout_s)

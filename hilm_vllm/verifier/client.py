@@ -48,8 +48,8 @@ class VerifierClient(TierClient):
     async def verify(self, session_id: str, position: int, draft: Sequence[int] = (),
                      dists: Sequence[Dist] = (), append: Sequence[int] = (),
                      want_target_probs: bool = False, timeout: float | None = None,
-                     want_emitted: bool = False, uncertainty: UncertaintyConfig | None = None
-                     ) -> VerifyReply:
+                     want_emitted: bool = False, uncertainty: UncertaintyConfig | None = None,
+                     rollback_to: int | None = None) -> VerifyReply:
         """One round. `want_emitted`: fill `reply.emitted` with the m + 1 emitted tokens, each
         with this tier's sparse p at its position (send them to the next tier as a draft with
         q = p) and its uncertainty, measured as `uncertainty` says (None: the tier's flags)."""
@@ -60,6 +60,8 @@ class VerifierClient(TierClient):
                          for i, p in dists], return_emitted=want_emitted)
         if uncertainty is not None:
             request.uncertainty.CopyFrom(uncertainty_pb(uncertainty))
+        if rollback_to is not None:  # cut the session back first (then `position` is after it)
+            request.rollback_to = rollback_to
         r = await self._verifier.Verify(request, metadata=self._metadata, timeout=timeout)
         t = r.timings
         return VerifyReply(r.num_accepted, r.next_token_id, r.position, tuple(r.target_probs),

@@ -14,7 +14,7 @@ from hilm_vllm.verifier.core import Verifier, VerifierSettings
 from hilm_vllm.verifier.service import add_services
 
 # vLLM resolves this dotted path in its worker process and mixes the class into the worker.
-WORKER_EXTENSION = "hilm_vllm.verifier.worker.VerifierWorkerExtension"
+WORKER_EXTENSION = "hilm_vllm.verifier.extension.VerifierTierExtension"
 ENGINE_DEFAULTS: dict = {"worker_extension_cls": WORKER_EXTENSION}
 
 # Per running tier (one per TierRuntime): its settings, and its Verifier once the engine is up.
@@ -69,5 +69,8 @@ def install(server: grpc.aio.Server, runtime, args: argparse.Namespace | None = 
 
 
 async def on_engine_ready(runtime) -> None:
+    from hilm_vllm.server import busy
+
     state = _TIERS[runtime]
     state.verifier = await Verifier.start(runtime.engine, state.settings)
+    await busy.start(runtime, runtime.cfg.tier.value)

@@ -249,7 +249,7 @@ def test_fused_draft_equals_rollback_append_draft(slm_tier, temperature):
         first = await client.draft(s.session_id, base, 4)
         keep, extra = base + 1, [11, 12, 13]
         if fused:
-            second = await client.draft(s.session_id, keep + len(extra), 4, rollback_to=keep,
+            second = await client.draft(s.session_id, first.position, 4, rollback_to=keep,
                                         append=extra)
         else:
             await client.rollback(s.session_id, keep)
@@ -270,8 +270,8 @@ def test_fused_draft_changes_nothing_unless_it_all_checks_out(slm_tier):
         s = await client.open_session(PROMPT, SamplingSpec(0.8, seed=4))
         r = await client.draft(s.session_id, s.position, 4)
         bad = [dict(position=r.position + 1, rollback_to=r.position - 2, append=[1, 2]),
-               dict(position=r.position + 1, rollback_to=r.position + 1, append=[]),  # forward
-               dict(position=r.position - 1, rollback_to=r.position - 2, append=[1, 10**6])]
+               dict(position=r.position, rollback_to=r.position + 1, append=[]),  # forward
+               dict(position=r.position, rollback_to=r.position - 2, append=[1, 10**6])]
         codes = []
         for kw in bad:
             with pytest.raises(grpc.aio.AioRpcError) as e:

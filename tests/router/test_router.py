@@ -125,7 +125,8 @@ def test_chat_completions_use_the_chat_template(served):
 
 
 async def _generate(address: str, prompt: list[int], spec: SamplingSpec, max_tokens: int,
-                    policy: str, ignore_eos: bool = True) -> list[int]:
+                    policy: str, ignore_eos: bool = True, **options) -> list[int]:
+    """gRPC Generate; `options`: block_size, optimistic (GenerateRequest's optional fields)."""
     async with grpc.aio.insecure_channel(address) as ch:
         stub = generate_pb2_grpc.GeneratorStub(ch)
         sampling = common_pb2.SamplingParams(temperature=spec.temperature, top_k=spec.top_k,
@@ -136,7 +137,7 @@ async def _generate(address: str, prompt: list[int], spec: SamplingSpec, max_tok
         async for r in stub.Generate(generate_pb2.GenerateRequest(
                 prompt=common_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=prompt)),
                 sampling=sampling, max_tokens=max_tokens, ignore_eos=ignore_eos,
-                policy=policy)):
+                policy=policy, **options)):
             ids += r.token_ids
         return ids
 
@@ -148,15 +149,16 @@ def _prompts(zoo, n: int) -> list[list[int]]:
     return [tok.encode(p["prompt"])[-40:] for p in zoo.heldout_prompts(n)]
 
 
-def test_lossless_policies_are_token_identical_to_llm_only_at_t0(served, tiny_zoo):
+@pytest.mark.parametrize("optimistic", [False, True])
+def test_lossless_policies_are_token_identical_to_llm_only_at_t0(served, tiny_zoo, optimistic):
     prompts = _prompts(tiny_zoo, 3)
     greedy = SamplingSpec(temperature=0.0)
 
     async def run():
         out = {}
         for policy in LOSSLESS:
-            out[policy] = [await _generate(served.grpc_address, p, greedy, 32, policy)
-                           for p in prompts]
+            out[policy] = [await _generate(served.grpc_address, p, greedy, 32, policy,
+                                           optimistic=optimistic) for p in prompts]
         return out
 
     out = asyncio.run(run())
@@ -193,6 +195,68 @@ def test_lossless_policies_follow_the_llm_distribution_at_t1(served, tiny_zoo):
         observed = np.array([tokens.count(int(t)) for t in support])
         pvalue = stats.chisquare(observed, p[support] * N_SEEDS).pvalue
         assert pvalue > 1e-3, (policy, observed, p[support] * N_SEEDS)
+
+
+def pair_distribution(zoo, prompt: list[int], spec: SamplingSpec) -> dict[tuple, float]:
+    """P(x1, x2): the LLM's joint law of the 2nd and 3rd tokens (x0 summed out)."""
+    joint: dict[tuple, float] = {}
+    p0 = next_probs(zoo.llm, prompt, spec).double()
+    for x0 in p0.nonzero().flatten().tolist():
+        p1 = next_probs(zoo.llm, prompt + [x0], spec).double()
+        for x1 in p1.nonzero().flatten().tolist():
+            p2 = next_probs(zoo.llm, prompt + [x0, x1], spec).double()
+            for x2 in p2.nonzero().flatten().tolist():
+                joint[(x1, x2)] = joint.get((x1, x2), 0.0) + float(p0[x0] * p1[x1] * p2[x2])
+    return joint
+
+
+def test_optimistic_drafting_keeps_the_llm_distribution_beyond_the_first_token(served, tiny_zoo):
+    """k = 1: the 2nd and 3rd tokens come through the optimistic path (the bonus matched the
+    drafter's next token, whose follower becomes the next block) whenever the first block is
+    accepted. Chi-square of the pair (x1, x2) against the LLM's joint law, cells with fewer
+    than 5 expected merged; p > 1e-3."""
+    prompt = _prompts(tiny_zoo, 1)[0]
+    spec = SamplingSpec(temperature=1.0, top_k=3)
+    joint = pair_distribution(tiny_zoo, prompt, spec)
+
+    async def pairs(policy: str) -> list[tuple]:
+        sem = asyncio.Semaphore(8)
+
+        async def one(seed: int) -> tuple:
+            async with sem:
+                ids = await _generate(served.grpc_address, prompt,
+                                      SamplingSpec(1.0, 3, 1.0, 5000 + seed), 3, policy,
+                                      block_size=1, optimistic=True)
+                return tuple(ids[1:3])
+
+        return await asyncio.gather(*(one(s) for s in range(N_SEEDS)))
+
+    cells = sorted(joint, key=joint.get, reverse=True)
+    big = [c for c in cells if joint[c] * N_SEEDS >= 5]
+    expected = np.array([joint[c] for c in big] + [1 - sum(joint[c] for c in big)]) * N_SEEDS
+    for policy in ("spec", "cascade"):
+        got = asyncio.run(pairs(policy))
+        assert set(got) <= set(joint), policy  # no pair the LLM cannot produce
+        observed = np.array([got.count(c) for c in big] + [sum(g not in big for g in got)])
+        keep = expected > 0
+        pvalue = stats.chisquare(observed[keep], expected[keep]).pvalue
+        assert pvalue > 1e-3, (policy, observed, expected)
+
+
+def test_optimistic_drafting_is_used_and_reported(served):
+    """The optimistic path runs (its drafts are counted in usage.hilm) and turning it off per
+    request stops it."""
+    c = client(served)
+
+    def usage(optimistic: bool) -> dict:
+        out = c.completions.create(model="spec", prompt=PROMPT, max_tokens=24, temperature=0,
+                                   extra_body={"ignore_eos": True, "optimistic": optimistic,
+                                               "block_size": 2})
+        return hilm_usage(out.usage)
+
+    on, off = usage(True), usage(False)
+    assert on["optimistic_drafts"] > 0 and on["optimistic_kept"] > 0
+    assert off["optimistic_drafts"] == 0 and off["optimistic_kept"] == 0
 
 
 def test_thresholds_steer_the_routing(served):

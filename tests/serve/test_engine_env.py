@@ -52,11 +52,21 @@ def test_the_patched_wait_parks_on_the_notification_once_the_window_is_over(monk
     cond.is_reader, cond.busy_loop_s, cond.last_read = True, 1.0, time.monotonic() - 1e-3
     cond.poller, cond.local_notify_socket, cond.read_cancel_socket = Poller(), object(), object()
     shm_busy_loop.wait(cond, timeout_ms=50)
-    assert calls == [("poll", 50)]
+    assert calls == [("poll", 1)]  # parked, re-checking the flag itself after 1 ms
     monkeypatch.setattr(shm_busy_loop, "window_s", None)  # unset: vLLM's window, so it spins
     calls.clear()
     shm_busy_loop.wait(cond, timeout_ms=50)
     assert calls == ["yield"]
+
+
+def test_a_parked_reader_rechecks_sooner_the_more_recent_its_last_message():
+    """The writer's notification can be lost: a parked reader re-checks the shm flag on its own
+    after at most 1 ms right after a message, at most 100 ms once idle, never past the
+    caller's timeout."""
+    assert shm_busy_loop.park_ms(0.0005, None) == 1
+    assert shm_busy_loop.park_ms(0.2, None) == 20
+    assert shm_busy_loop.park_ms(30.0, None) == shm_busy_loop.POLL_MAX_MS
+    assert shm_busy_loop.park_ms(30.0, 7) == 7
 
 
 def test_spread_gives_each_engine_its_own_cores_when_there_are_enough():
