@@ -52,7 +52,9 @@ class VerifyArgs:
     key: str  # names the result in the worker (vLLM may rewrite request ids internally)
     n: int
     spec: SamplingSpec  # the same transform the engine's sampler applies (seed unused here)
-    draw_seed: int  # seeds the worker's uniforms and residual draw (same on every TP rank)
+    # seeds the worker's CPU generator: the n accept uniforms, then the recovered or bonus
+    # token's draw (the same draws on every TP rank and every device)
+    draw_seed: int
     q: SparseRows  # the n draft distributions
     emit: EmitArgs | None = None  # None: no emitted tokens, and no cost for them
 
