@@ -42,18 +42,35 @@ over the run's requests before dividing (ratios of sums, not means of ratios):
                           network; the rest is router, RPC and queueing overhead. It can exceed 1
                           when tiers work for one request at the same time
   errors, degraded        failed requests; requests with a non-empty usage.hilm.degraded
-Quality (`hilm_vllm.quality`; all-MiniLM-L6-v2 sentence embeddings, per prompt then the mean):
+Quality (DESIGN.md "Quality"; bench/scoring.py, shared with bench/sweep.py; scored after the
+tiers are stopped, with the CPU free):
+  ppl_llm                 perplexity of the continuations under the LLM (transformers, float32,
+                          the continuation's text tokenized by the LLM's tokenizer, teacher-forced
+                          after the prompt; token-weighted over the run's prompts)
+  ppl_ratio               ppl_llm / llm-only's on the same prompts and seeds (lossless: 1 within
+                          noise)
+  tsr                     shadow verification of the SKIPs (usage.hilm.skipped_at): the mean over
+                          skipped tokens of min(1, p(x)/q(x)), p the LLM's and q the drafter's
+                          distribution as sampled (the request's temperature / top-k / top-p, the
+                          drafter's top-k capped by its draft-top-k); tsr_coverage: the share of
+                          skipped tokens it covers (see bench/scoring.py: the ids)
   cosine_to_reference     cos(output, the held-out file's true continuation, cut to the same
-                          --max-tokens tokens of the zoo tokenizer)
+                          --max-tokens tokens of the zoo tokenizer), all-MiniLM-L6-v2 sentence
+                          embeddings (U-HLM's metric), per prompt then the mean
   accuracy_ratio          cosine_to_reference / llm-only's at the same temperature
   cosine_vs_llm           cos(output, llm-only's output for the same prompt and temperature);
                           llm-only-reseed's value is the floor two LLM samples reach at T = 1
   exact_match             fraction of prompts whose output is identical to llm-only's at the same
                           temperature (compared as decoded text: identical tokens give identical
                           text); at T = 0 this is `exact_match_t0`, 1.0 for lossless policies
+  ci95, noise_floor       a 95% bootstrap interval over prompts for each figure, and the same
+                          figures for llm-only-reseed against llm-only (hilm_vllm.quality)
 Which temperature: `policies.<name>` holds the T = 1 metrics (speed, TR, acceptance and quality
 are measured where the sampling is real) and `quality.exact_match_t0` from the T = 0 run; every
 temperature's full set is under `policies.<name>.by_temperature["1"]` (["0"], ...).
+The operating point: the router runs `hilm` at the calibrated thresholds (--thresholds, written
+by `hilm calibrate`); the demo ends by printing that point's tr_llm and ppl_ratio beside the
+nearest points of the newest bench/results/sweep-*.json of the same family, if there is one.
 
 Writes bench/results/demo-<UTC>.json (hilm_vllm.benchjson): config, git_commit, machine,
 policies = {name: ...} and results = {"requests": [one summary per request]}.
@@ -309,28 +326,38 @@ def temperature_key(t: float) -> str:
     return f"{float(t):g}"
 
 
-def build_policies(runs: list[Run], quality: dict[tuple, dict] | None) -> dict[str, dict]:
-    """The `policies` section: T = 1 metrics at the top (see the docstring), every T below."""
+def build_policies(runs: list[Run], quality: dict[tuple, dict] | None,
+                   headline: dict[str, dict] | None = None) -> dict[str, dict]:
+    """The `policies` section: T = 1 metrics at the top (see the docstring), every T below.
+    `quality[(policy, T)]` is each run's quality dict; `headline[policy]` the top-level
+    `quality` (the T = 1 figures with exact_match_t0 from the T = 0 run: `headline_quality`)."""
     policies: dict[str, dict] = {}
     for run in runs:
         entry = policies.setdefault(run.policy, {"by_temperature": {}})
         scores = (quality or {}).get((run.policy, run.temperature), {})
         entry["by_temperature"][temperature_key(run.temperature)] = (
             run_metrics(run.records, run.wall_s) | {"quality": dict(scores)})
-    for entry in policies.values():
+    for name, entry in policies.items():
         by_t = entry["by_temperature"]
-        primary = temperature_key(PRIMARY_TEMPERATURE)
-        top_key = primary if primary in by_t else next(iter(by_t))
+        top_key = primary_key(by_t)
         top = by_t[top_key]
         t0 = by_t.get(temperature_key(0.0), {}).get("quality", {})
         quality = {"exact_match_t0": t0.get("exact_match"),
                    "cosine_to_reference": top["quality"].get("cosine_to_reference"),
                    "accuracy_ratio": top["quality"].get("accuracy_ratio"),
                    "cosine_vs_llm": top["quality"].get("cosine_vs_llm")}
+        if headline and name in headline:
+            quality |= headline[name]
         entry.update({k: v for k, v in top.items() if k != "quality"})
         entry.update(temperature=float(top_key), quality=quality)
         entry["by_temperature"] = entry.pop("by_temperature")  # after the headline keys
     return policies
+
+
+def primary_key(by_t: dict) -> str:
+    """The temperature whose figures are a policy's headline: T = 1 if run, else the first."""
+    primary = temperature_key(PRIMARY_TEMPERATURE)
+    return primary if primary in by_t else next(iter(by_t))
 
 
 # ---- table --------------------------------------------------------------------------------------
@@ -342,6 +369,8 @@ COLUMNS = (("tok/s", "tokens_per_s", ".1f"), ("TTFT ms", "ttft_ms", ".0f"),
            ("skip", "skip_rate", ".3f"), ("fwd/tok", "llm_forwards_per_token", ".3f"),
            ("acc ilm", "acceptance_ilm", ".3f"), ("acc llm", "acceptance_llm", ".3f"),
            ("B/tok", "uplink_bytes_per_token", ".0f"), ("eff", "efficiency", ".2f"),
+           ("ppl", ("quality", "ppl_llm"), ".2f"), ("ppl ratio", ("quality", "ppl_ratio"), ".3f"),
+           ("TSR", ("quality", "tsr"), ".3f"),
            ("cos ref", ("quality", "cosine_to_reference"), ".3f"),
            ("acc ratio", ("quality", "accuracy_ratio"), ".3f"),
            ("cos llm", ("quality", "cosine_vs_llm"), ".3f"),
@@ -370,11 +399,13 @@ def _cell(entry: dict, col, fmt: str) -> str:
 # ---- requests -----------------------------------------------------------------------------------
 
 async def stream_one(client, policy: str, prompt: str, index: int, seed: int, temperature: float,
-                     args) -> RequestRecord:
-    """One streamed completion; errors are recorded, not raised."""
+                     args, extra_body: dict | None = None) -> RequestRecord:
+    """One streamed completion; errors are recorded, not raised. `extra_body` adds router body
+    fields (thresholds, skip_rate, block_size, optimistic)."""
     extra = {"policy": policy.removesuffix("-reseed"), "ignore_eos": args.ignore_eos}
     if args.top_k > 0:
         extra["top_k"] = args.top_k
+    extra |= extra_body or {}
     rec = RequestRecord(index, seed, time.perf_counter())
     parts, usage = [], None
     try:
@@ -455,6 +486,23 @@ def engine_flags(tier: str, zoo) -> list[str]:
             "--port", "0", "--metrics-port", "0"]
 
 
+def ilm_gate_flags(thresholds: str | Path) -> list[str]:
+    """The ILM tier's own gate flags from the thresholds YAML's `ilm_uncertainty` (t_ilm was
+    fitted with that gate; the router does not send the ILM one), [] when it names none."""
+    import yaml
+
+    path = Path(thresholds)
+    u = (yaml.safe_load(path.read_text()) or {}).get("ilm_uncertainty") if path.is_file() else None
+    if not isinstance(u, dict) or "gate" not in u:
+        return []
+    flags = ["--uncertainty-gate", str(u["gate"])]
+    for key, flag in (("num_samples", "--uncertainty-samples"), ("theta_max", "--theta-max"),
+                      ("perturbation", "--perturbation")):
+        if u.get(key) is not None:
+            flags += [flag, str(u[key])]
+    return flags
+
+
 def router_flags(args, addresses: dict[str, str]) -> list[str]:
     return ["--model", f"zoo:{args.zoo}/llm", "--slm", addresses["slm"], "--ilm", addresses["ilm"],
             "--llm", addresses["llm"], "--policy", "hilm", "--thresholds", args.thresholds,
@@ -492,7 +540,8 @@ def served_router(args, zoo):
         t0 = time.monotonic()
         print(f"starting tiers {', '.join(ENGINE_TIERS)} ...", flush=True)
         for tier in ENGINE_TIERS:
-            tiers.procs.append(TierProcess.start(tier, engine_flags(tier, zoo)))
+            extra = ilm_gate_flags(args.thresholds) if tier == "ilm" else []
+            tiers.procs.append(TierProcess.start(tier, engine_flags(tier, zoo) + extra))
         for proc in tiers.procs:
             proc.wait_healthy(args.startup_timeout)
         addresses = {p.tier: p.grpc_address for p in tiers.procs}
@@ -550,16 +599,73 @@ def load_prompts(zoo, args) -> tuple[list[str], list[str]]:
     return [r["prompt"] for r in rows], refs
 
 
-def score(runs: list[Run], references: list[str], args) -> dict | None:
+def outputs_of(run: Run, prompts: list[str], args) -> list:
+    """bench.scoring.Output per prompt index (failed or missing requests: text None)."""
+    from bench.scoring import Output, output_from_record
+
+    out = [Output(p, None) for p in prompts]
+    for r in run.records:
+        out[r.prompt_index] = output_from_record(r, prompts[r.prompt_index], run.temperature,
+                                                 args.top_k)
+    return out
+
+
+def score(runs: list[Run], prompts: list[str], references: list[str], args,
+          zoo) -> tuple[dict, dict] | None:
+    """Quality of every run (bench/scoring.py): ({(policy, T): quality dict}, {policy: the
+    headline quality}), or None with --no-quality."""
     if not args.quality:
         return None
+    import numpy as np
+
+    from bench.scoring import RunScores, ShadowScorer, embed_all, per_prompt_cosines
     from hilm_vllm.quality import Embedder
 
     t0 = time.monotonic()
-    embedder = Embedder()
-    scores = quality_metrics(runs, references, embedder.encode)
+    n = len(references)
+    texts = {(run.policy, run.temperature): texts_by_prompt(run, n) for run in runs}
+    vectors = embed_all([t for ts in texts.values() for t in ts] + list(references),
+                        Embedder().encode)
+    per_run = quality_metrics(runs, references, lambda ts: np.array([vectors[t] for t in ts]))
+    scorer = ShadowScorer.for_zoo(zoo)
+    scores = {}
+    for run in runs:
+        key = (run.policy, run.temperature)
+        scores[key] = RunScores(scorer.score(outputs_of(run, prompts, args)),
+                                per_prompt_cosines(texts[key], references, vectors),
+                                texts[key] if run.temperature == 0 else None)
+    per_run, headline = quality_dicts(scores, per_run)
     print(f"quality scored in {time.monotonic() - t0:.0f} s", flush=True)
-    return scores
+    return per_run, headline
+
+
+def quality_dicts(scores: dict[tuple, object], per_run: dict[tuple, dict]) -> tuple[dict, dict]:
+    """RunScores per (policy, T) and the cosine/exact dicts of `quality_metrics` -> the quality
+    dict of each run (against llm-only and llm-only-reseed at the same T) and each policy's
+    headline quality (its primary-temperature run with exact_match_t0 from its T = 0 run)."""
+    from dataclasses import replace
+
+    from bench.scoring import quality_block
+
+    out = {}
+    for (policy, t), rs in scores.items():
+        out[(policy, t)] = dict(per_run.get((policy, t), {})) | quality_block(
+            rs, scores.get((BASELINE, t)), scores.get((RESEED, t)))
+    headline = {}
+    for policy in dict.fromkeys(p for p, _ in scores):
+        temps = {temperature_key(t): t for p, t in scores if p == policy}
+        t = temps[primary_key(temps)]
+
+        def with_t0(name):
+            rs = scores.get((name, t))
+            t0 = scores.get((name, 0.0))
+            return None if rs is None else replace(
+                rs, outputs_t0=t0.outputs_t0 if t0 is not None else None)
+
+        block = quality_block(with_t0(policy), with_t0(BASELINE), with_t0(RESEED))
+        headline[policy] = block | {"cosine_vs_llm": per_run.get((policy, t), {}).get(
+            "cosine_vs_llm")}
+    return out, headline
 
 
 def config_of(args, zoo, prompts: list[str]) -> dict:
@@ -579,7 +685,8 @@ def config_of(args, zoo, prompts: list[str]) -> dict:
 def report(runs: list[Run], references: list[str], args, zoo, prompts) -> int:
     from hilm_vllm.benchjson import write_result
 
-    policies = build_policies(runs, score(runs, references, args))
+    scores = score(runs, prompts, references, args, zoo)
+    policies = build_policies(runs, *(scores or (None,)))
     requests = [r.summary(run.policy, run.temperature) for run in runs for r in run.records]
     path = write_result("demo", config_of(args, zoo, prompts), {"requests": requests},
                         Path(args.out_dir), top={"policies": policies})
@@ -588,10 +695,57 @@ def report(runs: list[Run], references: list[str], args, zoo, prompts) -> int:
               f"concurrency {args.concurrency}; exact = identical to llm-only)\n")
         print(render_table(policies, t))
     print(f"\nwrote {path}")
+    print("\n" + operating_point_report(policies, args))
     failed = sum(m["errors"] for e in policies.values() for m in e["by_temperature"].values())
     if failed:
         print(f"{failed} requests failed: see `error` in the JSON's requests", file=sys.stderr)
     return 1 if failed else 0
+
+
+def operating_point_report(policies: dict[str, dict], args) -> str:
+    """Where the calibrated point (`hilm` at --thresholds) sits: its figures, `hlm`'s in the same
+    run, and the nearest points of the newest sweep of the same family (bench/sweep.py)."""
+    import json
+
+    from bench.sweep import latest_sweep, nearest_points, point_line
+
+    entry = policies.get("hilm")
+    if entry is None:
+        return "operating point: `hilm` was not run"
+    t = config_thresholds(args.thresholds)
+    point = {"label": "hilm (this run)", "skip_rate_measured": entry.get("skip_rate"), **entry}
+    lines = [f"operating point: hilm at the calibrated thresholds ({args.thresholds}: t1 "
+             f"{_fmt(t.get('t1'))}, t2 {_fmt(t.get('t2'))}, t_ilm {_fmt(t.get('t_ilm'))}; "
+             f"T = {entry['temperature']:g})", point_line(point)]
+    hlm = policies.get("hlm")
+    if hlm and hlm.get("tokens_per_s") and entry.get("tokens_per_s"):
+        lines.append(f"  hlm in the same run: {hlm['tokens_per_s']:.1f} tok/s, tr_llm "
+                     f"{_fmt(hlm.get('tr_llm'))}: hilm is "
+                     f"{entry['tokens_per_s'] / hlm['tokens_per_s']:.2f}x hlm's tokens/s")
+    sweep = latest_sweep(args.out_dir, args.zoo)
+    if sweep is None or entry.get("tr_llm") is None:
+        lines.append(f"  no sweep of the {args.zoo} family in {args.out_dir}: `hilm bench sweep` "
+                     f"draws the curve this point sits on")
+        return "\n".join(lines)
+    doc = json.loads(sweep.read_text())
+    c = doc.get("config", {})
+    lines.append(f"  the nearest points by tr_llm on {sweep.name} ({c.get('num_prompts')} prompts "
+                 f"x {c.get('max_tokens')} tokens, T = {c.get('temperature')}; another run, so "
+                 f"compare tr_llm and ppl_ratio, not tokens/s):")
+    lines += [point_line(p) for p in nearest_points(doc.get("points", []), entry["tr_llm"])]
+    return "\n".join(lines)
+
+
+def config_thresholds(path: str | Path) -> dict:
+    import yaml
+
+    path = Path(path)
+    doc = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    return {k: doc.get(k) for k in ("t1", "t2", "t_ilm", "rule")}
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 def main(argv: list[str] | None = None) -> int:

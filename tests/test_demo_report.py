@@ -175,3 +175,77 @@ def test_defaults_run_every_policy_at_both_temperatures_plus_the_reseed():
     assert demo.run_order(args) == [("llm-only", 0.0), ("hilm", 0.0)]  # baseline always runs
     with pytest.raises(SystemExit):
         demo.parse_args(["--policies", "nope"])
+
+
+# ---- quality through bench/scoring.py -------------------------------------------------------------
+
+def _scores(nll, cos, skipped=None, t0=None):
+    from bench.scoring import RunScores, Scored
+
+    skipped = skipped or [None] * len(nll)
+    return RunScores([Scored(nll=a, n=10, skipped_p=s[0] if s else [], skipped_q=s[1] if s else [],
+                             skipped=len(s[0]) if s else 0, source="router")
+                      for a, s in zip(nll, skipped)], cosine=cos, outputs_t0=t0)
+
+
+HEADLINE_KEYS = {"ppl_llm", "ppl_ratio", "tsr", "exact_match_t0", "cosine_to_reference",
+                 "accuracy_ratio", "ci95", "noise_floor", "cosine_vs_llm", "tsr_coverage"}
+
+
+def test_quality_dicts_score_each_run_against_llm_only_and_take_exact_match_from_t0():
+    scores = {("llm-only", 1.0): _scores([10.0, 20.0], [0.5, 0.5]),
+              ("hilm", 1.0): _scores([20.0, 20.0], [0.5, 0.25],
+                                     skipped=[([0.2], [0.4]), ([0.9, 0.5], [0.3, 0.5])]),
+              (demo.RESEED, 1.0): _scores([11.0, 19.0], [0.5, 0.5]),
+              ("llm-only", 0.0): _scores([5.0, 5.0], [0.5, 0.5], t0=["a", "b"]),
+              ("hilm", 0.0): _scores([5.0, 5.0], [0.5, 0.5], t0=["a", "c"]),
+              (demo.RESEED, 0.0): _scores([5.0, 5.0], [0.5, 0.5], t0=["a", "b"])}
+    per_run = {k: {"cosine_vs_llm": 0.9, "exact_match": None} for k in scores}
+    runs, headline = demo.quality_dicts(scores, per_run)
+    hilm = headline["hilm"]
+    assert HEADLINE_KEYS <= hilm.keys()
+    assert hilm["ppl_ratio"] == pytest.approx(math.exp(40 / 20) / math.exp(30 / 20))
+    assert hilm["tsr"] == pytest.approx((0.5 + 1 + 1) / 3)  # min(1, p/q) pooled over SKIPs
+    assert hilm["exact_match_t0"] == 0.5 and hilm["cosine_vs_llm"] == 0.9
+    assert hilm["noise_floor"]["ppl_ratio"]["value"] == pytest.approx(
+        math.exp(30 / 20) / math.exp(30 / 20))
+    assert headline["llm-only"]["ppl_ratio"] == pytest.approx(1.0)
+    assert runs[("hilm", 0.0)]["exact_match_t0"] == 0.5
+    assert runs[("hilm", 1.0)]["exact_match_t0"] is None  # T = 1 runs have no T = 0 outputs
+    assert "cosine_vs_llm" in runs[("hilm", 1.0)]  # the old keys stay
+
+
+def test_policies_with_headline_quality_keep_the_old_keys_and_add_the_issue_keys():
+    scores = demo.quality_metrics(synthetic_runs(), ["ref0", "ref1"], fake_embed)
+    headline = {"hilm": {"ppl_llm": 3.0, "ppl_ratio": 1.1, "tsr": 0.9}}
+    policies = demo.build_policies(synthetic_runs(), scores, headline)
+    q = policies["hilm"]["quality"]
+    assert QUALITY_KEYS <= q.keys() and q["ppl_ratio"] == 1.1 and q["tsr"] == 0.9
+    table = demo.render_table(policies, 1.0)
+    assert "ppl ratio" in table and "TSR" in table
+
+
+def test_ilm_gate_flags_follow_the_yaml(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("t1: 0.1\nt2: 0.2\nt_ilm: 0.3\nilm_uncertainty:\n  gate: entropy\n"
+                    "  num_samples: 20\n  theta_max: 2.0\n  perturbation: uniform\n")
+    assert demo.ilm_gate_flags(path) == ["--uncertainty-gate", "entropy",
+                                         "--uncertainty-samples", "20", "--theta-max", "2.0",
+                                         "--perturbation", "uniform"]
+    path.write_text("t1: 0.1\nt2: 0.2\nt_ilm: 0.3\n")
+    assert demo.ilm_gate_flags(path) == [] and demo.ilm_gate_flags(tmp_path / "none") == []
+
+
+def test_operating_point_report_places_hilm_beside_the_nearest_sweep_points(tmp_path):
+    entry = {"temperature": 1.0, "tokens_per_s": 40.0, "tr_llm": 0.2, "tr_ilm": 0.1,
+             "skip_rate": 0.5, "quality": {"ppl_ratio": 1.05, "tsr": 0.9}}
+    policies = {"hilm": entry, "hlm": {"tokens_per_s": 10.0, "tr_llm": 1.0}}
+    args = demo.parse_args(["--out-dir", str(tmp_path), "--zoo", "demo"])
+    text = demo.operating_point_report(policies, args)
+    assert "4.00x hlm" in text and "no sweep of the demo family" in text
+    points = [{"policy": p, "label": f"{p}@{tr}", "tr_llm": tr, "calibrated": False,
+               "quality": {"ppl_ratio": 1 + tr}} for p in ("uhlm", "rand") for tr in (0.1, 0.6)]
+    (tmp_path / "sweep-20990101T000000Z.json").write_text(json.dumps(
+        {"config": {"zoo": "demo", "num_prompts": 4, "max_tokens": 8}, "points": points}))
+    text = demo.operating_point_report(policies, args)
+    assert "uhlm@0.1" in text and "rand@0.1" in text and "@0.6" not in text
