@@ -81,6 +81,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the router's thresholds YAML (default: %(default)s)")
     p.add_argument("--vllm-spec", action=argparse.BooleanOptionalAction, default=True,
                    help="also run vLLM's own speculative decoding (default: on)")
+    p.add_argument("--placement", default=None,
+                   help="engine placement layout (README 'Placement'; default: hilm-serve's, "
+                        "spread)")
+    p.add_argument("--engine-busy-loop-ms", type=float, default=None,
+                   help="the engines' shm busy-loop window (default: hilm-serve's: 0 on CPU); "
+                        "1000 with --placement vllm reproduces vLLM's own behaviour")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results)")
     args = p.parse_args(argv)
@@ -182,9 +188,12 @@ def measure(url: str, model: str, llm_metrics: str | None, policy: str, optimist
 
 # ---- tiers --------------------------------------------------------------------------------------
 
-def engine_flags(tier: str, zoo) -> list[str]:
-    return ["--model", str(zoo.model(tier)), "--config", f"engine_configs/demo-{tier}.yaml",
-            "--port", "0", "--metrics-port", "0"]
+def engine_flags(tier: str, zoo, args) -> list[str]:
+    flags = ["--model", str(zoo.model(tier)), "--config", f"engine_configs/demo-{tier}.yaml",
+             "--port", "0", "--metrics-port", "0"]
+    if args.engine_busy_loop_ms is not None:
+        flags += ["--engine-busy-loop-ms", f"{args.engine_busy_loop_ms:g}"]
+    return flags
 
 
 def router_flags(zoo, addresses: dict[str, str], latency: str, args) -> list[str]:
@@ -199,7 +208,8 @@ def router_flags(zoo, addresses: dict[str, str], latency: str, args) -> list[str
 def run_tiers(zoo, prompts: list[str], args) -> list[dict]:
     runs, procs = [], []
     try:
-        tiers = {t: TierProcess.start(t, engine_flags(t, zoo)) for t in ("slm", "ilm", "llm")}
+        tiers = {t: TierProcess.start(t, engine_flags(t, zoo, args), placement=args.placement)
+                 for t in ("slm", "ilm", "llm")}
         procs += tiers.values()
         for p in tiers.values():
             p.wait_healthy()

@@ -85,12 +85,16 @@ class Pair:
     """A drafter session and a verifier session on the same prompt, cut back every call."""
 
     def __init__(self, slm: DrafterClient, llm: VerifierClient, block: int, seed: int):
+        """`seed`: the verifier session's (its acceptance draws)."""
         self.slm, self.llm, self.block, self.seed = slm, llm, block, seed
 
     async def open(self) -> Pair:
-        spec = SamplingSpec(temperature=1.0, seed=self.seed)
-        self.d = await self.slm.open_session(PROMPT, spec)
-        self.v = await self.llm.open_session(list(self.d.prompt_token_ids), spec)
+        # Unseeded: every Draft samples afresh. A verifier replays a call identical to its last
+        # one (a client's retry) without the engine, so Verify calls alternate between two
+        # blocks (`variant`) and never repeat the previous call.
+        self.d = await self.slm.open_session(PROMPT, SamplingSpec(temperature=1.0))
+        self.v = await self.llm.open_session(list(self.d.prompt_token_ids),
+                                             SamplingSpec(temperature=1.0, seed=self.seed))
         self.base, self.d_at, self.v_at = self.d.position, self.d.position, self.v.position
         return self
 
@@ -100,17 +104,29 @@ class Pair:
         self.d_at = r.position
         return r
 
-    async def verify(self, drafted):
-        r = await self.llm.verify(self.v.session_id, self.v_at,
-                                  [t.token_id for t in drafted.tokens],
-                                  [(t.ids, t.probs) for t in drafted.tokens],
+    async def verify(self, block):
+        """Verify a block: a DraftResult's tokens, or a list of (token, (ids, probs))."""
+        if hasattr(block, "tokens"):
+            block = [(t.token_id, (t.ids, t.probs)) for t in block.tokens]
+        r = await self.llm.verify(self.v.session_id, self.v_at, [t for t, _ in block],
+                                  [d for _, d in block],
                                   rollback_to=self.base if self.v_at > self.base else None)
         self.v_at = r.position
         return r
 
+
     async def close(self) -> None:
         await self.slm.close_session(self.d.session_id)
         await self.llm.close_session(self.v.session_id)
+
+
+def variant(drafted) -> list:
+    """The drafted block with its last token swapped for another one of its support (the same
+    size of work for the verifier, a different call)."""
+    block = [(t.token_id, (t.ids, t.probs)) for t in drafted.tokens]
+    token, (ids, probs) = block[-1]
+    other = next((int(i) for i in ids if int(i) != token), token)
+    return block[:-1] + [(other, (ids, probs))]
 
 
 async def timed(coro) -> tuple[float, object]:
@@ -130,7 +146,7 @@ async def latencies(pair: Pair, args) -> dict:
         ms, _ = await timed(pair.verify(drafted))  # right after the Draft
         verify_after.append(ms)
         await asyncio.sleep(args.idle_s)
-        ms, _ = await timed(pair.verify(drafted))
+        ms, _ = await timed(pair.verify(variant(drafted)))
         verify_idle.append(ms)
     med = statistics.median
     return {"draft_ms_idle": med(draft_idle), "verify_ms_idle": med(verify_idle),
@@ -142,6 +158,7 @@ async def latencies(pair: Pair, args) -> dict:
 async def rate(pairs: list[Pair], what: str, seconds: float) -> float:
     """Calls per second in aggregate, every pair calling back to back for `seconds`."""
     drafted = [await p.draft() for p in pairs]
+    blocks = [(d, variant(d)) for d in drafted]
     deadline = time.perf_counter() + seconds
     counts = [0] * len(pairs)
 
@@ -150,7 +167,7 @@ async def rate(pairs: list[Pair], what: str, seconds: float) -> float:
             if what == "draft":
                 await pairs[i].draft()
             else:
-                await pairs[i].verify(drafted[i])
+                await pairs[i].verify(blocks[i][counts[i] % 2])
             counts[i] += 1
 
     t0 = time.perf_counter()

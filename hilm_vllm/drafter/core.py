@@ -250,8 +250,10 @@ class Drafter:
                     append: list[int] | tuple[int, ...] = ()) -> DraftResult:
         """Draft up to `max_tokens` after first cutting the session back to `rollback_to` (if
         given) and appending `append`. `position` is where the client believes the session is
-        before that (as in Verify). The session changes only if everything checks out (then
-        it holds the drafts too)."""
+        before that (as in Verify); 0 with `rollback_to` means "not known" (the client
+        cancelled a Draft and cannot tell whether it went through): any length >= rollback_to
+        is then fine. The session changes only if everything checks out (then it holds the
+        drafts too)."""
         if not 1 <= max_tokens <= self.settings.max_draft_tokens:
             raise InvalidArgument(f"max_tokens must be in [1, {self.settings.max_draft_tokens}] "
                                   f"(--max-draft-tokens), got {max_tokens}")
@@ -263,7 +265,8 @@ class Drafter:
         session = self.sessions.get(sid, owner)
         async with session.lock:
             state = session.state
-            self.check_position(session, position)
+            if not (position == 0 and rollback_to is not None):
+                self.check_position(session, position)
             base = position if rollback_to is None else rollback_to
             self.check_rollback(session, base)
             if base + len(append) > state.limit:

@@ -389,6 +389,13 @@ class _Run:
                 if done:
                     return
                 keep = common_prefix(drafted, kept)
+                if ahead is not None and not ahead.done() and not (
+                        kept[:len(drafted)] == drafted and len(kept) <= len(drafted) + 1):
+                    # A rejection: nothing drafted ahead can be used. Stop it rather than wait;
+                    # whether it went through is unknown, so the next Draft cuts back to what
+                    # survived whatever the session holds (position 0 = not known).
+                    ahead.cancel()
+                    ahead, position = None, 0
                 if ahead is not None:
                     extra, ahead = await self._settle(ahead), None
                     if extra is not None:
@@ -403,7 +410,7 @@ class _Run:
                 # The drafter holds base + drafted (+ what it drafted ahead): keep what
                 # survived, give it the rest with the next Draft.
                 ready = []
-                rollback_to = base + keep if position > base + keep else None
+                rollback_to = base + keep if position == 0 or position > base + keep else None
                 append = kept[keep:]
         finally:
             if ahead is not None:

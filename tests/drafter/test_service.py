@@ -315,3 +315,20 @@ def test_a_cancelled_draft_leaves_no_record_behind(slm_tier):
     assert call(main, slm_tier.grpc_address), "no cancel landed before its draft finished"
     assert scrape(slm_tier, "hilm_drafter_waiting_drafts") == 0
     assert scrape(slm_tier, "hilm_drafter_worker_records") == 0
+
+
+def test_a_draft_after_an_unknown_outcome_cuts_back_whatever_the_session_holds(slm_tier):
+    """position 0 with rollback_to: the client cancelled a Draft and cannot tell whether it
+    went through; either way the session is cut back to rollback_to and drafts from there."""
+    async def main(client):
+        s = await client.open_session(PROMPT, SamplingSpec(0.8, seed=8))
+        first = await client.draft(s.session_id, s.position, 4)
+        again = await client.draft(s.session_id, 0, 4, rollback_to=s.position)  # held: +4
+        third = await client.draft(s.session_id, 0, 4, rollback_to=s.position, append=[7])
+        with pytest.raises(grpc.aio.AioRpcError) as e:  # without rollback_to, 0 is a position
+            await client.draft(s.session_id, 0, 4)
+        await client.close_session(s.session_id)
+        return draft_rows(first), draft_rows(again), third.position - s.position, e.value.code()
+
+    first, again, advanced, code = call(main, slm_tier.grpc_address)
+    assert again == first and advanced == 5 and code == Code.FAILED_PRECONDITION
