@@ -27,6 +27,8 @@ SUBCOMMANDS = (
 # repository root: run from there). Add a script here to make it a `hilm bench` command.
 BENCH_SCRIPTS = {
     "sweep": ("sweep.py", "speed and TR against quality over thresholds and skip rates"),
+    "load": ("load.py", "every policy at 1-32 concurrent streams, network off and on"),
+    "round-cost": ("round_cost.py", "Draft and Verify latency and call rates, co-located"),
 }
 
 
