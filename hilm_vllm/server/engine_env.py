@@ -11,6 +11,8 @@ the engine (each left alone when the user has set it):
   own 1 s stays (unset).
 - `VLLM_USE_V2_MODEL_RUNNER=0` on GPU: the drafter's logits processor and the verifier's hook
   implement vLLM 0.32's V1 runner interface, and 0.32 picks Model Runner V2 on GPU.
+- `VLLM_USE_FLASHINFER_SAMPLER=0` on GPU: the drafter's q must be exactly what its sampler
+  drew from (vLLM's own top-k/top-p mask).
 - `VLLM_CPU_OMP_THREADS_BIND`: which cores the engine's worker computes on. vLLM's `auto` binds
   every engine's worker to the same first core; `cpu_binding` gives co-located tiers their own
   cores (see `placement`; the launcher of the demo, the benchmarks and the tests applies it).
@@ -57,6 +59,10 @@ def prepare(busy_loop_flag: float | None, environ=os.environ) -> dict[str, str]:
         changed[BUSY_LOOP_ENV] = f"{window:g}"
     if not is_cpu and "VLLM_USE_V2_MODEL_RUNNER" not in environ:
         changed["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    if not is_cpu and "VLLM_USE_FLASHINFER_SAMPLER" not in environ:
+        # the drafter's q is vLLM's own top-k/top-p mask of the raw row; FlashInfer's sampler
+        # draws by another route, which can pick a token that mask gives probability 0
+        changed["VLLM_USE_FLASHINFER_SAMPLER"] = "0"
     environ.update(changed)
     for key, value in changed.items():
         logger.info("engine environment: %s=%s", key, value)

@@ -85,3 +85,16 @@ def test_on_two_cores_the_drafter_and_the_llm_are_apart():
     assert engine_env.placement(tiers, [5]) == dict.fromkeys(tiers, "5")
     with pytest.raises(ValueError, match="unknown placement"):
         engine_env.placement(tiers, [0, 1], "random")
+
+
+def test_on_gpu_the_v1_runner_and_vllms_own_sampler_are_chosen_unless_the_user_chose(
+        monkeypatch):
+    from vllm.platforms import current_platform
+
+    monkeypatch.setattr(current_platform, "is_cpu", lambda: False)
+    env = {}
+    engine_env.prepare(None, environ=env)
+    assert env == {"VLLM_USE_V2_MODEL_RUNNER": "0", "VLLM_USE_FLASHINFER_SAMPLER": "0"}
+    env = {"VLLM_USE_V2_MODEL_RUNNER": "1"}
+    engine_env.prepare(None, environ=env)
+    assert env["VLLM_USE_V2_MODEL_RUNNER"] == "1"  # the user's choice stands
