@@ -14,7 +14,8 @@ router's OpenAI API with at most `concurrency` in flight. vLLM's own speculative
 draft sampling, the CPU fix of patches/ active) runs the same requests, network off, as the
 policy `vllm-spec`: the in-engine baseline a vLLM user would try first.
 
-Each run is one entry of `runs` in bench/results/load-<UTC>.json, with exactly these keys:
+Each run is one entry of `results.runs` in bench/results/load-<UTC>.json, with exactly these
+keys:
   policy, optimistic, concurrency, latency,
   tokens_per_s             completion tokens / wall time of the run (aggregate)
   tokens_per_s_per_stream  mean over requests of its tokens / its latency
@@ -361,8 +362,7 @@ def main(argv=None) -> int:
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {
         "zoo": zoo.manifest.get("key") if hasattr(zoo, "manifest") else args.zoo,
         "seconds": round(time.perf_counter() - t0, 1), "temperature": 1.0}
-    path = write_result("load", config, {"policies": sorted({r["policy"] for r in runs})},
-                        out_dir=args.out, top={"runs": runs})
+    path = write_result("load", config, {"runs": runs}, out_dir=args.out)
     plot(runs, path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")
     return 1 if any(r["errors"] for r in runs) else 0

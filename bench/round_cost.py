@@ -19,9 +19,9 @@ Settings: `default` is what hilm-serve does today (placement `spread`, window 0 
 the "before" of the round-cost issue; the others vary one of the two. Timings are ratios within
 one run: the machine is shared and noisy.
 
-Writes bench/results/round_cost-<UTC>.json: config, git_commit, machine, the default setting's
-figures at the top level (the keys above) and every setting's under `results.settings`, plus a
-PNG of the latencies and call rates per setting.
+Writes bench/results/round_cost-<UTC>.json: config, git_commit, machine, and under `results`
+the default setting's figures (the keys above) and every setting's under `results.settings`,
+plus a PNG of the latencies and call rates per setting.
 """
 
 from __future__ import annotations
@@ -263,7 +263,7 @@ def main(argv=None) -> int:
                                               "verify_calls_per_s")}
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {
         "top_level_setting": top_name, "settings_known": {k: list(v) for k, v in SETTINGS.items()}}
-    path = write_result("round_cost", config, {"settings": settings}, out_dir=args.out, top=top)
+    path = write_result("round_cost", config, top | {"settings": settings}, out_dir=args.out)
     plot(settings, path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")
     return 0
