@@ -111,6 +111,9 @@ class Verifier:
         self.channel = channel  # None: every result is fetched with hilm_pop_verify
         self.sessions: SessionStore[VerifierSession] = SessionStore(
             StoreLimits(settings.max_sessions, settings.session_ttl_s))
+        from hilm_vllm.verifier import metrics
+
+        metrics.SESSIONS.set_function(lambda: len(self.sessions))
 
     @classmethod
     async def start(cls, engine, settings: VerifierSettings) -> Verifier:

@@ -260,6 +260,39 @@ def test_optimistic_drafting_is_used_and_reported(served):
     assert off["optimistic_drafts"] == 0 and off["optimistic_kept"] == 0
 
 
+def scrape(proc, name: str) -> float:
+    import re
+
+    text = urllib.request.urlopen(proc.metrics_url, timeout=10).read().decode()
+    m = re.search(rf"^{name} ([-+\deE.]+)$", text, re.M)
+    assert m, f"{name} is not on the {proc.tier} tier's /metrics"
+    return float(m.group(1))
+
+
+def test_a_client_that_leaves_mid_stream_leaves_nothing_on_any_tier(served, tiers):
+    """Close an SSE stream after its first chunks: the router closes the request's sessions on
+    every tier, and the drafter holds no draft record (nor does a draft-ahead linger)."""
+    import time
+
+    llm, ilm, slm = tiers
+    for policy in ("hilm", "spec", "cascade"):
+        body = {"model": policy, "prompt": PROMPT, "max_tokens": 200, "temperature": 1.0,
+                "ignore_eos": True, "stream": True, "block_size": 3}
+        request = urllib.request.Request(served.http_url + "/v1/completions",
+                                         data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            for _ in range(3):
+                assert response.readline()  # a few SSE lines, then hang up mid-generation
+    names = {llm: "hilm_verifier_sessions", ilm: "hilm_verifier_sessions",
+             slm: "hilm_drafter_sessions"}
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(scrape(p, n) for p, n in names.items()):
+        time.sleep(0.5)
+    assert {p.tier: scrape(p, n) for p, n in names.items()} == {"llm": 0, "ilm": 0, "slm": 0}
+    assert scrape(slm, "hilm_drafter_waiting_drafts") == 0
+
+
 def test_thresholds_steer_the_routing(served):
     c = client(served)
 
