@@ -382,6 +382,7 @@ class _Run:
                         and self.generated + len(drafted) < self.req.max_tokens):
                     ahead = asyncio.ensure_future(self._draft(
                         drafter.sid, position, self.lookahead, usage))
+                    self.stats.optimistic_drafts += 1
                 final = await self.verify_round(tokens)
                 kept, done = self.accept(final)
                 if kept:
@@ -399,7 +400,6 @@ class _Run:
                 if ahead is not None:
                     extra, ahead = await self._settle(ahead), None
                     if extra is not None:
-                        self.stats.optimistic_drafts += 1
                         position = extra.position
                         start = optimistic_start(drafted, kept,
                                                  [t.token_id for t in extra.tokens])
