@@ -68,17 +68,28 @@ def heldout_pairs(tokenizer, texts: list[tuple[str, str]], n: int, seed: int) ->
     return pairs
 
 
+def build_threads() -> int:
+    """Training threads: `HILM_ZOO_THREADS`, else every core. On a machine shared with other
+    busy processes fewer threads train faster: torch's threads wait on one another at every op,
+    so one descheduled thread stalls them all (measured on 2 cores beside one busy process:
+    2 threads fell to 1.4-3k tokens/s, 1 thread kept 6.5-8k)."""
+    if env := os.environ.get("HILM_ZOO_THREADS"):
+        return max(1, int(env))
+    return os.cpu_count() or 1
+
+
 def build(recipe: Recipe, out: Path, device: str = "cpu", progress: bool = True) -> dict:
     """Build the zoo into `out` (created atomically: a crash leaves no half-built zoo)."""
     import torch
     from tqdm import tqdm
     from transformers import LlamaForCausalLM
 
+    from hilm_vllm.zoo.gates import evaluate_gates
     from hilm_vllm.zoo.tokenizer import train_tokenizer
     from hilm_vllm.zoo.train import evaluate, llama_config, train
 
     torch.manual_seed(recipe.seed)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(build_threads())
     t0 = time.perf_counter()
     train_texts = [t for _, t in iter_texts(heldout=False, max_bytes=recipe.corpus_bytes)]
     heldout = list(iter_texts(heldout=True, max_bytes=max(recipe.corpus_bytes // 8, 400_000)))
@@ -92,7 +103,10 @@ def build(recipe: Recipe, out: Path, device: str = "cpu", progress: bool = True)
                unit_scale=True, desc=f"zoo {recipe.name}", disable=not progress)
     with bar:
         stats = train(model, stream, recipe, device, bar)
+    t_eval = time.perf_counter()
     metrics = evaluate(model, heldout_stream, recipe)
+    gates = evaluate_gates(model, heldout_stream, recipe)
+    eval_s = time.perf_counter() - t_eval
 
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -109,9 +123,12 @@ def build(recipe: Recipe, out: Path, device: str = "cpu", progress: bool = True)
                    "python": platform.python_version(), "train_tokens_available": int(len(stream)),
                    "heldout_tokens": int(len(heldout_stream)), "heldout_files": len(heldout)},
         "training": {"tokens": stats.tokens, "seconds": round(stats.seconds, 1),
-                     "prep_seconds": round(prep_s, 1), "final_train_loss": round(stats.final_loss, 4),
-                     "device": device, "torch": torch.__version__},
+                     "prep_seconds": round(prep_s, 1), "eval_seconds": round(eval_s, 1),
+                     "final_train_loss": round(stats.final_loss, 4),
+                     "device": device, "threads": torch.get_num_threads(),
+                     "torch": torch.__version__},
         **metrics,
+        "gates": gates,
         "heldout_prompts": len(pairs),
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

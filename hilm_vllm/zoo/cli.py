@@ -15,8 +15,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--recipe", default="demo", choices=sorted(RECIPES),
-                        help="demo: the family used by the demo and benchmarks (~15 min on 2 CPU "
-                             "cores); tiny: seconds, for tests (default: %(default)s)")
+                        help="demo: the family used by the demo and benchmarks (~15-20 min on 2 "
+                             "CPU cores); tiny: seconds, for tests (default: %(default)s)")
         sp.add_argument("--seed", type=int, default=0, help="training seed (default: %(default)s)")
 
     b = zsub.add_parser("build", help="train the family (cached; a no-op when already built)")
@@ -34,11 +34,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--temperature", type=float, default=0.0, help="(default: %(default)s)")
     sp.set_defaults(func=_sample)
 
-    for name, helptext, func in (("path", "print the zoo directory (exit 1 if not built)", _path),
-                                 ("show", "print the manifest (exit 1 if not built)", _show)):
-        sp = zsub.add_parser(name, help=helptext)
-        common(sp)
-        sp.set_defaults(func=func)
+    sp = zsub.add_parser("path", help="print the zoo directory (exit 1 if not built)")
+    common(sp)
+    sp.set_defaults(func=_path)
+
+    sp = zsub.add_parser("show", help="print the manifest, its gates section as tables (exit 1 "
+                                      "if not built)")
+    common(sp)
+    sp.add_argument("--json", action="store_true", help="print the whole manifest as JSON only")
+    sp.set_defaults(func=_show)
 
 
 def _device(choice: str) -> str:
@@ -80,10 +84,20 @@ def _path(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    from hilm_vllm.zoo.gates import format_gates
+
     zoo = _found(args)
     if zoo is None:
         return 1
-    print(json.dumps(zoo.manifest, indent=2))
+    if args.json:
+        print(json.dumps(zoo.manifest, indent=2))
+        return 0
+    rest = {k: v for k, v in zoo.manifest.items() if k != "gates"}
+    print(json.dumps(rest, indent=2))
+    if "gates" in zoo.manifest:
+        print(format_gates(zoo.manifest["gates"]))
+    else:
+        print("gates: not measured (a zoo built before the gates section existed)")
     return 0
 
 

@@ -23,6 +23,15 @@ def test_manifest_has_what_it_promises(tiny_zoo):
     assert set(m["acceptance"]) == {"slm->ilm", "slm->llm", "ilm->llm"}
     assert all(0 < v <= 1 for v in m["acceptance"].values())
     assert m["training"]["tokens"] > 0 and m["training"]["seconds"] > 0
+    gates = m["gates"]
+    assert gates["positions"] == m["eval_tokens"]
+    for pair in ("slm->ilm", "slm->llm", "ilm->llm"):
+        for gate in ("perturbed", "entropy", "var-entropy", "max-prob", "1-q", "oracle"):
+            g = gates[pair][gate]
+            assert 0 <= g["auc"] <= 1 and -1 <= g["spearman"] <= 1, (pair, gate, g)
+            assert len(g["risk"]) == len(gates["skip_grid"])
+        assert gates[pair]["oracle"]["auc"] >= gates[pair]["perturbed"]["auc"]
+        assert 0 <= gates[pair]["mean_beta"] <= 1
     prompts = tiny_zoo.heldout_prompts()
     assert prompts and all(p["prompt"] and p["reference"] for p in prompts)
     for tier in TIERS:
@@ -85,6 +94,11 @@ def _weights_digest(root) -> str:
     return hashlib.sha256((root / "llm" / "model.safetensors").read_bytes()).hexdigest()
 
 
+def _measured(manifest: dict) -> dict:
+    """The manifest without what depends on the clock."""
+    return {k: v for k, v in manifest.items() if k != "training"}
+
+
 def test_build_is_deterministic_for_a_seed(tmp_path, monkeypatch):
     from hilm_vllm.zoo import ensure_zoo, get_recipe
 
@@ -92,8 +106,9 @@ def test_build_is_deterministic_for_a_seed(tmp_path, monkeypatch):
     # A shortened tiny recipe: determinism does not need a useful model.
     quick = dataclasses.replace(get_recipe("tiny"), train_tokens=8192, corpus_bytes=300_000)
     a = ensure_zoo(quick, progress=False)
-    digest = _weights_digest(a.root)
+    digest, manifest = _weights_digest(a.root), _measured(a.manifest)
     b = ensure_zoo(quick, progress=False, force=True)
     assert a.root == b.root and _weights_digest(b.root) == digest
+    assert _measured(json.loads((b.root / "manifest.json").read_text())) == manifest
     c = ensure_zoo(quick, seed=1, progress=False)
     assert c.root != a.root and _weights_digest(c.root) != digest
