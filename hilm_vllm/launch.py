@@ -103,10 +103,19 @@ class TierProcess:
             stub = health_pb2_grpc.HealthStub(channel)
             return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
 
+    def _health_or_none(self) -> int | None:
+        """The health status, or None when the check itself timed out (a loaded machine)."""
+        try:
+            return self.health()
+        except grpc.RpcError as e:
+            if e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+                return None
+            raise
+
     def wait_healthy(self, timeout: float = 300.0) -> None:
         self.wait_listening(timeout)
         deadline = time.monotonic() + timeout
-        while self.health() != health_pb2.HealthCheckResponse.SERVING:
+        while self._health_or_none() != health_pb2.HealthCheckResponse.SERVING:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{self.tier} tier never turned SERVING "
                                    f"(exit code {self.proc.poll()}):\n{self.tail()}")
