@@ -80,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=4, help="k (default: 4)")
     p.add_argument("--thresholds", default="engine_configs/thresholds-demo.yaml",
                    help="the router's thresholds YAML (default: %(default)s)")
+    p.add_argument("--router-args", default="",
+                   help="more router flags, e.g. \"--t1 0.3 --t2 0.6\" (recorded in config)")
     p.add_argument("--vllm-spec", action=argparse.BooleanOptionalAction, default=True,
                    help="also run vLLM's own speculative decoding (default: on)")
     p.add_argument("--placement", default=None,
@@ -88,6 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--engine-busy-loop-ms", type=float, default=None,
                    help="the engines' shm busy-loop window (default: hilm-serve's: 0 on CPU); "
                         "1000 with --placement vllm reproduces vLLM's own behaviour")
+    p.add_argument("--replot", type=Path, default=None,
+                   help="only redraw the PNG of an existing load JSON")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results)")
     args = p.parse_args(argv)
@@ -203,7 +207,7 @@ def router_flags(zoo, addresses: dict[str, str], latency: str, args) -> list[str
              "--latency", latency, "--port", "0", "--grpc-port", "0", "--metrics-port", "0"]
     if args.thresholds and Path(args.thresholds).exists():
         flags += ["--thresholds", args.thresholds]
-    return flags
+    return flags + args.router_args.split()
 
 
 def run_tiers(zoo, prompts: list[str], args) -> list[dict]:
@@ -319,6 +323,7 @@ def plot(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     latencies = sorted({r["latency"] for r in runs})
+    colors = {name: plt.get_cmap("tab10")(i) for i, name in enumerate([*POLICIES, VLLM_SPEC])}
     fig, axes = plt.subplots(2, len(latencies), figsize=(6.5 * len(latencies), 8), squeeze=False)
     for col, latency in enumerate(latencies):
         series: dict[str, list[dict]] = {}
@@ -330,9 +335,10 @@ def plot(runs: list[dict], path: Path) -> None:
         for name, rs in sorted(series.items()):
             rs = sorted(rs, key=lambda r: r["concurrency"])
             xs = [r["concurrency"] for r in rs]
-            style = "--" if "(no opt)" in name else "-"
-            axes[0][col].plot(xs, [r["tokens_per_s"] for r in rs], style, marker="o", label=name)
-            axes[1][col].plot(xs, [r["itl_ms_p50"] for r in rs], style, marker="o", label=name)
+            style = dict(linestyle="--" if "(no opt)" in name else "-", marker="o",
+                         color=colors[rs[0]["policy"]], label=name)
+            axes[0][col].plot(xs, [r["tokens_per_s"] for r in rs], **style)
+            axes[1][col].plot(xs, [r["itl_ms_p50"] for r in rs], **style)
         for row, ylabel in enumerate(("tokens/s (aggregate)", "ITL p50 (ms)")):
             ax = axes[row][col]
             ax.set_xscale("log", base=2)
@@ -347,6 +353,9 @@ def plot(runs: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.replot is not None:
+        plot(json.loads(args.replot.read_text())["results"]["runs"], args.replot.with_suffix(".png"))
+        return 0
     exit_on_sigterm()
     from hilm_vllm.zoo import ensure_zoo
 
