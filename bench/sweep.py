@@ -12,7 +12,7 @@ serves every point; thresholds and skip rates are set per request through the bo
   hlm, spec, cascade     the lossless policies, one point each
   uhlm@calibrated,       the thresholds of the YAML (`hilm calibrate`): the operating point
   hilm@calibrated        that `make demo` runs
-  uhlm, hilm, rand       one point per grid share s (--shares, default 0.25,0.5,0.75,0.9):
+  uhlm, hilm, rand       one point per grid share s (--shares, default 0.1,0.25,0.5,0.75,0.9):
       uhlm  t2 = Q(s)                       (u <= t2 kept on the device)
       hilm  t1 = Q(s), t2 = Q(s + band (1 - s)), t_ilm = the YAML's (--band, default 0.5: half
             of the tokens that are not skipped fall in the ILM's band)
@@ -30,7 +30,7 @@ one untimed warm-up request per policy. Grid points run share by share (uhlm, hi
 share back to back), so points compared at equal TR ran close in time on a shared machine.
 
 Each entry of `points` (bench/results/sweep-<UTC>.json, beside `config`, `git_commit`,
-`machine`, `comparisons`):
+`machine`, `comparisons`, and `results.texts`: every output text per point and prompt):
   policy, label, share (the grid share, else null), calibrated (bool),
   thresholds             {t1, t2, t_ilm} sent with the requests (uhlm, hilm), else null
   skip_rate              rand: the TARGET skip rate (the body field); uhlm and hilm: the MEASURED
@@ -51,8 +51,11 @@ the other curve covers. The PNG beside the JSON plots tokens/s and tr_llm agains
 --t0 lossless|all|none (default none): also run those points at T = 0 for exact_match_t0
 (lossless: llm-only, hlm, spec, cascade; all: every point). Each costs another run.
 
-Time (defaults: 16 prompts x 32 tokens, 8 in flight, 4 shares -> 19 runs): see README "The
-trade-off sweep" for the measured figure; the tiers take ~2 minutes to start.
+Time, measured on this project's 2-core CPU shared with other jobs (load average 9-12), demo
+family, defaults (64 prompts x 32 tokens, 8 in flight, shares 0.1,0.25,0.5,0.75,0.9 -> 20 points
+once equal thresholds are merged): 12.6 min in all, of which 79 s starting the tiers, 7.5 min of
+runs (hlm the slowest, 32 s) and 3.5 min of scoring (embedder, LLM and SLM in transformers).
+Halve --prompts to halve the runs; the intervals widen by ~1.4x.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ GRID_POLICIES = ("uhlm", "hilm", "rand")
 FIXED_POLICIES = ("llm-only", "hlm", "spec", "cascade")
 LOSSLESS = FIXED_POLICIES
 SKIPPING = ("uhlm", "hilm")  # their `skip_rate` is the measured one
-DEFAULT_SHARES = (0.25, 0.5, 0.75, 0.9)
+DEFAULT_SHARES = (0.1, 0.25, 0.5, 0.75, 0.9)
 RESEED_LABEL = "llm-only-reseed"
 METRIC_KEYS = ("tokens_per_s", "tr_llm", "tr_ilm", "stream_tokens_per_s", "ttft_ms",
                "itl_ms_p50", "itl_ms_p99", "llm_forwards_per_token", "acceptance_ilm",
@@ -93,7 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--zoo", default="demo", help="model family (default: demo)")
-    p.add_argument("--prompts", type=int, default=16, help="held-out prompts (default: 16)")
+    p.add_argument("--prompts", type=int, default=64,
+                   help="held-out prompts (default: 64, all the demo zoo holds)")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per prompt (default: 32)")
     p.add_argument("--concurrency", type=int, default=8, help="prompts in flight (default: 8)")
     p.add_argument("--temperature", type=float, default=1.0, help="(default: 1)")
@@ -101,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="prompt i runs with seed+i (default: 0)")
     p.add_argument("--shares", type=_shares, default=DEFAULT_SHARES,
                    help="grid: target shares of the SLM's tokens skipped, comma-separated "
-                        "(default: 0.25,0.5,0.75,0.9)")
+                        "(default: 0.1,0.25,0.5,0.75,0.9)")
     p.add_argument("--grid", choices=["quantiles", "fixed"], default="quantiles",
                    help="thresholds at the gate's quantiles of the shares (from the YAML), or "
                         "the shares themselves as thresholds (default: quantiles)")
@@ -475,6 +479,13 @@ def build_points(runs: list[PointRun], scores: dict | None, temperature: float) 
     return points
 
 
+def texts_of(runs: list[PointRun], n: int) -> dict[str, list[str | None]]:
+    """{"label@T": output text per prompt (None: failed)}: what ppl and the cosine are scored
+    from (kept so that they can be rescored; per-request counters would make the JSON ~2 MB)."""
+    return {f"{r.spec.label}@T={demo.temperature_key(r.temperature)}":
+            demo.texts_by_prompt(r.run, n) for r in runs}
+
+
 def config_of(args, zoo, prompts, doc: dict, grid_source: str, specs) -> dict:
     return {k: v for k, v in vars(args).items()} | {
         "policies": list(args.policies), "shares": list(args.shares),
@@ -556,10 +567,9 @@ def report(runs, prompts, references, args, zoo, doc, grid_source, specs) -> tup
     scores = score_runs(runs, prompts, references, args, zoo)
     print(f"quality scored in {time.monotonic() - t0:.0f} s", flush=True)
     points = build_points(runs, scores, args.temperature)
-    requests = [rec.summary(r.spec.label, r.temperature) for r in runs for rec in r.run.records]
     comp = comparisons(points)
     path = write_result("sweep", config_of(args, zoo, prompts, doc, grid_source, specs),
-                        {"requests": requests}, Path(args.out_dir),
+                        {"texts": texts_of(runs, len(prompts))}, Path(args.out_dir),
                         top={"points": points, "comparisons": comp})
     png = path.with_suffix(".png")
     plot(png, points, f"{args.zoo} family, {len(prompts)} prompts x {args.max_tokens} tokens, "
