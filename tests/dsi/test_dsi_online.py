@@ -23,12 +23,20 @@ def _close(wall_s: float, offline_units: float) -> None:
 
 @pytest.mark.parametrize("c,a,k", [(0.1, 0.9, 5), (0.2, 0.6, 3), (0.5, 0.0, 2), (0.1, 1.0, 4)])
 def test_online_matches_offline_on_the_same_stream(c, a, k):
+    """Best of up to 3 runs: on a shared machine a run can only be slowed down (sleeps
+    overshoot, threads wait for a core), never sped up, so the fastest run is the measure."""
     S = 40
     x = streams(a, k, S, 1, 3)[0]
     t = _Timing(TARGET_S, c * TARGET_S, k, S)
-    dsi_s, _ = run_dsi(x, t, n_servers=7)
-    _close(dsi_s, dsi_cost(x, k, c, S))
-    _close(run_si(x, t), si_cost(x, k, c, S))
+    dsi_best = si_best = float("inf")
+    for _ in range(3):
+        dsi_best = min(dsi_best, run_dsi(x, t, n_servers=7)[0])
+        si_best = min(si_best, run_si(x, t))
+        if max(dsi_best / TARGET_S / max(dsi_cost(x, k, c, S), 1e-9),
+               si_best / TARGET_S / max(si_cost(x, k, c, S), 1e-9)) <= 1.1:
+            break
+    _close(dsi_best, dsi_cost(x, k, c, S))
+    _close(si_best, si_cost(x, k, c, S))
 
 
 @pytest.mark.timeout(60)
