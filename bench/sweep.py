@@ -568,8 +568,11 @@ def report(runs, prompts, references, args, zoo, doc, grid_source, specs) -> tup
     print(f"quality scored in {time.monotonic() - t0:.0f} s", flush=True)
     points = build_points(runs, scores, args.temperature)
     comp = comparisons(points)
+    # `points` under `results` (where tools read a benchmark's figures) and, for readers of
+    # the first sweeps, at the top level too.
     path = write_result("sweep", config_of(args, zoo, prompts, doc, grid_source, specs),
-                        {"texts": texts_of(runs, len(prompts))}, Path(args.out_dir),
+                        {"points": points, "comparisons": comp,
+                         "texts": texts_of(runs, len(prompts))}, Path(args.out_dir),
                         top={"points": points, "comparisons": comp})
     png = path.with_suffix(".png")
     plot(png, points, f"{args.zoo} family, {len(prompts)} prompts x {args.max_tokens} tokens, "
