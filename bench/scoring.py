@@ -39,7 +39,6 @@ What is scored, per request:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,7 +245,3 @@ def embed_all(texts: Sequence[str | None], embed: Callable) -> dict[str, np.ndar
     """{text: embedding} for the distinct texts (one encoder call)."""
     distinct = sorted({t for t in texts if t is not None})
     return dict(zip(distinct, embed(distinct))) if distinct else {}
-
-
-def finite_or_none(x: float | None) -> float | None:
-    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
