@@ -18,8 +18,6 @@ import time
 from hilm_vllm.drafter import processor
 from hilm_vllm.server.busy import BusyWorkerExtension
 
-SUPPORTED_VLLM = "0.32.0"
-
 
 class DraftHook:
     """Wraps `_bookkeeping_sync` of one V1 runner; pushes each step's finished positions."""
@@ -55,16 +53,9 @@ class DraftHook:
 
 
 def check_runner(runner) -> None:
-    import vllm
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from hilm_vllm.server.runner import check_v1_runner
 
-    if vllm.__version__.split("+")[0] != SUPPORTED_VLLM:
-        raise RuntimeError(f"hilm drafter hook supports vLLM {SUPPORTED_VLLM}, found "
-                           f"{vllm.__version__}: install vllm=={SUPPORTED_VLLM} (or port the hook)")
-    if not isinstance(runner, GPUModelRunner):
-        raise RuntimeError(f"hilm drafter hook needs vLLM's V1 model runner, found "
-                           f"{type(runner).__module__}.{type(runner).__name__}: set "
-                           f"VLLM_USE_V2_MODEL_RUNNER=0 in the tier's environment")
+    check_v1_runner(runner, "drafter hook")
 
 
 class DrafterWorkerExtension(BusyWorkerExtension):

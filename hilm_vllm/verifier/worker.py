@@ -79,16 +79,9 @@ class VerifierWorkerExtension:
 
 def check_runner(runner) -> None:
     """Refuse, with the fix in the message, anything the hook was not written for."""
-    import vllm
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from hilm_vllm.server.runner import check_v1_runner
 
-    if vllm.__version__.split("+")[0] != SUPPORTED_VLLM:
-        raise RuntimeError(f"hilm verifier hook supports vLLM {SUPPORTED_VLLM}, found "
-                           f"{vllm.__version__}: install vllm=={SUPPORTED_VLLM} (or port the hook)")
-    if not isinstance(runner, GPUModelRunner):
-        raise RuntimeError(f"hilm verifier hook needs vLLM's V1 model runner, found "
-                           f"{type(runner).__module__}.{type(runner).__name__}: set "
-                           f"VLLM_USE_V2_MODEL_RUNNER=0 in the tier's environment")
+    check_v1_runner(runner, "verifier hook")
     if runner.speculative_config is not None:
         raise RuntimeError("hilm verifier hook: the verifier engine must run without "
                            "--speculative-config (the hook is its speculative decoding)")

@@ -1,0 +1,19 @@
+"""The one check every worker hook makes before wrapping vLLM's model runner."""
+
+from __future__ import annotations
+
+PINNED_VLLM = "0.32.0"  # the hooks wrap private methods of this version's V1 runner
+
+
+def check_v1_runner(runner, hook: str) -> None:
+    """Refuse, with the fix in the message, a vLLM version or runner `hook` was not written for."""
+    import vllm
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if vllm.__version__.split("+")[0] != PINNED_VLLM:
+        raise RuntimeError(f"hilm {hook} supports vLLM {PINNED_VLLM}, found {vllm.__version__}: "
+                           f"install vllm=={PINNED_VLLM} (or port the hook)")
+    if not isinstance(runner, GPUModelRunner):
+        raise RuntimeError(f"hilm {hook} needs vLLM's V1 model runner, found "
+                           f"{type(runner).__module__}.{type(runner).__name__}: set "
+                           f"VLLM_USE_V2_MODEL_RUNNER=0 in the tier's environment")

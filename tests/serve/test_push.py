@@ -1,0 +1,57 @@
+"""The push channel's reader: authenticated frames pass, anything else is dropped, it goes on."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+
+from hilm_vllm.server.push import PullChannel, PushSink
+
+
+def test_bad_frames_are_dropped_and_the_reader_goes_on():
+    async def main():
+        got = []
+        channel = PullChannel(got.append)
+        try:
+            encode = msgspec.msgpack.encode
+            channel.accept(b"\xc1 not msgpack")
+            channel.accept(encode(["another-token", {"x": 1}]))
+            channel.accept(encode(["only one element"]))
+            sink = PushSink(channel.address, channel.token)
+            sink.send({"x": 2})  # a real frame over the socket, after the bad ones
+            for _ in range(100):
+                if got:
+                    break
+                await asyncio.sleep(0.01)
+            return got, channel.rejected
+        finally:
+            channel.close()
+
+    got, rejected = asyncio.run(main())
+    assert got == [{"x": 2}] and rejected == 3
+
+
+def test_a_verify_result_round_trips_through_the_channel_bit_exact():
+    import numpy as np
+
+    from hilm_vllm.verifier.channel import ResultChannel, ResultSink
+    from hilm_vllm.verifier.wire import EmittedRow, VerifyResult, pack, unpack
+
+    ids, probs = np.array([3, 70, 511], np.int32), np.array([0.25, 0.5, 0.25], np.float32)
+    result = VerifyResult("k", 1, None, (0.5,), emitted=(EmittedRow(70, 0.35, pack(ids, "<i4"),
+                                                                    pack(probs, "<f4")),))
+
+    async def main():
+        channel = ResultChannel()
+        try:
+            future = channel.expect("k")
+            sink = ResultSink(channel.address, channel.token)  # kept: LINGER 0 drops on close
+            sink.send(result)
+            return await asyncio.wait_for(future, 5)
+        finally:
+            channel.close()
+
+    back = asyncio.run(main())
+    assert back == result
+    assert unpack(back.emitted[0].probs, "<f4").tobytes() == probs.tobytes()
