@@ -113,6 +113,7 @@ class RequestStats:
     llm_forwards: int = 0  # LLM forward passes (one per Verify; one per token for llm-only)
     ilm_forwarded: int = 0  # ILM-emitted tokens sent on to the LLM
     skipped_at: list[int] = field(default_factory=list)  # completion indexes of the SKIPs
+    token_ids: list[int] = field(default_factory=list)  # the completion's token ids
     optimistic_drafts: int = 0  # Drafts made while a block was being verified
     optimistic_kept: int = 0  # of which the tokens became the next block
     degraded: list[str] = field(default_factory=list)
@@ -137,6 +138,7 @@ class RequestStats:
             # which completion tokens were kept unverified (for TSR, scored off the critical
             # path by the benchmarks); only tokens actually returned
             "skipped_at": [i for i in self.skipped_at if i < self.tokens],
+            "token_ids": list(self.token_ids),  # what skipped_at indexes (no re-tokenizing)
             "messages": {k: v.messages for k, v in t.items()},
             "uplink_bytes": {k: v.uplink_bytes for k, v in t.items()},
             "downlink_bytes": {k: v.downlink_bytes for k, v in t.items()},
@@ -265,6 +267,7 @@ class _Run:
             done = True
         self.history += kept
         self.stats.tokens += len(kept)
+        self.stats.token_ids += kept
         return kept, done
 
     # -- sessions ---------------------------------------------------------------------------
