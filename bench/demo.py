@@ -96,6 +96,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -748,11 +749,28 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_guarded(what: str, body: Callable[[], int]) -> int:
+    """A benchmark's entry point around `body`: SIGTERM ends it like Ctrl-C (the tiers it
+    started are stopped by their `with` blocks), 130 when interrupted, 1 with the message when a
+    tier did not start (the message carries the tier's log tail), else body's exit code."""
     signal.signal(signal.SIGTERM, _sigterm)
     t0 = time.monotonic()
     try:
+        code = body()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: every tier this {what} started is stopped", file=sys.stderr)
+        return 130
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{what} finished in {time.monotonic() - t0:.0f} s")
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def body() -> int:
         from hilm_vllm.zoo import ensure_zoo
 
         zoo = ensure_zoo(args.zoo, progress=True)
@@ -762,16 +780,9 @@ def main(argv: list[str] | None = None) -> int:
             if tiers.procs and any(r.error for run in runs for r in run.records):
                 print(f"some requests failed; the router's last lines:\n{tiers.tail('router')}",
                       file=sys.stderr)
-        code = report(runs, references, args, zoo, prompts)
-    except KeyboardInterrupt:
-        print("\ninterrupted: every tier this demo started is stopped", file=sys.stderr)
-        return 130
-    except RuntimeError as e:  # a tier that did not start: its message carries the log tail
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"demo finished in {time.monotonic() - t0:.0f} s")
-    return code
+        return report(runs, references, args, zoo, prompts)
 
+    return run_guarded("demo", body)
 
 if __name__ == "__main__":
     sys.exit(main())

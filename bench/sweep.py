@@ -64,7 +64,6 @@ import argparse
 import asyncio
 import bisect
 import math
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -588,9 +587,8 @@ def report(runs, prompts, references, args, zoo, doc, grid_source, specs) -> tup
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, demo._sigterm)
-    t0 = time.monotonic()
-    try:
+
+    def body() -> int:
         from hilm_vllm.zoo import ensure_zoo
 
         zoo = ensure_zoo(args.zoo, progress=True)
@@ -601,16 +599,9 @@ def main(argv: list[str] | None = None) -> int:
         prompts, references = demo.load_prompts(zoo, args)
         with demo.served_router(args, zoo) as tiers:
             runs = asyncio.run(run_all(tiers.url, prompts, specs, args))
-        _, code = report(runs, prompts, references, args, zoo, doc, grid_source, specs)
-    except KeyboardInterrupt:
-        print("\ninterrupted: every tier this sweep started is stopped", file=sys.stderr)
-        return 130
-    except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"sweep finished in {time.monotonic() - t0:.0f} s")
-    return code
+        return report(runs, prompts, references, args, zoo, doc, grid_source, specs)[1]
 
+    return demo.run_guarded("sweep", body)
 
 if __name__ == "__main__":
     sys.exit(main())
