@@ -487,21 +487,22 @@ def engine_flags(tier: str, zoo) -> list[str]:
             "--port", "0", "--metrics-port", "0"]
 
 
+def thresholds_file(path: str | Path):
+    """The thresholds YAML (`codec.ThresholdsFile`), None when there is none."""
+    from hilm_vllm import codec
+
+    return codec.read_thresholds(path) if Path(path).is_file() else None
+
+
 def ilm_gate_flags(thresholds: str | Path) -> list[str]:
     """The ILM tier's own gate flags from the thresholds YAML's `ilm_uncertainty` (t_ilm was
     fitted with that gate; the router does not send the ILM one), [] when it names none."""
-    import yaml
-
-    path = Path(thresholds)
-    u = (yaml.safe_load(path.read_text()) or {}).get("ilm_uncertainty") if path.is_file() else None
-    if not isinstance(u, dict) or "gate" not in u:
+    tf = thresholds_file(thresholds)
+    u = tf.ilm_uncertainty if tf is not None else None
+    if u is None:
         return []
-    flags = ["--uncertainty-gate", str(u["gate"])]
-    for key, flag in (("num_samples", "--uncertainty-samples"), ("theta_max", "--theta-max"),
-                      ("perturbation", "--perturbation")):
-        if u.get(key) is not None:
-            flags += [flag, str(u[key])]
-    return flags
+    return ["--uncertainty-gate", u.gate.value, "--uncertainty-samples", str(u.num_samples),
+            "--theta-max", str(u.theta_max), "--perturbation", u.perturbation.value]
 
 
 def router_flags(args, addresses: dict[str, str]) -> list[str]:
@@ -670,16 +671,12 @@ def quality_dicts(scores: dict[tuple, object], per_run: dict[tuple, dict]) -> tu
 
 
 def config_of(args, zoo, prompts: list[str]) -> dict:
-    import yaml
-
-    thresholds = Path(args.thresholds)
-    t = yaml.safe_load(thresholds.read_text()) if thresholds.is_file() else {}
     return {k: v for k, v in vars(args).items()} | {
         "policies": list(args.policies), "temperatures": list(args.temperatures),
         "runs": [f"{p}@T={temperature_key(tt)}" for p, tt in run_order(args)],
         "zoo_root": str(zoo.root), "num_prompts": len(prompts),
         "engine_configs": {t_: f"engine_configs/demo-{t_}.yaml" for t_ in ENGINE_TIERS},
-        "thresholds_values": {k: t.get(k) for k in ("t1", "t2", "t_ilm", "rule")},
+        "thresholds_values": config_thresholds(args.thresholds),
         "reseed_offset": RESEED_OFFSET, "primary_temperature": PRIMARY_TEMPERATURE}
 
 
@@ -738,11 +735,11 @@ def operating_point_report(policies: dict[str, dict], args) -> str:
 
 
 def config_thresholds(path: str | Path) -> dict:
-    import yaml
-
-    path = Path(path)
-    doc = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
-    return {k: doc.get(k) for k in ("t1", "t2", "t_ilm", "rule")}
+    tf = thresholds_file(path)
+    if tf is None:
+        return {k: None for k in ("t1", "t2", "t_ilm", "rule")}
+    th = tf.thresholds
+    return {"t1": th.t1, "t2": th.t2, "t_ilm": th.t_ilm, "rule": tf.rule}
 
 
 def _fmt(v) -> str:

@@ -182,10 +182,9 @@ def on_steps(t: float, num_samples: int) -> float:
 
 
 def load_yaml(path: str | Path) -> dict:
-    import yaml
-
-    path = Path(path)
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    """The thresholds YAML as a document ({} when there is none)."""
+    tf = demo.thresholds_file(path)
+    return {} if tf is None else tf.to_doc()
 
 
 def calibrated_thresholds(doc: dict) -> dict | None:

@@ -55,7 +55,7 @@ import datetime as dt
 import json
 import math
 import shlex
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 # CPU-friendly engine flags for the tiers this command launches.
@@ -258,12 +258,6 @@ def uncertainty_config(args, gate: str):
     return UncertaintyConfig(gate, args.uncertainty_samples, args.theta_max, args.perturbation)
 
 
-def uncertainty_doc(args, gate: str) -> dict:
-    """The `uncertainty` block of the YAML (what the router sends the drafter)."""
-    return {"gate": gate, "num_samples": args.uncertainty_samples, "theta_max": args.theta_max,
-            "perturbation": args.perturbation}
-
-
 # ---- tiers ------------------------------------------------------------------------------------
 
 ROLES = {"slm_drafter": ("slm", "slm"), "ilm_drafter": ("slm", "ilm"),
@@ -437,17 +431,25 @@ def operating_points(args, results: dict[str, dict[str, PairResult]],
 
 
 def thresholds_doc(args, results: dict[str, dict[str, PairResult]], json_path: Path) -> dict:
+    """The YAML as a document (`thresholds_file(...).to_doc()`)."""
+    return thresholds_file(args, results, json_path).to_doc()
+
+
+def thresholds_file(args, results: dict[str, dict[str, PairResult]], json_path: Path):
     """The YAML: t1, t2, t_ilm (in [0, 1]), the gates and why, operating points, fits."""
+    from hilm_vllm.codec import ThresholdsFile
+    from hilm_vllm.router.policy import Thresholds
+
     choice = choose_gates(results)
     points = operating_points(args, results, choice)
     budgets = budgets_of(args)
-    doc = {"family": args.family, "rule": args.rule,
-           "risk_budget": budgets if args.rule == "risk-budget" else None,
-           "target_tr": args.target_tr}
-    doc |= {key: round(points[key].threshold, 6) for key in PAIR_BY_KEY}
-    doc |= {"uncertainty": uncertainty_doc(args, choice["slm"]["gate"]),
-            "ilm_uncertainty": uncertainty_doc(args, choice["ilm"]["gate"]),
-            "gate_choice": choice,
+    tf = ThresholdsFile(
+        Thresholds(*(round(points[key].threshold, 6) for key in ("t1", "t2", "t_ilm"))),
+        uncertainty_config(args, choice["slm"]["gate"]),
+        uncertainty_config(args, choice["ilm"]["gate"]), args.family, args.rule)
+    report = {"risk_budget": budgets if args.rule == "risk-budget" else None,
+              "target_tr": args.target_tr,
+              "gate_choice": choice,
             "auc": {g: {n: _round(r.cal.auc) for n, r in by_pair.items()}
                     for g, by_pair in results.items()},
             "sampling": {"temperature": args.temperature, "top_k": args.top_k,
@@ -460,7 +462,8 @@ def thresholds_doc(args, results: dict[str, dict[str, PairResult]], json_path: P
             "fits": {pair.name: fit_doc(results[choice[pair.drafter]["gate"]][pair.name])
                      for pair in PAIRS},
             "results": str(json_path)}
-    return doc | {"warnings": threshold_warnings(doc)}
+    tf = replace(tf, report=report)
+    return replace(tf, report=report | {"warnings": threshold_warnings(tf.to_doc())})
 
 
 def _round(v):
@@ -507,10 +510,12 @@ def threshold_warnings(doc: dict) -> list[str]:
     return out
 
 
-def write_yaml(path: Path, doc: dict) -> None:
-    import yaml
-
+def write_yaml(path: Path, tf) -> None:
+    """Write a `codec.ThresholdsFile` with its header (`codec.read_thresholds` reads it)."""
     from hilm_vllm.benchjson import git_commit
+    from hilm_vllm.codec import write_thresholds
+
+    doc = tf.to_doc()
 
     header = (f"# Uncertainty thresholds of the {doc['family']} family, written by "
               f"`hilm calibrate` on {dt.date.today()} (git {git_commit()}); rerun it, do not "
@@ -522,8 +527,7 @@ def write_yaml(path: Path, doc: dict) -> None:
               f"share, expected rejection among skipped tokens) and why when a target is not "
               f"met.\n# `fits` keeps U-HLM's line per pair (risk_averse = -b/a, risk_prone = "
               f"(delta - b)/a, may leave [0, 1]) beside the monotone model and the gate's AUC.\n")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(header + yaml.safe_dump(doc, sort_keys=False, width=100))
+    write_thresholds(path, tf, header)
 
 
 def plot(path: Path, results: dict[str, dict[str, PairResult]], args,
@@ -639,7 +643,8 @@ async def calibrate_family(args) -> int:
                    for g, by_pair in results.items()}},
         Path(args.results_dir))
     out = Path(args.out or f"engine_configs/thresholds-{args.family}.yaml")
-    doc = thresholds_doc(args, results, json_path)
+    tf = thresholds_file(args, results, json_path)
+    doc = tf.to_doc()
     # The JSON also records the choice and the points (the YAML may be rewritten later).
     full = json.loads(json_path.read_text())
     full["results"] |= {k: doc[k] for k in ("gate_choice", "operating_points", "t1", "t2",
@@ -647,7 +652,7 @@ async def calibrate_family(args) -> int:
                                             "warnings")}
     json_path.write_text(json.dumps(full, indent=2) + "\n")
     plot(json_path.with_suffix(".png"), results, args, doc)
-    write_yaml(out, doc)
+    write_yaml(out, tf)
     report(results, doc)
     print(f"wrote {out}, {json_path}, {json_path.with_suffix('.png')}")
     return 0

@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
-
-class Tier(str, enum.Enum):
-    LLM = "llm"  # data center: Verifier + Generator on the large model
-    ILM = "ilm"  # edge server: Verifier on the intermediate model, offloads to the LLM
-    SLM = "slm"  # device: Drafter with same-step uncertainty
-    ROUTER = "router"  # device: the policy loop; no model
-
-    @property
-    def runs_engine(self) -> bool:
-        return self is not Tier.ROUTER
+from hilm_vllm.tiers import Tier
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 GREEDY_EPS = 1e-5  # vLLM treats temperature below this as greedy (sampling_params._SAMPLING_EPS)
@@ -20,15 +21,17 @@ class SamplingSpec:
     """A request's sampling parameters, validated once."""
 
     temperature: float = 1.0
-    top_k: int = 0  # 0 = off
+    top_k: int = 0  # 0 = off (vLLM's -1 is taken as 0)
     top_p: float = 1.0  # 1 = off
     seed: int | None = None
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0 and self.temperature == self.temperature):
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k == -1:
+            object.__setattr__(self, "top_k", 0)
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+            raise ValueError(f"top_k must be >= 0, or -1 / 0 for off, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
 
@@ -40,6 +43,29 @@ class SamplingSpec:
         """Keyword arguments for `vllm.SamplingParams` with the same meaning."""
         return {"temperature": self.temperature, "top_k": self.top_k or 0,
                 "top_p": self.top_p, "seed": self.seed}
+
+
+@dataclass(frozen=True, eq=False)
+class ScoredToken:
+    """A token with its uncertainty and the sparse distribution it is an exact sample of: what
+    the drafter drafts (q) and what a verifier emits (its p), from the drafter's processor to
+    the verifier's hook. Conversions that remain, and why:
+    - worker -> API process: raw little-endian bytes (drafter push channel) or base64 text
+      (`verifier.wire.EmittedRow`, JSON/msgpack), decoded to these arrays once;
+    - API process <-> gRPC: `codec.dist_to_pb` / `codec.scored_from_pb` (protobuf has its
+      own repeated fields);
+    - verifier API -> worker: `rejection.SparseRows` packs a block's rows into three flat
+      tensors (the rejection math works on those).
+    """
+
+    token_id: int
+    uncertainty: float
+    ids: np.ndarray  # [S] int32: the support (probability > 0)
+    probs: np.ndarray  # [S] float32: the probabilities there (sum to 1)
+
+    @property
+    def dist(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.ids, self.probs
 
 
 def processed_probs(logits: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:

@@ -11,9 +11,13 @@ import argparse
 import asyncio
 import functools
 import logging
+import os
 import sys
 
-from hilm_vllm.config import ServeConfig, Tier
+from hilm_vllm.config import ServeConfig
+from hilm_vllm.server.grpc_util import (DEFAULT_MAX_MESSAGE_MB, MAX_MESSAGE_ENV, MAX_MESSAGE_FLAG,
+                                        max_message_bytes)
+from hilm_vllm.tiers import MODEL_TIERS, Tier
 
 ZOO_PREFIX = "zoo:"  # --model zoo:demo/llm names a model of the locally built demo family
 
@@ -69,6 +73,10 @@ def build_parser(tier: Tier | None):
     else:
         parser.add_argument("--port", type=int, default=50051,
                             help="gRPC port; 0 picks a free one (default: %(default)s)")
+    parser.add_argument(MAX_MESSAGE_FLAG, type=float, default=None, metavar="MB",
+                        help="largest gRPC message sent or received, on this tier's server and "
+                             "its channels; give every tier and the router the same (sets "
+                             f"${MAX_MESSAGE_ENV}; default: it, else {DEFAULT_MAX_MESSAGE_MB})")
     parser.add_argument("--metrics-port", type=int, default=0,
                         help="Prometheus /metrics HTTP port; 0 picks a free one (default: %(default)s)")
     if tier is not None and tier.runs_engine:
@@ -100,7 +108,7 @@ def resolve_model(spec: str) -> str:
     from hilm_vllm.zoo import find_zoo
 
     recipe, _, tier = spec[len(ZOO_PREFIX):].partition("/")
-    if tier not in ("slm", "ilm", "llm"):
+    if tier not in [t.value for t in MODEL_TIERS]:
         raise SystemExit(f"error: --model {spec}: expected zoo:<recipe>/<slm|ilm|llm>")
     zoo = find_zoo(recipe)
     if zoo is None:
@@ -123,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     tier = _tier_from_argv(argv)
     args = build_parser(tier).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s [%(name)s] %(message)s")
+    if args.grpc_max_message_mb is not None:
+        os.environ[MAX_MESSAGE_ENV] = str(args.grpc_max_message_mb)
+    try:
+        max_message_bytes()
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     from hilm_vllm.server.runtime import TierRuntime
 
     if Tier(args.tier) is Tier.ROUTER:

@@ -41,7 +41,6 @@ from dataclasses import dataclass
 import torch
 
 MAX_SAMPLES = 1024  # K above this costs K*V noise per token for no measurable gain
-_MASK64 = (1 << 64) - 1
 
 
 class Gate(str, enum.Enum):
@@ -76,16 +75,6 @@ class UncertaintyConfig:
     def needs_token(self) -> bool:
         """True when u depends on the drafted token (known only after it is sampled)."""
         return self.gate is Gate.PERTURBED
-
-
-def derive_seed(seed: int, position: int, stream: int = 0) -> int:
-    """A 63-bit seed for (session seed, token position, stream), SplitMix64-mixed.
-
-    Seeding by position (not by call) makes "roll back, then draft again" reproducible."""
-    x = (seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9 + stream) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (x ^ (x >> 31)) >> 1
 
 
 def temperatures(cfg: UncertaintyConfig, generator: torch.Generator) -> torch.Tensor:

@@ -9,7 +9,8 @@ import pytest
 import torch
 from scipy import stats
 
-from hilm_vllm.uncertainty import (Gate, Perturbation, UncertaintyConfig, derive_seed,
+from hilm_vllm.seeds import derive_seed
+from hilm_vllm.uncertainty import (Gate, Perturbation, UncertaintyConfig,
                                    disagreement, draw_samples, entropy_gate, max_prob_gate,
                                    perturbed_samples, temperatures, varentropy_bound,
                                    varentropy_gate)

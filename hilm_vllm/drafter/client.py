@@ -12,12 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
-import numpy as np
 
-from hilm_vllm.drafter.core import DraftedToken, DraftResult
+from hilm_vllm import codec
+from hilm_vllm.drafter.core import DraftResult
 from hilm_vllm.proto.hilm.v1 import drafter_pb2, drafter_pb2_grpc
 from hilm_vllm.sampling import SamplingSpec
-from hilm_vllm.server.client import TierClient, prompt_pb, sampling_pb, uncertainty_pb
+from hilm_vllm.server.client import TierClient
 from hilm_vllm.uncertainty import UncertaintyConfig
 
 @dataclass(frozen=True)
@@ -30,9 +30,7 @@ class OpenedDraftSession:
 
 
 def draft_result(r: drafter_pb2.DraftResponse) -> DraftResult:
-    tokens = [DraftedToken(t.token_id, t.uncertainty, np.asarray(t.dist.token_ids, np.int32),
-                           np.asarray(t.dist.probs, np.float32)) for t in r.tokens]
-    return DraftResult(tokens, r.position, r.stopped_early, queue_ms=r.timings.queue_ms,
+    return DraftResult([codec.scored_from_pb(t) for t in r.tokens], r.position, r.stopped_early, queue_ms=r.timings.queue_ms,
                        forward_ms=r.timings.forward_ms, total_ms=r.timings.total_ms)
 
 
@@ -44,11 +42,11 @@ class DrafterClient(TierClient):
     async def open_session(self, prompt: Sequence[int] | str, spec: SamplingSpec,
                            uncertainty: UncertaintyConfig | None = None,
                            max_tokens: int = 0) -> OpenedDraftSession:
-        request = drafter_pb2.OpenDrafterSessionRequest(prompt=prompt_pb(prompt),
-                                                        sampling=sampling_pb(spec),
+        request = drafter_pb2.OpenDrafterSessionRequest(prompt=codec.prompt_to_pb(prompt),
+                                                        sampling=codec.sampling_to_pb(spec),
                                                         max_tokens=max_tokens)
         if uncertainty is not None:
-            request.uncertainty.CopyFrom(uncertainty_pb(uncertainty))
+            request.uncertainty.CopyFrom(codec.uncertainty_to_pb(uncertainty))
         r = await self._stub.OpenSession(request, metadata=self._metadata)
         return OpenedDraftSession(r.session_id, r.position, tuple(r.prompt_token_ids),
                                   r.eos_token_id, r.vocab_size)

@@ -32,13 +32,14 @@ import numpy as np
 from hilm_vllm.drafter import metrics
 from hilm_vllm.drafter.processor import DRAFT_ARG, DraftOptions, readout_of
 from hilm_vllm.errors import FailedPrecondition, HilmError, InvalidArgument, Unavailable
-from hilm_vllm.sampling import SamplingSpec
+from hilm_vllm.sampling import SamplingSpec, ScoredToken
 from hilm_vllm.sessions import Session, SessionLimits, SessionStore
-from hilm_vllm.uncertainty import UncertaintyConfig, derive_seed
+from hilm_vllm import codec
+from hilm_vllm.seeds import Stream, derive_seed
+from hilm_vllm.uncertainty import UncertaintyConfig
 
 logger = logging.getLogger("hilm.drafter")
 
-SAMPLER_STREAM = 0  # derive_seed stream of the per-Draft vLLM seed (1 is the processor's noise)
 READOUT_TIMEOUT_S = 10.0  # the worker pushes before the engine's output leaves it: ms, not s
 
 
@@ -62,17 +63,19 @@ class DrafterSettings:
 @dataclass(frozen=True)
 class ModelInfo:
     vocab_size: int
-    eos_token_id: int | None
+    eos_token_ids: tuple[int, ...]  # every id the model stops on (empty: none)
     max_model_len: int
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """The primary EOS, None when the model names none."""
+        return self.eos_token_ids[0] if self.eos_token_ids else None
 
     @classmethod
     def from_engine(cls, engine) -> ModelInfo:
         config = engine.model_config
-        eos = getattr(engine.tokenizer, "eos_token_id", None)  # None: --skip-tokenizer-init
-        if eos is None:
-            eos = getattr(config.hf_text_config, "eos_token_id", None)
-        eos = eos[0] if isinstance(eos, list) else eos
-        return cls(config.get_vocab_size(), eos, config.max_model_len)
+        return cls(config.get_vocab_size(), codec.eos_token_ids(config, engine.tokenizer),
+                   config.max_model_len)
 
 
 @dataclass
@@ -88,16 +91,8 @@ class DrafterSession:
 
 
 @dataclass(frozen=True)
-class DraftedToken:
-    token_id: int
-    uncertainty: float
-    ids: np.ndarray  # [S] int32, support of the distribution the token was sampled from
-    probs: np.ndarray  # [S] float32, its probabilities (sum to 1)
-
-
-@dataclass(frozen=True)
 class DraftResult:
-    tokens: list[DraftedToken]
+    tokens: list[ScoredToken]
     position: int
     early_stop: bool = False  # ended by stop_uncertainty (the forced stop token is dropped)
     queue_ms: float = 0.0
@@ -112,9 +107,9 @@ def effective_top_k(request_top_k: int, draft_top_k: int) -> int:
     return draft_top_k if request_top_k <= 0 else min(request_top_k, draft_top_k)
 
 
-def drafted_tokens(readout: dict) -> list[DraftedToken]:
-    """The worker's readout (see processor.Draft.readout) -> DraftedTokens."""
-    return [DraftedToken(t, u, np.frombuffer(i, dtype=np.int32), np.frombuffer(p, dtype=np.float32))
+def drafted_tokens(readout: dict) -> list[ScoredToken]:
+    """The worker's readout (see processor.Draft.readout) -> ScoredTokens."""
+    return [ScoredToken(t, u, np.frombuffer(i, dtype=np.int32), np.frombuffer(p, dtype=np.float32))
             for t, u, i, p in zip(readout["tokens"], readout["u"], readout["ids"],
                                   readout["probs"])]
 
@@ -201,10 +196,7 @@ class Drafter:
 
     # ---- validation -------------------------------------------------------------------------
     def check_ids(self, ids: list[int], what: str) -> None:
-        bad = next((t for t in ids if not 0 <= t < self.info.vocab_size), None)
-        if bad is not None:
-            raise InvalidArgument(f"{what} token id {bad} is outside the vocabulary "
-                                  f"[0, {self.info.vocab_size}): send ids of the model's tokenizer")
+        codec.check_token_ids(ids, self.info.vocab_size, what)
 
     def check_position(self, session: Session[DrafterSession], position: int) -> None:
         current = len(session.state.tokens)
@@ -335,7 +327,7 @@ class Drafter:
         options = DraftOptions(key=key, seed=state.seed, base=position,
                                uncertainty=state.uncertainty, stop_uncertainty=stop_uncertainty,
                                stop_token=-1 if stop_uncertainty is None else stop_token)
-        seed = derive_seed(state.seed, position, SAMPLER_STREAM) if state.seeded else None
+        seed = derive_seed(state.seed, position, Stream.DRAFT_SAMPLE) if state.seeded else None
         return SamplingParams(**(state.spec.vllm_kwargs() | {"seed": seed}), max_tokens=n,
                               stop_token_ids=stop_ids, detokenize=False,
                               extra_args={DRAFT_ARG: options.to_extra_args()})

@@ -50,11 +50,12 @@ from vllm.exceptions import VLLMValidationError
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from hilm_vllm.sampling import SamplingSpec, processed_probs
-from hilm_vllm.uncertainty import (TOKEN_FREE_GATES, UncertaintyConfig, derive_seed,
-                                   disagreement, draw_samples)
+from hilm_vllm import codec
+from hilm_vllm.seeds import Stream, derive_seed
+from hilm_vllm.uncertainty import (TOKEN_FREE_GATES, UncertaintyConfig, disagreement,
+                                   draw_samples)
 
 DRAFT_ARG = "hilm_draft"  # SamplingParams.extra_args key that turns the processor on
-NOISE_STREAM = 1  # derive_seed stream of the perturbation noise (0 is the session's sampler)
 STORE_CAPACITY = 4096  # live drafts, or finished ones kept unread without a push channel
 FORCED_STOP = -1  # the token field of the entry that marks a forced (dropped) stop token
 
@@ -64,7 +65,7 @@ class DraftOptions:
     """What a drafter request tells the processor (travels in extra_args as a plain dict)."""
 
     key: str  # unique per draft request; the reader pops by it
-    seed: int  # session seed; noise for absolute position t uses derive_seed(seed, t, 1)
+    seed: int  # session seed; noise for absolute position t: derive_seed(seed, t, Stream.PERTURBATION)
     base: int  # absolute position of the first drafted token (= prompt length)
     uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)
     stop_uncertainty: float | None = None  # end the draft after a token with u above this
@@ -82,15 +83,13 @@ class DraftOptions:
                 raise ValueError(f"{DRAFT_ARG}.stop_token is needed with stop_uncertainty")
 
     def to_extra_args(self) -> dict:
-        d = asdict(self)
-        d["uncertainty"] = {k: getattr(v, "value", v) for k, v in d["uncertainty"].items()}
-        return d
+        return asdict(self) | {"uncertainty": codec.uncertainty_to_dict(self.uncertainty)}
 
     @classmethod
     def from_extra_args(cls, d: dict) -> DraftOptions:
         try:
             return cls(key=d["key"], seed=int(d["seed"]), base=int(d["base"]),
-                       uncertainty=UncertaintyConfig(**d.get("uncertainty", {})),
+                       uncertainty=codec.uncertainty_from_dict(d.get("uncertainty")),
                        stop_uncertainty=d.get("stop_uncertainty"),
                        stop_token=int(d.get("stop_token", -1)))
         except (KeyError, TypeError) as e:
@@ -112,12 +111,6 @@ def unsupported_params(params) -> str | None:
     if params.n != 1:
         return "n must be 1 (one draft per request)"
     return None
-
-
-def spec_of(params) -> SamplingSpec:
-    """The sampling transform vLLM applies after this processor (greedy: vLLM zeroes top-k/p)."""
-    return SamplingSpec(temperature=params.temperature, top_k=max(params.top_k, 0),
-                        top_p=params.top_p)
 
 
 @dataclass
@@ -254,7 +247,7 @@ def observe(raw: torch.Tensor, draft: Draft, position: int) -> Position:
     opts, cfg = draft.options, draft.options.uncertainty
     q = processed_probs(raw[None, :], draft.spec)[0]
     if cfg.needs_token:
-        seed = derive_seed(opts.seed, opts.base + position, NOISE_STREAM)
+        seed = derive_seed(opts.seed, opts.base + position, Stream.PERTURBATION)
         return Position(draw_samples(raw, cfg, seed), None, q)
     return Position(None, float(TOKEN_FREE_GATES[cfg.gate](raw[None, :])[0]), q)
 
@@ -325,7 +318,8 @@ class UncertaintyProcessor(LogitsProcessor):
         for index, params, _prompt_ids, output_ids in batch_update.added:
             STORE.drop(rows.pop(index, None))
             if (options := draft_options(params)) is not None:
-                rows[index] = STORE.attach(options, spec_of(params), output_ids, Stops.of(params))
+                rows[index] = STORE.attach(options, codec.sampling_from_vllm(params), output_ids,
+                                             Stops.of(params))
         for a, b, direction in batch_update.moved:
             a_draft, b_draft = rows.pop(a, None), rows.pop(b, None)
             if a_draft is not None:

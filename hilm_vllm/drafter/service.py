@@ -2,52 +2,17 @@
 
 from __future__ import annotations
 
+from hilm_vllm import codec
 from hilm_vllm.drafter.core import Drafter, DrafterSettings, DraftResult, DraftResults, ModelInfo
-from hilm_vllm.errors import InvalidArgument, Unavailable
+from hilm_vllm.errors import Unavailable
 from hilm_vllm.proto.hilm.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc
-from hilm_vllm.sampling import SamplingSpec
 from hilm_vllm.server.grpc_util import client_id, translate_errors
-from hilm_vllm.uncertainty import Gate, Perturbation, UncertaintyConfig
 
 SERVICE_NAME = drafter_pb2.DESCRIPTOR.services_by_name["Drafter"].full_name
 
-GATES = {common_pb2.PERTURBED_TEMPERATURE: Gate.PERTURBED, common_pb2.ENTROPY: Gate.ENTROPY,
-         common_pb2.VAR_ENTROPY: Gate.VAR_ENTROPY, common_pb2.MAX_PROB: Gate.MAX_PROB}
-PERTURBATIONS = {common_pb2.UNIFORM: Perturbation.UNIFORM, common_pb2.GRID: Perturbation.GRID}
-
-
-def sampling_spec(msg: common_pb2.SamplingParams) -> SamplingSpec:
-    return SamplingSpec(temperature=msg.temperature, top_k=msg.top_k,
-                        top_p=msg.top_p if msg.top_p else 1.0,
-                        seed=msg.seed if msg.HasField("seed") else None)
-
-
-def uncertainty_config(msg: common_pb2.UncertaintyConfig,
-                       default: UncertaintyConfig) -> UncertaintyConfig:
-    """Unset (0) fields take the drafter's defaults (its --uncertainty-* flags)."""
-    unknown = ((msg.gate and msg.gate not in GATES)
-               or (msg.perturbation and msg.perturbation not in PERTURBATIONS))
-    if unknown:
-        raise InvalidArgument("unknown uncertainty gate or perturbation: use the values of "
-                              "hilm.v1.UncertaintyGate / hilm.v1.Perturbation")
-    return UncertaintyConfig(
-        gate=GATES[msg.gate] if msg.gate else default.gate,
-        num_samples=msg.num_samples or default.num_samples,
-        theta_max=msg.theta_max or default.theta_max,
-        perturbation=PERTURBATIONS[msg.perturbation] if msg.perturbation else default.perturbation)
-
-
-def prompt_of(msg: common_pb2.Prompt) -> list[int] | str:
-    kind = msg.WhichOneof("kind")
-    if kind is None:
-        raise InvalidArgument("prompt is missing: set prompt.token_ids or prompt.text")
-    return list(msg.token_ids.ids) if kind == "token_ids" else msg.text
-
-
 def draft_response(result: DraftResult) -> drafter_pb2.DraftResponse:
     tokens = [drafter_pb2.DraftedToken(
-        token_id=t.token_id, uncertainty=t.uncertainty,
-        dist=common_pb2.SparseDistribution(token_ids=t.ids.tolist(), probs=t.probs.tolist()))
+        token_id=t.token_id, uncertainty=t.uncertainty, dist=codec.dist_to_pb(t.ids, t.probs))
         for t in result.tokens]
     return drafter_pb2.DraftResponse(
         tokens=tokens, position=result.position, stopped_early=result.early_stop,
@@ -75,15 +40,16 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
     @translate_errors
     async def OpenSession(self, request, context):
         core = self.core
-        uq = (uncertainty_config(request.uncertainty, self._settings.uncertainty)
+        uq = (codec.uncertainty_from_pb(request.uncertainty, self._settings.uncertainty)
               if request.HasField("uncertainty") else None)
-        session = core.open(client_id(context), prompt_of(request.prompt),
-                            sampling_spec(request.sampling), uq, request.max_tokens)
+        session = core.open(client_id(context), codec.prompt_from_pb(request.prompt),
+                            codec.sampling_from_pb(request.sampling), uq, request.max_tokens)
         info = core.info
         return drafter_pb2.OpenDrafterSessionResponse(
             session_id=session.id, position=len(session.state.tokens),
             eos_token_id=-1 if info.eos_token_id is None else info.eos_token_id,
-            vocab_size=info.vocab_size, prompt_token_ids=session.state.tokens)
+            vocab_size=info.vocab_size, prompt_token_ids=session.state.tokens,
+            eos_token_ids=info.eos_token_ids, max_model_len=info.max_model_len)
 
     @translate_errors
     async def Draft(self, request, context):

@@ -1,50 +1,59 @@
 """The policy loop: one generation request, round by round, across the tiers.
 
-The router owns the request's token history (the source of truth). Each tier's session holds a
-copy that may lag (tokens it has not seen ride on its next request: a SKIP costs no message) or
-run ahead by tokens that another tier overruled (cut back by `rollback_to` on its next request).
-
-One round (DESIGN.md, "One round"):
+The router owns the request's token history (the source of truth); each tier's session follows
+it (`router.session`). One round (DESIGN.md, "One round"), `_Run.execute`:
 1. the drafter drafts up to k tokens with (u, q) each;
-2. `policy.plan` keeps the leading SKIPs and sends the rest of the block to the ILM or the LLM;
+2. `policy.plan` turns the block into a `RoundPlan`: the leading SKIPs, the tier the rest goes
+   to, how the ILM's result is forwarded, what an unreachable LLM means;
 3. the verifier returns m accepted drafts and one more token; under `hilm` the ILM's emitted
    tokens whose own u exceeds T_ilm (and the rest of its block) go on to the LLM with the ILM's
    distributions as the draft (so the LLM's verification is exact); under `cascade` all of them;
 4. the drafter is rolled back to the longest prefix of its drafts that survived and given the
-   rest.
+   rest (with its next Draft: one device call per round).
 
-Degradation: an ILM that does not answer is routed around (its blocks go to the LLM, exactly);
-an LLM that does not answer under a lossy policy leaves the ILM's (or, without an ILM, the
-drafter's) tokens final. Both are marked in the result (`degraded`). Under a lossless policy an
-unreachable LLM ends the request with an error; tokens already streamed stay delivered.
+Faults. A tier that cannot be reached (connection lost) is marked down for everyone for a while;
+a call that gets no answer (deadline, cancelled) routes this request around the tier. Either
+way the session is closed and, when the tier answers again, reopened with the history the router
+owns (a restarted tier answers NOT_FOUND: the session is reopened and the call re-sent once).
+An unreachable ILM is routed around (its blocks go to the LLM, exactly); an unreachable drafter
+leaves the rest of the request to the LLM's own generation (exact); an unreachable LLM under a
+lossy policy leaves the ILM's (else the drafter's) tokens final. Each is marked in the result
+(`degraded`). Under a lossless policy the request waits up to `recover_s` for the LLM to answer
+again, then ends with 503; tokens already streamed stay delivered.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
 import grpc
 
 from hilm_vllm.errors import HilmError, InvalidArgument, Unavailable
-from hilm_vllm.netmodel import NetworkModel, Site
+from hilm_vllm.netmodel import NetworkModel
 from hilm_vllm.router import metrics
-from hilm_vllm.router.links import UNREACHABLE, DrafterLink, TierUsage, VerifierLink
-from hilm_vllm.router.policy import Policy, Route, Thresholds, common_prefix, ilm_forward_from, plan
-from hilm_vllm.sampling import SamplingSpec
-from hilm_vllm.uncertainty import UncertaintyConfig, derive_seed
+from hilm_vllm.router.links import CONNECTION_LOST, UNREACHABLE, DrafterLink, TierUsage, VerifierLink
+from hilm_vllm.router.policy import (Forward, LlmDown, Policy, RoundPlan, Route, Thresholds,
+                                     common_prefix, forward_rule, plan)
+from hilm_vllm.router.session import TierSession
+from hilm_vllm.sampling import SamplingSpec, ScoredToken
+from hilm_vllm.seeds import Stream, derive_seed
+from hilm_vllm.server.grpc_util import too_large, too_large_message
+from hilm_vllm.tiers import MODEL_TIERS, Tier
+from hilm_vllm.uncertainty import UncertaintyConfig
 
 logger = logging.getLogger("hilm.router")
 
-# Per-tier seed streams: the drafter's sampling and a verifier's acceptance uniforms must be
-# independent even when both derive them from the request's one seed and the same positions.
-_SEED_STREAM = {"slm": 1, "ilm": 2, "llm": 3, "rand": 4}
+# Each tier's session seed from the request's one seed: the drafter's sampling and a
+# verifier's acceptance uniforms must be independent.
+_SESSION_STREAM = {Tier.SLM: Stream.SESSION_SLM, Tier.ILM: Stream.SESSION_ILM,
+                   Tier.LLM: Stream.SESSION_LLM}
+INT32_MAX = 2**31 - 1  # the protos' token counts are int32
 
 
 @dataclass(frozen=True)
@@ -60,8 +69,9 @@ class RouterConfig:
     network: NetworkModel = NetworkModel()
     optimistic: bool = True  # draft the next block while this one is verified
     lookahead: int | None = None  # tokens drafted optimistically; None = the block size
-    rpc_timeout_s: float = 60.0
-    down_retry_s: float = 10.0  # an unreachable tier is retried after this long
+    rpc_timeout_s: float = 60.0  # deadline of one call to a tier
+    down_retry_s: float = 10.0  # a tier whose connection was lost is retried after this long
+    recover_s: float = 30.0  # how long a lossless request waits for the LLM to come back
     client_id: str = ""
 
     def __post_init__(self) -> None:
@@ -71,6 +81,9 @@ class RouterConfig:
             raise ValueError(f"--skip-rate must be in [0, 1], got {self.skip_rate}")
         if self.lookahead is not None and not 1 <= self.lookahead <= 64:
             raise ValueError(f"--lookahead must be in [1, 64], got {self.lookahead}")
+        for name in ("rpc_timeout_s", "down_retry_s", "recover_s"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -84,12 +97,24 @@ class GenerationRequest:
     block_size: int | None = None  # None = the router's
     thresholds: Thresholds | None = None  # None = the router's
     optimistic: bool | None = None  # None = the router's
+    stop_token_ids: tuple[int, ...] = ()  # also stop after any of these (vLLM's meaning)
+    min_tokens: int = 0  # llm-only: no stop token before this many (vLLM masks them)
+    stop: tuple[str, ...] = ()  # stop strings: llm-only passes them to the tier
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
             raise InvalidArgument("the prompt is empty: give at least one token")
-        if self.max_tokens < 1:
-            raise InvalidArgument(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 1 <= self.max_tokens <= INT32_MAX:
+            raise InvalidArgument(f"max_tokens must be in [1, {INT32_MAX}], got "
+                                  f"{self.max_tokens}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidArgument(f"min_tokens must be in [0, max_tokens], got "
+                                  f"{self.min_tokens}")
+        if self.min_tokens and self.policy is not Policy.LLM_ONLY:
+            raise InvalidArgument(
+                "min_tokens is supported by policy 'llm-only' only: vLLM masks the stop tokens "
+                "until min_tokens, and the speculative tiers do not apply that mask to q and p "
+                "yet (the output would not be the LLM's): drop it or use 'llm-only'")
         if self.skip_rate is not None and not 0.0 <= self.skip_rate <= 1.0:
             raise InvalidArgument(f"skip_rate must be in [0, 1], got {self.skip_rate}")
         if self.block_size is not None and not 1 <= self.block_size <= 64:
@@ -98,41 +123,45 @@ class GenerationRequest:
 
 @dataclass
 class RequestStats:
-    """The round's statistics of one request (the `usage.hilm` object of the API)."""
+    """The round's statistics of one request (the `usage.hilm` object of the API). What each
+    tier did is in `tiers` (TierUsage); the rest is the router's own."""
 
     policy: str
     tokens: int = 0
     rounds: int = 0
     skips: int = 0
-    ilm_messages: int = 0  # Verify calls to the ILM
-    llm_messages: int = 0  # Verify (or Generate) calls to the LLM
-    ilm_drafted: int = 0
-    ilm_accepted: int = 0
-    llm_drafted: int = 0
-    llm_accepted: int = 0
-    llm_forwards: int = 0  # LLM forward passes (one per Verify; one per token for llm-only)
     ilm_forwarded: int = 0  # ILM-emitted tokens sent on to the LLM
     skipped_at: list[int] = field(default_factory=list)  # completion indexes of the SKIPs
     token_ids: list[int] = field(default_factory=list)  # the completion's token ids
     optimistic_drafts: int = 0  # Drafts made while a block was being verified
     optimistic_kept: int = 0  # of which the tokens became the next block
     degraded: list[str] = field(default_factory=list)
-    tiers: dict[str, TierUsage] = field(default_factory=lambda: {
-        t: TierUsage() for t in ("slm", "ilm", "llm")})
+    finish_reason: str | None = None  # "stop" (a stop token) or "length" (max_tokens, context)
+    tiers: dict[Tier, TierUsage] = field(default_factory=lambda: {
+        t: TierUsage() for t in MODEL_TIERS})
 
     def degrade(self, reason: str) -> None:
         if reason not in self.degraded:
             self.degraded.append(reason)
             metrics.DEGRADED.labels(reason).inc()
 
+    def verified(self, tier: Tier, drafted: int, accepted: int) -> None:
+        u = self.tiers[tier]
+        u.drafted += drafted
+        u.accepted += accepted
+        u.forwards += 1
+        metrics.DRAFTED.labels(tier.value).inc(drafted)
+        metrics.ACCEPTED.labels(tier.value).inc(accepted)
+
     def usage(self) -> dict:
-        t = self.tiers
+        t = {tier.value: u for tier, u in self.tiers.items()}
+        ilm, llm = self.tiers[Tier.ILM], self.tiers[Tier.LLM]
         return {
             "policy": self.policy, "rounds": self.rounds, "skips": self.skips,
-            "ilm_messages": self.ilm_messages, "llm_messages": self.llm_messages,
-            "ilm_drafted": self.ilm_drafted, "ilm_accepted": self.ilm_accepted,
-            "llm_drafted": self.llm_drafted, "llm_accepted": self.llm_accepted,
-            "llm_forwards": self.llm_forwards, "ilm_forwarded": self.ilm_forwarded,
+            "ilm_messages": ilm.verifies, "llm_messages": llm.verifies,
+            "ilm_drafted": ilm.drafted, "ilm_accepted": ilm.accepted,
+            "llm_drafted": llm.drafted, "llm_accepted": llm.accepted,
+            "llm_forwards": llm.forwards, "ilm_forwarded": self.ilm_forwarded,
             "optimistic_drafts": self.optimistic_drafts,
             "optimistic_kept": self.optimistic_kept,
             # which completion tokens were kept unverified (for TSR, scored off the critical
@@ -163,30 +192,37 @@ def optimistic_start(drafted: list[int], kept: list[int], ahead: list[int]) -> i
     return None
 
 
-@dataclass
-class _Session:
-    """A tier's session of one request and the tokens it holds (prompt included)."""
-
-    sid: str = ""
-    held: list[int] = field(default_factory=list)
-    opening: asyncio.Task | None = None
-
-
 class Router:
-    """Owns the tier links; `generate` runs one request."""
+    """Owns the tier links; `generate` runs one request. `links` replaces the gRPC links (a
+    test's scripted fakes)."""
 
-    def __init__(self, cfg: RouterConfig):
+    def __init__(self, cfg: RouterConfig, links: Mapping[Tier, object] | None = None):
         self.cfg = cfg
-        cid = cfg.client_id or f"hilm-router-{os.getpid()}"
-        net, timeout = cfg.network, cfg.rpc_timeout_s
-        self.llm = VerifierLink("llm", cfg.llm, Site.CLOUD, net, cid, timeout)
-        self.ilm = VerifierLink("ilm", cfg.ilm, Site.EDGE, net, cid, timeout) if cfg.ilm else None
-        self.slm = DrafterLink("slm", cfg.slm, Site.DEVICE, net, cid, timeout) if cfg.slm else None
+        if links is None:
+            cid = cfg.client_id or f"hilm-router-{os.getpid()}"
+            args = (cfg.network, cid, cfg.rpc_timeout_s)
+            links = {Tier.LLM: VerifierLink(Tier.LLM, cfg.llm, *args)}
+            if cfg.ilm:
+                links[Tier.ILM] = VerifierLink(Tier.ILM, cfg.ilm, *args)
+            if cfg.slm:
+                links[Tier.SLM] = DrafterLink(Tier.SLM, cfg.slm, *args)
+        self.links = dict(links)
+
+    @property
+    def llm(self):
+        return self.links[Tier.LLM]
+
+    @property
+    def ilm(self):
+        return self.links.get(Tier.ILM)
+
+    @property
+    def slm(self):
+        return self.links.get(Tier.SLM)
 
     async def close(self) -> None:
-        for link in (self.llm, self.ilm, self.slm):
-            if link is not None:
-                await link.close()
+        for link in self.links.values():
+            await link.close()
 
     def check_policy(self, policy: Policy) -> None:
         if policy.uses_drafter and self.slm is None:
@@ -200,7 +236,7 @@ class Router:
                        stats: RequestStats) -> AsyncIterator[list[int]]:
         """Yield the request's new tokens as they become final; fills `stats` as it goes.
 
-        Stops at max_tokens or after the EOS token (unless ignore_eos)."""
+        Stops at max_tokens or after an EOS token (unless ignore_eos)."""
         self.check_policy(req.policy)
         run = _Run(self, req, stats)
         outcome = "error"
@@ -216,10 +252,16 @@ class Router:
             metrics.REQUESTS.labels(req.policy.value, outcome).inc()
             metrics.TOKENS.labels(req.policy.value).inc(stats.tokens)
             if stats.tokens:
-                for tier in ("ilm", "llm"):
-                    msgs = stats.ilm_messages if tier == "ilm" else stats.llm_messages
-                    metrics.TRANSMISSION_RATE.labels(tier).observe(msgs / stats.tokens)
+                for tier in (Tier.ILM, Tier.LLM):
+                    metrics.TRANSMISSION_RATE.labels(tier.value).observe(
+                        stats.tiers[tier].verifies / stats.tokens)
             run.close_sessions()
+
+
+class _TierDown(Exception):
+    def __init__(self, tier: Tier):
+        super().__init__(f"the {tier.value} tier is unreachable")
+        self.tier = tier
 
 
 class _Run:
@@ -231,40 +273,64 @@ class _Run:
         self.th = req.thresholds or router.cfg.thresholds
         self.history: list[int] = list(req.prompt_ids)
         self.n_prompt = len(req.prompt_ids)
-        self.eos: int | None = None
+        self.eos: frozenset[int] | None = None  # the stop ids, once a session reported them
         seed = req.spec.seed
-        self.rng = random.Random(None if seed is None else derive_seed(seed, 0, _SEED_STREAM["rand"]))
-        self.sessions: dict[str, _Session] = {}
+        self.rng = random.Random(None if seed is None
+                                 else derive_seed(seed, 0, Stream.RAND_POLICY))
+        self.sessions: dict[Tier, TierSession] = {}
+        self.block_cap = 64  # the tiers' max_block, once known (`negotiate`)
         # Sessions may add the request's tokens plus one round's overshoot.
         k = self.block_size
-        self.session_max_tokens = req.max_tokens + k + 2 + (self.lookahead if self.optimistic
-                                                            else 0)
+        self.session_max_tokens = min(INT32_MAX, req.max_tokens + k + 2 + (
+            self.lookahead if self.optimistic else 0))
+        self.max_tokens = req.max_tokens  # capped by the LLM's context once it is known
+
+    # -- the request's parameters -----------------------------------------------------------
 
     @property
     def block_size(self) -> int:
         if self.req.policy is Policy.HLM:
             return 1
-        return self.req.block_size or self.cfg.block_size
+        return min(self.req.block_size or self.cfg.block_size, self.block_cap)
 
-    def spec_for(self, tier: str) -> SamplingSpec:
+    @property
+    def optimistic(self) -> bool:
+        return self.cfg.optimistic if self.req.optimistic is None else self.req.optimistic
+
+    @property
+    def lookahead(self) -> int:
+        """Tokens drafted ahead: one more than a block, so that a kept optimistic draft (its
+        first token is the verifier's bonus) leaves a whole block."""
+        return self.cfg.lookahead or self.block_size + 1
+
+    def _skip_rate(self) -> float:
+        return self.cfg.skip_rate if self.req.skip_rate is None else self.req.skip_rate
+
+    def spec_for(self, tier: Tier) -> SamplingSpec:
         s = self.req.spec
         if s.seed is None:
             return s
         return SamplingSpec(s.temperature, s.top_k, s.top_p,
-                            derive_seed(s.seed, 0, _SEED_STREAM[tier]))
+                            derive_seed(s.seed, 0, _SESSION_STREAM[tier]))
 
     @property
     def generated(self) -> int:
         return len(self.history) - self.n_prompt
 
     def accept(self, tokens: list[int]) -> tuple[list[int], bool]:
-        """Make `tokens` final (cut at max_tokens and after EOS): (kept, done)."""
-        room = self.req.max_tokens - self.generated
+        """Make `tokens` final (cut at max_tokens and after a stop token): (kept, done)."""
+        room = self.max_tokens - self.generated
         kept = tokens[:room]
         done = len(kept) >= room
-        if not self.req.ignore_eos and self.eos is not None and self.eos in kept:
-            kept = kept[:kept.index(self.eos) + 1]
-            done = True
+        stops = set(self.req.stop_token_ids)
+        if not self.req.ignore_eos:
+            stops |= self.eos or set()
+        stop = next((i for i, t in enumerate(kept) if t in stops), None)
+        if stop is not None:
+            kept, done = kept[:stop + 1], True
+            self.stats.finish_reason = "stop"
+        elif done:
+            self.stats.finish_reason = "length"
         self.history += kept
         self.stats.tokens += len(kept)
         self.stats.token_ids += kept
@@ -272,121 +338,142 @@ class _Run:
 
     # -- sessions ---------------------------------------------------------------------------
 
-    def _link(self, tier: str):
-        return {"slm": self.r.slm, "ilm": self.r.ilm, "llm": self.r.llm}[tier]
+    def usable(self, tier: Tier) -> bool:
+        link = self.r.links.get(tier)
+        return link is not None and link.available
 
-    def start_open(self, tier: str) -> None:
-        link = self._link(tier)
-        usage = self.stats.tiers[tier]
+    def start_open(self, tier: Tier) -> TierSession:
+        link, usage = self.r.links[tier], self.stats.tiers[tier]
         prompt = list(self.history)
-
-        async def open_():
-            if tier == "slm":
-                r = await link.open(prompt, self.spec_for(tier), self.session_max_tokens,
-                                    self.cfg.uncertainty, usage)
-            else:
-                r = await link.open(prompt, self.spec_for(tier), self.session_max_tokens, usage)
-            if r.eos_token_id >= 0:
-                self.eos = r.eos_token_id
-            return r
-
-        self.sessions[tier] = _Session(held=prompt, opening=asyncio.ensure_future(open_()))
-
-    async def session(self, tier: str) -> _Session:
-        s = self.sessions[tier]
-        if s.opening is not None:
-            try:
-                r = await s.opening
-            except grpc.aio.AioRpcError as e:
-                del self.sessions[tier]
-                raise _translate(tier, e) from None
-            s.sid, s.opening = r.session_id, None
+        if tier is Tier.SLM:
+            def opener():
+                return link.open(prompt, self.spec_for(tier), self.session_max_tokens,
+                                 self.cfg.uncertainty, usage)
+        else:
+            def opener():
+                return link.open(prompt, self.spec_for(tier), self.session_max_tokens, usage)
+        s = self.sessions[tier] = TierSession.open(tier, link, usage, prompt, opener)
         return s
 
-    def close_sessions(self) -> None:
-        for tier, s in list(self.sessions.items()):
-            asyncio.ensure_future(self._close(tier, s))
-        self.sessions.clear()
+    async def session(self, tier: Tier) -> TierSession:
+        s = self.sessions.get(tier) or self.start_open(tier)
+        try:
+            await s.ready()
+        except grpc.aio.AioRpcError as e:
+            self.abandon(tier, e)
+            raise _translate(tier, e) from None
+        return s
 
-    async def _close(self, tier: str, s: _Session) -> None:
-        with contextlib.suppress(Exception):
-            if s.opening is not None:
-                s.sid = (await s.opening).session_id
-            if s.sid:
-                await self._link(tier).close_session(s.sid, TierUsage())
+    async def stop_set(self) -> frozenset[int]:
+        """The LLM's stop ids (lossless policies stop where llm-only stops); the drafter's
+        when the LLM's session cannot be opened (a lossy request goes on without it)."""
+        for tier in (Tier.LLM, Tier.SLM):
+            if tier in self.sessions:
+                try:
+                    return frozenset((await self.session(tier)).eos_token_ids)
+                except HilmError:
+                    continue
+        return frozenset()
+
+    def abandon(self, tier: Tier, e: grpc.aio.AioRpcError | None = None) -> None:
+        """Drop a tier's session after a failure (closed on the tier, best effort); a tier
+        whose connection was lost is marked down for everyone."""
+        s = self.sessions.pop(tier, None)
+        if s is not None:
+            asyncio.ensure_future(s.close())
+        if e is not None and e.code() in CONNECTION_LOST:
+            self.r.links[tier].mark_down(self.cfg.down_retry_s)
+
+    def close_sessions(self) -> None:
+        for s in self.sessions.values():
+            asyncio.ensure_future(s.close())
+        self.sessions.clear()
 
     # -- llm-only ---------------------------------------------------------------------------
 
     async def llm_only(self) -> AsyncIterator[list[int]]:
-        """The LLM's own streaming generation. Its model time is the stream's duration less
-        the network delay charged on it (the tier reports no timings for a stream)."""
-        usage = self.stats.tiers["llm"]
-        self.stats.rounds = 1
-        self.stats.llm_messages = 1
-        stream = self.r.llm.generate(self.history, self.spec_for("llm"), self.req.max_tokens,
-                                     self.req.ignore_eos, usage)
+        """The LLM's own streaming generation, from the history so far. Its model time is the
+        stream's duration less the network delay charged on it (a stream reports no timings)."""
+        usage = self.stats.tiers[Tier.LLM]
+        self.stats.rounds += 1
+        stream = self.r.llm.generate(self.history, self.spec_for(Tier.LLM),
+                                     self.max_tokens - self.generated, self.req.ignore_eos,
+                                     usage, self.req.stop_token_ids,
+                                     max(0, self.req.min_tokens - self.generated),
+                                     self.req.stop)
         t0 = time.perf_counter()
         try:
-            async for ids in stream:
-                self.stats.llm_forwards += len(ids)
+            async for ids, finish in stream:
+                usage.forwards += len(ids)
                 kept, done = self.accept(ids)
                 if kept:
                     yield kept
+                if finish and not done:  # the tier's own stop (EOS, stop string, context)
+                    self.stats.finish_reason = finish
                 if done:
                     break
         except grpc.aio.AioRpcError as e:
-            raise _translate("llm", e) from None
+            raise _translate(Tier.LLM, e) from None
         finally:
             await stream.aclose()
-            usage.model_ms = max(0.0, (time.perf_counter() - t0) * 1e3 - usage.network_ms)
+            usage.model_ms += max(0.0, (time.perf_counter() - t0) * 1e3 - usage.network_ms)
 
     # -- speculative rounds -----------------------------------------------------------------
 
-    @property
-    def optimistic(self) -> bool:
-        return self.cfg.optimistic if self.req.optimistic is None else self.req.optimistic
-
     async def rounds(self) -> AsyncIterator[list[int]]:
-        """Draft, route, verify, until done. Optimistic drafting (DSI's idea on live tiers):
+        """Draft, plan, execute, until done. Optimistic drafting (DSI's idea on live tiers):
         while a block is verified the drafter goes on as if all of it were accepted; the
         tokens it drafted become the next block only if the verifier accepted the whole block
         and its bonus token is the drafter's next token, else the next Draft rolls them back.
         Those tokens were sampled from the drafter's q given exactly the context that was
         decided, so verifying (or skipping) them is what a fresh Draft would have led to: the
-        output distribution does not change."""
-        policy = self.req.policy
-        self.start_open("slm")
-        if policy.uses_ilm and self._ilm_usable():
-            self.start_open("ilm")
-        self.start_open("llm")
-        drafter = await self.session("slm")
-        usage = self.stats.tiers["slm"]
+        output distribution does not change. A drafter that stops answering leaves the rest
+        to the LLM's own generation."""
+        self.start_open(Tier.SLM)
+        if self.req.policy.uses_ilm and self.usable(Tier.ILM):
+            self.start_open(Tier.ILM)
+        self.start_open(Tier.LLM)
+        try:
+            async for ids in self._rounds():
+                yield ids
+        except _TierDown as down:
+            if down.tier is not Tier.SLM:
+                raise
+            self.stats.degrade("slm-unreachable")
+            async for ids in self.llm_only():
+                yield ids
+
+    async def _rounds(self) -> AsyncIterator[list[int]]:
         # Where the drafter's session is, and what its next Draft must first do to it (one
         # device call per round).
         position, rollback_to, append = len(self.history), None, []
-        ready: list = []  # tokens drafted optimistically that are this round's block
+        ready: list[ScoredToken] = []  # tokens drafted optimistically that are this block
         ahead: asyncio.Future | None = None
+        await self.negotiate()
         try:
             while True:
                 base = len(self.history)
-                n = min(self.block_size, self.req.max_tokens - self.generated)
+                n = min(self.block_size, self.max_tokens - self.generated)
                 if ready:
                     tokens, ready = ready[:n], ready[n:]
                 else:
-                    d = await self._draft(drafter.sid, position, n, usage, rollback_to, append)
+                    d = await self._draft(position, n, rollback_to, append)
                     position, tokens = d.position, d.tokens
                     if not tokens:  # the drafter's session is full: nothing more to generate
+                        self.stats.finish_reason = "length"
                         return
                 self.stats.rounds += 1
                 drafted = [t.token_id for t in tokens]
                 # Draft ahead only from exactly this block's end (not when a longer optimistic
                 # draft was cut to the block), and only if more tokens will be wanted.
                 if (self.optimistic and not ready and position == base + len(drafted)
-                        and self.generated + len(drafted) < self.req.max_tokens):
-                    ahead = asyncio.ensure_future(self._draft(
-                        drafter.sid, position, self.lookahead, usage))
+                        and self.generated + len(drafted) < self.max_tokens):
+                    ahead = asyncio.ensure_future(self._draft(position, self.lookahead,
+                                                              recover=False))
                     self.stats.optimistic_drafts += 1
-                final = await self.verify_round(tokens)
+                final = await self.execute(self.plan(tokens), tokens)
+                if self.eos is None:
+                    self.eos = await self.stop_set()
                 kept, done = self.accept(final)
                 if kept:
                     yield kept
@@ -419,11 +506,127 @@ class _Run:
             if ahead is not None:
                 ahead.cancel()
 
-    @property
-    def lookahead(self) -> int:
-        """Tokens drafted ahead: one more than a block, so that a kept optimistic draft (its
-        first token is the verifier's bonus) leaves a whole block."""
-        return self.cfg.lookahead or self.block_size + 1
+    async def negotiate(self) -> None:
+        """The verifiers' limits, from their OpenSession replies (a link remembers them, so
+        only a link's first request waits for its session): blocks no larger than any
+        verifier takes (a forwarded ILM block has one token more), and no more tokens than
+        the LLM's context holds (then the request ends with finish_reason "length", as
+        vLLM's does)."""
+        forwards = forward_rule(self.req.policy) is not Forward.NONE
+        caps = []
+        for tier in (Tier.LLM, Tier.ILM):
+            if tier not in self.sessions:
+                continue
+            link = self.r.links[tier]
+            if getattr(link, "limits", None) is None:
+                try:
+                    s = await self.session(tier)
+                except HilmError:
+                    continue  # routed around (or failing) when it is used
+                link.limits = (s.max_block, s.max_model_len)
+            max_block, max_model_len = link.limits
+            if max_block:
+                caps.append(max_block - (1 if tier is Tier.LLM and forwards else 0))
+            if tier is Tier.LLM and max_model_len:
+                # context + block + next token <= max_model_len at every round
+                self.max_tokens = min(self.max_tokens, max_model_len - self.n_prompt - 1)
+        self.block_cap = max(1, min(caps, default=64))
+        if self.max_tokens < 1:
+            raise InvalidArgument(f"the prompt ({self.n_prompt} tokens) leaves no room in the "
+                                  f"LLM's context: shorten it")
+
+    def plan(self, tokens: list[ScoredToken]) -> RoundPlan:
+        p = plan(self.req.policy, [t.uncertainty for t in tokens], self.th, self._skip_rate(),
+                 self.rng)
+        for i in range(len(tokens)):
+            metrics.ROUTES.labels(Route.SKIP.value if i < p.skips else p.target.value).inc()
+        self.stats.skips += p.skips
+        first = self.generated  # completion index of this block's token 0
+        self.stats.skipped_at += range(first, min(first + p.skips, self.max_tokens))
+        return p
+
+    async def execute(self, p: RoundPlan, tokens: list[ScoredToken]) -> list[int]:
+        """One round's verification: the tokens it makes final (before cutting at max_tokens
+        or EOS). The skipped head is final; the rest goes to the plan's tier, an unreachable
+        ILM's to the LLM; the ILM's unsure tokens go on to the LLM."""
+        final = [t.token_id for t in tokens[:p.skips]]
+        block = tokens[p.skips:]
+        if not block:
+            return final
+        if p.target is Tier.ILM:
+            out = await self._verify(Tier.ILM, final, block, p.want_emitted)
+            if out is not None:
+                return final + await self._after_ilm(p, final, block, out)
+            self.stats.degrade("ilm-unreachable")
+        out = await self._verify(Tier.LLM, final, block, False, p.llm_down)
+        if out is not None:
+            return final + out.tokens([t.token_id for t in block])
+        return final + await self._without_llm(final, block)
+
+    async def _after_ilm(self, p: RoundPlan, final: list[int], block: list[ScoredToken],
+                         out) -> list[int]:
+        """The ILM's emitted tokens: final, or (from the first it is unsure of) the LLM's draft
+        with the ILM's p as q."""
+        ids = ([e.token_id for e in out.emitted] if out.emitted
+               else out.tokens([t.token_id for t in block]))
+        start = p.forward_from([e.uncertainty for e in out.emitted])
+        if start is None:
+            return ids
+        head, tail = ids[:start], out.emitted[start:]
+        self.stats.ilm_forwarded += len(tail)
+        out2 = await self._verify(Tier.LLM, final + head, tail, False, p.llm_down)
+        if out2 is None:  # lossy, LLM unreachable: the ILM's tokens stand
+            return ids
+        return head + out2.tokens([e.token_id for e in tail])
+
+    async def _without_llm(self, final: list[int], block: list[ScoredToken]) -> list[int]:
+        """A lossy round whose LLM did not answer: the ILM verifies the block if it can, else
+        the drafter's tokens stand."""
+        if self.usable(Tier.ILM):
+            out = await self._verify(Tier.ILM, final, block, False)
+            if out is not None:
+                return out.tokens([t.token_id for t in block])
+            self.stats.degrade("ilm-unreachable")
+        return [t.token_id for t in block]
+
+    async def _verify(self, tier: Tier, pending: list[int], block: list[ScoredToken],
+                      want_emitted: bool, llm_down: LlmDown = LlmDown.KEEP):
+        """Verify `block` on `tier` after the history and `pending` (this round's tokens so
+        far); None when the tier does not answer and the caller routes around it. A session
+        the tier lost (restart, expiry) is reopened and the call re-sent once; under
+        `LlmDown.FAIL` an LLM that does not answer is retried until `recover_s`, then 503."""
+        deadline = time.monotonic() + self.cfg.recover_s
+        reopened, wait = False, 0.25
+        while True:
+            if not self.usable(tier) and llm_down is LlmDown.KEEP:
+                self.stats.degrade(f"{tier.value}-unreachable")
+                return None
+            try:
+                s = await self.session(tier)
+                out = await s.verify(self.history + pending, block, want_emitted)
+            except grpc.aio.AioRpcError as e:
+                self.abandon(tier, e)
+                if e.code() is grpc.StatusCode.NOT_FOUND and not reopened:
+                    reopened = True  # the tier restarted or expired it: re-send the history
+                    continue
+                if e.code() not in UNREACHABLE:
+                    raise _translate(tier, e) from None
+            except Unavailable:  # its opening failed to connect (session() translated it)
+                pass
+            else:
+                self.stats.verified(tier, len(block), out.num_accepted)
+                return out
+            if llm_down is LlmDown.KEEP:
+                self.stats.degrade(f"{tier.value}-unreachable")
+                return None
+            if time.monotonic() + wait > deadline:
+                raise Unavailable(f"the {tier.value} tier did not answer for "
+                                  f"{self.cfg.recover_s:g} s and the policy "
+                                  f"{self.req.policy.value!r} is lossless: retry later")
+            await asyncio.sleep(wait)
+            wait = min(2 * wait, 2.0)
+
+    # -- the drafter ------------------------------------------------------------------------
 
     @staticmethod
     async def _settle(ahead: asyncio.Future):
@@ -431,156 +634,37 @@ class _Run:
         next Draft reports a drafter that is really gone)."""
         try:
             return await ahead
-        except HilmError as e:
+        except (HilmError, _TierDown) as e:
             logger.debug("optimistic draft failed: %s", e)
             return None
 
-    async def _draft(self, sid: str, position: int, n: int, usage: TierUsage,
-                     rollback_to: int | None = None, append=()):
-        try:
-            return await self.r.slm.draft(sid, position, n, usage, rollback_to, append)
-        except grpc.aio.AioRpcError as e:
-            raise _translate("slm", e) from None
-
-    async def verify_round(self, tokens) -> list[int]:
-        """Route one drafted block; return the tokens it makes final (before cutting)."""
-        stats, policy = self.stats, self.req.policy
-        us = [t.uncertainty for t in tokens]
-        p = plan(policy, us, self.th, self._skip_rate(), self.rng)
-        for i in range(len(tokens)):
-            route = Route.SKIP if i < p.skips else p.route
-            metrics.ROUTES.labels(route.value).inc()
-        stats.skips += p.skips
-        first = len(self.history) - self.n_prompt  # completion index of this block's token 0
-        stats.skipped_at += range(first, min(first + p.skips, self.req.max_tokens))
-        final = [t.token_id for t in tokens[:p.skips]]
-        block = tokens[p.skips:]
-        if not block:
-            return final
-        route = p.route
-        if route is Route.ILM and not self._ilm_usable():
-            stats.degrade("ilm-unreachable")
-            route = Route.LLM
-        draft = [t.token_id for t in block]
-        dists = [(t.ids, t.probs) for t in block]
-        if route is Route.ILM:
-            try:
-                out = await self._verify("ilm", final, draft, dists,
-                                         want_emitted=policy in (Policy.HILM, Policy.CASCADE))
-            except _TierDown:
-                stats.degrade("ilm-unreachable")
-                route = Route.LLM
-            else:
-                return final + await self._after_ilm(final, out)
-        try:
-            out = await self._verify("llm", final, draft, dists)
-        except _TierDown:
-            if policy.lossless:
-                raise Unavailable("the LLM tier is unreachable and the policy "
-                                  f"{policy.value!r} is lossless: retry later") from None
-            stats.degrade("llm-unreachable")
-            if self._ilm_usable():
-                try:
-                    out = await self._verify("ilm", final, draft, dists)
-                    return final + draft[:out.num_accepted] + [out.next_token_id]
-                except _TierDown:
-                    stats.degrade("ilm-unreachable")
-            return final + draft  # the drafter's tokens stand
-        return final + draft[:out.num_accepted] + [out.next_token_id]
-
-    async def _after_ilm(self, final: list[int], out) -> list[int]:
-        """The ILM's emitted tokens: final, or (from the first it is unsure of) the LLM's draft."""
-        emitted = out.emitted
-        ids = [e.token_id for e in emitted]
-        if not emitted:  # the tier did not return them (not asked): its tokens are final
-            return ids or []
-        policy = self.req.policy
-        start = 0 if policy is Policy.CASCADE else ilm_forward_from(
-            [e.uncertainty for e in emitted], self.th.t_ilm)
-        if start is None:
-            return ids
-        if not self.r.llm.available:
-            if policy.lossless:
-                raise Unavailable("the LLM tier is unreachable and the policy "
-                                  f"{policy.value!r} is lossless: retry later")
-            self.stats.degrade("llm-unreachable")
-            return ids
-        head, tail = ids[:start], emitted[start:]
-        self.stats.ilm_forwarded += len(tail)
-        try:
-            out2 = await self._verify("llm", final + head, [e.token_id for e in tail],
-                                      [(e.ids, e.probs) for e in tail])
-        except _TierDown:
-            if policy.lossless:
-                raise Unavailable("the LLM tier is unreachable and the policy "
-                                  f"{policy.value!r} is lossless: retry later") from None
-            self.stats.degrade("llm-unreachable")
-            return ids
-        return head + [e.token_id for e in tail[:out2.num_accepted]] + [out2.next_token_id]
-
-    def _skip_rate(self) -> float:
-        return self.cfg.skip_rate if self.req.skip_rate is None else self.req.skip_rate
-
-    def _ilm_usable(self) -> bool:
-        return self.r.ilm is not None and self.r.ilm.available
-
-    async def _verify(self, tier: str, pending: list[int], draft, dists,
-                      want_emitted: bool = False):
-        """Verify `draft` on `tier`, after the history and `pending` (this round's tokens so
-        far). The tier gets the tokens it has not seen and, if it holds tokens that were
-        overruled, is cut back first. One retry after reopening a session the tier lost."""
-        link = self._link(tier)
-        usage = self.stats.tiers[tier]
-        context = self.history + pending
+    async def _draft(self, position: int, n: int, rollback_to: int | None = None,
+                     append=(), recover: bool = True):
+        """One Draft (after a rollback and an append). A session opened with the history (a
+        new one) drafts from its end. A drafter that lost the session (it restarted) gets a
+        new one and the Draft is re-sent (unless `recover` is off: a Draft ahead); one that
+        does not answer is _TierDown."""
         for attempt in (0, 1):
-            if tier not in self.sessions:
-                self.start_open(tier)
             try:
-                s = await self.session(tier)
-                keep = common_prefix(s.held, context)
-                rollback_to = keep if keep < len(s.held) else None
-                out = await link.verify(s.sid, len(s.held), context[keep:], draft, dists, usage,
-                                        want_emitted=want_emitted, rollback_to=rollback_to)
-            except grpc.aio.AioRpcError as e:
-                if e.code() in UNREACHABLE:
-                    link.mark_down(self.cfg.down_retry_s)
-                    self.sessions.pop(tier, None)
-                    raise _TierDown(tier) from None
-                if e.code() is grpc.StatusCode.NOT_FOUND and attempt == 0:
-                    self.sessions.pop(tier, None)  # the tier restarted or expired it: re-send
-                    continue
-                raise _translate(tier, e) from None
-            except _TierDown:
-                raise
-            except HilmError as e:
-                if isinstance(e, Unavailable):
-                    link.mark_down(self.cfg.down_retry_s)
-                    raise _TierDown(tier) from None
-                raise
-            s.held = context + draft[:out.num_accepted] + [out.next_token_id]
-            n = len(draft)
-            if tier == "ilm":
-                self.stats.ilm_messages += 1
-                self.stats.ilm_drafted += n
-                self.stats.ilm_accepted += out.num_accepted
-            else:
-                self.stats.llm_messages += 1
-                self.stats.llm_drafted += n
-                self.stats.llm_accepted += out.num_accepted
-                self.stats.llm_forwards += 1
-            metrics.DRAFTED.labels(tier).inc(n)
-            metrics.ACCEPTED.labels(tier).inc(out.num_accepted)
-            return out
+                s = await self.session(Tier.SLM)
+                if s.fresh:
+                    position, rollback_to, append = len(s.held), None, ()
+                d = await self.r.slm.draft(s.sid, position, n, self.stats.tiers[Tier.SLM],
+                                           rollback_to, append)
+                s.fresh = False
+                return d
+            except (grpc.aio.AioRpcError, Unavailable) as e:
+                code = e.code() if isinstance(e, grpc.aio.AioRpcError) else None
+                self.abandon(Tier.SLM, e if code is not None else None)
+                if code is grpc.StatusCode.NOT_FOUND and attempt == 0 and recover:
+                    continue  # the next session() opens one with the history
+                if code is None or code in UNREACHABLE:
+                    raise _TierDown(Tier.SLM) from None
+                raise _translate(Tier.SLM, e) from None
         raise AssertionError("unreachable")
 
 
-class _TierDown(Exception):
-    def __init__(self, tier: str):
-        super().__init__(f"the {tier} tier is unreachable")
-        self.tier = tier
-
-
-def _translate(tier: str, e: grpc.aio.AioRpcError) -> HilmError:
+def _translate(tier: Tier, e: grpc.aio.AioRpcError) -> HilmError:
     """A tier's gRPC error -> the router's domain error (HTTP status), naming the tier."""
     from hilm_vllm import errors
 
@@ -589,6 +673,7 @@ def _translate(tier: str, e: grpc.aio.AioRpcError) -> HilmError:
                grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
                grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
                grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted}
+    if too_large(e):
+        return errors.HilmError(too_large_message(f"{tier.value} tier"))
     cls = by_code.get(e.code(), errors.Unavailable)
-    return cls(f"{tier} tier: {e.details()}")
-
+    return cls(f"{tier.value} tier: {e.details()}")

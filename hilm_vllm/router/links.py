@@ -14,22 +14,27 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
-import numpy as np
 
+from hilm_vllm import codec
 from hilm_vllm.drafter.client import draft_result
 from hilm_vllm.drafter.core import DraftResult
 from hilm_vllm.netmodel import NetworkModel, Site
-from hilm_vllm.proto.hilm.v1 import (common_pb2, drafter_pb2, drafter_pb2_grpc, generate_pb2,
+from hilm_vllm.proto.hilm.v1 import (drafter_pb2, drafter_pb2_grpc, generate_pb2,
                                      generate_pb2_grpc, verifier_pb2, verifier_pb2_grpc)
 from hilm_vllm.router import metrics
-from hilm_vllm.sampling import SamplingSpec
-from hilm_vllm.server.client import sampling_pb, uncertainty_pb
+from hilm_vllm.sampling import SamplingSpec, ScoredToken
+from hilm_vllm.server.grpc_util import grpc_options
 from hilm_vllm.sessions import CLIENT_METADATA_KEY
+from hilm_vllm.tiers import Tier
 from hilm_vllm.uncertainty import UncertaintyConfig
 
-# A tier that does not answer: the router routes around it (degradation) instead of failing.
-UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-               grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
+# A tier that cannot be reached: marked down for everyone for a while (routed around).
+CONNECTION_LOST = (grpc.StatusCode.UNAVAILABLE,)
+# A call that got no answer (its deadline passed, it was cut, the tier failed inside): this
+# request routes around the tier, others keep using it.
+NO_ANSWER = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+             grpc.StatusCode.UNKNOWN)
+UNREACHABLE = CONNECTION_LOST + NO_ANSWER
 
 
 @dataclass
@@ -38,6 +43,9 @@ class TierUsage:
 
     messages: int = 0  # every message sent to the tier (sessions included)
     verifies: int = 0  # Verify / Draft / Generate calls
+    drafted: int = 0  # draft tokens sent to the tier (verifiers)
+    accepted: int = 0  # of which it accepted
+    forwards: int = 0  # forward passes (one per Verify; one per token of a Generate stream)
     uplink_bytes: int = 0  # serialized bytes sent to the tier
     downlink_bytes: int = 0
     model_ms: float = 0.0  # time the tier reports for its calls
@@ -46,33 +54,30 @@ class TierUsage:
 
 
 @dataclass
-class Emitted:
-    """A token a verifier emitted, with the distribution it is an exact sample of and its u."""
-
-    token_id: int
-    uncertainty: float
-    ids: np.ndarray
-    probs: np.ndarray
-
-
-@dataclass
 class VerifyOutcome:
     num_accepted: int
     next_token_id: int
     position: int
-    emitted: list[Emitted] = field(default_factory=list)
+    emitted: list[ScoredToken] = field(default_factory=list)
+
+    def tokens(self, draft: Sequence[int]) -> list[int]:
+        """What the verification makes final: the accepted drafts, then the next token."""
+        return [*draft[:self.num_accepted], self.next_token_id]
 
 
 class TierLink:
     """One tier as seen from the router: a channel, its site, the network between them."""
 
-    def __init__(self, name: str, address: str, site: Site, network: NetworkModel,
-                 client_id: str, timeout_s: float):
-        self.name, self.address, self.site = name, address, site
+    def __init__(self, tier: Tier, address: str, network: NetworkModel, client_id: str,
+                 timeout_s: float):
+        self.tier, self.address = tier, address
+        self.name, self.site = tier.value, tier.site
         self.network, self.timeout_s = network, timeout_s
-        self.channel = grpc.aio.insecure_channel(address)
+        self.channel = grpc.aio.insecure_channel(address, options=grpc_options())
         self.metadata = ((CLIENT_METADATA_KEY, client_id),)
         self.down_until = 0.0  # monotonic time before which the tier is considered unreachable
+        # (max_block, max_model_len) from the tier's last OpenSession; None until one opened
+        self.limits: tuple[int, int] | None = None
 
     async def close(self) -> None:
         await self.channel.close()
@@ -112,10 +117,6 @@ class TierLink:
         return reply
 
 
-def prompt_pb(ids: Sequence[int]) -> common_pb2.Prompt:
-    return common_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=list(ids)))
-
-
 class DrafterLink(TierLink):
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
@@ -123,11 +124,11 @@ class DrafterLink(TierLink):
 
     async def open(self, prompt: Sequence[int], spec: SamplingSpec, max_tokens: int,
                    uncertainty: UncertaintyConfig | None, usage: TierUsage):
-        request = drafter_pb2.OpenDrafterSessionRequest(prompt=prompt_pb(prompt),
-                                                        sampling=sampling_pb(spec),
+        request = drafter_pb2.OpenDrafterSessionRequest(prompt=codec.prompt_to_pb(prompt),
+                                                        sampling=codec.sampling_to_pb(spec),
                                                         max_tokens=max_tokens)
         if uncertainty is not None:
-            request.uncertainty.CopyFrom(uncertainty_pb(uncertainty))
+            request.uncertainty.CopyFrom(codec.uncertainty_to_pb(uncertainty))
         return await self.unary(self.stub.OpenSession, request, usage)
 
     async def draft(self, sid: str, position: int, n: int, usage: TierUsage,
@@ -164,39 +165,46 @@ class VerifierLink(TierLink):
     async def open(self, prompt: Sequence[int], spec: SamplingSpec, max_tokens: int,
                    usage: TierUsage):
         return await self.unary(self.stub.OpenSession, verifier_pb2.OpenVerifierSessionRequest(
-            prompt=prompt_pb(prompt), sampling=sampling_pb(spec), max_tokens=max_tokens), usage)
+            prompt=codec.prompt_to_pb(prompt), sampling=codec.sampling_to_pb(spec),
+            max_tokens=max_tokens), usage)
 
     async def verify(self, sid: str, position: int, append: Sequence[int],
-                     draft: Sequence[int], dists: Sequence[tuple[np.ndarray, np.ndarray]],
-                     usage: TierUsage, want_emitted: bool = False,
+                     block: Sequence[ScoredToken], usage: TierUsage,
+                     want_emitted: bool = False,
                      rollback_to: int | None = None) -> VerifyOutcome:
+        """Verify `block` (its tokens, each with the q it was sampled from) after appending
+        `append`, having first cut the session back to `rollback_to`."""
         request = verifier_pb2.VerifyRequest(
             session_id=sid, position=position, append_token_ids=list(append),
-            draft_token_ids=list(draft),
-            draft_dists=[common_pb2.SparseDistribution(token_ids=ids.tolist(),
-                                                       probs=probs.tolist())
-                         for ids, probs in dists])
+            draft_token_ids=[t.token_id for t in block],
+            draft_dists=[codec.dist_to_pb(t.ids, t.probs) for t in block])
         if want_emitted:
             request.return_emitted = True
         if rollback_to is not None:
             request.rollback_to = rollback_to
         r = await self.unary(self.stub.Verify, request, usage, verify=True)
-        emitted = [Emitted(e.token_id, e.uncertainty, np.asarray(e.dist.token_ids, np.int32),
-                           np.asarray(e.dist.probs, np.float32)) for e in r.emitted]
-        return VerifyOutcome(r.num_accepted, r.next_token_id, r.position, emitted)
+        return VerifyOutcome(r.num_accepted, r.next_token_id, r.position,
+                             [codec.scored_from_pb(e) for e in r.emitted])
 
     async def close_session(self, sid: str, usage: TierUsage) -> None:
         await self.unary(self.stub.CloseSession,
                          verifier_pb2.CloseVerifierSessionRequest(session_id=sid), usage)
 
     async def generate(self, prompt: Sequence[int], spec: SamplingSpec, max_tokens: int,
-                       ignore_eos: bool, usage: TierUsage) -> AsyncIterator[list[int]]:
+                       ignore_eos: bool, usage: TierUsage, stop_token_ids: Sequence[int] = (),
+                       min_tokens: int = 0,
+                       stop: Sequence[str] = ()) -> AsyncIterator[tuple[list[int], str]]:
         """The LLM-only baseline: the tier's own streaming generation. The request pays the
         uplink delay; streamed chunks each arrive one downlink delay after they were sent
-        (pipelined: delays overlap, order is kept)."""
-        request = generate_pb2.GenerateRequest(prompt=prompt_pb(prompt),
-                                               sampling=sampling_pb(spec),
-                                               max_tokens=max_tokens, ignore_eos=ignore_eos)
+        (pipelined: delays overlap, order is kept). Yields (token ids, the tier's finish
+        reason on the last chunk, else ""). A stream that sends nothing for the link's
+        timeout ends with DEADLINE_EXCEEDED (the deadline is per chunk: a long generation is
+        not cut, a stalled tier is)."""
+        request = generate_pb2.GenerateRequest(prompt=codec.prompt_to_pb(prompt),
+                                               sampling=codec.sampling_to_pb(spec),
+                                               max_tokens=max_tokens, ignore_eos=ignore_eos,
+                                               stop_token_ids=list(stop_token_ids),
+                                               min_tokens=min_tokens, stop=list(stop))
         up = request.ByteSize()
         t0 = time.perf_counter()
         d_up = self.network.delay(Site.DEVICE, self.site, up)
@@ -223,7 +231,7 @@ class VerifierLink(TierLink):
 
         reader = asyncio.ensure_future(pump())
         try:
-            while (item := await arrivals.get()) is not None:
+            while (item := await self._next(arrivals)) is not None:
                 received, chunk = item
                 if isinstance(chunk, grpc.aio.AioRpcError):
                     raise chunk
@@ -234,9 +242,18 @@ class VerifierLink(TierLink):
                 if wait > 0:
                     await asyncio.sleep(wait)
                     usage.network_ms += wait * 1e3
-                if chunk.token_ids:
-                    yield list(chunk.token_ids)
+                if chunk.token_ids or chunk.finish_reason:
+                    yield list(chunk.token_ids), chunk.finish_reason
         finally:
             call.cancel()
             reader.cancel()
             usage.rtt_ms += (time.perf_counter() - t0) * 1e3
+
+    async def _next(self, arrivals: asyncio.Queue):
+        try:
+            return await asyncio.wait_for(arrivals.get(), self.timeout_s)
+        except asyncio.TimeoutError:
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                f"no token from the {self.name} tier for {self.timeout_s:g} s "
+                f"(--rpc-timeout-s)") from None

@@ -23,11 +23,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from hilm_vllm import codec
 from hilm_vllm.errors import HilmError, InvalidArgument, NotFound
 from hilm_vllm.router import metrics
 from hilm_vllm.router.engine import GenerationRequest, RequestStats, Router
 from hilm_vllm.router.policy import Policy, Thresholds
-from hilm_vllm.sampling import SamplingSpec
+from hilm_vllm.tiers import MODEL_TIERS
 
 logger = logging.getLogger("hilm.router.api")
 
@@ -59,6 +60,8 @@ class _Sampling(_Base):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None  # vLLM's extra parameters
+    min_tokens: int = 0
     n: int = 1
     user: str | None = None
     # hilm-vllm's extra parameters
@@ -85,6 +88,11 @@ class ChatMessage(_Base):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage]
     logprobs: bool = False
+
+
+def stops(body: _Sampling) -> list[str]:
+    """The request's stop strings (a string or a list)."""
+    return [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
 
 
 def error_body(status: int, message: str, type_: str = "BadRequestError",
@@ -176,19 +184,18 @@ class RouterAPI:
             max_tokens = 16  # OpenAI's default for completions
         if max_tokens < 1:
             raise InvalidArgument(f"max_tokens must be >= 1, got {max_tokens}")
-        try:
-            spec = SamplingSpec(body.temperature, max(body.top_k, 0), body.top_p, body.seed)
-        except ValueError as e:
-            raise InvalidArgument(str(e)) from None
+        spec = codec.sampling(body.temperature, body.top_k, body.top_p, body.seed)
         th = None
         if body.thresholds is not None:
             base = self.router.cfg.thresholds
             t = body.thresholds
             th = Thresholds(base.t1 if t.t1 is None else t.t1, base.t2 if t.t2 is None else t.t2,
                             base.t_ilm if t.t_ilm is None else t.t_ilm)
+        stop_ids = tuple(body.stop_token_ids or ())
+        codec.check_token_ids(stop_ids, len(self.tokenizer), "stop_token_ids")
         return GenerationRequest(tuple(prompt_ids), spec, max_tokens, self.policy_of(body),
                                  body.ignore_eos, body.skip_rate, body.block_size, th,
-                                 body.optimistic)
+                                 body.optimistic, stop_ids, body.min_tokens, tuple(stops(body)))
 
     def prompt_ids(self, body: CompletionRequest | ChatCompletionRequest) -> list[int]:
         if isinstance(body, ChatCompletionRequest):
@@ -208,11 +215,7 @@ class RouterAPI:
             if not body.prompt:
                 raise InvalidArgument("prompt is empty")
             return self.tokenizer.encode(body.prompt)  # BOS as `vllm serve` adds it
-        vocab = len(self.tokenizer)
-        bad = [t for t in body.prompt if not 0 <= t < vocab]
-        if bad:
-            raise InvalidArgument(f"prompt token ids {bad[:5]} are outside the vocabulary "
-                                  f"[0, {vocab})")
+        codec.check_token_ids(body.prompt, len(self.tokenizer), "prompt")
         return list(body.prompt)
 
     # -- running ---------------------------------------------------------------------------------
@@ -226,8 +229,7 @@ class RouterAPI:
         except ValueError as e:
             return error_body(400, str(e))
         stats = RequestStats(req.policy.value)
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        events = self._events(req, stats, stops)
+        events = self._events(req, stats, list(req.stop))
         t0 = time.perf_counter()
         try:
             first = await events.__anext__()  # errors before the first token become 4xx/5xx
@@ -292,8 +294,9 @@ class RouterAPI:
                 tail += stop.flush() if not stop.hit else ""
                 if tail:
                     yield "text", tail
-                if not stop.hit and stats.tokens < req.max_tokens:
-                    finish = "stop"  # EOS
+                if not stop.hit:  # a stop token, max_tokens or the context's end
+                    finish = stats.finish_reason or (
+                        "length" if stats.tokens >= req.max_tokens else "stop")
         finally:
             await gen.aclose()
         yield "finish", finish
@@ -367,9 +370,8 @@ def build_app(api: RouterAPI) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        r = api.router
-        tiers = {"llm": r.llm.available, "ilm": None if r.ilm is None else r.ilm.available,
-                 "slm": None if r.slm is None else r.slm.available}
-        return {"status": "ok", "tiers": tiers}
+        links = api.router.links
+        return {"status": "ok", "tiers": {
+            t.value: links[t].available if t in links else None for t in MODEL_TIERS}}
 
     return app

@@ -21,7 +21,8 @@ import enum
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+
+from hilm_vllm.tiers import Tier
 
 
 class Policy(str, enum.Enum):
@@ -64,7 +65,8 @@ class Route(str, enum.Enum):
 class Thresholds:
     """Uncertainty thresholds: u <= t1 SKIP; t1 < u <= t2 ILM; u > t2 LLM; the ILM forwards its
     own tokens with u > t_ilm. With t2 <= t1 there is no ILM band (u <= t1 SKIP, else LLM).
-    `hilm calibrate` writes them in [0, 1], for the gate its YAML names (`uncertainty`); values
+    `hilm calibrate` writes them in [0, 1] (`codec.read_thresholds` reads its YAML), for the
+    gate the YAML names (`uncertainty`); values
     set by hand outside [0, 1] are kept as they are (u never crosses them: < 0 verifies every
     token, >= 1 skips every one)."""
 
@@ -76,17 +78,6 @@ class Thresholds:
         for name in ("t1", "t2", "t_ilm"):
             if getattr(self, name) != getattr(self, name):
                 raise ValueError(f"threshold {name} is NaN")
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> Thresholds:
-        import yaml
-
-        data = yaml.safe_load(Path(path).read_text())
-        try:
-            return cls(float(data["t1"]), float(data["t2"]), float(data["t_ilm"]))
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"{path}: expected keys t1, t2, t_ilm (written by `hilm "
-                             f"calibrate`)") from e
 
 
 def route_token(policy: Policy, u: float, th: Thresholds, skip_rate: float,
@@ -105,21 +96,68 @@ def route_token(policy: Policy, u: float, th: Thresholds, skip_rate: float,
     return Route.ILM if u <= th.t2 else Route.LLM
 
 
+class Forward(str, enum.Enum):
+    """Which of the ILM's emitted tokens go on to the LLM (as its draft, q = the ILM's p)."""
+
+    NONE = "none"  # none: the ILM's tokens are final (it is not asked for its distributions)
+    UNSURE = "unsure"  # from the first one whose own u exceeds t_ilm (hilm)
+    ALL = "all"  # all of them (cascade: the ILM-exact tokens are the LLM's draft)
+
+
+class LlmDown(str, enum.Enum):
+    """What an LLM that does not answer means for the policy."""
+
+    FAIL = "fail"  # lossless: the request ends with 503 (tokens already streamed stay)
+    KEEP = "keep"  # lossy: the ILM's (else the drafter's) tokens stand, marked `degraded`
+
+
 @dataclass(frozen=True)
-class Plan:
-    skips: int  # leading tokens kept unverified
-    route: Route  # where the rest of the block goes (SKIP when nothing is left)
+class RoundPlan:
+    """What one round does with a drafted block: keep `skips` leading tokens unverified, send
+    the rest to `target` (None when nothing is left); how the ILM's result is forwarded; what
+    an unreachable LLM means. An unreachable ILM always sends its block to the LLM instead."""
+
+    skips: int
+    target: Tier | None
+    forward: Forward = Forward.NONE
+    llm_down: LlmDown = LlmDown.FAIL
+    t_ilm: float = 0.0
+
+    @property
+    def want_emitted(self) -> bool:
+        """Ask the ILM for its emitted tokens' distributions and u (needed to forward)."""
+        return self.target is Tier.ILM and self.forward is not Forward.NONE
+
+    def forward_from(self, emitted_us: Sequence[float]) -> int | None:
+        """Index of the first ILM-emitted token that goes on to the LLM, None if none does."""
+        if self.forward is Forward.ALL:
+            return 0 if emitted_us else None
+        if self.forward is Forward.UNSURE:
+            return ilm_forward_from(emitted_us, self.t_ilm)
+        return None
+
+
+_FORWARD = {Policy.HILM: Forward.UNSURE, Policy.CASCADE: Forward.ALL}
+_TIER = {Route.ILM: Tier.ILM, Route.LLM: Tier.LLM, Route.SKIP: None}
+
+
+def forward_rule(policy: Policy) -> Forward:
+    """How `policy` forwards the ILM's tokens to the LLM."""
+    return _FORWARD.get(policy, Forward.NONE)
 
 
 def plan(policy: Policy, us: Sequence[float], th: Thresholds, skip_rate: float = 0.0,
-         rng: random.Random | None = None) -> Plan:
+         rng: random.Random | None = None) -> RoundPlan:
     """Leading SKIPs, then the whole remaining block to the first non-skipped token's tier."""
     rng = rng or random.Random()
+    skips, route = len(us), Route.SKIP
     for i, u in enumerate(us):
         r = route_token(policy, u, th, skip_rate, rng)
         if r is not Route.SKIP:
-            return Plan(i, r)
-    return Plan(len(us), Route.SKIP)
+            skips, route = i, r
+            break
+    return RoundPlan(skips, _TIER[route], forward_rule(policy),
+                     LlmDown.FAIL if policy.lossless else LlmDown.KEEP, th.t_ilm)
 
 
 def ilm_forward_from(us: Sequence[float], t_ilm: float) -> int | None:

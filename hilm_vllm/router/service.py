@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import grpc
 
+from hilm_vllm import codec
 from hilm_vllm.errors import HilmError
 from hilm_vllm.proto.hilm.v1 import generate_pb2, generate_pb2_grpc
 from hilm_vllm.router.engine import GenerationRequest, RequestStats
-from hilm_vllm.router.openai_api import RouterAPI, TextStream
+from hilm_vllm.router.openai_api import RouterAPI, StopScanner, TextStream
 from hilm_vllm.router.policy import Policy
-from hilm_vllm.sampling import SamplingSpec
 
 SERVICE_NAME = "hilm.v1.Generator"
 
@@ -20,40 +20,42 @@ class RouterGenerator(generate_pb2_grpc.GeneratorServicer):
 
     def _request(self, request: generate_pb2.GenerateRequest) -> GenerationRequest:
         tok = self.api.tokenizer
-        kind = request.prompt.WhichOneof("kind")
-        if kind == "text":
-            ids = tok.encode(request.prompt.text)
-        elif kind == "token_ids":
-            ids = list(request.prompt.token_ids.ids)
-            bad = [t for t in ids if not 0 <= t < len(tok)]
-            if bad:
-                raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary "
-                                 f"[0, {len(tok)})")
+        prompt = codec.prompt_from_pb(request.prompt)
+        if isinstance(prompt, str):
+            ids = tok.encode(prompt)
         else:
-            raise ValueError("prompt is missing: set prompt.text or prompt.token_ids")
-        s = request.sampling
-        spec = SamplingSpec(s.temperature, s.top_k, s.top_p if s.top_p > 0 else 1.0,
-                            s.seed if s.HasField("seed") else None)
+            ids = prompt
+            codec.check_token_ids(ids, len(tok), "prompt")
+        spec = codec.sampling_from_pb(request.sampling)
         policy = Policy.parse(request.policy) if request.policy else self.api.router.cfg.policy
         self.api.router.check_policy(policy)
+        codec.check_token_ids(request.stop_token_ids, len(tok), "stop_token_ids")
         return GenerationRequest(
             tuple(ids), spec, request.max_tokens or 16, policy, request.ignore_eos,
             block_size=request.block_size if request.HasField("block_size") else None,
-            optimistic=request.optimistic if request.HasField("optimistic") else None)
+            optimistic=request.optimistic if request.HasField("optimistic") else None,
+            stop_token_ids=tuple(request.stop_token_ids), min_tokens=request.min_tokens,
+            stop=tuple(request.stop))
 
     async def Generate(self, request, context):
         try:
             req = self._request(request)
             stats = RequestStats(req.policy.value)
-            text = TextStream(self.api.tokenizer)
+            text, stop = TextStream(self.api.tokenizer), StopScanner(list(req.stop))
             gen = self.api.router.generate(req, stats)
             try:
                 async for ids in gen:
-                    yield generate_pb2.GenerateResponse(token_ids=ids, text=text.push(ids))
+                    yield generate_pb2.GenerateResponse(token_ids=ids,
+                                                        text=stop.push(text.push(ids)))
+                    if stop.hit:  # the text ends before the stop string; so does generation
+                        break
             finally:
                 await gen.aclose()
-            finish = "length" if stats.tokens >= req.max_tokens else "stop"
-            yield generate_pb2.GenerateResponse(text=text.flush(), finish_reason=finish)
+            tail = "" if stop.hit else stop.push(text.flush())
+            tail += "" if stop.hit else stop.flush()
+            finish = "stop" if stop.hit else stats.finish_reason or (
+                "length" if stats.tokens >= req.max_tokens else "stop")
+            yield generate_pb2.GenerateResponse(text=tail, finish_reason=finish)
         except HilmError as e:
             await context.abort(e.code, str(e))
         except ValueError as e:

@@ -12,6 +12,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from hilm_vllm import codec
 from hilm_vllm.netmodel import PRESETS, network_model
 from hilm_vllm.router.engine import RouterConfig
 from hilm_vllm.router.policy import Policy, Thresholds
@@ -60,49 +61,36 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--grpc-port", type=int, default=0,
                    help="gRPC Generate port; 0 picks a free one (default: %(default)s)")
     g.add_argument("--rpc-timeout-s", type=float, default=60.0,
-                   help="deadline of one call to a tier (default: %(default)s)")
-
-
-def uncertainty_from_yaml(block, path: Path, key: str) -> UncertaintyConfig:
-    """A calibration YAML's `uncertainty` / `ilm_uncertainty` block as a config."""
-    try:
-        return UncertaintyConfig(block.get("gate", "perturbed"), int(block.get("num_samples", 20)),
-                                 float(block.get("theta_max", 2.0)),
-                                 block.get("perturbation", "uniform"))
-    except (AttributeError, TypeError, ValueError) as e:
-        raise SystemExit(f"error: --thresholds {path}: bad `{key}` block ({e})") from None
+                   help="deadline of one call to a tier; a token stream's deadline per chunk "
+                        "(default: %(default)s)")
+    g.add_argument("--down-retry-s", type=float, default=10.0,
+                   help="a tier whose connection was lost is routed around for this long "
+                        "before it is tried again (default: %(default)s)")
+    g.add_argument("--recover-s", type=float, default=30.0,
+                   help="how long a request of a lossless policy waits for an unreachable "
+                        "LLM to answer again before it ends with 503 (default: %(default)s)")
 
 
 def thresholds_from_args(args: argparse.Namespace) -> tuple[Thresholds, UncertaintyConfig | None]:
-    t1 = t2 = t_ilm = 0.0
-    uncertainty = None
+    """--thresholds (the YAML `hilm calibrate` writes) with --t1/--t2/--t-ilm overrides, and the
+    gate the thresholds were fitted with (the router opens drafter sessions with it)."""
+    th, uncertainty = Thresholds(), None
     if args.thresholds is not None:
-        import yaml
-
-        if not args.thresholds.is_file():
-            raise SystemExit(f"error: --thresholds {args.thresholds}: no such file; run "
-                             f"`hilm calibrate` to write it")
-        data = yaml.safe_load(args.thresholds.read_text()) or {}
         try:
-            t1, t2, t_ilm = float(data["t1"]), float(data["t2"]), float(data["t_ilm"])
-        except (KeyError, TypeError, ValueError):
-            raise SystemExit(f"error: --thresholds {args.thresholds}: expected numbers t1, t2, "
-                             f"t_ilm (as `hilm calibrate` writes)") from None
-        if u := data.get("uncertainty"):
-            # The thresholds only mean something with the gate they were fitted with (`hilm
-            # calibrate --gate all` picks it by AUC): the router opens drafter sessions with it.
-            uncertainty = uncertainty_from_yaml(u, args.thresholds, "uncertainty")
-        if u := data.get("ilm_uncertainty"):
+            tf = codec.read_thresholds(args.thresholds)
+        except ValueError as e:
+            raise SystemExit(f"error: --thresholds {e}") from None
+        th, uncertainty = tf.thresholds, tf.uncertainty
+        if tf.ilm_uncertainty is not None:
             # t_ilm compares the ILM's own u, which the ILM tier measures with its flags.
-            ilm = uncertainty_from_yaml(u, args.thresholds, "ilm_uncertainty")
             logging.getLogger("hilm.router").info(
                 "t_ilm was calibrated with the ILM's %s gate: run the ILM tier with "
-                "--uncertainty-gate %s", ilm.gate.value, ilm.gate.value)
-    t1 = args.t1 if args.t1 is not None else t1
-    t2 = args.t2 if args.t2 is not None else t2
-    t_ilm = args.t_ilm if args.t_ilm is not None else t_ilm
+                "--uncertainty-gate %s", tf.ilm_uncertainty.gate.value,
+                tf.ilm_uncertainty.gate.value)
     try:
-        return Thresholds(t1, t2, t_ilm), uncertainty
+        return Thresholds(th.t1 if args.t1 is None else args.t1,
+                          th.t2 if args.t2 is None else args.t2,
+                          th.t_ilm if args.t_ilm is None else args.t_ilm), uncertainty
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -116,7 +104,8 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
             optimistic=args.optimistic, lookahead=args.lookahead,
             uncertainty=uncertainty,
             network=network_model(args.latency, args.bandwidth, args.snr_db),
-            rpc_timeout_s=args.rpc_timeout_s)
+            rpc_timeout_s=args.rpc_timeout_s, down_retry_s=args.down_retry_s,
+            recover_s=args.recover_s)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 

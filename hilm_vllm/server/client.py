@@ -1,44 +1,14 @@
-"""What the tiers' typed async clients share: the channel, the client id, the message converters."""
+"""What the tiers' typed async clients share: the channel and the client id (the message
+converters are `hilm_vllm.codec`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
 
-from hilm_vllm.proto.hilm.v1 import common_pb2
-from hilm_vllm.sampling import SamplingSpec
+from hilm_vllm.server.grpc_util import grpc_options
 from hilm_vllm.sessions import CLIENT_METADATA_KEY
-from hilm_vllm.uncertainty import Gate, Perturbation, UncertaintyConfig
-
-# Sparse distributions are, without top-k, up to the whole vocabulary per token (~1 MB for 128k
-# ids): gRPC's default 4 MB receive limit would cut long blocks off.
-MAX_RECEIVE_BYTES = 256 << 20
-
-_GATES = {Gate.PERTURBED: common_pb2.PERTURBED_TEMPERATURE, Gate.ENTROPY: common_pb2.ENTROPY,
-          Gate.VAR_ENTROPY: common_pb2.VAR_ENTROPY, Gate.MAX_PROB: common_pb2.MAX_PROB}
-_PERTURBATIONS = {Perturbation.UNIFORM: common_pb2.UNIFORM, Perturbation.GRID: common_pb2.GRID}
-
-
-def uncertainty_pb(cfg: UncertaintyConfig) -> common_pb2.UncertaintyConfig:
-    return common_pb2.UncertaintyConfig(gate=_GATES[cfg.gate], num_samples=cfg.num_samples,
-                                        theta_max=cfg.theta_max,
-                                        perturbation=_PERTURBATIONS[cfg.perturbation])
-
-
-def sampling_pb(spec: SamplingSpec) -> common_pb2.SamplingParams:
-    pb = common_pb2.SamplingParams(temperature=spec.temperature, top_k=spec.top_k,
-                                   top_p=spec.top_p)
-    if spec.seed is not None:
-        pb.seed = spec.seed
-    return pb
-
-
-def prompt_pb(prompt: Sequence[int] | str) -> common_pb2.Prompt:
-    if isinstance(prompt, str):
-        return common_pb2.Prompt(text=prompt)
-    return common_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=list(prompt)))
 
 
 @dataclass
@@ -50,8 +20,7 @@ class TierClient:
     client_id: str = ""
 
     def __post_init__(self):
-        self.channel = grpc.aio.insecure_channel(
-            self.address, options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)])
+        self.channel = grpc.aio.insecure_channel(self.address, options=grpc_options())
         self._metadata = ((CLIENT_METADATA_KEY, self.client_id),) if self.client_id else ()
         self._init_stubs(self.channel)
 

@@ -25,11 +25,12 @@ import os
 
 from hilm_vllm_patches.shm_busy_loop import ENV as BUSY_LOOP_ENV
 from hilm_vllm_patches.shm_busy_loop import window_from_env
+from hilm_vllm.tiers import MODEL_TIERS
 
 logger = logging.getLogger("hilm.serve")
 
 CPU_BUSY_LOOP_MS = 0.0  # engines that share cores: park at once, wake on the ZMQ notification
-ENGINE_TIERS = ("slm", "ilm", "llm")
+ENGINE_TIERS = tuple(t.value for t in MODEL_TIERS)
 
 # The layouts `placement` knows. On 2 cores bench/round_cost.py measured them (README,
 # "Placement"); `spread` is the default.

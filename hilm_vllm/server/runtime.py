@@ -17,6 +17,7 @@ from grpc_health.v1.health import aio as health_aio
 
 from hilm_vllm.config import ServeConfig
 from hilm_vllm.server import metrics
+from hilm_vllm.server.grpc_util import grpc_options
 
 logger = logging.getLogger("hilm.serve")
 
@@ -67,7 +68,7 @@ class TierRuntime:
             await self._shutdown()
 
     async def _start_servers(self) -> None:
-        self._server = grpc.aio.server()
+        self._server = grpc.aio.server(options=grpc_options())
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         for install in self._installers:
             self._service_names += install(self._server, self)

@@ -13,22 +13,17 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import grpc
-import numpy as np
 
+from hilm_vllm import codec
 from hilm_vllm.proto.hilm.v1 import (common_pb2, generate_pb2, generate_pb2_grpc, verifier_pb2,
                                      verifier_pb2_grpc)
 from hilm_vllm.sampling import SamplingSpec
-from hilm_vllm.server.client import TierClient, prompt_pb, sampling_pb, uncertainty_pb
+from hilm_vllm.server.client import TierClient
 from hilm_vllm.uncertainty import UncertaintyConfig
 from hilm_vllm.verifier.core import GenerateChunk, OpenedSession, Prompt
-from hilm_vllm.verifier.session import EmittedToken, Timings, VerifyReply
+from hilm_vllm.verifier.session import Timings, VerifyReply
 
 Dist = tuple[Sequence[int], Sequence[float]]
-
-
-def emitted_from(pb) -> tuple[EmittedToken, ...]:
-    return tuple(EmittedToken(e.token_id, e.uncertainty, np.asarray(e.dist.token_ids, np.int32),
-                              np.asarray(e.dist.probs, np.float32)) for e in pb)
 
 
 @dataclass
@@ -40,10 +35,12 @@ class VerifierClient(TierClient):
     async def open_session(self, prompt: Prompt, spec: SamplingSpec,
                            max_tokens: int = 0) -> OpenedSession:
         r = await self._verifier.OpenSession(verifier_pb2.OpenVerifierSessionRequest(
-            prompt=prompt_pb(prompt), sampling=sampling_pb(spec), max_tokens=max_tokens),
+            prompt=codec.prompt_to_pb(prompt), sampling=codec.sampling_to_pb(spec),
+            max_tokens=max_tokens),
             metadata=self._metadata)
         return OpenedSession(r.session_id, r.position, tuple(r.prompt_token_ids),
-                             r.eos_token_id, r.vocab_size, r.max_block)
+                             r.eos_token_id, r.vocab_size, r.max_block, tuple(r.eos_token_ids),
+                             r.max_model_len)
 
     async def verify(self, session_id: str, position: int, draft: Sequence[int] = (),
                      dists: Sequence[Dist] = (), append: Sequence[int] = (),
@@ -59,13 +56,14 @@ class VerifierClient(TierClient):
             draft_dists=[common_pb2.SparseDistribution(token_ids=list(i), probs=list(p))
                          for i, p in dists], return_emitted=want_emitted)
         if uncertainty is not None:
-            request.uncertainty.CopyFrom(uncertainty_pb(uncertainty))
+            request.uncertainty.CopyFrom(codec.uncertainty_to_pb(uncertainty))
         if rollback_to is not None:  # cut the session back first (then `position` is after it)
             request.rollback_to = rollback_to
         r = await self._verifier.Verify(request, metadata=self._metadata, timeout=timeout)
         t = r.timings
         return VerifyReply(r.num_accepted, r.next_token_id, r.position, tuple(r.target_probs),
-                           Timings(t.queue_ms, t.forward_ms, t.total_ms), emitted_from(r.emitted))
+                           Timings(t.queue_ms, t.forward_ms, t.total_ms),
+                           tuple(codec.scored_from_pb(e) for e in r.emitted))
 
     async def close_session(self, session_id: str) -> None:
         await self._verifier.CloseSession(
@@ -73,10 +71,13 @@ class VerifierClient(TierClient):
             metadata=self._metadata)
 
     async def generate(self, prompt: Prompt, spec: SamplingSpec, max_tokens: int = 0,
-                       ignore_eos: bool = False) -> AsyncIterator[GenerateChunk]:
+                       ignore_eos: bool = False, stop_token_ids: Sequence[int] = (),
+                       min_tokens: int = 0,
+                       stop: Sequence[str] = ()) -> AsyncIterator[GenerateChunk]:
         call = self._generator.Generate(generate_pb2.GenerateRequest(
-            prompt=prompt_pb(prompt), sampling=sampling_pb(spec), max_tokens=max_tokens,
-            ignore_eos=ignore_eos), metadata=self._metadata)
+            prompt=codec.prompt_to_pb(prompt), sampling=codec.sampling_to_pb(spec),
+            max_tokens=max_tokens, ignore_eos=ignore_eos, stop_token_ids=list(stop_token_ids),
+            min_tokens=min_tokens, stop=list(stop)), metadata=self._metadata)
         try:
             async for r in call:
                 yield GenerateChunk(tuple(r.token_ids), r.text, r.finish_reason or None)

@@ -13,20 +13,21 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from hilm_vllm.errors import HilmError, InvalidArgument, Unavailable
-from hilm_vllm.sampling import SamplingSpec
+from hilm_vllm import codec
+from hilm_vllm.sampling import SamplingSpec, ScoredToken
 from hilm_vllm.sessions import SessionLimits as StoreLimits
 from hilm_vllm.sessions import SessionStore
 from hilm_vllm.uncertainty import UncertaintyConfig
 from hilm_vllm.verifier.channel import ResultChannel
-from hilm_vllm.verifier.session import (EmittedToken, SessionLimits, Timings, VerifierSession,
-                                        VerifyCall, VerifyReply, check_tokens)
+from hilm_vllm.verifier.session import (SessionLimits, Timings, VerifierSession,
+                                        VerifyCall, VerifyReply)
 from hilm_vllm.verifier.wire import ROWS_CACHED, EmitArgs, VerifyArgs, VerifyResult, unpack
 
 logger = logging.getLogger("hilm.verifier")
@@ -48,17 +49,18 @@ class VerifierSettings:
 class EngineFacts:
     vocab_size: int
     max_model_len: int
-    eos_token_id: int  # -1 when the model names none
+    eos_token_ids: tuple[int, ...]  # every id the model stops on (empty: none)
+
+    @property
+    def eos_token_id(self) -> int:
+        """The primary EOS, -1 when the model names none."""
+        return self.eos_token_ids[0] if self.eos_token_ids else -1
 
     @classmethod
     def of(cls, engine) -> EngineFacts:
         config = engine.model_config
-        tokenizer = engine.tokenizer
-        eos = getattr(tokenizer, "eos_token_id", None)
-        if eos is None:
-            eos = getattr(config.hf_text_config, "eos_token_id", None)
-        eos = eos[0] if isinstance(eos, list) else eos
-        return cls(config.get_vocab_size(), config.max_model_len, -1 if eos is None else eos)
+        return cls(config.get_vocab_size(), config.max_model_len,
+                   codec.eos_token_ids(config, engine.tokenizer))
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,8 @@ class OpenedSession:
     eos_token_id: int
     vocab_size: int
     max_block: int
+    eos_token_ids: tuple[int, ...] = ()  # every id the model stops on
+    max_model_len: int = 0
 
 
 @dataclass(frozen=True)
@@ -86,11 +90,11 @@ Prompt = list[int] | str
 CHANNEL_GRACE_S = 1.0
 
 
-def emitted_tokens(result: VerifyResult, expected: list[int]) -> tuple[EmittedToken, ...]:
-    """The worker's emitted rows -> EmittedTokens, checked against what the engine emitted:
+def emitted_tokens(result: VerifyResult, expected: list[int]) -> tuple[ScoredToken, ...]:
+    """The worker's emitted rows -> ScoredTokens, checked against what the engine emitted:
     the same tokens, each inside its own distribution (else the hook no longer matches the
     engine, and a next tier would refuse the block as a draft)."""
-    tokens = tuple(EmittedToken(e.token, e.u, unpack(e.ids, "<i4"), unpack(e.probs, "<f4"))
+    tokens = tuple(ScoredToken(e.token, e.u, unpack(e.ids, "<i4"), unpack(e.probs, "<f4"))
                    for e in result.emitted)
     if [t.token_id for t in tokens] != expected:
         raise HilmError(f"the hook's emitted tokens {[t.token_id for t in tokens]} are not the "
@@ -136,7 +140,8 @@ class Verifier:
                                self.settings.max_block, max_tokens or None)
         session = self.sessions.open(owner, VerifierSession(ids, len(ids), spec, limits))
         return OpenedSession(session.id, len(ids), tuple(ids), self.facts.eos_token_id,
-                             self.facts.vocab_size, self.settings.max_block)
+                             self.facts.vocab_size, self.settings.max_block,
+                             self.facts.eos_token_ids, self.facts.max_model_len)
 
     async def close_session(self, owner: str, session_id: str) -> None:
         self.sessions.close(session_id, owner)
@@ -251,9 +256,13 @@ class Verifier:
             raise HilmError(f"the engine failed on this request: {e!r}") from e
 
     async def generate(self, prompt: Prompt, spec: SamplingSpec, max_tokens: int = 0,
-                       ignore_eos: bool = False) -> AsyncIterator[GenerateChunk]:
-        """Plain streaming generation (the LLM-only baseline). Cancelling the consumer aborts
-        the vLLM request (AsyncLLM.generate aborts on CancelledError / GeneratorExit)."""
+                       ignore_eos: bool = False, stop_token_ids: Sequence[int] = (),
+                       min_tokens: int = 0,
+                       stop: Sequence[str] = ()) -> AsyncIterator[GenerateChunk]:
+        """Plain streaming generation (the LLM-only baseline), with vLLM's own stop rules
+        (EOS of the model's generation config, `stop_token_ids`, `min_tokens`, `stop`).
+        Cancelling the consumer aborts the vLLM request (AsyncLLM.generate aborts on
+        CancelledError / GeneratorExit)."""
         from vllm import SamplingParams
         from vllm.inputs.engine import tokens_input
         from vllm.sampling_params import RequestOutputKind
@@ -262,9 +271,17 @@ class Verifier:
         if max_tokens < 0:
             raise InvalidArgument(f"max_tokens must be >= 0 (0 = up to max-model-len), "
                                   f"got {max_tokens}")
+        codec.check_token_ids(stop_token_ids, self.facts.vocab_size, "stop_token_ids")
+        if min_tokens < 0:
+            raise InvalidArgument(f"min_tokens must be >= 0, got {min_tokens}")
+        if stop and self.engine.tokenizer is None:
+            raise InvalidArgument("stop strings need a tokenizer; this tier runs with "
+                                  "--skip-tokenizer-init: send stop_token_ids")
         params = SamplingParams(**spec.vllm_kwargs(), max_tokens=max_tokens or None,
                                 ignore_eos=ignore_eos, output_kind=RequestOutputKind.DELTA,
-                                detokenize=self.engine.tokenizer is not None)
+                                detokenize=self.engine.tokenizer is not None,
+                                stop_token_ids=list(stop_token_ids), min_tokens=min_tokens,
+                                stop=list(stop) or None)
         async for out in self._engine_generate(tokens_input(ids), params):
             c = out.outputs[0]
             yield GenerateChunk(tuple(c.token_ids), c.text or "",
@@ -280,7 +297,7 @@ class Verifier:
             ids = list(prompt)
         if not ids:
             raise InvalidArgument("prompt is empty: send prompt.token_ids or prompt.text")
-        check_tokens(ids, self.facts.vocab_size, "prompt")
+        codec.check_token_ids(ids, self.facts.vocab_size, "prompt")
         if len(ids) + 1 > self.facts.max_model_len:
             raise InvalidArgument(f"prompt has {len(ids)} tokens; with the next token it must "
                                   f"fit max-model-len {self.facts.max_model_len}: shorten it")

@@ -7,15 +7,14 @@ appended, accepted and next token, so rollback is implicit: rejected drafts neve
 
 from __future__ import annotations
 
-import hashlib
 import secrets
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 
+from hilm_vllm.codec import check_token_ids
 from hilm_vllm.errors import FailedPrecondition, InvalidArgument
-from hilm_vllm.sampling import SamplingSpec, sparse_problem
+from hilm_vllm.sampling import SamplingSpec, ScoredToken, sparse_problem
+from hilm_vllm.seeds import Stream, derive_seed
 from hilm_vllm.uncertainty import UncertaintyConfig
 
 Dist = tuple[tuple[int, ...], tuple[float, ...]]  # a sparse distribution: (token ids, probs)
@@ -43,16 +42,6 @@ class Timings:
     total_ms: float  # from receipt to reply
 
 
-@dataclass(frozen=True, eq=False)
-class EmittedToken:
-    """A token a Verify emitted, with the verifier's own view of it (see VerifyReply.emitted)."""
-
-    token_id: int
-    uncertainty: float  # the verifier's u of token_id (same gates as the drafter's)
-    ids: np.ndarray  # [S] int32: support of the verifier's p at this position (p > 0)
-    probs: np.ndarray  # [S] float32: p there (sums to 1); token_id is an exact sample of it
-
-
 @dataclass(frozen=True)
 class VerifyReply:
     num_accepted: int
@@ -63,7 +52,7 @@ class VerifyReply:
     # When asked: the m + 1 emitted tokens (accepted drafts, then next_token), each with the
     # verifier's sparse p at its position and its uncertainty; a next tier can verify them as
     # a draft with q = p and stay exact.
-    emitted: tuple[EmittedToken, ...] = ()
+    emitted: tuple[ScoredToken, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -132,20 +121,8 @@ class VerifierSession:
         not be correlated with the engine's bonus sample."""
         if self.spec.seed is None:
             return secrets.randbits(63), secrets.randbits(63)
-        return derive_seed(self.spec.seed, position, 0), derive_seed(self.spec.seed, position, 1)
-
-
-def derive_seed(seed: int, position: int, stream: int) -> int:
-    """A 63-bit seed (what vLLM's msgpack transport and torch both take) from three ints."""
-    digest = hashlib.blake2b(f"{seed}:{position}:{stream}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def check_tokens(ids: Sequence[int], vocab_size: int, what: str) -> None:
-    bad = [i for i in ids if not 0 <= i < vocab_size]
-    if bad:
-        raise InvalidArgument(f"{what} has token id {bad[0]} outside the vocabulary "
-                              f"[0, {vocab_size}): send ids the model's tokenizer produced")
+        return (derive_seed(self.spec.seed, position, Stream.VERIFY_DRAWS),
+                derive_seed(self.spec.seed, position, Stream.VERIFY_SAMPLE))
 
 
 def check_block(call: VerifyCall, limits: SessionLimits) -> None:
@@ -157,8 +134,8 @@ def check_block(call: VerifyCall, limits: SessionLimits) -> None:
     if n > limits.max_block:
         raise InvalidArgument(f"draft block of {n} tokens is over this tier's limit of "
                               f"{limits.max_block}: split it into smaller blocks")
-    check_tokens(call.append, limits.vocab_size, "append_token_ids")
-    check_tokens(call.draft, limits.vocab_size, "draft_token_ids")
+    check_token_ids(call.append, limits.vocab_size, "append_token_ids")
+    check_token_ids(call.draft, limits.vocab_size, "draft_token_ids")
     for i, ((ids, probs), token) in enumerate(zip(call.dists, call.draft)):
         if problem := sparse_problem(list(ids), list(probs), limits.vocab_size, token):
             raise InvalidArgument(f"draft_dists[{i}]: {problem}; send the exact distribution "

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from hilm_vllm import codec
 from hilm_vllm.rejection import SparseRows
 from hilm_vllm.sampling import SamplingSpec
 from hilm_vllm.uncertainty import UncertaintyConfig
@@ -30,19 +31,17 @@ class EmitArgs:
     """Asks the worker for the emitted tokens' sparse p and uncertainty (VerifyResult.emitted)."""
 
     uncertainty: UncertaintyConfig
-    noise_seed: int  # perturbation noise of absolute position t: derive_seed(noise_seed, t, 1)
+    noise_seed: int  # perturbation noise of absolute position t: derive_seed(noise_seed, t, Stream.PERTURBATION)
 
     def to_dict(self) -> dict:
-        u = self.uncertainty
         return {"noise_seed": self.noise_seed,
-                "uncertainty": {"gate": u.gate.value, "num_samples": u.num_samples,
-                                "theta_max": u.theta_max, "perturbation": u.perturbation.value}}
+                "uncertainty": codec.uncertainty_to_dict(self.uncertainty)}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> EmitArgs | None:
         if d is None:
             return None
-        return cls(UncertaintyConfig(**d["uncertainty"]), int(d["noise_seed"]))
+        return cls(codec.uncertainty_from_dict(d["uncertainty"]), int(d["noise_seed"]))
 
 
 @dataclass(frozen=True)
@@ -62,8 +61,7 @@ class VerifyArgs:
         lengths = self.q.offsets.diff().numpy().astype("<i4")
         return {EXTRA_ARGS_KEY: {
             "key": self.key, "n": self.n, "draw_seed": self.draw_seed,
-            "temperature": self.spec.temperature, "top_k": self.spec.top_k,
-            "top_p": self.spec.top_p,
+            "spec": codec.sampling_to_dict(self.spec),
             "q_ids": self.q.ids.numpy().astype("<i4").tobytes(),
             "q_probs": self.q.probs.numpy().astype("<f4").tobytes(),
             "q_lengths": lengths.tobytes(),
@@ -79,7 +77,7 @@ class VerifyArgs:
         q = SparseRows(torch.from_numpy(np.frombuffer(raw["q_ids"], "<i4").astype(np.int64)),
                        torch.from_numpy(np.frombuffer(raw["q_probs"], "<f4").copy()),
                        torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]))
-        spec = SamplingSpec(raw["temperature"], raw["top_k"], raw["top_p"])
+        spec = codec.sampling_from_dict(raw["spec"])
         return cls(raw["key"], raw["n"], spec, raw["draw_seed"], q,
                    EmitArgs.from_dict(raw.get("emit")))
 

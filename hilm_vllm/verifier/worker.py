@@ -39,10 +39,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from hilm_vllm.drafter.processor import NOISE_STREAM  # the drafter's noise stream: same u
 from hilm_vllm.rejection import BlockOutcome, verify_block
 from hilm_vllm.sampling import processed_probs
-from hilm_vllm.uncertainty import TOKEN_FREE_GATES, derive_seed, disagreement, draw_samples
+from hilm_vllm.seeds import Stream, derive_seed
+from hilm_vllm.uncertainty import TOKEN_FREE_GATES, disagreement, draw_samples
 from hilm_vllm.verifier.wire import (EXTRA_ARGS_KEY, ROWS_CACHED, EmittedRow, VerifyArgs,
                                      VerifyResult, pack)
 
@@ -220,7 +220,7 @@ class VerifyHook:
                                                     raw_rows)):
             raw = raw.float()  # u is computed where the row is (GPU on a GPU tier)
             if cfg.needs_token:
-                seed = derive_seed(args.emit.noise_seed, base + j, NOISE_STREAM)
+                seed = derive_seed(args.emit.noise_seed, base + j, Stream.PERTURBATION)
                 u = disagreement(draw_samples(raw, cfg, seed), token)
             else:
                 u = float(TOKEN_FREE_GATES[cfg.gate](raw[None, :])[0])

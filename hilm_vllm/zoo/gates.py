@@ -7,7 +7,7 @@ For a tier pair drafter -> target (SLM->ILM, SLM->LLM, ILM->LLM), at held-out po
 - `beta = max(0, 1 - p(x) / q(x))` is the target's rejection probability of that draft under exact
   speculative sampling (p: the target's distribution at T = 1);
 - each gate scores the draft: the perturbed-temperature `u` (the default `UncertaintyConfig`,
-  seeded per position with `derive_seed`), `entropy`, `var-entropy`, `max-prob` (all from
+  seeded per position with `seeds.derive_seed`), `entropy`, `var-entropy`, `max-prob` (all from
   hilm_vllm.uncertainty, on the drafter's raw logits), and `1-q` = 1 - q(x).
 
 Figures per gate (a gate routes a token to the target when it is high, skips it when low):
@@ -36,17 +36,17 @@ from hilm_vllm.uncertainty import (
     TOKEN_FREE_GATES,
     Gate,
     UncertaintyConfig,
-    derive_seed,
     disagreement,
     draw_samples,
 )
+
+from hilm_vllm.seeds import Stream, derive_seed
 
 PAIRS = ("slm->ilm", "slm->llm", "ilm->llm")
 GATES = (Gate.PERTURBED.value, Gate.ENTROPY.value, Gate.VAR_ENTROPY.value, Gate.MAX_PROB.value,
          "1-q")
 ORACLE = "oracle"  # beta itself: the ceiling for any gate
 SKIP_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-_DRAFT_STREAM, _PERTURB_STREAM = 101, 102  # derive_seed streams: drafting, perturbed u
 
 
 def soft_auc(gate: np.ndarray, beta: np.ndarray) -> float:
@@ -103,7 +103,7 @@ def risk_curve(gate: np.ndarray, beta: np.ndarray, grid=SKIP_GRID) -> list[float
 def draft(q_logits: torch.Tensor, seed: int) -> torch.Tensor:
     """One token per row drawn from softmax(q_logits) (T = 1), from a generator seeded by
     `seed`. q_logits: [N, V] -> [N] int64."""
-    gen = torch.Generator().manual_seed(derive_seed(seed, 0, _DRAFT_STREAM))
+    gen = torch.Generator().manual_seed(derive_seed(seed, 0, Stream.ZOO_DRAFT))
     probs = torch.softmax(q_logits.double(), dim=-1)
     return torch.multinomial(probs, 1, generator=gen).view(-1)
 
@@ -120,7 +120,7 @@ def gate_values(q_logits: torch.Tensor, x: torch.Tensor, seed: int,
     """Every gate's score of the drafted tokens: name -> [N] float64 (high = uncertain)."""
     cfg = cfg or UncertaintyConfig()
     u = np.array([disagreement(draw_samples(q_logits[i], cfg,
-                                            derive_seed(seed, i, _PERTURB_STREAM)), int(x[i]))
+                                            derive_seed(seed, i, Stream.ZOO_PERTURBATION)), int(x[i]))
                   for i in range(len(x))])
     out = {Gate.PERTURBED.value: u}
     for gate, fn in TOKEN_FREE_GATES.items():
@@ -159,8 +159,8 @@ def evaluate_gates(model, heldout: np.ndarray, recipe,
                 parts[name].append(lg.reshape(-1, lg.shape[-1]).float())
     logits = {name: torch.cat(v) for name, v in parts.items()}
     drafts, scores = {}, {}
-    for stream, name in enumerate(("slm", "ilm")):
-        seed = derive_seed(recipe.seed, stream, 0)
+    for index, name in enumerate(("slm", "ilm")):  # one seed per drafting model
+        seed = derive_seed(recipe.seed, index, Stream.DRAFT_SAMPLE)
         drafts[name] = draft(logits[name], seed)
         scores[name] = gate_values(logits[name], drafts[name], seed, cfg)
     result = {

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import yaml
 
-from hilm_vllm import calibrate_cli
+from hilm_vllm import calibrate_cli, codec
 from hilm_vllm.cli import build_parser
 from hilm_vllm.launch import TierProcess
+from hilm_vllm.router.policy import Thresholds
 
 from tests.drafter.conftest import ENGINE_FLAGS
 
@@ -69,8 +70,12 @@ def test_all_gates_pick_the_best_auc_and_write_unit_thresholds(tmp_path):
     assert fits["risk_prone"] > 1  # U-HLM's rule leaves [0, 1] on this curve, ours does not
 
     path = tmp_path / "thresholds.yaml"
-    calibrate_cli.write_yaml(path, doc)
+    calibrate_cli.write_yaml(path, calibrate_cli.thresholds_file(args, results,
+                                                                 tmp_path / "r.json"))
     text = path.read_text()
+    tf = codec.read_thresholds(path)  # what the router reads back
+    assert tf.thresholds == Thresholds(doc["t1"], doc["t2"], doc["t_ilm"])
+    assert tf.uncertainty.gate.value == doc["uncertainty"]["gate"]
     assert text.startswith("# Uncertainty thresholds of the demo family")
     loaded = yaml.safe_load(text)
     assert loaded["rule"] == "risk-budget" and set(loaded["fits"]) == {

@@ -7,16 +7,17 @@ import asyncio
 import numpy as np
 import pytest
 
-from hilm_vllm.drafter.core import (SAMPLER_STREAM, Drafter, DrafterSettings, ModelInfo,
+from hilm_vllm.drafter.core import (Drafter, DrafterSettings, ModelInfo,
                                     drafted_tokens, effective_top_k)
 from hilm_vllm.drafter.processor import DRAFT_ARG, DraftOptions
 from hilm_vllm.errors import (FailedPrecondition, InvalidArgument, NotFound, PermissionDenied,
                               ResourceExhausted)
 from hilm_vllm.sampling import SamplingSpec
 from hilm_vllm.sessions import SessionLimits, SessionStore
-from hilm_vllm.uncertainty import UncertaintyConfig, derive_seed
+from hilm_vllm.seeds import Stream, derive_seed
+from hilm_vllm.uncertainty import UncertaintyConfig
 
-INFO = ModelInfo(vocab_size=100, eos_token_id=1, max_model_len=64)
+INFO = ModelInfo(vocab_size=100, eos_token_ids=(1,), max_model_len=64)
 
 
 class Clock:
@@ -111,7 +112,7 @@ def test_sampling_params_derive_seeds_from_the_position():
     s = d.open("", [5, 6, 7], SamplingSpec(temperature=0.7, top_p=0.9, seed=4),
                UncertaintyConfig(num_samples=8), 0)
     sp = d.sampling_params(s, "k1", 4, None)
-    assert sp.seed == derive_seed(4, 3, SAMPLER_STREAM) and sp.max_tokens == 4
+    assert sp.seed == derive_seed(4, 3, Stream.DRAFT_SAMPLE) and sp.max_tokens == 4
     assert (sp.temperature, sp.top_p, sp.detokenize) == (0.7, 0.9, False)
     opts = DraftOptions.from_extra_args(sp.extra_args[DRAFT_ARG])
     assert opts == DraftOptions("k1", 4, 3, UncertaintyConfig(num_samples=8))
@@ -121,7 +122,7 @@ def test_sampling_params_derive_seeds_from_the_position():
 
 
 def test_without_eos_early_stop_uses_an_explicit_stop_token():
-    d = drafter(info=ModelInfo(100, None, 64))
+    d = drafter(info=ModelInfo(100, (), 64))
     s = d.open("", [5], SamplingSpec(), None, 0)
     sp = d.sampling_params(s, "k", 4, 0.5)
     assert sp.stop_token_ids == [0] and sp.extra_args[DRAFT_ARG]["stop_token"] == 0

@@ -11,11 +11,12 @@ import pytest
 import torch
 from scipy import stats
 
-from hilm_vllm.drafter.processor import (DRAFT_ARG, NOISE_STREAM, DraftOptions,
+from hilm_vllm.drafter.processor import (DRAFT_ARG, DraftOptions,
                                          UncertaintyProcessor)
 from hilm_vllm.sampling import SamplingSpec, processed_probs
+from hilm_vllm.seeds import Stream, derive_seed
 from hilm_vllm.uncertainty import (TOKEN_FREE_GATES, Gate, Perturbation, UncertaintyConfig,
-                                   derive_seed, temperatures)
+                                   temperatures)
 from tests.conftest import vllm_llm
 
 WORKER_EXT = "hilm_vllm.drafter.worker.DrafterWorkerExtension"
@@ -80,7 +81,7 @@ def run(llm, sps, ctx=CTX):
 
 def numpy_u(raw: torch.Tensor, cfg: UncertaintyConfig, position: int, token: int) -> float:
     """u recomputed in numpy from the raw logits, replaying the processor's noise stream."""
-    g = torch.Generator().manual_seed(derive_seed(SESSION_SEED, len(CTX) + position, NOISE_STREAM))
+    g = torch.Generator().manual_seed(derive_seed(SESSION_SEED, len(CTX) + position, Stream.PERTURBATION))
     thetas = temperatures(cfg, g).numpy()  # replay the draws: K temperatures, then K uniforms
     uniforms = torch.rand(cfg.num_samples, generator=g, dtype=torch.float64).numpy()
     z = raw.double().numpy()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hilm_vllm.config import Tier
+from hilm_vllm.tiers import Tier
 from hilm_vllm.drafter import tier
 from hilm_vllm.serve import build_parser
 from hilm_vllm.uncertainty import Gate, Perturbation

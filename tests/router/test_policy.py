@@ -6,33 +6,58 @@ import random
 import pytest
 
 from hilm_vllm.netmodel import Site, network_model, shannon_rate
-from hilm_vllm.router.policy import (Plan, Policy, Route, Thresholds, common_prefix,
+from hilm_vllm import codec
+from hilm_vllm.router.policy import (Forward, LlmDown, Policy, Thresholds, common_prefix,
                                      ilm_forward_from, plan)
+from hilm_vllm.tiers import Tier
 
 TH = Thresholds(t1=0.2, t2=0.6, t_ilm=0.5)
 
 
-@pytest.mark.parametrize("us, skips, route", [
-    ([0.1, 0.2, 0.0], 3, Route.SKIP),  # all confident: kept on the device
-    ([0.1, 0.3, 0.9], 1, Route.ILM),  # the block from the first medium token goes to the ILM
-    ([0.0, 0.7, 0.1], 1, Route.LLM),  # from the first uncertain token to the LLM
-    ([0.65, 0.0], 0, Route.LLM),
-    ([0.2, 0.6], 1, Route.ILM),  # the bounds are inclusive: u <= t1 skip, u <= t2 ILM
+def where(p):
+    return p.skips, p.target
+
+
+@pytest.mark.parametrize("us, skips, target", [
+    ([0.1, 0.2, 0.0], 3, None),  # all confident: kept on the device
+    ([0.1, 0.3, 0.9], 1, Tier.ILM),  # the block from the first medium token goes to the ILM
+    ([0.0, 0.7, 0.1], 1, Tier.LLM),  # from the first uncertain token to the LLM
+    ([0.65, 0.0], 0, Tier.LLM),
+    ([0.2, 0.6], 1, Tier.ILM),  # the bounds are inclusive: u <= t1 skip, u <= t2 ILM
 ])
-def test_hilm_routes_by_the_first_token_it_does_not_skip(us, skips, route):
-    assert plan(Policy.HILM, us, TH) == Plan(skips, route)
+def test_hilm_routes_by_the_first_token_it_does_not_skip(us, skips, target):
+    assert where(plan(Policy.HILM, us, TH)) == (skips, target)
+
+
+@pytest.mark.parametrize("policy, forward, llm_down", [
+    (Policy.HILM, Forward.UNSURE, LlmDown.KEEP), (Policy.CASCADE, Forward.ALL, LlmDown.FAIL),
+    (Policy.SPEC, Forward.NONE, LlmDown.FAIL), (Policy.HLM, Forward.NONE, LlmDown.FAIL),
+    (Policy.UHLM, Forward.NONE, LlmDown.KEEP), (Policy.RAND, Forward.NONE, LlmDown.KEEP),
+])
+def test_the_plan_says_how_the_ilm_forwards_and_what_a_lost_llm_means(policy, forward,
+                                                                      llm_down):
+    p = plan(policy, [0.3, 0.9], TH, 0.0)
+    assert p.forward is forward and p.llm_down is llm_down
+    assert p.want_emitted == (p.target is Tier.ILM and forward is not Forward.NONE)
+
+
+def test_forward_from_follows_the_plan():
+    hilm, cascade = plan(Policy.HILM, [0.3], TH), plan(Policy.CASCADE, [0.3], TH)
+    assert hilm.forward_from([0.1, 0.2]) is None and hilm.forward_from([0.1, 0.9]) == 1
+    assert cascade.forward_from([0.1, 0.2]) == 0 and cascade.forward_from([]) is None
+    assert plan(Policy.SPEC, [0.3], TH).forward_from([0.9]) is None
 
 
 def test_lossless_policies_never_skip():
     us = [0.0, 0.0, 0.0]
     for policy in (Policy.SPEC, Policy.HLM):
-        assert plan(policy, us, TH).skips == 0 and plan(policy, us, TH).route is Route.LLM
-    assert plan(Policy.CASCADE, us, TH).route is Route.ILM and plan(Policy.CASCADE, us, TH).skips == 0
+        assert where(plan(policy, us, TH)) == (0, Tier.LLM)
+    assert where(plan(Policy.CASCADE, us, TH)) == (0, Tier.ILM)
 
 
 def test_uhlm_uses_t2_and_never_the_ilm():
     assert plan(Policy.UHLM, [0.5, 0.6, 0.61], TH).skips == 2
-    assert plan(Policy.UHLM, [0.5, 0.6, 0.61], TH).route is Route.LLM
+    assert plan(Policy.UHLM, [0.5, 0.6, 0.61], TH).target is Tier.LLM
 
 
 def test_rand_skips_at_its_rate():
@@ -44,21 +69,28 @@ def test_rand_skips_at_its_rate():
 def test_extreme_thresholds_steer_everything():
     us = [0.0, 0.05, 0.5, 1.0]
     assert plan(Policy.HILM, us, Thresholds(1.0, 1.0, 1.0)).skips == 4
-    assert plan(Policy.HILM, us, Thresholds(-1.0, -1.0, 1.0)) == Plan(0, Route.LLM)
+    assert where(plan(Policy.HILM, us, Thresholds(-1.0, -1.0, 1.0))) == (0, Tier.LLM)
 
 
 def test_thresholds_validate_and_load(tmp_path):
     with pytest.raises(ValueError, match="NaN"):
         Thresholds(0.5, float("nan"), 0.3)
     # t2 below t1: no ILM band
-    assert plan(Policy.HILM, [0.4, 0.45], Thresholds(0.5, 0.2, 0.3)) == Plan(2, Route.SKIP)
-    assert plan(Policy.HILM, [0.6], Thresholds(0.5, 0.2, 0.3)) == Plan(0, Route.LLM)
+    assert where(plan(Policy.HILM, [0.4, 0.45], Thresholds(0.5, 0.2, 0.3))) == (2, None)
+    assert where(plan(Policy.HILM, [0.6], Thresholds(0.5, 0.2, 0.3))) == (0, Tier.LLM)
     f = tmp_path / "t.yaml"
-    f.write_text("t1: 0.1\nt2: 0.4\nt_ilm: 0.3\n")
-    assert Thresholds.from_yaml(f) == Thresholds(0.1, 0.4, 0.3)
+    f.write_text("t1: 0.1\nt2: 0.4\nt_ilm: 0.3\nuncertainty:\n  gate: entropy\n")
+    tf = codec.read_thresholds(f)
+    assert tf.thresholds == Thresholds(0.1, 0.4, 0.3) and tf.uncertainty.gate.value == "entropy"
+    assert tf.ilm_uncertainty is None
     f.write_text("t1: 0.1\n")
     with pytest.raises(ValueError, match="t_ilm"):
-        Thresholds.from_yaml(f)
+        codec.read_thresholds(f)
+    f.write_text("t1: 0.1\nt2: 0.4\nt_ilm: 0.3\nuncertainty:\n  gate: nope\n")
+    with pytest.raises(ValueError, match="uncertainty"):
+        codec.read_thresholds(f)
+    with pytest.raises(ValueError, match="no such file"):
+        codec.read_thresholds(tmp_path / "missing.yaml")
 
 
 def test_ilm_forwarding_and_prefixes():

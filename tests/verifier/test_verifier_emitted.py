@@ -19,13 +19,14 @@ import numpy as np
 import pytest
 import torch
 
-from hilm_vllm.drafter.processor import NOISE_STREAM
 from hilm_vllm.launch import TierProcess
 from hilm_vllm.proto.hilm.v1 import common_pb2, verifier_pb2, verifier_pb2_grpc
 from hilm_vllm.sampling import SamplingSpec, processed_probs
+from hilm_vllm.seeds import Stream, derive_seed
 from hilm_vllm.uncertainty import (TOKEN_FREE_GATES, Gate, Perturbation, UncertaintyConfig,
-                                   derive_seed, temperatures)
-from hilm_vllm.verifier.client import VerifierClient, emitted_from
+                                   temperatures)
+from hilm_vllm.codec import scored_from_pb
+from hilm_vllm.verifier.client import VerifierClient
 from hilm_vllm.verifier.core import emitted_tokens
 from hilm_vllm.verifier.session import VerifyReply
 from hilm_vllm.verifier.wire import (EmitArgs, EmittedRow, VerifyArgs, VerifyResult, pack,
@@ -83,7 +84,7 @@ def reference_u(raw: torch.Tensor, cfg: UncertaintyConfig, seed: int, position: 
     drafter's noise stream (K temperatures, then K uniforms), or the token-free gate."""
     if cfg.gate is not Gate.PERTURBED:
         return float(TOKEN_FREE_GATES[cfg.gate](raw[None, :])[0])
-    g = torch.Generator().manual_seed(derive_seed(seed, position, NOISE_STREAM))
+    g = torch.Generator().manual_seed(derive_seed(seed, position, Stream.PERTURBATION))
     thetas = temperatures(cfg, g).numpy()
     uniforms = torch.rand(cfg.num_samples, generator=g, dtype=torch.float64).numpy()
     z = raw.double().numpy()
@@ -198,7 +199,7 @@ def test_unset_uncertainty_fields_take_the_tiers_flags(tiers, tiny_zoo):
             return_emitted=True, uncertainty=common_pb2.UncertaintyConfig(theta_max=0.5))
         r = await verifier_pb2_grpc.VerifierStub(c.channel).Verify(request, metadata=c._metadata)
         return draft, VerifyReply(r.num_accepted, r.next_token_id, r.position, (), None,
-                                  emitted_from(r.emitted))
+                                  tuple(scored_from_pb(e) for e in r.emitted))
 
     draft, r = run(a, body)
     cfg = UncertaintyConfig(num_samples=TIER_K, theta_max=0.5)

@@ -9,7 +9,8 @@ import pytest
 from hilm_vllm.errors import FailedPrecondition, InvalidArgument
 from hilm_vllm.sampling import SamplingSpec
 from hilm_vllm.verifier.session import (SessionLimits, Timings, VerifierSession, VerifyCall,
-                                        VerifyReply, derive_seed)
+                                        VerifyReply)
+from hilm_vllm.seeds import Stream, derive_seed
 
 LIMITS = SessionLimits(vocab_size=100, max_model_len=64, max_block=4, max_new_tokens=None)
 
@@ -69,5 +70,5 @@ def test_seeds_are_reproducible_per_position_and_independent_streams():
     a, b = session(seed=3), session(seed=3)
     assert a.seeds(10) == b.seeds(10) != a.seeds(11)
     draw, sample = a.seeds(10)
-    assert draw != sample and 0 <= draw < 2**63 and derive_seed(3, 10, 0) == draw
+    assert draw != sample and 0 <= draw < 2**63 and derive_seed(3, 10, Stream.VERIFY_DRAWS) == draw
     assert session().seeds(10) != session().seeds(10)  # unseeded: fresh randomness

@@ -19,7 +19,8 @@ from grpc_health.v1 import health_pb2
 from hilm_vllm.proto.hilm.v1 import (common_pb2, generate_pb2, generate_pb2_grpc, verifier_pb2,
                                      verifier_pb2_grpc)
 from hilm_vllm.sampling import SamplingSpec
-from hilm_vllm.verifier.client import VerifierClient, prompt_pb
+from hilm_vllm.codec import prompt_to_pb as prompt_pb
+from hilm_vllm.verifier.client import VerifierClient
 from tests.verifier.helpers import SESSION_TTL_S, served
 
 PROMPT = [0, 306, 295, 85, 85, 14, 94, 299, 287, 402]

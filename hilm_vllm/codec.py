@@ -1,0 +1,258 @@
+"""Protobuf, plain dicts and YAML <-> domain objects, in one place.
+
+Every service, client and file format of the project converts through here:
+
+| domain | protobuf | plain (msgpack / JSON / YAML) |
+| --- | --- | --- |
+| `SamplingSpec` | `sampling_to_pb` / `sampling_from_pb` | `sampling_to_dict` / `sampling_from_dict`; vLLM's `SamplingParams`: `sampling_from_vllm` |
+| `UncertaintyConfig` | `uncertainty_to_pb` / `uncertainty_from_pb` | `uncertainty_to_dict` / `uncertainty_from_dict` |
+| a prompt (ids or text) | `prompt_to_pb` / `prompt_from_pb` | |
+| `ScoredToken` (token, u, sparse dist) | `dist_to_pb`, `scored_from_pb` | |
+| `ThresholdsFile` (`hilm calibrate`'s YAML) | | `read_thresholds` / `write_thresholds` |
+
+and the checks every tier makes the same way: `check_token_ids` (the one token-range check) and
+`eos_token_ids` (the one EOS lookup). Proto3 defaults mean "unset": top_p 0 is 1 (off), an unset
+seed is no seed, a 0 in an uncertainty field is the tier's default. A value that cannot be used
+raises `InvalidArgument` saying what to send instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hilm_vllm.errors import InvalidArgument
+from hilm_vllm.proto.hilm.v1 import common_pb2
+from hilm_vllm.router.policy import Thresholds
+from hilm_vllm.sampling import SamplingSpec, ScoredToken
+from hilm_vllm.uncertainty import MAX_SAMPLES, Gate, Perturbation, UncertaintyConfig
+
+Prompt = list[int] | str
+
+# ---- sampling ---------------------------------------------------------------------------------
+
+
+def sampling(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             seed: int | None = None) -> SamplingSpec:
+    """A SamplingSpec from client values in vLLM's conventions (top_k 0 or -1 = off), with
+    InvalidArgument naming the bad field."""
+    try:
+        return SamplingSpec(float(temperature), int(top_k), float(top_p), seed)
+    except (TypeError, ValueError) as e:
+        raise InvalidArgument(str(e)) from None
+
+
+def sampling_to_pb(spec: SamplingSpec) -> common_pb2.SamplingParams:
+    pb = common_pb2.SamplingParams(temperature=spec.temperature, top_k=spec.top_k,
+                                   top_p=spec.top_p)
+    if spec.seed is not None:
+        pb.seed = spec.seed
+    return pb
+
+
+def sampling_from_pb(pb: common_pb2.SamplingParams) -> SamplingSpec:
+    """top_p 0 (unset) is 1 (off); a negative one is an error, as over HTTP."""
+    return sampling(pb.temperature, pb.top_k, pb.top_p if pb.top_p != 0 else 1.0,
+                    pb.seed if pb.HasField("seed") else None)
+
+
+def sampling_to_dict(spec: SamplingSpec) -> dict:
+    return {"temperature": spec.temperature, "top_k": spec.top_k, "top_p": spec.top_p,
+            "seed": spec.seed}
+
+
+def sampling_from_dict(d: Mapping) -> SamplingSpec:
+    return SamplingSpec(d["temperature"], d["top_k"], d["top_p"], d.get("seed"))
+
+
+def sampling_from_vllm(params) -> SamplingSpec:
+    """The transform vLLM's sampler applies for these `vllm.SamplingParams` (its seed aside)."""
+    return SamplingSpec(params.temperature, params.top_k, params.top_p)
+
+
+# ---- uncertainty ------------------------------------------------------------------------------
+
+GATES = {Gate.PERTURBED: common_pb2.PERTURBED_TEMPERATURE, Gate.ENTROPY: common_pb2.ENTROPY,
+         Gate.VAR_ENTROPY: common_pb2.VAR_ENTROPY, Gate.MAX_PROB: common_pb2.MAX_PROB}
+PERTURBATIONS = {Perturbation.UNIFORM: common_pb2.UNIFORM, Perturbation.GRID: common_pb2.GRID}
+_GATES_BACK = {v: k for k, v in GATES.items()}
+_PERTURBATIONS_BACK = {v: k for k, v in PERTURBATIONS.items()}
+
+
+def uncertainty_to_pb(cfg: UncertaintyConfig) -> common_pb2.UncertaintyConfig:
+    return common_pb2.UncertaintyConfig(gate=GATES[cfg.gate], num_samples=cfg.num_samples,
+                                        theta_max=cfg.theta_max,
+                                        perturbation=PERTURBATIONS[cfg.perturbation])
+
+
+def uncertainty_from_pb(pb: common_pb2.UncertaintyConfig,
+                        default: UncertaintyConfig) -> UncertaintyConfig:
+    """Unset (0) fields take the tier's defaults (its --uncertainty-* flags)."""
+    if pb.gate and pb.gate not in _GATES_BACK:
+        raise InvalidArgument(f"uncertainty.gate {pb.gate} is unknown: send one of "
+                              f"hilm.v1.UncertaintyGate's values, or 0 for this tier's default "
+                              f"({default.gate.value})")
+    if pb.perturbation and pb.perturbation not in _PERTURBATIONS_BACK:
+        raise InvalidArgument(f"uncertainty.perturbation {pb.perturbation} is unknown: send one "
+                              f"of hilm.v1.Perturbation's values, or 0 for this tier's default "
+                              f"({default.perturbation.value})")
+    if pb.num_samples and not 1 <= pb.num_samples <= MAX_SAMPLES:
+        raise InvalidArgument(f"uncertainty.num_samples (K) must be in [1, {MAX_SAMPLES}], got "
+                              f"{pb.num_samples}: send 0 for this tier's default "
+                              f"({default.num_samples})")
+    if pb.theta_max and not 0 < pb.theta_max <= 100:  # also NaN
+        raise InvalidArgument(f"uncertainty.theta_max must be in (0, 100], got {pb.theta_max}: "
+                              f"send 0 for this tier's default ({default.theta_max})")
+    return UncertaintyConfig(
+        gate=_GATES_BACK[pb.gate] if pb.gate else default.gate,
+        num_samples=pb.num_samples or default.num_samples,
+        theta_max=pb.theta_max or default.theta_max,
+        perturbation=(_PERTURBATIONS_BACK[pb.perturbation] if pb.perturbation
+                      else default.perturbation))
+
+
+def uncertainty_to_dict(cfg: UncertaintyConfig) -> dict:
+    return {"gate": cfg.gate.value, "num_samples": cfg.num_samples, "theta_max": cfg.theta_max,
+            "perturbation": cfg.perturbation.value}
+
+
+def uncertainty_from_dict(d: Mapping | None) -> UncertaintyConfig:
+    """Missing keys take the defaults; ValueError says which value is bad."""
+    d = d or {}
+    default = UncertaintyConfig()
+    try:
+        return UncertaintyConfig(d.get("gate", default.gate), int(d.get("num_samples",
+                                                                        default.num_samples)),
+                                 float(d.get("theta_max", default.theta_max)),
+                                 d.get("perturbation", default.perturbation))
+    except (AttributeError, TypeError) as e:
+        raise ValueError(f"bad uncertainty block {dict(d)!r}: {e}") from None
+
+
+# ---- prompts, token ids, EOS ------------------------------------------------------------------
+
+
+def prompt_to_pb(prompt: Sequence[int] | str) -> common_pb2.Prompt:
+    if isinstance(prompt, str):
+        return common_pb2.Prompt(text=prompt)
+    return common_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=list(prompt)))
+
+
+def prompt_from_pb(pb: common_pb2.Prompt) -> Prompt:
+    kind = pb.WhichOneof("kind")
+    if kind is None:
+        raise InvalidArgument("prompt is missing: set prompt.token_ids or prompt.text")
+    return list(pb.token_ids.ids) if kind == "token_ids" else pb.text
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: int, what: str) -> None:
+    """InvalidArgument naming the first id of `ids` outside [0, vocab_size)."""
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidArgument(f"{what} has token id {bad} outside the vocabulary "
+                              f"[0, {vocab_size}): send ids the model's tokenizer produced")
+
+
+def eos_token_ids(model_config, tokenizer=None) -> tuple[int, ...]:
+    """Every id the model stops on, as vLLM's generation does (`SamplingParams.
+    update_from_generation_config`): the tokenizer's EOS first, then the model's
+    `generation_config.eos_token_id` list; without a tokenizer (--skip-tokenizer-init) the
+    model config's. Empty when the model names none."""
+    ids: list[int] = []
+
+    def add(value) -> None:
+        for v in value if isinstance(value, (list, tuple, set)) else (value,):
+            if isinstance(v, int) and v >= 0 and v not in ids:
+                ids.append(v)
+
+    add(getattr(tokenizer, "eos_token_id", None))
+    try:
+        add((model_config.try_get_generation_config() or {}).get("eos_token_id"))
+    except Exception:  # no generation_config.json
+        pass
+    if tokenizer is None or getattr(tokenizer, "eos_token_id", None) is None:
+        add(getattr(model_config.hf_text_config, "eos_token_id", None))
+    return tuple(ids)
+
+
+# ---- tokens with their distribution -----------------------------------------------------------
+
+
+def dist_to_pb(ids: np.ndarray, probs: np.ndarray) -> common_pb2.SparseDistribution:
+    return common_pb2.SparseDistribution(token_ids=ids.tolist(), probs=probs.tolist())
+
+
+def scored_from_pb(pb) -> ScoredToken:
+    """A `hilm.v1.DraftedToken` or `hilm.v1.EmittedToken` -> ScoredToken."""
+    return ScoredToken(pb.token_id, pb.uncertainty, np.asarray(pb.dist.token_ids, np.int32),
+                       np.asarray(pb.dist.probs, np.float32))
+
+
+# ---- thresholds -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ThresholdsFile:
+    """What `hilm calibrate` writes and the router reads: the thresholds, the gate the drafter's
+    u is measured with (`uncertainty`, sent to the drafter), the ILM's (`ilm_uncertainty`: t_ilm
+    compares the ILM's own u), and everything else the file reports (kept as read)."""
+
+    thresholds: Thresholds
+    uncertainty: UncertaintyConfig | None = None
+    ilm_uncertainty: UncertaintyConfig | None = None
+    family: str | None = None
+    rule: str | None = None
+    report: dict = field(default_factory=dict)  # gate_choice, auc, operating_points, fits...
+
+    def to_doc(self) -> dict:
+        th = self.thresholds
+        doc: dict = {"family": self.family, "rule": self.rule}
+        doc |= {k: v for k, v in self.report.items() if k in ("risk_budget", "target_tr")}
+        doc |= {"t1": round(th.t1, 6), "t2": round(th.t2, 6), "t_ilm": round(th.t_ilm, 6)}
+        for key, cfg in (("uncertainty", self.uncertainty),
+                         ("ilm_uncertainty", self.ilm_uncertainty)):
+            if cfg is not None:
+                doc[key] = uncertainty_to_dict(cfg)
+        return doc | {k: v for k, v in self.report.items() if k not in doc}
+
+    @classmethod
+    def from_doc(cls, doc: Mapping, source: str = "thresholds") -> ThresholdsFile:
+        try:
+            th = Thresholds(float(doc["t1"]), float(doc["t2"]), float(doc["t_ilm"]))
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{source}: expected numbers t1, t2, t_ilm (as `hilm calibrate` "
+                             f"writes)") from None
+        blocks = {}
+        for key in ("uncertainty", "ilm_uncertainty"):
+            try:
+                blocks[key] = (uncertainty_from_dict(doc[key]) if doc.get(key) else None)
+            except ValueError as e:
+                raise ValueError(f"{source}: bad `{key}` block ({e})") from None
+        known = {"family", "rule", "t1", "t2", "t_ilm", "uncertainty", "ilm_uncertainty"}
+        return cls(th, blocks["uncertainty"], blocks["ilm_uncertainty"], doc.get("family"),
+                   doc.get("rule"), {k: v for k, v in doc.items() if k not in known})
+
+
+def read_thresholds(path: str | Path) -> ThresholdsFile:
+    """A thresholds YAML; ValueError (naming the file) when it is missing or malformed."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file; run `hilm calibrate` to write it")
+    doc = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: not a thresholds file (a YAML mapping with t1, t2, t_ilm)")
+    return ThresholdsFile.from_doc(doc, str(path))
+
+
+def write_thresholds(path: str | Path, tf: ThresholdsFile, header: str = "") -> None:
+    import yaml
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(header + yaml.safe_dump(tf.to_doc(), sort_keys=False, width=100))
+
