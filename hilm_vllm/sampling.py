@@ -89,6 +89,18 @@ def processed_probs(logits: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:
     return torch.softmax(scaled, dim=-1)
 
 
+def mask_tokens(logits: torch.Tensor, ids, rows: int) -> torch.Tensor:
+    """logits [N, V] with `ids` set to -inf in the first `rows` rows (vLLM's min_tokens mask of
+    the stop tokens), on the logits' device; the input is not modified."""
+    rows = min(rows, logits.shape[0])
+    if rows <= 0 or not len(ids):
+        return logits
+    out = logits.clone()
+    index = torch.as_tensor(list(ids), dtype=torch.long, device=logits.device)
+    out[:rows, index] = float("-inf")
+    return out
+
+
 def to_sparse(probs: torch.Tensor) -> tuple[list[int], list[float]]:
     """probs [V] (any device) -> (token ids, probabilities) of its support, exactly."""
     probs = probs.cpu()  # one transfer; the lists are built on the host anyway

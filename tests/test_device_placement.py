@@ -193,3 +193,17 @@ def test_the_fake_device_catches_the_bug_class():
             torch.multinomial(x, 1, generator=cpu_gen())
         assert is_on_device(x * torch.tensor(2.0))  # a 0-dim CPU tensor acts as a scalar
         assert is_on_device(torch.full((2,), math.pi, device=x.device))
+
+
+def test_mask_tokens_stays_on_the_logits_device_and_masks_only_its_rows():
+    from hilm_vllm.sampling import mask_tokens
+
+    out = mask_tokens(torch.zeros(3, V, device=META), [1, 5], 2)
+    assert out.device == META and out.shape == (3, V)
+    x = logits()
+    m = mask_tokens(x, [1, 5], 2)
+    assert torch.isinf(m[:2, [1, 5]]).all() and not torch.isinf(m[2]).any()
+    assert torch.equal(m[:, 2:5], x[:, 2:5]) and not torch.isinf(x).any()  # input untouched
+    assert mask_tokens(x, [1], 0) is x and mask_tokens(x, [], 3) is x
+    p = processed_probs(m, SamplingSpec(1.0, top_k=5))
+    assert (p[:2, [1, 5]] == 0).all() and torch.allclose(p.sum(-1), torch.ones(3))

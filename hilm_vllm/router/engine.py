@@ -98,7 +98,7 @@ class GenerationRequest:
     thresholds: Thresholds | None = None  # None = the router's
     optimistic: bool | None = None  # None = the router's
     stop_token_ids: tuple[int, ...] = ()  # also stop after any of these (vLLM's meaning)
-    min_tokens: int = 0  # llm-only: no stop token before this many (vLLM masks them)
+    min_tokens: int = 0  # no stop token before this many (vLLM masks them; so do verifiers)
     stop: tuple[str, ...] = ()  # stop strings: llm-only passes them to the tier
 
     def __post_init__(self) -> None:
@@ -110,11 +110,7 @@ class GenerationRequest:
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise InvalidArgument(f"min_tokens must be in [0, max_tokens], got "
                                   f"{self.min_tokens}")
-        if self.min_tokens and self.policy is not Policy.LLM_ONLY:
-            raise InvalidArgument(
-                "min_tokens is supported by policy 'llm-only' only: vLLM masks the stop tokens "
-                "until min_tokens, and the speculative tiers do not apply that mask to q and p "
-                "yet (the output would not be the LLM's): drop it or use 'llm-only'")
+
         if self.skip_rate is not None and not 0.0 <= self.skip_rate <= 1.0:
             raise InvalidArgument(f"skip_rate must be in [0, 1], got {self.skip_rate}")
         if self.block_size is not None and not 1 <= self.block_size <= 64:
@@ -325,7 +321,9 @@ class _Run:
         stops = set(self.req.stop_token_ids)
         if not self.req.ignore_eos:
             stops |= self.eos or set()
-        stop = next((i for i, t in enumerate(kept) if t in stops), None)
+        # no stop before min_tokens (a verified token cannot be one: p = 0 there)
+        first = self.req.min_tokens - self.generated - 1  # index of the min_tokens-th token
+        stop = next((i for i, t in enumerate(kept) if t in stops and i >= first), None)
         if stop is not None:
             kept, done = kept[:stop + 1], True
             self.stats.finish_reason = "stop"
@@ -350,8 +348,13 @@ class _Run:
                 return link.open(prompt, self.spec_for(tier), self.session_max_tokens,
                                  self.cfg.uncertainty, usage)
         else:
+            # vLLM's min_tokens, counted from this session's prompt (a session reopened
+            # mid-request starts later)
+            min_tokens = max(0, self.req.min_tokens - self.generated)
+
             def opener():
-                return link.open(prompt, self.spec_for(tier), self.session_max_tokens, usage)
+                return link.open(prompt, self.spec_for(tier), self.session_max_tokens, usage,
+                                 min_tokens, self.req.stop_token_ids)
         s = self.sessions[tier] = TierSession.open(tier, link, usage, prompt, opener)
         return s
 

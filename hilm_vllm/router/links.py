@@ -141,16 +141,6 @@ class DrafterLink(TierLink):
         r = await self.unary(self.stub.Draft, request, usage, verify=True)
         return draft_result(r)
 
-    async def rollback(self, sid: str, position: int, usage: TierUsage) -> int:
-        r = await self.unary(self.stub.Rollback, drafter_pb2.RollbackRequest(
-            session_id=sid, position=position), usage)
-        return r.position
-
-    async def append(self, sid: str, position: int, ids: Sequence[int], usage: TierUsage) -> int:
-        r = await self.unary(self.stub.Append, drafter_pb2.AppendRequest(
-            session_id=sid, position=position, token_ids=list(ids)), usage)
-        return r.position
-
     async def close_session(self, sid: str, usage: TierUsage) -> None:
         await self.unary(self.stub.CloseSession,
                          drafter_pb2.CloseDrafterSessionRequest(session_id=sid), usage)
@@ -163,10 +153,11 @@ class VerifierLink(TierLink):
         self.generator = generate_pb2_grpc.GeneratorStub(self.channel)
 
     async def open(self, prompt: Sequence[int], spec: SamplingSpec, max_tokens: int,
-                   usage: TierUsage):
+                   usage: TierUsage, min_tokens: int = 0, stop_token_ids: Sequence[int] = ()):
         return await self.unary(self.stub.OpenSession, verifier_pb2.OpenVerifierSessionRequest(
             prompt=codec.prompt_to_pb(prompt), sampling=codec.sampling_to_pb(spec),
-            max_tokens=max_tokens), usage)
+            max_tokens=max_tokens, min_tokens=min_tokens,
+            stop_token_ids=list(stop_token_ids)), usage)
 
     async def verify(self, sid: str, position: int, append: Sequence[int],
                      block: Sequence[ScoredToken], usage: TierUsage,

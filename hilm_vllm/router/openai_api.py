@@ -11,6 +11,7 @@ says so in `usage.hilm.degraded` and the `x-hilm-degraded` header.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -20,7 +21,7 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from hilm_vllm import codec
@@ -340,6 +341,27 @@ class RouterAPI:
         yield "data: [DONE]\n\n"
 
 
+DISCONNECT_POLL_S = 0.5
+
+
+async def until_disconnected(request: Request, work):
+    """Run `work` (a request's handler) unless the client hangs up first: a non-streaming
+    generation must not run on for nobody. Cancelling it closes the request's sessions on
+    every tier. (A stream's generator is closed by the server when its client leaves.)"""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                logger.info("client left before the response: generation stopped")
+                return Response(status_code=499)  # nginx's "client closed request"; unread
+    finally:
+        task.cancel()
+
+
 def build_app(api: RouterAPI) -> FastAPI:
     app = FastAPI(title="hilm-vllm router", docs_url=None, redoc_url=None)
 
@@ -353,12 +375,12 @@ def build_app(api: RouterAPI) -> FastAPI:
         return error_body(400, "; ".join(parts) or "invalid request body")
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        return await api.run(body, chat=False)
+    async def completions(body: CompletionRequest, request: Request):
+        return await until_disconnected(request, api.run(body, chat=False))
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
-        return await api.run(body, chat=True)
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await until_disconnected(request, api.run(body, chat=True))
 
     @app.get("/v1/models")
     async def models():

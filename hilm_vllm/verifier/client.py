@@ -32,11 +32,12 @@ class VerifierClient(TierClient):
         self._verifier = verifier_pb2_grpc.VerifierStub(channel)
         self._generator = generate_pb2_grpc.GeneratorStub(channel)
 
-    async def open_session(self, prompt: Prompt, spec: SamplingSpec,
-                           max_tokens: int = 0) -> OpenedSession:
+    async def open_session(self, prompt: Prompt, spec: SamplingSpec, max_tokens: int = 0,
+                           min_tokens: int = 0,
+                           stop_token_ids: Sequence[int] = ()) -> OpenedSession:
         r = await self._verifier.OpenSession(verifier_pb2.OpenVerifierSessionRequest(
             prompt=codec.prompt_to_pb(prompt), sampling=codec.sampling_to_pb(spec),
-            max_tokens=max_tokens),
+            max_tokens=max_tokens, min_tokens=min_tokens, stop_token_ids=list(stop_token_ids)),
             metadata=self._metadata)
         return OpenedSession(r.session_id, r.position, tuple(r.prompt_token_ids),
                              r.eos_token_id, r.vocab_size, r.max_block, tuple(r.eos_token_ids),

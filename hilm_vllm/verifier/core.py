@@ -131,13 +131,19 @@ class Verifier:
     # ---- sessions -----------------------------------------------------------------------
 
     async def open_session(self, owner: str, prompt: Prompt, spec: SamplingSpec,
-                           max_tokens: int = 0) -> OpenedSession:
+                           max_tokens: int = 0, min_tokens: int = 0,
+                           stop_token_ids: Sequence[int] = ()) -> OpenedSession:
         if max_tokens < 0:
             raise InvalidArgument(f"max_tokens must be >= 0 (0 = up to max-model-len), "
                                   f"got {max_tokens}")
+        if min_tokens < 0:
+            raise InvalidArgument(f"min_tokens must be >= 0, got {min_tokens}")
+        codec.check_token_ids(stop_token_ids, self.facts.vocab_size, "stop_token_ids")
         ids = self._prompt_ids(prompt)
+        stop_ids = tuple(dict.fromkeys([*self.facts.eos_token_ids, *stop_token_ids]))
         limits = SessionLimits(self.facts.vocab_size, self.facts.max_model_len,
-                               self.settings.max_block, max_tokens or None)
+                               self.settings.max_block, max_tokens or None, min_tokens,
+                               stop_ids)
         session = self.sessions.open(owner, VerifierSession(ids, len(ids), spec, limits))
         return OpenedSession(session.id, len(ids), tuple(ids), self.facts.eos_token_id,
                              self.facts.vocab_size, self.settings.max_block,
@@ -169,13 +175,15 @@ class Verifier:
         draw_seed, sample_seed = state.seeds(base + len(call.append))
         emit = (EmitArgs(call.uncertainty or self.settings.uncertainty, state.noise_seed)
                 if call.want_emitted else None)
-        args = VerifyArgs.build(uuid.uuid4().hex, state.spec, draw_seed, call.dists, emit)
+        ban = (state.limits.stop_ids, state.ban_rows(call))
+        args = VerifyArgs.build(uuid.uuid4().hex, state.spec, draw_seed, call.dists, emit, *ban)
         started = time.perf_counter()
         token, result = await self._verify_request(prompt, state, args, sample_seed)
         if result.error == ROWS_CACHED:
             # Only after an interrupted earlier attempt at the same position left its blocks
             # in the cache (see _engine_prompt); recompute without reading the cache.
-            args = VerifyArgs.build(uuid.uuid4().hex, state.spec, draw_seed, call.dists, emit)
+            args = VerifyArgs.build(uuid.uuid4().hex, state.spec, draw_seed, call.dists, emit,
+                                    *ban)
             token, result = await self._verify_request(prompt, state, args, sample_seed, True)
         if result.error is not None:
             raise HilmError(f"verification failed inside the engine: {result.error}")

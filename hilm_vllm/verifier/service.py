@@ -67,7 +67,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         opened = await self._verifier().open_session(
             client_id(context), codec.prompt_from_pb(request.prompt),
             codec.sampling_from_pb(request.sampling),
-            request.max_tokens)
+            request.max_tokens, request.min_tokens, request.stop_token_ids)
         return verifier_pb2.OpenVerifierSessionResponse(
             session_id=opened.session_id, position=opened.position,
             eos_token_id=opened.eos_token_id, vocab_size=opened.vocab_size,

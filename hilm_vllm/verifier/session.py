@@ -63,6 +63,9 @@ class SessionLimits:
     max_model_len: int  # the engine's: context + draft + the next token must fit
     max_block: int  # draft tokens per Verify
     max_new_tokens: int | None  # tokens the session may add to its prompt; None = no bound
+    # vLLM's min_tokens: the stop tokens have p = 0 until the session has added this many
+    min_tokens: int = 0
+    stop_ids: tuple[int, ...] = ()  # the model's EOS ids and the request's stop_token_ids
 
 
 @dataclass
@@ -102,6 +105,12 @@ class VerifierSession:
                 f"rollback_to {call.rollback_to} is outside [{self.prompt_len}, {self.position}] "
                 f"(the prompt cannot be cut; the session holds {self.position} tokens)")
         check_length(self, call)
+
+    def ban_rows(self, call: VerifyCall) -> int:
+        """How many of the call's n + 1 rows predict a token before min_tokens (masked)."""
+        first = self.base(call) + len(call.append)  # absolute position of draft token 0
+        return max(0, min(len(call.draft) + 1,
+                          self.prompt_len + self.limits.min_tokens - first))
 
     def base(self, call: VerifyCall) -> int:
         """The length of the context this call builds on."""

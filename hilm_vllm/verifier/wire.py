@@ -56,6 +56,9 @@ class VerifyArgs:
     draw_seed: int
     q: SparseRows  # the n draft distributions
     emit: EmitArgs | None = None  # None: no emitted tokens, and no cost for them
+    # vLLM's min_tokens: these ids get probability 0 in the first `ban_rows` of the n + 1 rows
+    ban: tuple[int, ...] = ()
+    ban_rows: int = 0
 
     def to_extra_args(self) -> dict:
         lengths = self.q.offsets.diff().numpy().astype("<i4")
@@ -66,6 +69,7 @@ class VerifyArgs:
             "q_probs": self.q.probs.numpy().astype("<f4").tobytes(),
             "q_lengths": lengths.tobytes(),
             "emit": None if self.emit is None else self.emit.to_dict(),
+            "ban": list(self.ban), "ban_rows": self.ban_rows,
         }}
 
     @classmethod
@@ -79,13 +83,16 @@ class VerifyArgs:
                        torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]))
         spec = codec.sampling_from_dict(raw["spec"])
         return cls(raw["key"], raw["n"], spec, raw["draw_seed"], q,
-                   EmitArgs.from_dict(raw.get("emit")))
+                   EmitArgs.from_dict(raw.get("emit")), tuple(raw.get("ban", ())),
+                   int(raw.get("ban_rows", 0)))
 
     @classmethod
     def build(cls, key: str, spec: SamplingSpec, draw_seed: int,
               dists: Sequence[tuple[Sequence[int], Sequence[float]]],
-              emit: EmitArgs | None = None) -> VerifyArgs:
-        return cls(key, len(dists), spec, draw_seed, SparseRows.from_lists(dists), emit)
+              emit: EmitArgs | None = None, ban: tuple[int, ...] = (),
+              ban_rows: int = 0) -> VerifyArgs:
+        return cls(key, len(dists), spec, draw_seed, SparseRows.from_lists(dists), emit, ban,
+                   ban_rows)
 
 
 # Why a result has no outcome: the rows that predict the draft were not computed in this

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from hilm_vllm.rejection import BlockOutcome, verify_block
-from hilm_vllm.sampling import processed_probs
+from hilm_vllm.sampling import mask_tokens, processed_probs
 from hilm_vllm.seeds import Stream, derive_seed
 from hilm_vllm.uncertainty import TOKEN_FREE_GATES, disagreement, draw_samples
 from hilm_vllm.verifier.wire import (EXTRA_ARGS_KEY, ROWS_CACHED, EmittedRow, VerifyArgs,
@@ -158,6 +158,8 @@ class VerifyHook:
             logits = self.runner.model.compute_logits(hidden_states[offset + lo:offset + hi])
             if logits is None:  # a tensor-parallel rank that does not hold gathered logits
                 return
+            # vLLM's min_tokens: the stop tokens have p = 0 in the rows before it
+            logits = mask_tokens(logits, pending.args.ban, pending.args.ban_rows - (lo - first))
             for i, p_row in enumerate(processed_probs(logits, pending.args.spec)):  # [hi-lo, V]
                 pending.rows[lo - first + i] = p_row
                 if pending.args.emit is not None:

@@ -242,10 +242,9 @@ def test_stop_token_ids_stop_every_policy_where_llm_only_stops():
         assert asyncio.run(main()) == expected, policy
 
 
-def test_min_tokens_is_refused_where_it_would_not_be_exact():
-    with pytest.raises(InvalidArgument, match="llm-only"):
-        GenerationRequest(tuple(PROMPT), GREEDY, N, Policy.SPEC, min_tokens=3)
-    GenerationRequest(tuple(PROMPT), GREEDY, N, Policy.LLM_ONLY, min_tokens=3)
+def test_request_bounds():
+    with pytest.raises(InvalidArgument, match="min_tokens"):
+        GenerationRequest(tuple(PROMPT), GREEDY, 3, Policy.SPEC, min_tokens=4)
     with pytest.raises(InvalidArgument, match="max_tokens"):
         GenerationRequest(tuple(PROMPT), GREEDY, 2**31, Policy.SPEC)
 

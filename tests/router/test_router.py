@@ -210,13 +210,17 @@ def pair_distribution(zoo, prompt: list[int], spec: SamplingSpec) -> dict[tuple,
     return joint
 
 
-def test_optimistic_drafting_keeps_the_llm_distribution_beyond_the_first_token(served, tiny_zoo):
-    """k = 1: the 2nd and 3rd tokens come through the optimistic path (the bonus matched the
+@pytest.mark.parametrize("block_size, top_p", [(1, 1.0), (2, 0.8)])
+def test_lossless_policies_keep_the_llm_distribution_beyond_the_first_token(
+        served, tiny_zoo, block_size, top_p):
+    """The pair (x1, x2) of spec and cascade end to end, at T = 1 with top-k (and top-p).
+    k = 1: the 2nd and 3rd tokens come through the optimistic path (the bonus matched the
     drafter's next token, whose follower becomes the next block) whenever the first block is
-    accepted. Chi-square of the pair (x1, x2) against the LLM's joint law, cells with fewer
-    than 5 expected merged; p > 1e-3."""
+    accepted; k = 2: through the residual after a rejection inside a block, the bonus after a
+    full one, and the drafter's rollback. Chi-square against the LLM's joint law, cells with
+    fewer than 5 expected merged; p > 1e-3."""
     prompt = _prompts(tiny_zoo, 1)[0]
-    spec = SamplingSpec(temperature=1.0, top_k=3)
+    spec = SamplingSpec(temperature=1.0, top_k=3, top_p=top_p)
     joint = pair_distribution(tiny_zoo, prompt, spec)
 
     async def pairs(policy: str) -> list[tuple]:
@@ -225,8 +229,8 @@ def test_optimistic_drafting_keeps_the_llm_distribution_beyond_the_first_token(s
         async def one(seed: int) -> tuple:
             async with sem:
                 ids = await _generate(served.grpc_address, prompt,
-                                      SamplingSpec(1.0, 3, 1.0, 5000 + seed), 3, policy,
-                                      block_size=1, optimistic=True)
+                                      SamplingSpec(1.0, 3, top_p, 5000 + seed), 3, policy,
+                                      block_size=block_size, optimistic=True)
                 return tuple(ids[1:3])
 
         return await asyncio.gather(*(one(s) for s in range(N_SEEDS)))
@@ -291,6 +295,39 @@ def test_a_client_that_leaves_mid_stream_leaves_nothing_on_any_tier(served, tier
         time.sleep(0.5)
     assert {p.tier: scrape(p, n) for p, n in names.items()} == {"llm": 0, "ilm": 0, "slm": 0}
     assert scrape(slm, "hilm_drafter_waiting_drafts") == 0
+
+
+def spec_tokens(router) -> float:
+    """Tokens the router has generated for `spec` requests (counted when a request ends)."""
+    import re
+
+    text = urllib.request.urlopen(router.metrics_url, timeout=10).read().decode()
+    m = re.search(r'^hilm_router_tokens_total\{policy="spec"\} ([-+\deE.]+)$', text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_a_client_that_leaves_a_non_streaming_request_stops_its_generation(served, tiers):
+    """Hang up on a long non-streaming request: the router notices, stops the generation and
+    closes its sessions (it does not run 2,000 tokens for nobody)."""
+    import socket
+    import time
+
+    llm, ilm, slm = tiers
+    before = spec_tokens(served)
+    host, port = served.http_url.removeprefix("http://").split(":")
+    body = json.dumps({"model": "spec", "prompt": PROMPT, "max_tokens": 2000,
+                       "ignore_eos": True, "temperature": 1.0}).encode()
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                  b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        time.sleep(2.0)  # generating by now
+    deadline = time.monotonic() + 20
+    names = {llm: "hilm_verifier_sessions", slm: "hilm_drafter_sessions"}
+    while time.monotonic() < deadline and any(scrape(p, n) for p, n in names.items()):
+        time.sleep(0.5)
+    assert {p.tier: scrape(p, n) for p, n in names.items()} == {"llm": 0, "slm": 0}
+    # it ended (cancelled) long before the context's ~1,000 tokens it would have run to
+    assert spec_tokens(served) - before < 600
 
 
 def test_thresholds_steer_the_routing(served):
@@ -371,6 +408,9 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
     ({"model": "hilm", "prompt": "x" * 4000, "max_tokens": 4}, 400, "max-model-len"),
     ({"model": "hilm", "prompt": "x", "n": 2}, 400, "n must be 1"),
     ({"model": "hilm", "prompt": "x", "frobnicate": 1}, 400, "frobnicate"),
+    ({"model": "spec", "prompt": "x", "max_tokens": 2 ** 31}, 400, "max_tokens"),
+    ({"model": "spec", "prompt": "x", "min_tokens": 9, "max_tokens": 4}, 400, "min_tokens"),
+    ({"model": "spec", "prompt": "x", "stop_token_ids": [10 ** 6]}, 400, "stop_token_ids"),
 ])
 def test_bad_requests_get_openai_errors_and_the_router_keeps_serving(served, body, status,
                                                                      words):
@@ -407,3 +447,92 @@ def test_metrics_count_routes_and_hops(served):
                  "hilm_router_accepted_drafts_total", "hilm_router_requests_total"):
         assert name in text, name
     assert 'hilm_router_requests_total{outcome="ok",policy="hilm"}' in text
+
+
+def test_lossless_policies_stop_where_llm_only_stops(served, tiny_zoo):
+    """T = 0 without ignore_eos: a stop token (here a stop_token_id taken from llm-only's own
+    output) ends every lossless policy on the same token as llm-only, finish_reason "stop"."""
+    prompt = _prompts(tiny_zoo, 1)[0]
+    c = client(served)
+
+    def run(policy: str, **extra) -> tuple[list[int], str]:
+        out = c.completions.create(model=policy, prompt=prompt, max_tokens=40, temperature=0,
+                                   extra_body={"block_size": 4, **extra})
+        return hilm_usage(out.usage)["token_ids"], out.choices[0].finish_reason
+
+    free, _ = run("llm-only")
+    stop = free[6]
+    expected = free[:free.index(stop) + 1]
+    for policy in LOSSLESS:
+        ids, finish = run(policy, stop_token_ids=[stop])
+        assert ids == expected and finish == "stop", policy
+
+
+def test_a_block_larger_than_the_verifiers_limit_is_cut_to_it(served):
+    """--max-block of the verifiers is 16: cascade at k = 40 forwards up to 41 tokens; the
+    router uses the limit OpenSession returned instead of failing mid-stream."""
+    out = client(served).completions.create(model="cascade", prompt=PROMPT, max_tokens=48,
+                                            temperature=0, extra_body={"block_size": 40,
+                                                                       "ignore_eos": True})
+    assert out.usage.completion_tokens == 48 and hilm_usage(out.usage)["degraded"] == []
+
+
+def test_max_tokens_past_the_context_ends_with_length(served):
+    """max-model-len is 1024: a 1000-token prompt leaves about 23 tokens; the request ends
+    there with finish_reason "length", as vLLM's does, for every policy."""
+    prompt = [300 + i % 50 for i in range(1000)]
+    c = client(served)
+    for policy in ("llm-only", "spec", "hilm", "cascade"):
+        out = c.completions.create(model=policy, prompt=prompt, max_tokens=500, temperature=0,
+                                   extra_body={"ignore_eos": True})
+        assert out.choices[0].finish_reason == "length", policy
+        assert 20 <= out.usage.completion_tokens <= 24, policy
+
+
+def test_min_tokens_masks_the_stop_tokens_exactly_as_llm_only(served, tiny_zoo):
+    """vLLM's min_tokens gives the stop tokens probability 0 until then; the verifiers mask
+    their p the same way, so every lossless policy stays token-identical to llm-only at T = 0
+    with a stop token the unmasked model would pick early, and follows the masked p at T = 1
+    (first token, chi-square)."""
+    prompt = _prompts(tiny_zoo, 1)[0]
+    c = client(served)
+
+    def run(policy: str, temperature: float = 0.0, seed: int | None = None, **extra):
+        out = c.completions.create(model=policy, prompt=prompt, max_tokens=12,
+                                   temperature=temperature, seed=seed,
+                                   extra_body={"block_size": 3, **extra})
+        return hilm_usage(out.usage)["token_ids"]
+
+    free = run("llm-only")
+    stop = free[1]  # unmasked, the second token would end the request
+    masked = run("llm-only", stop_token_ids=[stop], min_tokens=6)
+    assert len(masked) >= 6 and stop not in masked[:5] and masked[:1] == free[:1]
+    for policy in LOSSLESS[1:]:
+        assert run(policy, stop_token_ids=[stop], min_tokens=6) == masked, policy
+
+    spec = SamplingSpec(temperature=1.0, top_k=8)
+    p = next_probs(tiny_zoo.llm, prompt, spec).numpy().astype(np.float64)
+    top = int(np.argmax(p))
+    p[top] = 0.0
+    p /= p.sum()  # the first token's law with the top token masked
+    support = np.nonzero(p)[0]
+
+    async def first_tokens() -> list[int]:
+        sem = asyncio.Semaphore(8)
+
+        async def one(seed: int) -> int:
+            async with sem:
+                return (await asyncio.to_thread(
+                    run, "spec", 1.0, 7000 + seed, top_k=8, stop_token_ids=[top],
+                    min_tokens=2))[0]
+
+        return await asyncio.gather(*(one(s) for s in range(200)))
+
+    tokens = asyncio.run(first_tokens())
+    assert top not in tokens and set(tokens) <= set(support.tolist())
+    big = [int(t) for t in support if p[t] * 200 >= 5]  # cells under 5 expected merged
+    observed = np.array([tokens.count(t) for t in big] + [sum(t not in big for t in tokens)])
+    expected = np.array([p[t] for t in big] + [1 - sum(p[t] for t in big)]) * 200
+    keep = expected > 1e-9
+    f_exp = expected[keep] / expected[keep].sum() * observed[keep].sum()
+    assert stats.chisquare(observed[keep], f_exp).pvalue > 1e-3
