@@ -72,3 +72,24 @@ def test_seeds_are_reproducible_per_position_and_independent_streams():
     draw, sample = a.seeds(10)
     assert draw != sample and 0 <= draw < 2**63 and derive_seed(3, 10, Stream.VERIFY_DRAWS) == draw
     assert session().seeds(10) != session().seeds(10)  # unseeded: fresh randomness
+
+
+def test_min_tokens_masks_the_rows_before_it():
+    """Rows predict positions base + len(append) ... + n; those before prompt_len + min_tokens
+    are masked (vLLM's min_tokens counts the session's own new tokens)."""
+    from dataclasses import replace
+
+    s = session(limits=replace(LIMITS, min_tokens=3, stop_ids=(7,)))
+    assert s.ban_rows(call(draft=(5, 6))) == 3  # positions 10, 11, 12: all before 13
+    assert s.ban_rows(call(append=(1, 2), draft=(5, 6))) == 1  # 12 only
+    assert s.ban_rows(call(append=(1, 2, 3, 4), draft=(5,))) == 0
+    assert session().ban_rows(call(draft=(5, 6))) == 0  # no min_tokens
+
+
+def test_verify_args_carry_the_mask_through_the_engine():
+    from hilm_vllm.verifier.wire import VerifyArgs
+
+    args = VerifyArgs.build("k", SamplingSpec(0.5, 3), 9, [((5,), (1.0,))], ban=(7, 2),
+                            ban_rows=2)
+    back = VerifyArgs.from_extra_args(args.to_extra_args())
+    assert (back.ban, back.ban_rows, back.spec) == ((7, 2), 2, SamplingSpec(0.5, 3))
