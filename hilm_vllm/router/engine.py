@@ -533,10 +533,11 @@ class _Run:
             if tier is Tier.LLM and max_model_len:
                 # context + block + next token <= max_model_len at every round
                 self.max_tokens = min(self.max_tokens, max_model_len - self.n_prompt - 1)
+                if self.max_tokens < 1:
+                    raise InvalidArgument(
+                        f"the prompt has {self.n_prompt} tokens; with a token after it, it "
+                        f"must fit the LLM's max-model-len {max_model_len}: shorten it")
         self.block_cap = max(1, min(caps, default=64))
-        if self.max_tokens < 1:
-            raise InvalidArgument(f"the prompt ({self.n_prompt} tokens) leaves no room in the "
-                                  f"LLM's context: shorten it")
 
     def plan(self, tokens: list[ScoredToken]) -> RoundPlan:
         p = plan(self.req.policy, [t.uncertainty for t in tokens], self.th, self._skip_rate(),
