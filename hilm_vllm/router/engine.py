@@ -531,8 +531,10 @@ class _Run:
             if max_block:
                 caps.append(max_block - (1 if tier is Tier.LLM and forwards else 0))
             if tier is Tier.LLM and max_model_len:
-                # context + block + next token <= max_model_len at every round
-                self.max_tokens = min(self.max_tokens, max_model_len - self.n_prompt - 1)
+                # context + block (+ the ILM's extra token, forwarded) + next token fit the
+                # LLM's max_model_len at every round
+                room = max_model_len - self.n_prompt - 1 - (1 if forwards else 0)
+                self.max_tokens = min(self.max_tokens, room)
                 if self.max_tokens < 1:
                     raise InvalidArgument(
                         f"the prompt has {self.n_prompt} tokens; with a token after it, it "

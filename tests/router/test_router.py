@@ -506,7 +506,7 @@ def test_min_tokens_masks_the_stop_tokens_exactly_as_llm_only(served, tiny_zoo):
     free = run("llm-only")
     stop = free[1]  # unmasked, the second token would end the request
     masked = run("llm-only", stop_token_ids=[stop], min_tokens=6)
-    assert len(masked) >= 6 and stop not in masked[:5] and masked[:1] == free[:1]
+    assert len(masked) >= 6 and stop not in masked[:5] and masked != free[:len(masked)]
     for policy in LOSSLESS[1:]:
         assert run(policy, stop_token_ids=[stop], min_tokens=6) == masked, policy
 
