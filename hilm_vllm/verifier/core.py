@@ -84,6 +84,9 @@ Prompt = list[int] | str
 # How long a round waits for its pushed result once the engine's output is in; it is normally
 # there already (pushed before the output left the worker). Past this, hilm_pop_verify fetches it.
 CHANNEL_GRACE_S = 1.0
+# A result neither pushed in the grace nor kept by the worker (it was pushed: the worker keeps
+# only what it could not push) is awaited this much longer before the round fails.
+CHANNEL_LATE_S = 30.0
 
 
 def emitted_tokens(result: VerifyResult, expected: list[int]) -> tuple[EmittedToken, ...]:
@@ -215,10 +218,17 @@ class Verifier:
                 logger.warning("verify result %s not pushed in %.1f s; fetching it by RPC",
                                key, CHANNEL_GRACE_S)
         raw = (await self.engine.collective_rpc("hilm_pop_verify", args=(key,)))[0]
-        if raw is None:
-            raise HilmError("the verifier hook produced no result: is it installed "
-                            "(hilm_install_verifier) in this engine?")
-        return VerifyResult.from_dict(raw)
+        if raw is not None:
+            return VerifyResult.from_dict(raw)
+        if pushed is not None:
+            # The worker keeps only results it could not push: this one was pushed and is on
+            # its way (a loaded machine), so wait for it a while longer.
+            try:
+                return await asyncio.wait_for(pushed, CHANNEL_LATE_S)
+            except TimeoutError:
+                pass
+        raise HilmError("the verifier hook produced no result: is it installed "
+                        "(hilm_install_verifier) in this engine?")
 
     @staticmethod
     def _engine_prompt(prompt: list[int], state: VerifierSession):
