@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -159,6 +160,7 @@ class LocustRun:
     policies: str | None = None
     max_tokens: int = 24
     prompts: list[str] | None = None
+    user_classes: list[str] | None = None  # e.g. ["SseUser"]; default: every user class
     stop_timeout_s: float = 300.0  # users finish the request in flight when the run ends
     request_timeout_s: float = 300.0
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="hilm-soak-")))
@@ -176,6 +178,8 @@ class LocustRun:
                "--loglevel", "WARNING", "--exit-code-on-error", "0"]
         if self.policies:
             cmd += ["--policies", self.policies]
+        if self.user_classes:
+            cmd += self.user_classes
         if self.prompts:
             (self.workdir / "prompts.json").write_text(json.dumps(self.prompts))
             cmd += ["--prompts-file", str(self.workdir / "prompts.json")]
@@ -207,6 +211,13 @@ class LocustRun:
     def log_tail(self, n: int = 40) -> str:
         log = self.workdir / "locust.log"
         return "\n".join(log.read_text().splitlines()[-n:]) if log.is_file() else ""
+
+    def finish(self) -> dict:
+        """End the run now (SIGTERM: users finish the request in flight, within
+        stop_timeout_s); the users' samples."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        return self.wait()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -305,3 +316,97 @@ def prompts_of(zoo, n: int = 16, chars: int = 200) -> list[str]:
 
 def _int(x: float | None) -> int | None:
     return None if x is None else int(x)
+
+
+# ---- faults ----------------------------------------------------------------------------------
+
+# A request that needs the tier (and would be marked degraded without it): the probe of
+# recovery after a fault.
+PROBE_POLICY = {"slm": "spec", "ilm": "cascade", "llm": "llm-only"}
+
+
+def probe(url: str, policy: str, timeout: float = 60.0) -> tuple[bool, str]:
+    """One short completion with `policy`: (served fully, i.e. 200 and not degraded; why not)."""
+    body = {"model": policy, "prompt": "def main():\n    ", "max_tokens": 4,
+            "ignore_eos": True}
+    req = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            out = json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return False, f"HTTP {e.code}: {e.read()[:200]!r}"
+    except OSError as e:
+        return False, f"{type(e).__name__}: {e}"
+    degraded = out["usage"]["hilm"]["degraded"]
+    return (not degraded), f"degraded {degraded}" if degraded else "ok"
+
+
+def wait_recovered(url: str, tier: str, since: float, deadline_s: float) -> float | None:
+    """Seconds from `since` (time.monotonic) until a probe needing `tier` is served fully;
+    None if not within `deadline_s`."""
+    while time.monotonic() - since < deadline_s:
+        ok, _why = probe(url, PROBE_POLICY[tier])
+        if ok:
+            return round(time.monotonic() - since, 2)
+        time.sleep(0.5)
+    return None
+
+
+def signal_tree(proc: TierProcess, sig: int) -> None:
+    """Send `sig` to the tier's whole process tree (API process, engine core, workers)."""
+    for p in [psutil.Process(proc.proc.pid), *proc.descendants()]:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def in_window(records: list, start: float, end: float) -> tuple[int, int]:
+    """(requests, failed) among `records` (users.Samples.records) in flight at any time in
+    [start, end] (Unix time)."""
+    hit = [r for r in records if r[0] <= end and r[1] >= start]
+    return len(hit), sum(1 for r in hit if r[2])
+
+
+@dataclass
+class Fault:
+    name: str  # "kill+restart slm", "stop 5 s ilm"
+    tier: str
+    start: float = 0.0  # Unix time of the fault
+    end: float = 0.0  # Unix time it was recovered (or given up)
+    restart_s: float | None = None  # SIGKILL until the new process is SERVING
+    recovered_s: float | None = None  # the fault until a request needing the tier is served
+
+    def result(self, records: list, errors: dict) -> dict:
+        requests, failed = in_window(records, self.start, self.end)
+        return {"fault": self.name, "tier": self.tier, "requests": requests, "failed": failed,
+                "recovered_s": self.recovered_s, "restart_s": self.restart_s}
+
+
+def kill_and_restart(stack: Stack, tier: str, deadline_s: float) -> Fault:
+    """SIGKILL the tier's process tree, start it again on its ports, wait for recovery."""
+    fault = Fault(f"kill+restart {tier}", tier, time.time())
+    t0 = time.monotonic()
+    stack.kill(tier)
+    stack.restart(tier)
+    fault.restart_s = round(time.monotonic() - t0, 2)
+    fault.recovered_s = wait_recovered(stack.router.http_url, tier, t0, deadline_s)
+    fault.end = time.time()
+    return fault
+
+
+def stop_and_continue(stack: Stack, tier: str, pause_s: float, deadline_s: float) -> Fault:
+    """SIGSTOP the tier's process tree for `pause_s`, SIGCONT it, wait for recovery."""
+    import signal
+
+    fault = Fault(f"stop {pause_s:g} s {tier}", tier, time.time())
+    t0 = time.monotonic()
+    signal_tree(stack.tiers[tier], signal.SIGSTOP)
+    try:
+        time.sleep(pause_s)
+    finally:
+        signal_tree(stack.tiers[tier], signal.SIGCONT)
+    fault.recovered_s = wait_recovered(stack.router.http_url, tier, t0, deadline_s)
+    fault.end = time.time()
+    return fault
