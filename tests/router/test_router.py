@@ -449,7 +449,7 @@ def test_killing_and_restarting_the_ilm_under_load_fails_no_lossy_request(tiny_z
                         user_classes=["SseUser"]).start()
         try:
             time.sleep(10)
-            fault = kill_and_restart(stack, "ilm", deadline_s=120)
+            fault = kill_and_restart(stack, "ilm", deadline_s=300)
             time.sleep(10)
             samples = run.finish()
         finally:
