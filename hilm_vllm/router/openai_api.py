@@ -111,17 +111,34 @@ def _hilm_error(e: HilmError) -> JSONResponse:
 
 
 class TextStream:
-    """Incremental detokenization: text appears once its bytes are complete."""
+    """Incremental detokenization: text appears once its bytes are complete.
+
+    vLLM's own incremental detokenizer (`IncrementalDetokenizer`: `tokenizers`' DecodeStream for
+    fast tokenizers, else vLLM's Python fallback) decodes each new token against a few tokens of
+    context, so a chunk costs O(its tokens), not O(the whole output). Not primed with the prompt:
+    the text is exactly `tokenizer.decode(output ids, skip_special_tokens=True)`, chunk by chunk.
+    `flush` (the end) decodes the whole output once to emit what an incomplete multi-byte
+    character still held back, as that decode does (U+FFFD)."""
 
     def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.sent = tokenizer, [], 0
+        from types import SimpleNamespace
+
+        from vllm import SamplingParams
+        from vllm.v1.engine.detokenizer import IncrementalDetokenizer
+
+        self.tokenizer, self.sent = tokenizer, 0
+        request = SimpleNamespace(request_id="router", prompt_token_ids=None, prompt_embeds=None,
+                                  sampling_params=SamplingParams(skip_special_tokens=True))
+        self._detok = IncrementalDetokenizer.from_new_request(tokenizer, request)
+
+    @property
+    def ids(self) -> list[int]:
+        return self._detok.output_token_ids
 
     def push(self, ids: list[int]) -> str:
-        self.ids += ids
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # a multi-byte character is still incomplete
-            return ""
-        delta, self.sent = text[self.sent:], len(text)
+        self._detok.update(list(ids), False)
+        delta = self._detok.get_next_output_text(False, True)
+        self.sent += len(delta)
         return delta
 
     def flush(self) -> str:

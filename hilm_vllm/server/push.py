@@ -40,11 +40,14 @@ class PushSink:
         self._token = token
         self.dropped = 0
 
-    def send(self, payload: Any) -> None:
+    def send(self, payload: Any) -> bool:
+        """True once the frame is queued for the API process; False if it was dropped."""
         try:
             self._socket.send(_encoder.encode([self._token, payload]), zmq.NOBLOCK)
         except zmq.Again:
             self.dropped += 1
+            return False
+        return True
 
 
 class PullChannel:

@@ -6,7 +6,8 @@ idle machine and 2-7 ms on a loaded one (bench/verify_cost.py, column rpc). Inst
 pushes each result, at the moment it computes it, on the push channel of
 `hilm_vllm.server.push` (msgpack frames with a per-channel token; a malformed frame is dropped
 and the reader goes on), before the engine's output even leaves the worker, so a round waits
-for nothing extra. The worker also keeps every result for `hilm_pop_verify`, the fallback.
+for nothing extra. The worker keeps a result for `hilm_pop_verify`, the fallback, only when
+its push was dropped (the API process was not reading): a delivered result is not kept.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from hilm_vllm.verifier.wire import VerifyResult
 class ResultSink(PushSink):
     """Worker side: never blocks the engine step (drops if the API process is not reading)."""
 
-    def send(self, result: VerifyResult) -> None:  # type: ignore[override]
-        super().send(result.to_dict())
+    def send(self, result: VerifyResult) -> bool:  # type: ignore[override]
+        return super().send(result.to_dict())
 
 
 class ResultChannel:

@@ -26,8 +26,8 @@ from hilm_vllm.sessions import SessionLimits as StoreLimits
 from hilm_vllm.sessions import SessionStore
 from hilm_vllm.uncertainty import UncertaintyConfig
 from hilm_vllm.verifier.channel import ResultChannel
-from hilm_vllm.verifier.session import (SessionLimits, Timings, VerifierSession,
-                                        VerifyCall, VerifyReply)
+from hilm_vllm.verifier.session import (SessionLimits, Timings, VerifierSession, VerifyCall,
+                                        VerifyReply, check_block)
 from hilm_vllm.verifier.wire import ROWS_CACHED, EmitArgs, VerifyArgs, VerifyResult, unpack
 
 logger = logging.getLogger("hilm.verifier")
@@ -88,6 +88,11 @@ Prompt = list[int] | str
 # How long a round waits for its pushed result once the engine's output is in; it is normally
 # there already (pushed before the output left the worker). Past this, hilm_pop_verify fetches it.
 CHANNEL_GRACE_S = 1.0
+# Draft distributions with more entries than this (over the block) are checked in a thread.
+INLINE_CHECK_ENTRIES = 4096
+# A result neither pushed in the grace nor kept by the worker (it was pushed: the worker keeps
+# only what it could not push) is awaited this much longer before the round fails.
+CHANNEL_LATE_S = 30.0
 
 
 def emitted_tokens(result: VerifyResult, expected: list[int]) -> tuple[ScoredToken, ...]:
@@ -155,14 +160,25 @@ class Verifier:
     async def verify(self, owner: str, session_id: str, call: VerifyCall) -> VerifyReply:
         received = time.perf_counter()
         session = self.sessions.get(session_id, owner)
+        state = session.state
+        if call.support > INLINE_CHECK_ENTRIES:
+            # Checking the distributions (and digesting them for replay) is numpy over every
+            # entry: off the event loop, so other sessions' rounds are not held behind it.
+            await asyncio.to_thread(self._check_block, call, state.limits)
+        else:  # a thread hop (~0.1 ms) costs more than checking a small block
+            self._check_block(call, state.limits)
         async with session.lock:
-            state = session.state
             if (reply := state.replay(call)) is not None:
                 return reply
-            state.check(call)
+            state.check(call, block_checked=True)
             reply = await self._score(state, call, received)
             state.advance(call, reply)
             return reply
+
+    @staticmethod
+    def _check_block(call: VerifyCall, limits: SessionLimits) -> None:
+        check_block(call, limits)
+        call.digest  # noqa: B018 - cached on the call: computed here, off the loop if large
 
     # ---- engine calls ---------------------------------------------------------------------
 
@@ -228,10 +244,17 @@ class Verifier:
                 logger.warning("verify result %s not pushed in %.1f s; fetching it by RPC",
                                key, CHANNEL_GRACE_S)
         raw = (await self.engine.collective_rpc("hilm_pop_verify", args=(key,)))[0]
-        if raw is None:
-            raise HilmError("the verifier hook produced no result: is it installed "
-                            "(hilm_install_verifier) in this engine?")
-        return VerifyResult.from_dict(raw)
+        if raw is not None:
+            return VerifyResult.from_dict(raw)
+        if pushed is not None:
+            # The worker keeps only results it could not push: this one was pushed and is on
+            # its way (a loaded machine), so wait for it a while longer.
+            try:
+                return await asyncio.wait_for(pushed, CHANNEL_LATE_S)
+            except TimeoutError:
+                pass
+        raise HilmError("the verifier hook produced no result: is it installed "
+                        "(hilm_install_verifier) in this engine?")
 
     @staticmethod
     def _engine_prompt(prompt: list[int], state: VerifierSession):

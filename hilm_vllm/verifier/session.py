@@ -3,17 +3,24 @@
 Pure bookkeeping and validation, no engine calls: `core.Verifier` checks a call here, runs it on
 the engine, then records the outcome with `advance`. The history is the prompt plus every
 appended, accepted and next token, so rollback is implicit: rejected drafts never enter it.
+For a retry the session keeps only the last call's digest (`VerifyCall.digest`) and its reply,
+not the call's draft distributions. `check_block` validates the distributions with numpy; the
+verifier runs it off the event loop when a block is large (core.Verifier.verify).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 
 from hilm_vllm.codec import check_token_ids
 from hilm_vllm.errors import FailedPrecondition, InvalidArgument
-from hilm_vllm.sampling import SamplingSpec, ScoredToken, sparse_problem
+from hilm_vllm.sampling import SamplingSpec, ScoredToken
 from hilm_vllm.seeds import Stream, derive_seed
 from hilm_vllm.uncertainty import UncertaintyConfig
 
@@ -33,6 +40,28 @@ class VerifyCall:
     # How emitted uncertainties are measured; None = the tier's default (VerifierSettings).
     uncertainty: UncertaintyConfig | None = None
     rollback_to: int | None = None  # cut the context to this length first (overruled tokens)
+
+    @functools.cached_property
+    def digest(self) -> bytes:
+        """A 16-byte digest of every field: equal calls (retries) have equal digests."""
+        h = hashlib.blake2b(digest_size=16)
+        u = self.uncertainty
+        h.update(repr((self.position, self.rollback_to, self.want_target_probs,
+                       self.want_emitted, None if u is None else (
+                           u.gate.value, u.num_samples, u.theta_max, u.perturbation.value),
+                       len(self.append), len(self.draft), len(self.dists))).encode())
+        h.update(np.asarray(self.append, "<i8").tobytes())
+        h.update(np.asarray(self.draft, "<i8").tobytes())
+        for ids, probs in self.dists:
+            h.update(len(ids).to_bytes(4, "little"))
+            h.update(np.asarray(ids, "<i8").tobytes())
+            h.update(np.asarray(probs, "<f8").tobytes())
+        return h.digest()
+
+    @property
+    def support(self) -> int:
+        """Entries over all draft distributions: what validating the call costs."""
+        return sum(len(ids) for ids, _ in self.dists)
 
 
 @dataclass(frozen=True)
@@ -76,7 +105,7 @@ class VerifierSession:
     limits: SessionLimits
     # Isolates this session's prefix-cache blocks from other sessions' (see core._engine_prompt).
     cache_salt: str = field(default_factory=lambda: secrets.token_hex(8))
-    last: tuple[VerifyCall, VerifyReply] | None = None
+    last: tuple[bytes, VerifyReply] | None = None  # the last call's digest, and its reply
     # Seeds the perturbation noise of emitted uncertainties per absolute position, as the
     # drafter does: the session's seed when it has one, else a random one fixed per session.
     noise_seed: int = field(default_factory=lambda: secrets.randbits(63))
@@ -91,11 +120,13 @@ class VerifierSession:
 
     def replay(self, call: VerifyCall) -> VerifyReply | None:
         """The reply already given to this exact call (a retry), if it was the last one."""
-        return self.last[1] if self.last is not None and self.last[0] == call else None
+        return self.last[1] if self.last is not None and self.last[0] == call.digest else None
 
-    def check(self, call: VerifyCall) -> None:
-        """Raise InvalidArgument / FailedPrecondition saying what to fix; None if valid."""
-        check_block(call, self.limits)
+    def check(self, call: VerifyCall, block_checked: bool = False) -> None:
+        """Raise InvalidArgument / FailedPrecondition saying what to fix; None if valid.
+        `block_checked`: `check_block` already passed (the verifier ran it in a thread)."""
+        if not block_checked:
+            check_block(call, self.limits)
         if call.position != self.position:
             raise FailedPrecondition(
                 f"session is at position {self.position}, the request says {call.position}: "
@@ -122,7 +153,7 @@ class VerifierSession:
     def advance(self, call: VerifyCall, reply: VerifyReply) -> None:
         del self.tokens[self.base(call):]
         self.tokens += [*call.append, *call.draft[:reply.num_accepted], reply.next_token]
-        self.last = (call, reply)
+        self.last = (call.digest, reply)
 
     def seeds(self, position: int) -> tuple[int, int]:
         """(worker draws, engine sample) seeds for a call at `position`, reproducible when the
@@ -146,9 +177,36 @@ def check_block(call: VerifyCall, limits: SessionLimits) -> None:
     check_token_ids(call.append, limits.vocab_size, "append_token_ids")
     check_token_ids(call.draft, limits.vocab_size, "draft_token_ids")
     for i, ((ids, probs), token) in enumerate(zip(call.dists, call.draft)):
-        if problem := sparse_problem(list(ids), list(probs), limits.vocab_size, token):
+        if problem := dist_problem(ids, probs, limits.vocab_size, token):
             raise InvalidArgument(f"draft_dists[{i}]: {problem}; send the exact distribution "
                                   f"the drafter sampled token {token} from")
+
+
+def dist_problem(ids: Sequence[int], probs: Sequence[float], vocab_size: int, token: int,
+                 eps: float = 1e-3) -> str | None:
+    """Why (ids, probs) is not a valid draft distribution for `token`, or None if it is
+    (numpy: a full-vocabulary row is 100k+ entries)."""
+    if len(ids) != len(probs):
+        return f"distribution has {len(ids)} token ids but {len(probs)} probabilities"
+    if not len(ids):
+        return "distribution is empty"
+    ids_a = np.asarray(ids, dtype=np.int64)
+    probs_a = np.asarray(probs, dtype=np.float64)
+    if ids_a.min() < 0 or ids_a.max() >= vocab_size:
+        return f"distribution has a token id outside the vocabulary [0, {vocab_size})"
+    if len(np.unique(ids_a)) != len(ids_a):
+        return "distribution lists a token id twice"
+    if not np.all(probs_a >= 0):  # also catches NaN
+        return "distribution has a negative or NaN probability"
+    total = float(probs_a.sum())
+    if total > 1 + eps or total < 1 - eps:
+        return f"probabilities sum to {total:.6f}, not 1"
+    at = np.flatnonzero(ids_a == token)
+    if not len(at):
+        return f"draft token {token} is missing from its own distribution"
+    if probs_a[at[0]] <= 0:
+        return f"draft token {token} has probability 0 in its own distribution"
+    return None
 
 
 def check_length(session: VerifierSession, call: VerifyCall) -> None:

@@ -12,8 +12,9 @@ another matmul shape, FlashInfer's sampler) can differ from the hook's row enoug
 top-k/top-p boundary, and then the emitted bonus token could have p = 0 in the row the hook
 ships. Randomness (accept uniforms, then the one recovered or bonus draw) comes from a CPU
 generator seeded with `VerifyArgs.draw_seed`: the same draws on every device. Full rows never
-leave this process; the outcome is pushed to the API process (channel.py) and also kept here
-for `collective_rpc("hilm_pop_verify", key)`.
+leave this process; the outcome is pushed to the API process (channel.py); only an outcome whose
+push was dropped (or with no channel installed) is kept here for
+`collective_rpc("hilm_pop_verify", key)`.
 
 Emitted tokens (only when `VerifyArgs.emit` asks; otherwise nothing below runs or is kept). For
 each of the m + 1 tokens the request emits (the accepted drafts, then the correction or bonus
@@ -47,8 +48,8 @@ from hilm_vllm.verifier.wire import (EXTRA_ARGS_KEY, ROWS_CACHED, EmittedRow, Ve
                                      VerifyResult, pack)
 
 SUPPORTED_VLLM = "0.32.0"  # the wrapped runner methods are private: re-check them on upgrade
-# Kept results (the channel delivers them; this copy serves hilm_pop_verify, the fallback) and
-# partial rows of aborted requests are dropped oldest-first beyond this many.
+# Results kept for hilm_pop_verify (only those the channel could not take) and partial rows of
+# aborted requests are dropped oldest-first beyond this many.
 MAX_PENDING = 4096
 
 
@@ -176,9 +177,10 @@ class VerifyHook:
             self.verified += 1
             result = dataclasses.replace(result, forward_ms=pending.forward_s * 1e3,
                                          hook_ms=pending.hook_s * 1e3)
-            self.results.put(result.key, result)
-            if self.sink is not None:
-                self.sink.send(result)
+            # Delivered results are not kept: a store of every result would always hold
+            # MAX_PENDING of them (with emitted rows, megabytes each on a real vocabulary).
+            if self.sink is None or not self.sink.send(result):
+                self.results.put(result.key, result)
 
     def _pending(self, state) -> _Pending | None:
         raw = state.sampling_params.extra_args.get(EXTRA_ARGS_KEY)

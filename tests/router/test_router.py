@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import math
+import time
 import urllib.request
 
 import grpc
@@ -536,3 +537,55 @@ def test_min_tokens_masks_the_stop_tokens_exactly_as_llm_only(served, tiny_zoo):
     keep = expected > 1e-9
     f_exp = expected[keep] / expected[keep].sum() * observed[keep].sum()
     assert stats.chisquare(observed[keep], f_exp).pvalue > 1e-3
+
+
+# ---- soak and faults (hilm_vllm/soak; bench/soak.py and bench/faults.py run them longer) ---------
+
+@pytest.mark.slow
+def test_a_small_soak_fails_nothing_holds_memory_and_closes_every_session(served, tiers):
+    """16 Locust users (OpenAI SSE completions and chat, gRPC Generate; every policy) for 60 s
+    on the shared tiers: 0 failed requests, each tier's RSS grows < 5% after a 20 s warm-up,
+    and every tier's session count is back to 0 at the end."""
+    from hilm_vllm.soak.harness import Stack, soak
+
+    llm, ilm, slm = tiers
+    stack = Stack({"llm": llm, "ilm": ilm, "slm": slm, "router": served}, owned=False)
+    errors: dict = {}
+    results = soak(stack, users=16, duration_s=60, warmup_s=20, max_tokens=16,
+                   errors_out=errors)
+    assert results["requests"] >= 16, results
+    assert results["failures"] == 0, errors
+    assert results["ttft_ms_p50"] is not None and results["itl_ms_p99"] is not None
+    assert results["sessions"] == {"slm": 0, "ilm": 0, "llm": 0}, results["sessions"]
+    assert results["verdict"]["rss_bounded"], results["rss_mb"]
+    assert results["verdict"]["pass"]
+
+
+@pytest.mark.slow
+def test_killing_and_restarting_the_ilm_under_load_fails_no_lossy_request(tiny_zoo, tiers):
+    """SSE users on the lossy `hilm` policy (every block to the ILM) while the ILM's whole
+    process tree is SIGKILLed and started again on its ports: no request fails (they complete
+    through the LLM while it is down), and the router uses the restarted ILM again."""
+    from hilm_vllm.soak.harness import LocustRun, Stack, in_window, kill_and_restart
+
+    llm, _, slm = tiers
+    with tier("ilm", tiny_zoo.ilm) as ilm, \
+            router(tiny_zoo, llm, slm, ilm, "--policy", "hilm", "--t1", "-1", "--t2", "2",
+                   "--t-ilm", "2", "--block-size", "3") as r:
+        stack = Stack({"llm": llm, "ilm": ilm, "slm": slm, "router": r},
+                      {"ilm": ["--model", str(tiny_zoo.ilm), *ENGINE_FLAGS]}, owned=False)
+        run = LocustRun(r.http_url, r.grpc_address, 4, 3600, policies="hilm", max_tokens=16,
+                        user_classes=["SseUser"]).start()
+        try:
+            time.sleep(10)
+            fault = kill_and_restart(stack, "ilm", deadline_s=300)
+            time.sleep(10)
+            samples = run.finish()
+        finally:
+            run.stop()
+            if stack.tiers["ilm"] is not ilm:
+                stack.tiers["ilm"].stop()
+    requests, failed = in_window(samples["records"], fault.start, fault.end)
+    assert requests >= 1, samples["requests"]  # the load really ran through the fault
+    assert samples["failures"] == 0, samples["errors"]
+    assert fault.recovered_s is not None, "the router never served through the restarted ILM"

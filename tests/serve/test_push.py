@@ -55,3 +55,38 @@ def test_a_verify_result_round_trips_through_the_channel_bit_exact():
     back = asyncio.run(main())
     assert back == result
     assert unpack(back.emitted[0].probs, "<f4").tobytes() == probs.tobytes()
+
+
+def test_the_socket_reader_survives_bad_frames_and_a_failing_handler():
+    """Over the socket (the reader task itself, not `accept` called by hand): garbage, a frame
+    with another token, and a payload the result channel cannot parse, then a good result."""
+    import zmq
+
+    from hilm_vllm.verifier.channel import ResultChannel, ResultSink
+    from hilm_vllm.verifier.wire import VerifyResult
+
+    async def main():
+        channel = ResultChannel()
+        try:
+            future = channel.expect("good")
+            raw = zmq.Context.instance().socket(zmq.PUSH)
+            raw.setsockopt(zmq.LINGER, 0)
+            raw.connect(channel.address)
+            raw.send(b"\xc1 not msgpack")
+            raw.send(msgspec.msgpack.encode(["another-token", {"key": "good"}]))
+            raw.send(msgspec.msgpack.encode([channel.token, {"no_key": 1}]))  # handler raises
+            raw.send(msgspec.msgpack.encode([channel.token, "not a dict"]))
+            sink = ResultSink(channel.address, channel.token)
+            assert sink.send(VerifyResult("good", 2))
+            result = await asyncio.wait_for(future, 5)
+            for _ in range(500):  # two connections: their frames may interleave either way
+                if channel._pull.rejected >= 4:
+                    break
+                await asyncio.sleep(0.01)
+            raw.close()
+            return result, channel._pull.rejected
+        finally:
+            channel.close()
+
+    result, rejected = asyncio.run(main())
+    assert result == VerifyResult("good", 2) and rejected == 4

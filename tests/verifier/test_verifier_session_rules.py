@@ -93,3 +93,49 @@ def test_verify_args_carry_the_mask_through_the_engine():
                             ban_rows=2)
     back = VerifyArgs.from_extra_args(args.to_extra_args())
     assert (back.ban, back.ban_rows, back.spec) == ((7, 2), 2, SamplingSpec(0.5, 3))
+
+
+def test_the_session_keeps_a_digest_of_the_last_call_not_its_distributions():
+    s = session()
+    first = call(draft=(5, 6), dists=(((5, 7), (0.5, 0.5)), ((6,), (1.0,))))
+    s.advance(first, reply(2, 9, 13))
+    digest, _ = s.last
+    assert isinstance(digest, bytes) and len(digest) == 16  # not the call and its data
+    same = call(draft=(5, 6), dists=(((5, 7), (0.5, 0.5)), ((6,), (1.0,))))
+    assert s.replay(same).next_token == 9  # a retry: an equal call, another object
+    for other in (call(draft=(5, 6), dists=(((5, 7), (0.25, 0.75)), ((6,), (1.0,)))),
+                  call(draft=(5, 6), dists=(((5, 8), (0.5, 0.5)), ((6,), (1.0,)))),
+                  call(draft=(5, 6), dists=(((5,), (1.0,)), ((6, 7), (0.5, 0.5))))):
+        assert s.replay(other) is None  # same tokens, other distributions: not a retry
+
+
+def test_large_blocks_are_checked_off_the_event_loop(monkeypatch):
+    """A block with full-vocabulary distributions is checked (numpy) in a worker thread, so the
+    verifier's event loop keeps serving other sessions; a small one inline (a thread hop would
+    cost more). Either way a bad block is refused with the same message."""
+    import asyncio
+    import threading
+
+    import numpy as np
+
+    from hilm_vllm.verifier import core
+
+    vocab = 50_000
+    facts = core.EngineFacts(vocab_size=vocab, max_model_len=256, eos_token_ids=())
+    verifier = core.Verifier(None, core.VerifierSettings(), facts)
+    threads = []
+    real = core.check_block
+    monkeypatch.setattr(core, "check_block", lambda c, limits: (
+        threads.append(threading.current_thread() is threading.main_thread()), real(c, limits))[1])
+    row = np.full(vocab, 1.0 / vocab)
+    row[5] += 0.01  # sums to 1.01: refused
+
+    async def main():
+        opened = await verifier.open_session("me", [1, 2, 3], SamplingSpec())
+        for dists in ([(tuple(range(vocab)), tuple(row))], [((5,), (1.01,))]):
+            bad = VerifyCall(opened.position, (), (5,), tuple(dists))
+            with pytest.raises(InvalidArgument, match=r"draft_dists\[0\]: probabilities sum to"):
+                await verifier.verify("me", opened.session_id, bad)
+
+    asyncio.run(main())
+    assert threads == [False, True]  # the large block in a thread, the small one inline

@@ -113,3 +113,46 @@ def test_install_refuses_a_runner_it_was_not_written_for(llm, monkeypatch):
     monkeypatch.setattr(vllm, "__version__", "0.33.0")
     with pytest.raises(RuntimeError, match=r"install vllm==0\.32\.0"):
         check_runner(runner)
+
+
+def test_a_pushed_result_is_not_kept_and_one_that_could_not_be_pushed_is(llm):
+    """The worker keeps a result for hilm_pop_verify only when its push was dropped: a store of
+    every result fills to MAX_PENDING (with emitted rows, gigabytes on a real vocabulary)."""
+    import msgspec
+    import zmq
+
+    from vllm import SamplingParams
+    from vllm.inputs.engine import tokens_input
+
+    hook = llm.llm_engine.model_executor.driver_worker.worker.model_runner._hilm_verify_hook
+    pull = zmq.Context.instance().socket(zmq.PULL)
+    pull.setsockopt(zmq.LINGER, 0)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    assert llm.collective_rpc("hilm_install_verifier",
+                              args=(f"tcp://127.0.0.1:{port}", "tok")) == ["already installed"]
+    try:
+        kept_before = len(hook.results)
+        keys = []
+        for i in range(5):
+            prompt = [(13 * j + i) % 500 + 2 for j in range(30)]
+            args = VerifyArgs.build(f"pushed{i}", SPEC, 7, [([x], [1.0]) for x in prompt[-3:]])
+            keys.append(args.key)
+            llm.generate([tokens_input(prompt, cache_salt=f"push{i}")],
+                         SamplingParams(**SPEC.vllm_kwargs(), max_tokens=1, detokenize=False,
+                                        extra_args=args.to_extra_args()), use_tqdm=False)
+        got = []
+        while len(got) < 5 and pull.poll(5000):
+            token, payload = msgspec.msgpack.decode(pull.recv())
+            assert token == "tok"
+            got.append(VerifyResult.from_dict(payload))
+        assert sorted(r.key for r in got) == sorted(keys)
+        assert all(r.error is None for r in got)
+        assert len(hook.results) == kept_before  # delivered: nothing kept
+        assert llm.collective_rpc("hilm_pop_verify", args=(keys[0],)) == [None]
+
+        hook.sink.send = lambda result: False  # the API process is not reading: dropped
+        token, result = verify(llm, [(17 * j) % 500 + 2 for j in range(30)], 3, salt="dropped")
+        assert result.error is None  # kept, and fetched by the fallback
+    finally:
+        hook.sink = None
+        pull.close()

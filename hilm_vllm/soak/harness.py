@@ -1,0 +1,412 @@
+"""The soak and fault harness: four tiers, Locust headless in a subprocess, memory and sessions.
+
+`Stack` launches (or wraps already running) llm, ilm, slm and router tiers and restarts one on
+its own ports, so the router's addresses stay valid. `LocustRun` drives locustfiles/soak.py
+headless against the router and reads back the users' raw samples (hilm_vllm/soak/users.py).
+`rss_mb` is a tier's resident memory with its whole process tree (the API process, vLLM's
+engine core and workers); `sessions` reads each tier's open-session gauge from its /metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from hilm_vllm.launch import TierProcess
+
+ENGINE_TIERS = ("llm", "ilm", "slm")
+TIERS = ("slm", "ilm", "llm", "router")
+# The open-session gauge of each tier that holds sessions (the router holds none of its own:
+# a request's sessions live on the tiers, which is what the soak checks).
+SESSION_GAUGES = {"slm": "hilm_drafter_sessions", "ilm": "hilm_verifier_sessions",
+                  "llm": "hilm_verifier_sessions"}
+LOCUSTFILE = Path(__file__).resolve().parents[2] / "locustfiles" / "soak.py"
+RSS_GROWTH_LIMIT_PCT = 5.0
+
+
+def scrape(url: str, name: str) -> float | None:
+    """The value of an unlabelled metric on a /metrics page, None if absent or unreachable."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{}"):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def rss_mb(proc: TierProcess) -> float | None:
+    """Resident memory of the tier's process tree, MB (None once it is gone)."""
+    try:
+        root = psutil.Process(proc.proc.pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return None
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return round(total / 2**20, 1)
+
+
+def percentile(xs: list[float], q: float) -> float | None:
+    return round(float(np.percentile(xs, q)), 2) if xs else None
+
+
+@dataclass
+class Stack:
+    """The four tiers; `args[tier]` are the hilm-serve flags each was started with."""
+
+    tiers: dict[str, TierProcess]
+    args: dict[str, list[str]] = field(default_factory=dict)
+    owned: bool = True  # stop() stops them (False: a test's fixtures own them)
+
+    @classmethod
+    def launch(cls, engine_args: Callable[[str], list[str]],
+               router_args: Callable[[dict[str, str]], list[str]],
+               timeout: float = 900.0) -> Stack:
+        """Start llm, ilm and slm together, then the router on their addresses."""
+        stack = cls({})
+        try:
+            for tier in ENGINE_TIERS:
+                stack.args[tier] = [*engine_args(tier), "--port", "0", "--metrics-port", "0"]
+                stack.tiers[tier] = TierProcess.start(tier, stack.args[tier])
+            for tier in ENGINE_TIERS:
+                stack.tiers[tier].wait_healthy(timeout)
+            stack.args["router"] = [*router_args({t: stack.tiers[t].grpc_address
+                                                  for t in ENGINE_TIERS}),
+                                    "--port", "0", "--grpc-port", "0", "--metrics-port", "0"]
+            stack.tiers["router"] = TierProcess.start("router", stack.args["router"])
+            stack.tiers["router"].wait_healthy(timeout)
+        except BaseException:
+            stack.stop()
+            raise
+        return stack
+
+    @property
+    def router(self) -> TierProcess:
+        return self.tiers["router"]
+
+    def rss(self) -> dict[str, float | None]:
+        return {t: rss_mb(self.tiers[t]) for t in TIERS if t in self.tiers}
+
+    def sessions(self) -> dict[str, float | None]:
+        return {t: _int(scrape(self.tiers[t].metrics_url, g)) for t, g in SESSION_GAUGES.items()
+                if t in self.tiers}
+
+    def wait_sessions_closed(self, timeout: float) -> dict[str, float | None]:
+        """Each tier's open sessions, once all are 0 or after `timeout` s (closing is async)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            counts = self.sessions()
+            if all(c == 0 for c in counts.values()) or time.monotonic() > deadline:
+                return counts
+            time.sleep(0.5)
+
+    def kill(self, tier: str) -> None:
+        """SIGKILL the tier's whole process tree: no goodbye, its connections just drop."""
+        proc = self.tiers[tier]
+        victims = [psutil.Process(proc.proc.pid), *proc.descendants()]
+        for p in victims:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        proc.proc.wait(30)
+
+    def restart(self, tier: str, timeout: float = 900.0) -> TierProcess:
+        """Start `tier` again on the ports it had (the router keeps its addresses)."""
+        old = self.tiers[tier]
+        args = [*self.args[tier], "--port", str(old.grpc_port),
+                "--metrics-port", str(old.metrics_port)]
+        new = TierProcess.start(tier, args)
+        self.tiers[tier] = new
+        new.wait_healthy(timeout)
+        return new
+
+    def stop(self) -> None:
+        if not self.owned:
+            return
+        for tier in ("router", *ENGINE_TIERS):
+            if tier in self.tiers:
+                self.tiers[tier].stop()
+
+
+@dataclass
+class LocustRun:
+    """locustfiles/soak.py headless, in a subprocess (Locust's gevent stays out of this one)."""
+
+    host: str
+    grpc_address: str
+    users: int
+    duration_s: float
+    spawn_rate: float | None = None  # users started per second (default: all within ~5 s)
+    policies: str | None = None
+    max_tokens: int = 24
+    prompts: list[str] | None = None
+    user_classes: list[str] | None = None  # e.g. ["SseUser"]; default: every user class
+    stop_timeout_s: float = 300.0  # users finish the request in flight when the run ends
+    request_timeout_s: float = 300.0
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="hilm-soak-")))
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+
+    def start(self) -> LocustRun:
+        samples, log = self.workdir / "samples.json", self.workdir / "locust.log"
+        cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
+               "--host", self.host, "--grpc-address", self.grpc_address,
+               "-u", str(self.users), "-r", str(self.spawn_rate or max(1.0, self.users / 5)),
+               "-t", f"{int(self.duration_s)}s", "--stop-timeout", str(int(self.stop_timeout_s)),
+               "--max-tokens", str(self.max_tokens), "--samples-out", str(samples),
+               "--request-timeout", str(self.request_timeout_s), "--only-summary",
+               "--loglevel", "WARNING", "--exit-code-on-error", "0"]
+        if self.policies:
+            cmd += ["--policies", self.policies]
+        if self.user_classes:
+            cmd += self.user_classes
+        if self.prompts:
+            (self.workdir / "prompts.json").write_text(json.dumps(self.prompts))
+            cmd += ["--prompts-file", str(self.workdir / "prompts.json")]
+        env = dict(os.environ)
+        root = str(LOCUSTFILE.parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+        self.started = time.monotonic()
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                         cwd=root)
+        return self
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def wait(self) -> dict:
+        """Wait for the run to end; the users' samples (users.Samples.to_dict)."""
+        try:
+            self.proc.wait(self.duration_s + self.stop_timeout_s + 120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        samples = self.workdir / "samples.json"
+        if not samples.is_file():
+            raise RuntimeError(f"locust wrote no samples (exit code {self.proc.returncode}):\n"
+                               f"{self.log_tail()}")
+        return json.loads(samples.read_text())
+
+    def log_tail(self, n: int = 40) -> str:
+        log = self.workdir / "locust.log"
+        return "\n".join(log.read_text().splitlines()[-n:]) if log.is_file() else ""
+
+    def finish(self) -> dict:
+        """End the run now (SIGTERM: users finish the request in flight, within
+        stop_timeout_s); the users' samples."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        return self.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def soak(stack: Stack, users: int, duration_s: float, warmup_s: float, *,
+         policies: str | None = None, max_tokens: int = 24, prompts: list[str] | None = None,
+         settle_s: float = 30.0, log: Callable[[str], None] = lambda _m: None,
+         errors_out: dict | None = None) -> dict:
+    """One soak run: RSS at start, after `warmup_s` of load and at the end; sessions at the end
+    (after up to `settle_s` for closes in flight); TTFT / ITL percentiles; the verdict."""
+    rss = {t: {"start": v} for t, v in stack.rss().items()}
+    run = LocustRun(stack.router.http_url, stack.router.grpc_address, users, duration_s,
+                    policies=policies, max_tokens=max_tokens, prompts=prompts).start()
+    try:
+        log(f"soak: {users} users for {duration_s:g} s (warm-up {warmup_s:g} s)")
+        time.sleep(max(0.0, warmup_s - run.elapsed()))
+        for t, v in stack.rss().items():
+            rss[t]["after_warmup"] = v
+        samples = run.wait()
+    finally:
+        run.stop()
+    if errors_out is not None:
+        errors_out.update(samples["errors"])
+    log(f"soak: {samples['requests']} requests, {samples['failures']} failed; waiting for "
+        f"sessions to close")
+    sessions = stack.wait_sessions_closed(settle_s)
+    for t, v in stack.rss().items():
+        rss[t]["end"] = v
+    return summarize(users, duration_s, samples, rss, sessions)
+
+
+def summarize(users: int, duration_s: float, samples: dict, rss: dict, sessions: dict) -> dict:
+    growth = {}
+    for t, r in rss.items():
+        warm, end = r.get("after_warmup"), r.get("end")
+        growth[t] = None if not warm or end is None else round((end - warm) / warm * 100, 2)
+    checks = {
+        "no_failures": samples["failures"] == 0 and samples["requests"] > 0,
+        "rss_growth_pct_after_warmup": growth,
+        "rss_bounded": all(g is not None and g < RSS_GROWTH_LIMIT_PCT for g in growth.values()),
+        "sessions_closed": all(c == 0 for c in sessions.values()),
+    }
+    return {
+        "users": users, "duration_s": duration_s, "requests": samples["requests"],
+        "failures": samples["failures"], "rss_mb": rss, "sessions": sessions,
+        "ttft_ms_p50": percentile(samples["ttft_ms"], 50),
+        "ttft_ms_p99": percentile(samples["ttft_ms"], 99),
+        "itl_ms_p50": percentile(samples["itl_ms"], 50),
+        "itl_ms_p99": percentile(samples["itl_ms"], 99),
+        "verdict": {"pass": checks["no_failures"] and checks["rss_bounded"]
+                    and checks["sessions_closed"], **checks},
+    }
+
+
+# ---- the model families' flags -------------------------------------------------------------
+
+# The tiny family (tests, CI): small engines, fixed thresholds that use every tier.
+TINY_ENGINE_FLAGS = ["--dtype", "float32", "--block-size", "32", "--kv-cache-memory-bytes", "64M",
+                     "--enforce-eager", "--max-model-len", "1024"]
+TINY_ROUTER_FLAGS = ["--t1", "0.3", "--t2", "0.8", "--t-ilm", "0.6", "--block-size", "3"]
+DEMO_THRESHOLDS = "engine_configs/thresholds-demo.yaml"
+
+
+def family_args(zoo, recipe: str) -> tuple[Callable[[str], list[str]],
+                                           Callable[[dict[str, str]], list[str]]]:
+    """(engine flags per tier, router flags from the tiers' addresses) for `recipe`."""
+    root = LOCUSTFILE.parents[1]
+
+    def engine(tier: str) -> list[str]:
+        if recipe == "demo":
+            return ["--model", str(zoo.model(tier)), "--config",
+                    str(root / "engine_configs" / f"demo-{tier}.yaml")]
+        return ["--model", str(zoo.model(tier)), *TINY_ENGINE_FLAGS]
+
+    def router(addresses: dict[str, str]) -> list[str]:
+        flags = ["--model", str(zoo.llm), "--slm", addresses["slm"], "--ilm", addresses["ilm"],
+                 "--llm", addresses["llm"], "--policy", "hilm"]
+        if recipe == "demo":
+            return flags + ["--thresholds", str(root / DEMO_THRESHOLDS), "--block-size", "4"]
+        return flags + TINY_ROUTER_FLAGS
+
+    return engine, router
+
+
+def prompts_of(zoo, n: int = 16, chars: int = 200) -> list[str]:
+    """Held-out prompts of the family, cut to their last `chars` characters."""
+    return [p["prompt"][-chars:] for p in zoo.heldout_prompts(n)]
+
+
+def _int(x: float | None) -> int | None:
+    return None if x is None else int(x)
+
+
+# ---- faults ----------------------------------------------------------------------------------
+
+# A request that needs the tier (and would be marked degraded without it): the probe of
+# recovery after a fault.
+PROBE_POLICY = {"slm": "spec", "ilm": "cascade", "llm": "llm-only"}
+
+
+def probe(url: str, policy: str, timeout: float = 60.0) -> tuple[bool, str]:
+    """One short completion with `policy`: (served fully, i.e. 200 and not degraded; why not)."""
+    body = {"model": policy, "prompt": "def main():\n    ", "max_tokens": 4,
+            "ignore_eos": True}
+    req = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            out = json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return False, f"HTTP {e.code}: {e.read()[:200]!r}"
+    except OSError as e:
+        return False, f"{type(e).__name__}: {e}"
+    degraded = out["usage"]["hilm"]["degraded"]
+    return (not degraded), f"degraded {degraded}" if degraded else "ok"
+
+
+def wait_recovered(url: str, tier: str, since: float, deadline_s: float) -> float | None:
+    """Seconds from `since` (time.monotonic) until a probe needing `tier` is served fully;
+    None if not within `deadline_s`."""
+    while time.monotonic() - since < deadline_s:
+        ok, _why = probe(url, PROBE_POLICY[tier])
+        if ok:
+            return round(time.monotonic() - since, 2)
+        time.sleep(0.5)
+    return None
+
+
+def signal_tree(proc: TierProcess, sig: int) -> None:
+    """Send `sig` to the tier's whole process tree (API process, engine core, workers)."""
+    for p in [psutil.Process(proc.proc.pid), *proc.descendants()]:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def in_window(records: list, start: float, end: float) -> tuple[int, int]:
+    """(requests, failed) among `records` (users.Samples.records) in flight at any time in
+    [start, end] (Unix time)."""
+    hit = [r for r in records if r[0] <= end and r[1] >= start]
+    return len(hit), sum(1 for r in hit if r[2])
+
+
+@dataclass
+class Fault:
+    name: str  # "kill+restart slm", "stop 5 s ilm"
+    tier: str
+    start: float = 0.0  # Unix time of the fault
+    end: float = 0.0  # Unix time it was recovered (or given up)
+    restart_s: float | None = None  # SIGKILL until the new process is SERVING
+    recovered_s: float | None = None  # the fault until a request needing the tier is served
+
+    def result(self, records: list, errors: dict) -> dict:
+        requests, failed = in_window(records, self.start, self.end)
+        return {"fault": self.name, "tier": self.tier, "requests": requests, "failed": failed,
+                "recovered_s": self.recovered_s, "restart_s": self.restart_s}
+
+
+def kill_and_restart(stack: Stack, tier: str, deadline_s: float) -> Fault:
+    """SIGKILL the tier's process tree, start it again on its ports, wait for recovery."""
+    fault = Fault(f"kill+restart {tier}", tier, time.time())
+    t0 = time.monotonic()
+    stack.kill(tier)
+    stack.restart(tier)
+    fault.restart_s = round(time.monotonic() - t0, 2)
+    fault.recovered_s = wait_recovered(stack.router.http_url, tier, t0, deadline_s)
+    fault.end = time.time()
+    return fault
+
+
+def stop_and_continue(stack: Stack, tier: str, pause_s: float, deadline_s: float) -> Fault:
+    """SIGSTOP the tier's process tree for `pause_s`, SIGCONT it, wait for recovery."""
+    import signal
+
+    fault = Fault(f"stop {pause_s:g} s {tier}", tier, time.time())
+    t0 = time.monotonic()
+    signal_tree(stack.tiers[tier], signal.SIGSTOP)
+    try:
+        time.sleep(pause_s)
+    finally:
+        signal_tree(stack.tiers[tier], signal.SIGCONT)
+    fault.recovered_s = wait_recovered(stack.router.http_url, tier, t0, deadline_s)
+    fault.end = time.time()
+    return fault
