@@ -6,6 +6,7 @@ from hilm_vllm.drafter.core import Drafter, DrafterSettings, DraftResult, DraftR
 from hilm_vllm.errors import InvalidArgument, Unavailable
 from hilm_vllm.proto.hilm.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc
 from hilm_vllm.sampling import SamplingSpec
+from hilm_vllm.server.flags import DEFAULT_MAX_CLIENT_SAMPLES, check_client_samples
 from hilm_vllm.server.grpc_util import client_id, translate_errors
 from hilm_vllm.uncertainty import Gate, Perturbation, UncertaintyConfig
 
@@ -22,9 +23,11 @@ def sampling_spec(msg: common_pb2.SamplingParams) -> SamplingSpec:
                         seed=msg.seed if msg.HasField("seed") else None)
 
 
-def uncertainty_config(msg: common_pb2.UncertaintyConfig,
-                       default: UncertaintyConfig) -> UncertaintyConfig:
-    """Unset (0) fields take the drafter's defaults (its --uncertainty-* flags)."""
+def uncertainty_config(msg: common_pb2.UncertaintyConfig, default: UncertaintyConfig,
+                       max_samples: int = DEFAULT_MAX_CLIENT_SAMPLES) -> UncertaintyConfig:
+    """Unset (0) fields take the drafter's defaults (its --uncertainty-* flags); K over
+    `max_samples` (--max-uncertainty-samples) is INVALID_ARGUMENT."""
+    check_client_samples(msg.num_samples, max_samples)
     unknown = ((msg.gate and msg.gate not in GATES)
                or (msg.perturbation and msg.perturbation not in PERTURBATIONS))
     if unknown:
@@ -75,7 +78,8 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
     @translate_errors
     async def OpenSession(self, request, context):
         core = self.core
-        uq = (uncertainty_config(request.uncertainty, self._settings.uncertainty)
+        uq = (uncertainty_config(request.uncertainty, self._settings.uncertainty,
+                                 self._settings.max_client_samples)
               if request.HasField("uncertainty") else None)
         session = core.open(client_id(context), prompt_of(request.prompt),
                             sampling_spec(request.sampling), uq, request.max_tokens)

@@ -23,7 +23,8 @@ from hilm_vllm.proto.hilm.v1 import (common_pb2, drafter_pb2, drafter_pb2_grpc, 
                                      generate_pb2_grpc, verifier_pb2, verifier_pb2_grpc)
 from hilm_vllm.router import metrics
 from hilm_vllm.sampling import SamplingSpec
-from hilm_vllm.server.client import sampling_pb, uncertainty_pb
+from hilm_vllm.server.client import CHANNEL_OPTIONS, sampling_pb, uncertainty_pb
+from hilm_vllm.server.security import make_channel
 from hilm_vllm.sessions import CLIENT_METADATA_KEY
 from hilm_vllm.uncertainty import UncertaintyConfig
 
@@ -70,7 +71,9 @@ class TierLink:
                  client_id: str, timeout_s: float):
         self.name, self.address, self.site = name, address, site
         self.network, self.timeout_s = network, timeout_s
-        self.channel = grpc.aio.insecure_channel(address)
+        # TLS and the tier token as this process was started with (hilm-serve --tls-*,
+        # --tier-token): the one channel-making function every client uses.
+        self.channel = make_channel(address, options=CHANNEL_OPTIONS)
         self.metadata = ((CLIENT_METADATA_KEY, client_id),)
         self.down_until = 0.0  # monotonic time before which the tier is considered unreachable
 

@@ -19,9 +19,10 @@ class RouterGenerator(generate_pb2_grpc.GeneratorServicer):
         self.api = api
 
     def _request(self, request: generate_pb2.GenerateRequest) -> GenerationRequest:
-        tok = self.api.tokenizer
+        tok, limits = self.api.tokenizer, self.api.limits
         kind = request.prompt.WhichOneof("kind")
         if kind == "text":
+            limits.check_text(request.prompt.text)
             ids = tok.encode(request.prompt.text)
         elif kind == "token_ids":
             ids = list(request.prompt.token_ids.ids)
@@ -31,6 +32,8 @@ class RouterGenerator(generate_pb2_grpc.GeneratorServicer):
                                  f"[0, {len(tok)})")
         else:
             raise ValueError("prompt is missing: set prompt.text or prompt.token_ids")
+        limits.check_prompt(len(ids))
+        limits.check_output(request.max_tokens)
         s = request.sampling
         spec = SamplingSpec(s.temperature, s.top_k, s.top_p if s.top_p > 0 else 1.0,
                             s.seed if s.HasField("seed") else None)

@@ -9,12 +9,14 @@ import grpc
 
 from hilm_vllm.proto.hilm.v1 import common_pb2
 from hilm_vllm.sampling import SamplingSpec
+from hilm_vllm.server.security import Security, make_channel
 from hilm_vllm.sessions import CLIENT_METADATA_KEY
 from hilm_vllm.uncertainty import Gate, Perturbation, UncertaintyConfig
 
 # Sparse distributions are, without top-k, up to the whole vocabulary per token (~1 MB for 128k
 # ids): gRPC's default 4 MB receive limit would cut long blocks off.
 MAX_RECEIVE_BYTES = 256 << 20
+CHANNEL_OPTIONS = (("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),)
 
 _GATES = {Gate.PERTURBED: common_pb2.PERTURBED_TEMPERATURE, Gate.ENTROPY: common_pb2.ENTROPY,
           Gate.VAR_ENTROPY: common_pb2.VAR_ENTROPY, Gate.MAX_PROB: common_pb2.MAX_PROB}
@@ -43,15 +45,17 @@ def prompt_pb(prompt: Sequence[int] | str) -> common_pb2.Prompt:
 
 @dataclass
 class TierClient:
-    """An insecure aio channel to one tier; `client_id` rides in every call's metadata (it owns
-    the sessions it opens). Subclasses make their stubs in `_init_stubs`."""
+    """An aio channel to one tier (`make_channel`: TLS and the tier token per `security`, default
+    this process's); `client_id` rides in every call's metadata (it owns the sessions it opens,
+    bound to the client certificate under mutual TLS). Subclasses make their stubs in
+    `_init_stubs`."""
 
     address: str
     client_id: str = ""
+    security: Security | None = None
 
     def __post_init__(self):
-        self.channel = grpc.aio.insecure_channel(
-            self.address, options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)])
+        self.channel = make_channel(self.address, self.security, options=CHANNEL_OPTIONS)
         self._metadata = ((CLIENT_METADATA_KEY, self.client_id),) if self.client_id else ()
         self._init_stubs(self.channel)
 

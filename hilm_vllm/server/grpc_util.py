@@ -8,16 +8,21 @@ import logging
 import grpc
 
 from hilm_vllm.errors import HilmError
-from hilm_vllm.sessions import CLIENT_METADATA_KEY
+from hilm_vllm.server.security import peer_identity
+from hilm_vllm.sessions import CLIENT_METADATA_KEY, Owner
 
 logger = logging.getLogger("hilm.grpc")
 
 
-def client_id(context: grpc.aio.ServicerContext) -> str:
+def client_id(context: grpc.aio.ServicerContext) -> Owner:
+    """The owner of the sessions this call may touch: the client id it sends (metadata
+    `hilm-client-id`), bound to its verified client certificate under mutual TLS."""
+    cid = ""
     for key, value in context.invocation_metadata() or ():
         if key == CLIENT_METADATA_KEY:
-            return value
-    return ""
+            cid = value
+            break
+    return Owner(cid, peer_identity(context))
 
 
 def translate_errors(method):

@@ -15,6 +15,7 @@ from hilm_vllm.errors import HilmError, InvalidArgument
 from hilm_vllm.proto.hilm.v1 import (common_pb2, generate_pb2, generate_pb2_grpc, verifier_pb2,
                                      verifier_pb2_grpc)
 from hilm_vllm.sampling import SamplingSpec
+from hilm_vllm.server.flags import DEFAULT_MAX_CLIENT_SAMPLES, check_client_samples
 from hilm_vllm.server.grpc_util import client_id, translate_errors
 from hilm_vllm.uncertainty import MAX_SAMPLES, Gate, Perturbation, UncertaintyConfig
 from hilm_vllm.verifier.core import Prompt, Verifier
@@ -45,10 +46,11 @@ GATES = {common_pb2.PERTURBED_TEMPERATURE: Gate.PERTURBED, common_pb2.ENTROPY: G
 PERTURBATIONS = {common_pb2.UNIFORM: Perturbation.UNIFORM, common_pb2.GRID: Perturbation.GRID}
 
 
-def uncertainty_from(pb: common_pb2.UncertaintyConfig,
-                     default: UncertaintyConfig) -> UncertaintyConfig:
+def uncertainty_from(pb: common_pb2.UncertaintyConfig, default: UncertaintyConfig,
+                     max_samples: int = DEFAULT_MAX_CLIENT_SAMPLES) -> UncertaintyConfig:
     """Unset (0) fields take the tier's defaults (its --uncertainty-* flags); a bad value is
-    INVALID_ARGUMENT saying what to send instead."""
+    INVALID_ARGUMENT saying what to send instead; K over `max_samples` names
+    --max-uncertainty-samples."""
     if pb.gate and pb.gate not in GATES:
         raise InvalidArgument(f"uncertainty.gate {pb.gate} is unknown: send one of "
                               f"hilm.v1.UncertaintyGate's values, or 0 for this tier's default "
@@ -61,6 +63,7 @@ def uncertainty_from(pb: common_pb2.UncertaintyConfig,
         raise InvalidArgument(f"uncertainty.num_samples (K) must be in [1, {MAX_SAMPLES}], got "
                               f"{pb.num_samples}: send 0 for this tier's default "
                               f"({default.num_samples})")
+    check_client_samples(pb.num_samples, max_samples)
     if pb.theta_max and not 0 < pb.theta_max <= 100:  # also NaN
         raise InvalidArgument(f"uncertainty.theta_max must be in (0, 100], got {pb.theta_max}: "
                               f"send 0 for this tier's default ({default.theta_max})")
@@ -72,9 +75,10 @@ def uncertainty_from(pb: common_pb2.UncertaintyConfig,
 
 
 def call_from(pb: verifier_pb2.VerifyRequest,
-              default_uncertainty: UncertaintyConfig | None = None) -> VerifyCall:
+              default_uncertainty: UncertaintyConfig | None = None,
+              max_samples: int = DEFAULT_MAX_CLIENT_SAMPLES) -> VerifyCall:
     default_uncertainty = default_uncertainty or UncertaintyConfig()
-    uncertainty = (uncertainty_from(pb.uncertainty, default_uncertainty)
+    uncertainty = (uncertainty_from(pb.uncertainty, default_uncertainty, max_samples)
                    if pb.HasField("uncertainty") else None)
     return VerifyCall(position=pb.position, append=tuple(pb.append_token_ids),
                       draft=tuple(pb.draft_token_ids),
@@ -120,7 +124,8 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
     async def Verify(self, request, context):
         verifier = self._verifier()
         reply = await verifier.verify(client_id(context), request.session_id,
-                                      call_from(request, verifier.settings.uncertainty))
+                                      call_from(request, verifier.settings.uncertainty,
+                                                verifier.settings.max_client_samples))
         return reply_to(reply)
 
     @translate_errors
