@@ -182,8 +182,10 @@ class _SyncDetails(grpc.ClientCallDetails):
                                                                    compression)
 
 
-class _AioToken(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
-                grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
+class _AioToken:
+    """Adds the bearer token to a call's metadata. grpc.aio files an interceptor under the first
+    call kind it implements, so each kind gets its own instance (`_aio_token_interceptors`)."""
+
     def __init__(self, token: str):
         self._token = token
 
@@ -191,17 +193,29 @@ class _AioToken(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClient
         metadata = grpc.aio.Metadata(*(d.metadata or ()), _token_metadata(self._token))
         return _ClientCallDetails(d.method, d.timeout, metadata, d.credentials, d.wait_for_ready)
 
+
+class _AioTokenUU(_AioToken, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, details, request):
         return await continuation(self._details(details), request)
 
+
+class _AioTokenUS(_AioToken, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, details, request):
         return await continuation(self._details(details), request)
 
+
+class _AioTokenSU(_AioToken, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation, details, request_iterator):
         return await continuation(self._details(details), request_iterator)
 
+
+class _AioTokenSS(_AioToken, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation, details, request_iterator):
         return await continuation(self._details(details), request_iterator)
+
+
+def _aio_token_interceptors(token: str) -> list:
+    return [k(token) for k in (_AioTokenUU, _AioTokenUS, _AioTokenSU, _AioTokenSS)]
 
 
 class _SyncToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
@@ -231,7 +245,7 @@ def make_channel(address: str, security: Security | None = None,
         options.append(("grpc.ssl_target_name_override", security.server_name))
     creds = security.channel_credentials()
     if aio:
-        interceptors = [_AioToken(security.token)] if security.token else None
+        interceptors = _aio_token_interceptors(security.token) if security.token else None
         if creds is None:
             return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
         return grpc.aio.secure_channel(address, creds, options=options, interceptors=interceptors)
