@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 
 import grpc
@@ -38,3 +39,60 @@ def translate_errors(method):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
     return wrapper
+
+
+class _Malformed:
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+    """A request whose bytes do not parse as the method's message is the client's error:
+    INVALID_ARGUMENT, not the UNKNOWN that grpc answers when a deserializer raises."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None or (
+                handler.unary_unary is None and handler.unary_stream is None):
+            return handler
+        parse = handler.request_deserializer
+        method = details.method
+
+        def deserialize(data: bytes):
+            try:
+                return parse(data)
+            except Exception as e:  # noqa: BLE001 - DecodeError and whatever a parser raises
+                return _Malformed(e)
+
+        async def refuse(request, context):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the request is not a valid protobuf message for {method} "
+                                f"({request.error}): check the client's generated stubs")
+
+        kw = dict(request_deserializer=deserialize,
+                  response_serializer=handler.response_serializer)
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary(request, context):
+                if isinstance(request, _Malformed):
+                    return await refuse(request, context)
+                result = inner(request, context)
+                return await result if inspect.isawaitable(result) else result
+
+            return grpc.unary_unary_rpc_method_handler(unary, **kw)
+        inner_stream = handler.unary_stream
+
+        async def stream(request, context):
+            if isinstance(request, _Malformed):
+                await refuse(request, context)
+                return
+            result = inner_stream(request, context)
+            if hasattr(result, "__aiter__"):
+                async for item in result:
+                    yield item
+            else:
+                for item in result:
+                    yield item
+
+        return grpc.unary_stream_rpc_method_handler(stream, **kw)

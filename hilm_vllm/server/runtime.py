@@ -17,6 +17,7 @@ from grpc_health.v1.health import aio as health_aio
 
 from hilm_vllm.config import ServeConfig
 from hilm_vllm.server import metrics
+from hilm_vllm.server.grpc_util import MalformedRequestInterceptor
 from hilm_vllm.server.security import INSECURE, server_interceptors
 
 logger = logging.getLogger("hilm.serve")
@@ -69,7 +70,9 @@ class TierRuntime:
 
     async def _start_servers(self) -> None:
         security = self.cfg.security or INSECURE
-        self._server = grpc.aio.server(interceptors=server_interceptors(security))
+        # The token check first, then requests that do not parse are INVALID_ARGUMENT.
+        self._server = grpc.aio.server(
+            interceptors=[*server_interceptors(security), MalformedRequestInterceptor()])
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         for install in self._installers:
             self._service_names += install(self._server, self)
