@@ -61,11 +61,11 @@ def stack(tiny_zoo, tmp_path_factory):
 def tallies(stack):
     """Each fuzz test's outcome counts; `make fuzz` writes them to bench/results/fuzz-<UTC>.json
     (HILM_FUZZ_REPORT=1)."""
-    from tests.hostile.harness import write_report
+    from tests.hostile.harness import Report
 
-    found: list = []
-    yield found
+    report = Report()
+    yield report
     alive = {t.tier: t.proc.poll() is None for t in (stack.llm, stack.slm, stack.router)}
-    path = write_report(found, {"tiers_alive_after": alive})
-    if path is not None:
-        print(f"\nfuzz report: {path}")
+    report.flush(tiers_alive_after=alive)
+    if report.path is not None:
+        print(f"\nfuzz report: {report.path}")

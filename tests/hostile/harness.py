@@ -89,15 +89,23 @@ class Tally:
         return d
 
 
-def write_report(tallies: list[Tally], extra: dict) -> Path | None:
-    """bench/results/fuzz-<UTC>.json when HILM_FUZZ_REPORT is set (`make fuzz`)."""
-    if not os.environ.get("HILM_FUZZ_REPORT"):
-        return None
-    out = Path(__file__).resolve().parents[2] / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"fuzz-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
-    path.write_text(json.dumps({"services": [t.summary() for t in tallies], **extra}, indent=2))
-    return path
+class Report(list):
+    """The session's tallies, written to bench/results/fuzz-<UTC>.json after each service when
+    HILM_FUZZ_REPORT is set (`make fuzz`), so that a run cut short keeps what it measured."""
+
+    def __init__(self):
+        super().__init__()
+        self.path: Path | None = None
+        if os.environ.get("HILM_FUZZ_REPORT"):
+            out = Path(__file__).resolve().parents[2] / "bench" / "results"
+            out.mkdir(parents=True, exist_ok=True)
+            self.path = out / f"fuzz-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+
+    def flush(self, **extra) -> None:
+        if self.path is not None:
+            self.path.write_text(json.dumps(
+                {"inputs_per_service": inputs_per_service(),
+                 "services": [t.summary() for t in self], **extra}, indent=2))
 
 
 # ---- protobuf messages from their descriptors --------------------------------------------------

@@ -33,13 +33,27 @@ _PROMPTS = {"prompt": st.one_of(
     messages(common_pb2.Prompt))}
 
 
+# Valid sampling and uncertainty settings half the time, so that inputs get past them.
+_SAMPLING = st.one_of(st.builds(
+    lambda t, k, p, seed: common_pb2.SamplingParams(temperature=t, top_k=k, top_p=p, seed=seed),
+    st.floats(0, 2), st.integers(0, 50), st.floats(0.05, 1), st.integers(0, 1 << 40)),
+    messages(common_pb2.SamplingParams))
+_UNCERTAINTY = st.one_of(st.builds(
+    lambda g, k, th, pe: common_pb2.UncertaintyConfig(gate=g, num_samples=k, theta_max=th,
+                                                      perturbation=pe),
+    st.integers(0, 4), st.integers(0, 64), st.floats(0, 4), st.integers(0, 2)),
+    messages(common_pb2.UncertaintyConfig))
+_VALID = {**_PROMPTS, "sampling": _SAMPLING, "uncertainty": _UNCERTAINTY}
+
+
 def _small_ints():
     return st.one_of(st.integers(0, 8), _ints(-(1 << 31), (1 << 31) - 1))
 
 
-def _check(tally: Tally, *procs) -> None:
+def _check(tally: Tally, tallies, *procs) -> None:
     gone = [p.tier for p in procs if p.proc.poll() is not None]
     tally.crashes = len(gone)
+    tallies.flush()
     assert not gone, f"tiers gone: {gone}"
     assert tally.server_errors == 0, "\n".join(tally.examples)
     assert tally.inputs >= inputs_per_service()
@@ -65,7 +79,7 @@ def test_fuzz_the_drafter(stack, tallies):
 
     calls = [
         (d + "OpenSession", drafter_pb2.OpenDrafterSessionRequest,
-         drafter_pb2.OpenDrafterSessionResponse, False, 3, _PROMPTS),
+         drafter_pb2.OpenDrafterSessionResponse, False, 3, _VALID),
         (d + "Draft", drafter_pb2.DraftRequest, drafter_pb2.DraftResponse, False, 4, draft_fields),
         (d + "Rollback", drafter_pb2.RollbackRequest, drafter_pb2.RollbackResponse, False, 2,
          with_session),
@@ -77,7 +91,7 @@ def test_fuzz_the_drafter(stack, tallies):
     close = (d + "CloseSession", drafter_pb2.CloseDrafterSessionRequest,
              drafter_pb2.CloseDrafterSessionResponse)
     _run_grpc(stack, tally, stack.slm.grpc_address, calls, close)
-    _check(tally, stack.slm)
+    _check(tally, tallies, stack.slm)
 
     async def normal():
         async with DrafterClient(stack.slm.grpc_address, "after-fuzz", stack.client) as c:
@@ -95,11 +109,11 @@ def test_fuzz_the_verifier(stack, tallies):
 
     def generate_fields(_f):
         # the LLM tier's own generation has no cap but max-model-len: keep inputs cheap
-        return {**_PROMPTS, "max_tokens": st.one_of(st.integers(-5, 8), st.just(-(1 << 31)))}
+        return {**_VALID, "max_tokens": st.one_of(st.integers(-5, 8), st.just(-(1 << 31)))}
 
     calls = [
         (v + "OpenSession", verifier_pb2.OpenVerifierSessionRequest,
-         verifier_pb2.OpenVerifierSessionResponse, False, 3, _PROMPTS),
+         verifier_pb2.OpenVerifierSessionResponse, False, 3, _VALID),
         (v + "Verify", verifier_pb2.VerifyRequest, verifier_pb2.VerifyResponse, False, 5,
          session_fields),
         (v + "CloseSession", verifier_pb2.CloseVerifierSessionRequest,
@@ -110,7 +124,7 @@ def test_fuzz_the_verifier(stack, tallies):
     close = (v + "CloseSession", verifier_pb2.CloseVerifierSessionRequest,
              verifier_pb2.CloseVerifierSessionResponse)
     _run_grpc(stack, tally, stack.llm.grpc_address, calls, close)
-    _check(tally, stack.llm)
+    _check(tally, tallies, stack.llm)
 
     async def normal():
         async with VerifierClient(stack.llm.grpc_address, "after-fuzz", stack.client) as c:
@@ -124,7 +138,7 @@ def test_fuzz_the_verifier(stack, tallies):
 def test_fuzz_the_routers_grpc_generate(stack, tallies):
     tally = Tally("router Generate")
     tallies.append(tally)
-    fields = {**_PROMPTS, "policy": st.one_of(
+    fields = {**_VALID, "policy": st.one_of(
         st.sampled_from(["", "spec", "llm-only", "hlm", "uhlm", "rand", "hilm", "cascade"]),
         st.text(max_size=12))}
     calls = [("/hilm.v1.Generator/Generate", generate_pb2.GenerateRequest,
@@ -133,7 +147,7 @@ def test_fuzz_the_routers_grpc_generate(stack, tallies):
     with make_channel(stack.router.grpc_address, _api_key_client(stack), aio=False) as channel:
         drive(GrpcFuzzer(channel, tally), calls, inputs_per_service())
     tally.seconds = round(time.perf_counter() - t0, 1)
-    _check(tally, stack.router, stack.llm, stack.slm)
+    _check(tally, tallies, stack.router, stack.llm, stack.slm)
     _normal_completion(stack)
 
 
@@ -176,5 +190,5 @@ def test_fuzz_the_http_api_from_its_openapi_schema(stack, tallies):
 
     one()
     tally.seconds = round(time.perf_counter() - t0, 1)
-    _check(tally, stack.router, stack.llm, stack.slm)
+    _check(tally, tallies, stack.router, stack.llm, stack.slm)
     _normal_completion(stack)
