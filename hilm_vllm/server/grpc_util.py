@@ -26,8 +26,16 @@ def client_id(context: grpc.aio.ServicerContext) -> Owner:
     return Owner(cid, peer_identity(context))
 
 
+def is_engine_client_error(e: BaseException) -> bool:
+    """vLLM's own "your request is wrong" errors (vllm.exceptions.VLLMClientError, its 4xx),
+    recognised without importing vLLM here."""
+    return any(c.__name__ == "VLLMClientError" and c.__module__ == "vllm.exceptions"
+               for c in type(e).__mro__)
+
+
 def translate_errors(method):
-    """Wrap an async unary servicer method: HilmError -> context.abort(code, message)."""
+    """Wrap an async unary servicer method: HilmError -> context.abort(code, message); a
+    ValueError or a vLLM client error (a check this tier missed) -> INVALID_ARGUMENT."""
 
     @functools.wraps(method)
     async def wrapper(self, request, context):
@@ -37,6 +45,10 @@ def translate_errors(method):
             await context.abort(e.code, str(e))
         except ValueError as e:  # validation in domain constructors (e.g. SamplingSpec)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except Exception as e:
+            if not is_engine_client_error(e):
+                raise
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the engine refused: {e}")
 
     return wrapper
 

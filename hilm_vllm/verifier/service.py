@@ -16,7 +16,7 @@ from hilm_vllm.proto.hilm.v1 import (common_pb2, generate_pb2, generate_pb2_grpc
                                      verifier_pb2_grpc)
 from hilm_vllm.sampling import SamplingSpec
 from hilm_vllm.server.flags import DEFAULT_MAX_CLIENT_SAMPLES, check_client_samples
-from hilm_vllm.server.grpc_util import client_id, translate_errors
+from hilm_vllm.server.grpc_util import client_id, is_engine_client_error, translate_errors
 from hilm_vllm.uncertainty import MAX_SAMPLES, Gate, Perturbation, UncertaintyConfig
 from hilm_vllm.verifier.core import Prompt, Verifier
 from hilm_vllm.verifier.session import VerifyCall, VerifyReply
@@ -146,6 +146,10 @@ def translate_stream_errors(method):
             await context.abort(e.code, str(e))
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except Exception as e:
+            if not is_engine_client_error(e):
+                raise
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the engine refused: {e}")
 
     return wrapper
 

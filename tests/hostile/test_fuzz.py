@@ -108,8 +108,10 @@ def test_fuzz_the_verifier(stack, tallies):
     v = "/hilm.v1.Verifier/"
 
     def generate_fields(_f):
-        # the LLM tier's own generation has no cap but max-model-len: keep inputs cheap
-        return {**_VALID, "max_tokens": st.one_of(st.integers(-5, 8), st.just(-(1 << 31)))}
+        # the LLM tier's own generation has no cap but max-model-len (0 = up to it): keep valid
+        # inputs cheap, 1..8 tokens; negative ones test the check
+        return {**_VALID, "max_tokens": st.one_of(st.integers(1, 8), st.integers(-5, -1),
+                                                  st.just(-(1 << 31)))}
 
     calls = [
         (v + "OpenSession", verifier_pb2.OpenVerifierSessionRequest,

@@ -259,3 +259,18 @@ def test_flags_are_checked_at_startup(tmp_path):
         sec.security_from_args(ns)
     with pytest.raises(ValueError, match="--max-uncertainty-samples"):
         DrafterSettings(max_client_samples=2000)
+
+
+def test_a_temperature_no_float32_can_carry_is_refused_before_the_wire():
+    """Found by the HTTP fuzzer: 1.8e266 passed the router, arrived at the drafter as inf, and
+    vLLM's refusal there left as UNKNOWN (a 503)."""
+    from vllm.exceptions import VLLMValidationError
+
+    from hilm_vllm.server.grpc_util import is_engine_client_error
+
+    SamplingSpec(temperature=3.0e38)
+    for bad in (1.8e266, float("inf"), float("nan"), -1.0):
+        with pytest.raises(ValueError, match="temperature"):
+            SamplingSpec(temperature=bad)
+    assert is_engine_client_error(VLLMValidationError("temperature must be finite"))
+    assert not is_engine_client_error(RuntimeError("x"))
