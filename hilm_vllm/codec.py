@@ -88,9 +88,13 @@ def uncertainty_to_pb(cfg: UncertaintyConfig) -> common_pb2.UncertaintyConfig:
                                         perturbation=PERTURBATIONS[cfg.perturbation])
 
 
-def uncertainty_from_pb(pb: common_pb2.UncertaintyConfig,
-                        default: UncertaintyConfig) -> UncertaintyConfig:
-    """Unset (0) fields take the tier's defaults (its --uncertainty-* flags)."""
+def uncertainty_from_pb(pb: common_pb2.UncertaintyConfig, default: UncertaintyConfig,
+                        max_samples: int = MAX_SAMPLES) -> UncertaintyConfig:
+    """Unset (0) fields take the tier's defaults (its --uncertainty-* flags); K over
+    `max_samples` (the tier's --max-uncertainty-samples) is INVALID_ARGUMENT naming it."""
+    from hilm_vllm.server.flags import check_client_samples
+
+    check_client_samples(pb.num_samples, max_samples)
     if pb.gate and pb.gate not in _GATES_BACK:
         raise InvalidArgument(f"uncertainty.gate {pb.gate} is unknown: send one of "
                               f"hilm.v1.UncertaintyGate's values, or 0 for this tier's default "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from hilm_vllm.tiers import Tier
 
@@ -17,3 +18,4 @@ class ServeConfig:
     metrics_port: int = 0  # Prometheus /metrics over HTTP; 0 picks a free port
     http_port: int = 0  # the router's OpenAI API; 0 picks a free port
     shutdown_grace_s: float = 5.0  # in-flight RPCs get this long after SIGTERM
+    security: Any = None  # server.security.Security (TLS, tokens); None = plaintext, no token

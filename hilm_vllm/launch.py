@@ -2,7 +2,7 @@
 
     with TierProcess.start("llm", ["--model", path, "--port", "0"]) as llm:
         llm.wait_healthy()
-        channel = grpc.insecure_channel(llm.grpc_address)
+        channel = grpc.insecure_channel(llm.grpc_address)  # make_channel(...) under TLS
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hilm_vllm.server import engine_env
+from hilm_vllm.server.security import Security, make_channel, security_args, security_env
 
 _LISTENING = re.compile(r"hilm-serve listening: tier=(\w+) grpc=([\w.:\[\]-]+):(\d+) "
                         r"metrics=http://([\w.:\[\]-]+):(\d+)/metrics"
@@ -36,8 +37,9 @@ def exit_on_sigterm() -> None:
 class TierProcess:
     """A `hilm-serve` subprocess whose output is kept (last lines) for error messages."""
 
-    def __init__(self, proc: subprocess.Popen, tier: str):
+    def __init__(self, proc: subprocess.Popen, tier: str, security: Security | None = None):
         self.proc, self.tier = proc, tier
+        self.security = security  # how to reach it (health checks); None: plaintext
         self.log: collections.deque[str] = collections.deque(maxlen=400)
         self.head: list[str] = []  # the first lines (start-up), kept for good
         self.grpc_port = self.metrics_port = self.http_port = 0
@@ -46,11 +48,17 @@ class TierProcess:
 
     @classmethod
     def start(cls, tier: str, args: list[str], env: dict[str, str] | None = None,
-              placement: str | None = None) -> TierProcess:
+              placement: str | None = None, security: Security | None = None,
+              pem_files: dict | None = None) -> TierProcess:
         """Start `hilm-serve --tier TIER ARGS`. Engine tiers are placed on this machine's cores
         as co-located tiers (`engine_env.placement`, layout `placement`, else $HILM_PLACEMENT,
-        else `spread`) unless the environment already sets VLLM_CPU_OMP_THREADS_BIND."""
+        else `spread`) unless the environment already sets VLLM_CPU_OMP_THREADS_BIND.
+        `security` (with `pem_files`: cert, key, ca -> the PEM files holding it) adds the --tls-*
+        flags and the tier token (through the environment) and is used for health checks."""
         env = dict(os.environ if env is None else env)
+        if security is not None:
+            args = [*args, *security_args(security, pem_files or {})]
+            env.update(security_env(security))
         # AsyncLLM needs the engine core in its own process; a test may have turned that off.
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
         if tier in engine_env.ENGINE_TIERS and "VLLM_CPU_OMP_THREADS_BIND" not in env:
@@ -61,7 +69,7 @@ class TierProcess:
         cmd = [sys.executable, "-m", "hilm_vllm.serve", "--tier", tier, *args]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=env, start_new_session=True)
-        return cls(proc, tier)
+        return cls(proc, tier, security)
 
     def _pump(self) -> None:
         for line in self.proc.stdout:
@@ -99,7 +107,7 @@ class TierProcess:
                                    f"(exit code {self.proc.poll()}):\n{self.tail()}")
 
     def health(self, service: str = "") -> int:
-        with grpc.insecure_channel(self.grpc_address) as channel:
+        with make_channel(self.grpc_address, self.security or Security(), aio=False) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
 

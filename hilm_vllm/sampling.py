@@ -16,6 +16,9 @@ import torch
 GREEDY_EPS = 1e-5  # vLLM treats temperature below this as greedy (sampling_params._SAMPLING_EPS)
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32 (proto `float`)
+
+
 @dataclass(frozen=True)
 class SamplingSpec:
     """A request's sampling parameters, validated once."""
@@ -26,8 +29,10 @@ class SamplingSpec:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not (self.temperature >= 0 and self.temperature == self.temperature):
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        # Finite as a float32 too: the wire carries it as one, and a larger double arrives as
+        # inf, which vLLM refuses deep inside a tier (found by fuzzing: 1.8e266 -> 503).
+        if not 0 <= self.temperature <= FLOAT32_MAX:  # also NaN
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
         if self.top_k < 0:

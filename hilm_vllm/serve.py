@@ -79,6 +79,9 @@ def build_parser(tier: Tier | None):
                              f"${MAX_MESSAGE_ENV}; default: it, else {DEFAULT_MAX_MESSAGE_MB})")
     parser.add_argument("--metrics-port", type=int, default=0,
                         help="Prometheus /metrics HTTP port; 0 picks a free one (default: %(default)s)")
+    from hilm_vllm.server.security import add_security_args
+
+    add_security_args(parser)
     if tier is not None and tier.runs_engine:
         from vllm.engine.arg_utils import AsyncEngineArgs
 
@@ -138,17 +141,27 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     from hilm_vllm.server.runtime import TierRuntime
+    from hilm_vllm.server.security import security_from_args, set_process_security
+
+    try:  # the router's gRPC Generate takes its HTTP API keys too
+        api_keys = (_tier_module(Tier.ROUTER).api_keys(args) if Tier(args.tier) is Tier.ROUTER
+                    else ())
+        security = security_from_args(args, extra_tokens=api_keys)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    set_process_security(security)  # every channel this process makes uses it
 
     if Tier(args.tier) is Tier.ROUTER:
         cfg = ServeConfig(tier=Tier.ROUTER, host=args.host, port=args.grpc_port,
-                          metrics_port=args.metrics_port, http_port=args.port)
+                          metrics_port=args.metrics_port, http_port=args.port,
+                          security=security)
         module = _tier_module(cfg.tier)
         runtime = TierRuntime(cfg, None, installers=[functools.partial(module.install, args=args)],
                               on_shutdown=[module.on_shutdown])
         asyncio.run(runtime.run())
         return 0
     cfg = ServeConfig(tier=Tier(args.tier), host=args.host, port=args.port,
-                      metrics_port=args.metrics_port)
+                      metrics_port=args.metrics_port, security=security)
     from hilm_vllm.server import engine_env
 
     try:  # before the engine exists: its processes inherit this environment

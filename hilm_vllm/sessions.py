@@ -1,4 +1,5 @@
-"""Sessions: bounded in number, expiring after a TTL of inactivity, owned by a client.
+"""Sessions: bounded in number (in all and per client), expiring after a TTL of inactivity,
+owned by a client.
 
 A session's state is whatever the tier keeps (token history, last reply for idempotent
 retries). The store is pure bookkeeping: no I/O, an injectable clock for tests.
@@ -22,6 +23,25 @@ T = TypeVar("T")
 CLIENT_METADATA_KEY = "hilm-client-id"
 
 
+class Owner(str):
+    """A session owner: the client id the caller sends, bound to the identity it proved (its
+    client certificate under mutual TLS), as one string; `principal` is whom the per-client cap
+    counts (the certificate when there is one: a peer cannot multiply its quota by inventing
+    client ids; else the client id)."""
+
+    principal: str
+
+    def __new__(cls, client_id: str, peer: str | None = None) -> Owner:
+        principal = f"x509:{peer}" if peer else client_id
+        self = super().__new__(cls, f"{principal}|{client_id}" if peer else client_id)
+        self.principal = principal
+        return self
+
+
+def principal_of(owner: str) -> str:
+    return getattr(owner, "principal", owner)
+
+
 @dataclass
 class Session(Generic[T]):
     id: str
@@ -35,6 +55,18 @@ class Session(Generic[T]):
 class SessionLimits:
     max_sessions: int = 256
     ttl_s: float = 600.0
+    # One client may hold at most this many (None: max_sessions): no client can take them all.
+    max_sessions_per_client: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_sessions < 1 or self.ttl_s <= 0:
+            raise ValueError("max_sessions must be >= 1 and ttl_s > 0")
+        if self.max_sessions_per_client is not None and self.max_sessions_per_client < 1:
+            raise ValueError("max_sessions_per_client must be >= 1")
+
+    @property
+    def per_client(self) -> int:
+        return min(self.max_sessions_per_client or self.max_sessions, self.max_sessions)
 
 
 class SessionStore(Generic[T]):
@@ -42,6 +74,7 @@ class SessionStore(Generic[T]):
         self.limits = limits
         self._clock = clock
         self._sessions: dict[str, Session[T]] = {}
+        self._per_client: dict[str, int] = {}  # open sessions per principal
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -51,16 +84,38 @@ class SessionStore(Generic[T]):
         if len(self._sessions) >= self.limits.max_sessions:
             raise ResourceExhausted(
                 f"{len(self._sessions)} sessions are open, the limit is "
-                f"{self.limits.max_sessions}: close finished sessions (CloseSession) or retry later")
+                f"{self.limits.max_sessions} (--max-sessions): close finished sessions "
+                f"(CloseSession) or retry later")
+        principal = principal_of(owner)
+        held = self._per_client.get(principal, 0)
+        if held >= self.limits.per_client:
+            raise ResourceExhausted(
+                f"this client holds {held} open sessions, the limit per client is "
+                f"{self.limits.per_client} (--max-sessions-per-client): close finished sessions "
+                f"(CloseSession) or retry later")
         sid = secrets.token_hex(8)
         session = Session(sid, owner, state, self._clock())
         self._sessions[sid] = session
+        self._per_client[principal] = held + 1
         return session
+
+    def held_by(self, owner: str) -> int:
+        """Open sessions counted against `owner`'s principal (expired ones until swept)."""
+        return self._per_client.get(principal_of(owner), 0)
+
+    def _drop(self, session: Session[T]) -> None:
+        del self._sessions[session.id]
+        principal = principal_of(session.owner)
+        left = self._per_client.get(principal, 1) - 1
+        if left > 0:
+            self._per_client[principal] = left
+        else:
+            self._per_client.pop(principal, None)
 
     def get(self, sid: str, owner: str) -> Session[T]:
         session = self._sessions.get(sid)
         if session is not None and self._expired(session):
-            del self._sessions[sid]
+            self._drop(session)
             session = None
         if session is None:
             raise NotFound(f"session {sid!r} does not exist or expired after "
@@ -73,14 +128,14 @@ class SessionStore(Generic[T]):
 
     def close(self, sid: str, owner: str) -> T:
         session = self.get(sid, owner)
-        del self._sessions[sid]
+        self._drop(session)
         return session.state
 
     def sweep(self) -> list[T]:
         """Drop expired sessions; returns their states (for the tier to release)."""
         dead = [s for s in self._sessions.values() if self._expired(s)]
         for s in dead:
-            del self._sessions[s.id]
+            self._drop(s)
         return [s.state for s in dead]
 
     def _expired(self, session: Session[T]) -> bool:

@@ -33,6 +33,8 @@ from hilm_vllm.drafter import metrics
 from hilm_vllm.drafter.processor import DRAFT_ARG, DraftOptions, readout_of
 from hilm_vllm.errors import FailedPrecondition, HilmError, InvalidArgument, Unavailable
 from hilm_vllm.sampling import SamplingSpec, ScoredToken
+from hilm_vllm.server.flags import (DEFAULT_MAX_CLIENT_SAMPLES, DEFAULT_MAX_SESSIONS_PER_CLIENT,
+                                    check_caps)
 from hilm_vllm.sessions import Session, SessionLimits, SessionStore
 from hilm_vllm import codec
 from hilm_vllm.seeds import Stream, derive_seed
@@ -52,10 +54,14 @@ class DrafterSettings:
     max_draft_tokens: int = 64  # largest block one Draft may ask for
     draft_top_k: int = 0  # cap on the top-k the drafter samples with; 0 = the request's
     uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)  # session default
+    max_sessions_per_client: int = DEFAULT_MAX_SESSIONS_PER_CLIENT
+    max_client_samples: int = DEFAULT_MAX_CLIENT_SAMPLES  # largest K a client may ask for
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1 or self.session_ttl_s <= 0 or self.max_draft_tokens < 1:
             raise ValueError("max_sessions, session_ttl_s and max_draft_tokens must be positive")
+        check_caps(self.max_client_samples, self.uncertainty.num_samples, self.max_sessions,
+                   self.max_sessions_per_client)
         if self.draft_top_k < 0:
             raise ValueError(f"draft_top_k must be >= 0 (0 = off), got {self.draft_top_k}")
 
@@ -190,7 +196,8 @@ class Drafter:
                  results: DraftResults | None = None):
         self.engine, self.info, self.settings = engine, info, settings
         if store is None:
-            store = SessionStore(SessionLimits(settings.max_sessions, settings.session_ttl_s))
+            store = SessionStore(SessionLimits(settings.max_sessions, settings.session_ttl_s,
+                                               settings.max_sessions_per_client))
         self.sessions = store
         self.results = results  # the push channel (set by the tier once the engine is up)
 

@@ -40,7 +40,8 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
     @translate_errors
     async def OpenSession(self, request, context):
         core = self.core
-        uq = (codec.uncertainty_from_pb(request.uncertainty, self._settings.uncertainty)
+        uq = (codec.uncertainty_from_pb(request.uncertainty, self._settings.uncertainty,
+                                        self._settings.max_client_samples)
               if request.HasField("uncertainty") else None)
         session = core.open(client_id(context), codec.prompt_from_pb(request.prompt),
                             codec.sampling_from_pb(request.sampling), uq, request.max_tokens)

@@ -28,6 +28,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("drafter (tier slm)")
     g.add_argument("--max-sessions", type=int, default=d.max_sessions,
                    help="open sessions at most (default: %(default)s)")
+    g.add_argument("--max-sessions-per-client", type=int, default=d.max_sessions_per_client,
+                   help="open sessions one client may hold (its certificate's identity under "
+                        "mutual TLS, else its client id); OpenSession beyond it is "
+                        "RESOURCE_EXHAUSTED (default: %(default)s)")
     g.add_argument("--session-ttl-s", type=float, default=d.session_ttl_s,
                    help="seconds an idle session lives (default: %(default)s)")
     g.add_argument("--max-draft-tokens", type=int, default=d.max_draft_tokens,
@@ -45,7 +49,10 @@ def settings_from_args(args: argparse.Namespace) -> DrafterSettings:
         return DrafterSettings(
             max_sessions=args.max_sessions, session_ttl_s=args.session_ttl_s,
             max_draft_tokens=args.max_draft_tokens, draft_top_k=args.draft_top_k,
-            uncertainty=uncertainty_from_args(args, d.uncertainty))
+            uncertainty=uncertainty_from_args(args, d.uncertainty),
+            max_sessions_per_client=getattr(args, "max_sessions_per_client",
+                                            d.max_sessions_per_client),
+            max_client_samples=getattr(args, "max_uncertainty_samples", d.max_client_samples))
     except ValueError as e:
         raise SystemExit(f"error: hilm-serve --tier slm: {e}") from e
 

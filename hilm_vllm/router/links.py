@@ -23,7 +23,7 @@ from hilm_vllm.proto.hilm.v1 import (drafter_pb2, drafter_pb2_grpc, generate_pb2
                                      generate_pb2_grpc, verifier_pb2, verifier_pb2_grpc)
 from hilm_vllm.router import metrics
 from hilm_vllm.sampling import SamplingSpec, ScoredToken
-from hilm_vllm.server.grpc_util import grpc_options
+from hilm_vllm.server.security import make_channel
 from hilm_vllm.sessions import CLIENT_METADATA_KEY
 from hilm_vllm.tiers import Tier
 from hilm_vllm.uncertainty import UncertaintyConfig
@@ -73,7 +73,9 @@ class TierLink:
         self.tier, self.address = tier, address
         self.name, self.site = tier.value, tier.site
         self.network, self.timeout_s = network, timeout_s
-        self.channel = grpc.aio.insecure_channel(address, options=grpc_options())
+        # TLS and the tier token as this process was started with (hilm-serve --tls-*,
+        # --tier-token): the one channel-making function every client uses.
+        self.channel = make_channel(address)
         self.metadata = ((CLIENT_METADATA_KEY, client_id),)
         self.down_until = 0.0  # monotonic time before which the tier is considered unreachable
         # (max_block, max_model_len) from the tier's last OpenSession; None until one opened

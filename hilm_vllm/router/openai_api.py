@@ -7,16 +7,22 @@ router's default policy, or a policy name: `hilm`, `llm-only`, ...) or the extra
 (`RequestStats.usage`). Errors are OpenAI-style bodies (`{"error": {"message", "type", "param",
 "code"}}`) with a 4xx status for bad requests; a response completed around an unreachable tier
 says so in `usage.hilm.degraded` and the `x-hilm-degraded` header.
+
+Hostile input: every size a client controls is capped (`RequestLimits`, flags `--max-*`), and
+with `--api-key` (or $VLLM_API_KEY) /v1/* needs `Authorization: Bearer KEY`, answering 401 with
+an OpenAI-style body otherwise; /health stays open, as in `vllm serve`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -29,9 +35,50 @@ from hilm_vllm.errors import HilmError, InvalidArgument, NotFound
 from hilm_vllm.router import metrics
 from hilm_vllm.router.engine import GenerationRequest, RequestStats, Router
 from hilm_vllm.router.policy import Policy, Thresholds
+from hilm_vllm.server.security import bearer_ok
 from hilm_vllm.tiers import MODEL_TIERS
 
 logger = logging.getLogger("hilm.router.api")
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Caps on what one request may ask for (router flags `--max-*`)."""
+
+    max_output_tokens: int = 4096  # --max-output-tokens
+    max_prompt_tokens: int = 8192  # --max-prompt-tokens
+    max_stop_sequences: int = 16  # --max-stop-sequences
+    max_stop_length: int = 256  # --max-stop-length (characters)
+    max_request_bytes: int = 1 << 20  # --max-request-bytes (HTTP body; gRPC prompt text)
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+    def check_output(self, max_tokens: int) -> None:
+        if max_tokens > self.max_output_tokens:
+            raise InvalidArgument(f"max_tokens is {max_tokens}; this server allows at most "
+                                  f"{self.max_output_tokens} (--max-output-tokens)")
+
+    def check_prompt(self, n: int) -> None:
+        if n > self.max_prompt_tokens:
+            raise InvalidArgument(f"the prompt has {n} tokens; this server allows at most "
+                                  f"{self.max_prompt_tokens} (--max-prompt-tokens)")
+
+    def check_text(self, text: str, what: str = "prompt") -> None:
+        if len(text) > self.max_request_bytes:  # characters >= bytes / 4: a cheap first bound
+            raise InvalidArgument(f"the {what} has {len(text)} characters; this server allows "
+                                  f"at most {self.max_request_bytes} bytes (--max-request-bytes)")
+
+    def check_stops(self, stops: list[str]) -> None:
+        if len(stops) > self.max_stop_sequences:
+            raise InvalidArgument(f"stop has {len(stops)} strings; this server allows at most "
+                                  f"{self.max_stop_sequences} (--max-stop-sequences)")
+        longest = max((len(s) for s in stops), default=0)
+        if longest > self.max_stop_length:
+            raise InvalidArgument(f"a stop string has {longest} characters; this server allows "
+                                  f"at most {self.max_stop_length} (--max-stop-length)")
 
 
 class _Base(BaseModel):
@@ -102,8 +149,9 @@ def error_body(status: int, message: str, type_: str = "BadRequestError",
                                    "code": status}}, status_code=status)
 
 
-_ERROR_TYPES = {400: "BadRequestError", 403: "PermissionDeniedError", 404: "NotFoundError",
-                409: "ConflictError", 429: "RateLimitError", 503: "ServiceUnavailableError"}
+_ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
+                404: "NotFoundError", 409: "ConflictError", 413: "RequestTooLargeError",
+                429: "RateLimitError", 503: "ServiceUnavailableError"}
 
 
 def _hilm_error(e: HilmError) -> JSONResponse:
@@ -174,8 +222,10 @@ class StopScanner:
 
 
 class RouterAPI:
-    def __init__(self, router: Router, tokenizer, served_model_name: str):
+    def __init__(self, router: Router, tokenizer, served_model_name: str,
+                 limits: RequestLimits | None = None):
         self.router, self.tokenizer, self.name = router, tokenizer, served_model_name
+        self.limits = limits or RequestLimits()
 
     # -- request -> GenerationRequest ----------------------------------------------------------
 
@@ -202,6 +252,7 @@ class RouterAPI:
             max_tokens = 16  # OpenAI's default for completions
         if max_tokens < 1:
             raise InvalidArgument(f"max_tokens must be >= 1, got {max_tokens}")
+        self.limits.check_output(max_tokens)
         spec = codec.sampling(body.temperature, body.top_k, body.top_p, body.seed)
         th = None
         if body.thresholds is not None:
@@ -216,6 +267,11 @@ class RouterAPI:
                                  body.optimistic, stop_ids, body.min_tokens, tuple(stops(body)))
 
     def prompt_ids(self, body: CompletionRequest | ChatCompletionRequest) -> list[int]:
+        ids = self._prompt_ids(body)
+        self.limits.check_prompt(len(ids))
+        return ids
+
+    def _prompt_ids(self, body: CompletionRequest | ChatCompletionRequest) -> list[int]:
         if isinstance(body, ChatCompletionRequest):
             if not body.messages:
                 raise InvalidArgument("messages is empty: give at least one message")
@@ -232,7 +288,9 @@ class RouterAPI:
         if isinstance(body.prompt, str):
             if not body.prompt:
                 raise InvalidArgument("prompt is empty")
+            self.limits.check_text(body.prompt)
             return self.tokenizer.encode(body.prompt)  # BOS as `vllm serve` adds it
+        self.limits.check_prompt(len(body.prompt))  # before scanning it
         codec.check_token_ids(body.prompt, len(self.tokenizer), "prompt")
         return list(body.prompt)
 
@@ -240,6 +298,7 @@ class RouterAPI:
 
     async def run(self, body: CompletionRequest | ChatCompletionRequest, chat: bool):
         try:
+            self.limits.check_stops(stops(body))
             ids = self.prompt_ids(body)
             req = self.generation_request(body, ids)
         except HilmError as e:
@@ -379,8 +438,87 @@ async def until_disconnected(request: Request, work):
         task.cancel()
 
 
-def build_app(api: RouterAPI) -> FastAPI:
+GUARDED_PREFIXES = ("/v1",)  # as vLLM's AuthenticationMiddleware: /health stays open
+
+
+class APIKeyMiddleware:
+    """Pure ASGI: /v1/* needs `Authorization: Bearer <one of the keys>`, else 401 with an
+    OpenAI-style body (vLLM answers `{"error": "Unauthorized"}`; OpenAI clients read
+    `error.message`). OPTIONS passes, as in vLLM."""
+
+    def __init__(self, app, keys: Sequence[str]):
+        self.app = app
+        self._digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("method") != "OPTIONS":
+            path = scope["path"].removeprefix(scope.get("root_path", ""))
+            if path.startswith(GUARDED_PREFIXES):
+                header = next((v.decode("latin-1") for k, v in scope.get("headers", ())
+                               if k == b"authorization"), None)
+                if not bearer_ok(header, self._digests):
+                    response = error_body(401, "Incorrect or missing API key: send "
+                                               "`Authorization: Bearer <key>` with a key the "
+                                               "router was started with (--api-key / "
+                                               "$VLLM_API_KEY)", "AuthenticationError")
+                    response.headers["WWW-Authenticate"] = "Bearer"
+                    await response(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """Pure ASGI: a request body over `limit` bytes is refused with 413 before it is read into
+    memory (a Content-Length over it at once; a chunked body once it passes it)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        message = (f"the request body is over {self.limit} bytes (--max-request-bytes): send a "
+                   f"shorter prompt")
+        for k, v in scope.get("headers", ()):
+            if k == b"content-length":
+                try:
+                    too_big = int(v) > self.limit
+                except ValueError:
+                    too_big = False  # the server itself refuses a malformed length
+                if too_big:
+                    await error_body(413, message, "RequestTooLargeError")(scope, receive, send)
+                    return
+        seen = 0
+        refused = started = False
+
+        async def guarded_send(msg):
+            nonlocal started
+            if refused:
+                return  # the app's own answer to the cut-off body: 413 was sent instead
+            started = started or msg["type"] == "http.response.start"
+            await send(msg)
+
+        async def limited_receive():
+            nonlocal seen, refused
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit and not refused and not started:
+                    refused = True
+                    await error_body(413, message, "RequestTooLargeError")(scope, receive, send)
+                    return {"type": "http.disconnect"}
+            return msg
+
+        await self.app(scope, limited_receive, guarded_send)
+
+
+def build_app(api: RouterAPI, api_keys: Sequence[str] = ()) -> FastAPI:
     app = FastAPI(title="hilm-vllm router", docs_url=None, redoc_url=None)
+    # Added last = outermost: the key is checked before the body is read.
+    app.add_middleware(BodyLimitMiddleware, limit=api.limits.max_request_bytes)
+    if api_keys:
+        app.add_middleware(APIKeyMiddleware, keys=list(api_keys))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError):

@@ -19,13 +19,16 @@ class RouterGenerator(generate_pb2_grpc.GeneratorServicer):
         self.api = api
 
     def _request(self, request: generate_pb2.GenerateRequest) -> GenerationRequest:
-        tok = self.api.tokenizer
+        tok, limits = self.api.tokenizer, self.api.limits
         prompt = codec.prompt_from_pb(request.prompt)
         if isinstance(prompt, str):
+            limits.check_text(prompt)
             ids = tok.encode(prompt)
         else:
             ids = prompt
             codec.check_token_ids(ids, len(tok), "prompt")
+        limits.check_prompt(len(ids))
+        limits.check_output(request.max_tokens)
         spec = codec.sampling_from_pb(request.sampling)
         policy = Policy.parse(request.policy) if request.policy else self.api.router.cfg.policy
         self.api.router.check_policy(policy)

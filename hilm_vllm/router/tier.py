@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from hilm_vllm import codec
 from hilm_vllm.netmodel import PRESETS, network_model
 from hilm_vllm.router.engine import RouterConfig
+from hilm_vllm.router.openai_api import RequestLimits
 from hilm_vllm.router.policy import Policy, Thresholds
 from hilm_vllm.uncertainty import UncertaintyConfig
 
@@ -69,6 +71,49 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--recover-s", type=float, default=30.0,
                    help="how long a request of a lossless policy waits for an unreachable "
                         "LLM to answer again before it ends with 503 (default: %(default)s)")
+
+    a = parser.add_argument_group(
+        "router API: authentication and limits",
+        "Requests over a limit get HTTP 400 (413 for the body size) or gRPC INVALID_ARGUMENT "
+        "naming the flag to change.")
+    a.add_argument("--api-key", dest="api_key", nargs="+", default=None, metavar="KEY",
+                   help="require `Authorization: Bearer KEY` (one of these keys) on /v1/* and on "
+                        "gRPC Generate, as `vllm serve --api-key` does; /health stays open "
+                        "(default: $VLLM_API_KEY, else no key)")
+    d = RequestLimits()
+    a.add_argument("--max-output-tokens", type=int, default=d.max_output_tokens,
+                   help="largest max_tokens (max_completion_tokens) a request may ask for "
+                        "(default: %(default)s)")
+    a.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens,
+                   help="longest prompt, in tokens after the chat template "
+                        "(default: %(default)s)")
+    a.add_argument("--max-stop-sequences", type=int, default=d.max_stop_sequences,
+                   help="most `stop` strings in one request (default: %(default)s)")
+    a.add_argument("--max-stop-length", type=int, default=d.max_stop_length,
+                   help="longest `stop` string, in characters (default: %(default)s)")
+    a.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
+                   help="largest HTTP request body, and prompt text over gRPC, in bytes "
+                        "(default: %(default)s)")
+
+
+def api_keys(args: argparse.Namespace) -> list[str]:
+    """--api-key, else $VLLM_API_KEY (as `vllm serve`: the flag wins)."""
+    return [k for k in (getattr(args, "api_key", None) or [os.environ.get("VLLM_API_KEY")]) if k]
+
+
+def limits_from_args(args: argparse.Namespace) -> RequestLimits:
+    d = RequestLimits()
+    try:
+        return RequestLimits(
+            max_output_tokens=getattr(args, "max_output_tokens", d.max_output_tokens),
+            max_prompt_tokens=getattr(args, "max_prompt_tokens", d.max_prompt_tokens),
+            max_stop_sequences=getattr(args, "max_stop_sequences", d.max_stop_sequences),
+            max_stop_length=getattr(args, "max_stop_length", d.max_stop_length),
+            max_request_bytes=getattr(args, "max_request_bytes", d.max_request_bytes))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 
 
 def thresholds_from_args(args: argparse.Namespace) -> tuple[Thresholds, UncertaintyConfig | None]:
@@ -127,8 +172,9 @@ def install(grpc_server, runtime, args: argparse.Namespace | None = None) -> lis
     cfg = config_from_args(args)
     router = Router(cfg)
     tokenizer = load_tokenizer(args.model)
-    api = RouterAPI(router, tokenizer, args.served_model_name or args.model)
-    runtime.http_app = build_app(api)
+    api = RouterAPI(router, tokenizer, args.served_model_name or args.model,
+                    limits_from_args(args))
+    runtime.http_app = build_app(api, api_keys=api_keys(args))
     runtime.router = router
     generate_pb2_grpc.add_GeneratorServicer_to_server(RouterGenerator(api), grpc_server)
     th = cfg.thresholds

@@ -7,20 +7,23 @@ from dataclasses import dataclass
 
 import grpc
 
-from hilm_vllm.server.grpc_util import grpc_options
+from hilm_vllm.server.security import Security, make_channel
 from hilm_vllm.sessions import CLIENT_METADATA_KEY
 
 
 @dataclass
 class TierClient:
-    """An insecure aio channel to one tier; `client_id` rides in every call's metadata (it owns
-    the sessions it opens). Subclasses make their stubs in `_init_stubs`."""
+    """An aio channel to one tier (`make_channel`: TLS and the tier token per `security`, default
+    this process's); `client_id` rides in every call's metadata (it owns the sessions it opens,
+    bound to the client certificate under mutual TLS). Subclasses make their stubs in
+    `_init_stubs`."""
 
     address: str
     client_id: str = ""
+    security: Security | None = None
 
     def __post_init__(self):
-        self.channel = grpc.aio.insecure_channel(self.address, options=grpc_options())
+        self.channel = make_channel(self.address, self.security)
         self._metadata = ((CLIENT_METADATA_KEY, self.client_id),) if self.client_id else ()
         self._init_stubs(self.channel)
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from hilm_vllm.uncertainty import Gate, Perturbation, UncertaintyConfig
+from hilm_vllm.errors import InvalidArgument
+from hilm_vllm.uncertainty import MAX_SAMPLES, Gate, Perturbation, UncertaintyConfig
+
+# The largest K a client may ask for: each sample costs a [vocab] float64 row of work per token.
+DEFAULT_MAX_CLIENT_SAMPLES = 64
+# One client may hold this many of a tier's sessions (--max-sessions-per-client).
+DEFAULT_MAX_SESSIONS_PER_CLIENT = 128
 
 
 def add_uncertainty_args(group: argparse._ArgumentGroup, default: UncertaintyConfig,
@@ -14,6 +20,10 @@ def add_uncertainty_args(group: argparse._ArgumentGroup, default: UncertaintyCon
                        default=default.gate.value, help=f"{gate_help} (default: %(default)s)")
     group.add_argument("--uncertainty-samples", type=int, default=default.num_samples,
                        help="K, perturbed samples per token (default: %(default)s)")
+    group.add_argument("--max-uncertainty-samples", type=int, default=DEFAULT_MAX_CLIENT_SAMPLES,
+                       help=f"largest K a client may ask for (UncertaintyConfig.num_samples); "
+                            f"K costs K x vocab random draws per token, so a client-chosen 1024 "
+                            f"is a denial of service (default: %(default)s, at most {MAX_SAMPLES})")
     group.add_argument("--theta-max", type=float, default=default.theta_max,
                        help="largest perturbation temperature (default: %(default)s)")
     group.add_argument("--perturbation", choices=[x.value for x in Perturbation],
@@ -31,3 +41,25 @@ def uncertainty_from_args(args: argparse.Namespace, default: UncertaintyConfig
         getattr(args, "uncertainty_samples", default.num_samples),
         getattr(args, "theta_max", default.theta_max),
         Perturbation(getattr(args, "perturbation", default.perturbation.value)))
+
+
+def check_client_samples(num_samples: int, cap: int, field: str = "uncertainty.num_samples"
+                         ) -> None:
+    """A client's K over the tier's cap -> INVALID_ARGUMENT naming the flag that raises it."""
+    if num_samples > cap:
+        raise InvalidArgument(f"{field} (K) is {num_samples}; this tier allows at most {cap} "
+                              f"(--max-uncertainty-samples, up to {MAX_SAMPLES}): send a "
+                              f"smaller K, or 0 for the tier's default")
+
+
+def check_caps(max_client_samples: int, default_samples: int, max_sessions: int,
+               max_sessions_per_client: int) -> None:
+    """Startup checks of the cap flags; ValueError names the flag."""
+    if not 1 <= max_client_samples <= MAX_SAMPLES:
+        raise ValueError(f"--max-uncertainty-samples must be in [1, {MAX_SAMPLES}], got "
+                         f"{max_client_samples}")
+    if default_samples > max_client_samples:
+        raise ValueError(f"--uncertainty-samples {default_samples} is over "
+                         f"--max-uncertainty-samples {max_client_samples}")
+    if max_sessions_per_client < 1:
+        raise ValueError(f"--max-sessions-per-client must be >= 1, got {max_sessions_per_client}")

@@ -17,7 +17,8 @@ from grpc_health.v1.health import aio as health_aio
 
 from hilm_vllm.config import ServeConfig
 from hilm_vllm.server import metrics
-from hilm_vllm.server.grpc_util import grpc_options
+from hilm_vllm.server.grpc_util import MalformedRequestInterceptor, grpc_options
+from hilm_vllm.server.security import INSECURE, server_interceptors
 
 logger = logging.getLogger("hilm.serve")
 
@@ -68,12 +69,18 @@ class TierRuntime:
             await self._shutdown()
 
     async def _start_servers(self) -> None:
-        self._server = grpc.aio.server(options=grpc_options())
+        security = self.cfg.security or INSECURE
+        # The token check first, then requests that do not parse are INVALID_ARGUMENT.
+        self._server = grpc.aio.server(
+            interceptors=[*server_interceptors(security), MalformedRequestInterceptor()],
+            options=grpc_options())
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         for install in self._installers:
             self._service_names += install(self._server, self)
         address = f"{self.cfg.host}:{self.cfg.port}"
-        self.grpc_port = self._server.add_insecure_port(address)
+        creds = security.server_credentials()
+        self.grpc_port = (self._server.add_insecure_port(address) if creds is None
+                          else self._server.add_secure_port(address, creds))
         if self.grpc_port == 0:
             raise SystemExit(f"error: cannot bind gRPC to {address}; pick another --port")
         await self._server.start()
@@ -90,6 +97,7 @@ class TierRuntime:
         logger.info("hilm-serve listening: tier=%s grpc=%s:%d metrics=http://%s:%d/metrics%s",
                     self.cfg.tier.value, self.cfg.host, self.grpc_port, self.cfg.host,
                     self.metrics_port, http)
+        logger.info("gRPC security: %s", security.describe())
 
     async def _start_http(self) -> None:
         import socket

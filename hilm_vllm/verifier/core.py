@@ -22,6 +22,8 @@ import numpy as np
 from hilm_vllm.errors import HilmError, InvalidArgument, Unavailable
 from hilm_vllm import codec
 from hilm_vllm.sampling import SamplingSpec, ScoredToken
+from hilm_vllm.server.flags import (DEFAULT_MAX_CLIENT_SAMPLES, DEFAULT_MAX_SESSIONS_PER_CLIENT,
+                                    check_caps)
 from hilm_vllm.sessions import SessionLimits as StoreLimits
 from hilm_vllm.sessions import SessionStore
 from hilm_vllm.uncertainty import UncertaintyConfig
@@ -43,6 +45,12 @@ class VerifierSettings:
     # How emitted tokens' uncertainty is measured when a Verify does not say (flags
     # --uncertainty-gate, --uncertainty-samples, --theta-max, --perturbation).
     uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)
+    max_sessions_per_client: int = DEFAULT_MAX_SESSIONS_PER_CLIENT
+    max_client_samples: int = DEFAULT_MAX_CLIENT_SAMPLES  # largest K a Verify may ask for
+
+    def __post_init__(self) -> None:
+        check_caps(self.max_client_samples, self.uncertainty.num_samples, self.max_sessions,
+                   self.max_sessions_per_client)
 
 
 @dataclass(frozen=True)
@@ -119,7 +127,8 @@ class Verifier:
         self.facts = facts
         self.channel = channel  # None: every result is fetched with hilm_pop_verify
         self.sessions: SessionStore[VerifierSession] = SessionStore(
-            StoreLimits(settings.max_sessions, settings.session_ttl_s))
+            StoreLimits(settings.max_sessions, settings.session_ttl_s,
+                        settings.max_sessions_per_client))
         from hilm_vllm.verifier import metrics
 
         metrics.SESSIONS.set_function(lambda: len(self.sessions))

@@ -15,7 +15,8 @@ from hilm_vllm import codec
 from hilm_vllm.errors import HilmError, InvalidArgument
 from hilm_vllm.proto.hilm.v1 import (common_pb2, generate_pb2, generate_pb2_grpc, verifier_pb2,
                                      verifier_pb2_grpc)
-from hilm_vllm.server.grpc_util import client_id, translate_errors
+from hilm_vllm.server.flags import DEFAULT_MAX_CLIENT_SAMPLES
+from hilm_vllm.server.grpc_util import client_id, is_engine_client_error, translate_errors
 from hilm_vllm.uncertainty import UncertaintyConfig
 from hilm_vllm.verifier.core import Verifier
 from hilm_vllm.verifier.session import VerifyCall, VerifyReply
@@ -28,9 +29,10 @@ ENGINE_TIER_POLICIES = ("", "llm-only")  # an engine tier generates with its own
 # ---- protobuf -> domain -----------------------------------------------------------------------
 
 def call_from(pb: verifier_pb2.VerifyRequest,
-              default_uncertainty: UncertaintyConfig | None = None) -> VerifyCall:
+              default_uncertainty: UncertaintyConfig | None = None,
+              max_samples: int = DEFAULT_MAX_CLIENT_SAMPLES) -> VerifyCall:
     default_uncertainty = default_uncertainty or UncertaintyConfig()
-    uncertainty = (codec.uncertainty_from_pb(pb.uncertainty, default_uncertainty)
+    uncertainty = (codec.uncertainty_from_pb(pb.uncertainty, default_uncertainty, max_samples)
                    if pb.HasField("uncertainty") else None)
     return VerifyCall(position=pb.position, append=tuple(pb.append_token_ids),
                       draft=tuple(pb.draft_token_ids),
@@ -78,7 +80,8 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
     async def Verify(self, request, context):
         verifier = self._verifier()
         reply = await verifier.verify(client_id(context), request.session_id,
-                                      call_from(request, verifier.settings.uncertainty))
+                                      call_from(request, verifier.settings.uncertainty,
+                                                verifier.settings.max_client_samples))
         return reply_to(reply)
 
     @translate_errors
@@ -99,6 +102,10 @@ def translate_stream_errors(method):
             await context.abort(e.code, str(e))
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except Exception as e:
+            if not is_engine_client_error(e):
+                raise
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the engine refused: {e}")
 
     return wrapper
 

@@ -40,6 +40,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-sessions", type=int, default=d.max_sessions,
                        help="open sessions at most; OpenSession beyond it is RESOURCE_EXHAUSTED "
                             "(default: %(default)s)")
+    group.add_argument("--max-sessions-per-client", type=int, default=d.max_sessions_per_client,
+                       help="open sessions one client may hold (its certificate's identity "
+                            "under mutual TLS, else its client id); OpenSession beyond it is "
+                            "RESOURCE_EXHAUSTED (default: %(default)s)")
     group.add_argument("--session-ttl-s", type=float, default=d.session_ttl_s,
                        help="a session unused this long expires (default: %(default)s)")
     group.add_argument("--max-block", type=int, default=d.max_block,
@@ -60,7 +64,15 @@ def settings_from_args(args: argparse.Namespace | None) -> VerifierSettings:
     except ValueError as e:
         raise SystemExit(f"error: hilm-serve --tier llm|ilm: {e} (flags --uncertainty-samples, "
                          f"--theta-max)") from e
-    return VerifierSettings(args.max_sessions, args.session_ttl_s, args.max_block, uncertainty)
+    d = VerifierSettings()
+    try:
+        return VerifierSettings(
+            args.max_sessions, args.session_ttl_s, args.max_block, uncertainty,
+            max_sessions_per_client=getattr(args, "max_sessions_per_client",
+                                            d.max_sessions_per_client),
+            max_client_samples=getattr(args, "max_uncertainty_samples", d.max_client_samples))
+    except ValueError as e:
+        raise SystemExit(f"error: hilm-serve --tier llm|ilm: {e}") from e
 
 
 def install(server: grpc.aio.Server, runtime, args: argparse.Namespace | None = None) -> list[str]:
