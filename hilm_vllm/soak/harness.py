@@ -380,8 +380,25 @@ class Fault:
 
     def result(self, records: list, errors: dict) -> dict:
         requests, failed = in_window(records, self.start, self.end)
+        by_kind = {kind: in_window([r for r in records if _lossless(r[3]) is lossless],
+                                   self.start, self.end)
+                   for kind, lossless in (("lossy", False), ("lossless", True))}
         return {"fault": self.name, "tier": self.tier, "requests": requests, "failed": failed,
+                # the bar: lossy requests never fail; a lossless one may end with a
+                # clear 503 once the LLM has been gone for --recover-s
+                "requests_lossy": by_kind["lossy"][0], "failed_lossy": by_kind["lossy"][1],
+                "requests_lossless": by_kind["lossless"][0],
+                "failed_lossless": by_kind["lossless"][1],
                 "recovered_s": self.recovered_s, "restart_s": self.restart_s}
+
+
+def _lossless(policy: str) -> bool:
+    from hilm_vllm.router.policy import Policy
+
+    try:
+        return Policy(policy).lossless
+    except ValueError:
+        return False
 
 
 def kill_and_restart(stack: Stack, tier: str, deadline_s: float) -> Fault:
