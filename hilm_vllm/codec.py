@@ -92,9 +92,6 @@ def uncertainty_from_pb(pb: common_pb2.UncertaintyConfig, default: UncertaintyCo
                         max_samples: int = MAX_SAMPLES) -> UncertaintyConfig:
     """Unset (0) fields take the tier's defaults (its --uncertainty-* flags); K over
     `max_samples` (the tier's --max-uncertainty-samples) is INVALID_ARGUMENT naming it."""
-    from hilm_vllm.server.flags import check_client_samples
-
-    check_client_samples(pb.num_samples, max_samples)
     if pb.gate and pb.gate not in _GATES_BACK:
         raise InvalidArgument(f"uncertainty.gate {pb.gate} is unknown: send one of "
                               f"hilm.v1.UncertaintyGate's values, or 0 for this tier's default "
@@ -107,6 +104,9 @@ def uncertainty_from_pb(pb: common_pb2.UncertaintyConfig, default: UncertaintyCo
         raise InvalidArgument(f"uncertainty.num_samples (K) must be in [1, {MAX_SAMPLES}], got "
                               f"{pb.num_samples}: send 0 for this tier's default "
                               f"({default.num_samples})")
+    from hilm_vllm.server.flags import check_client_samples
+
+    check_client_samples(pb.num_samples, max_samples)  # the tier's --max-uncertainty-samples
     if pb.theta_max and not 0 < pb.theta_max <= 100:  # also NaN
         raise InvalidArgument(f"uncertainty.theta_max must be in (0, 100], got {pb.theta_max}: "
                               f"send 0 for this tier's default ({default.theta_max})")

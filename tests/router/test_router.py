@@ -511,11 +511,17 @@ def test_min_tokens_masks_the_stop_tokens_exactly_as_llm_only(served, tiny_zoo):
     for policy in LOSSLESS[1:]:
         assert run(policy, stop_token_ids=[stop], min_tokens=6) == masked, policy
 
+    # vLLM masks the stop tokens in the logits before top-k: the 9th token comes into the top 8
+    import torch
+
+    from hilm_vllm.sampling import mask_tokens, processed_probs
+    from tests.verifier.helpers import hf_model
+
     spec = SamplingSpec(temperature=1.0, top_k=8)
-    p = next_probs(tiny_zoo.llm, prompt, spec).numpy().astype(np.float64)
-    top = int(np.argmax(p))
-    p[top] = 0.0
-    p /= p.sum()  # the first token's law with the top token masked
+    with torch.no_grad():
+        logits = hf_model(tiny_zoo.llm)(torch.tensor([prompt])).logits[0, -1:].float()
+    top = int(logits[0].argmax())
+    p = processed_probs(mask_tokens(logits, [top], 1), spec)[0].numpy().astype(np.float64)
     support = np.nonzero(p)[0]
 
     async def first_tokens() -> list[int]:

@@ -14,12 +14,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hilm_vllm.config import ServeConfig, Tier
+from hilm_vllm.config import ServeConfig
+from hilm_vllm.tiers import Tier
 from hilm_vllm.drafter.client import DrafterClient
 from hilm_vllm.drafter.core import Drafter, DrafterSettings, ModelInfo
 from hilm_vllm.drafter.service import DrafterServicer
 from hilm_vllm.errors import Unavailable
-from hilm_vllm.netmodel import NetworkModel, Site
+from hilm_vllm.netmodel import NetworkModel
 from hilm_vllm.proto.hilm.v1 import (common_pb2, drafter_pb2, drafter_pb2_grpc, generate_pb2,
                                      generate_pb2_grpc)
 from hilm_vllm.router.links import DrafterLink, TierUsage
@@ -43,7 +44,7 @@ def pki():
 def _install(settings: DrafterSettings):
     def install(server, runtime):
         drafter = DrafterServicer(runtime, settings)
-        drafter._core = Drafter(None, ModelInfo(100, None, 64), settings)  # no engine needed
+        drafter._core = Drafter(None, ModelInfo(100, (), 64), settings)  # no engine needed
         drafter_pb2_grpc.add_DrafterServicer_to_server(drafter, server)
 
         def no_engine():
@@ -185,7 +186,7 @@ def test_tier_clients_and_router_links_use_the_one_channel_function(pki):
                     await d.open_session(PROMPT, SamplingSpec())
             sec.set_process_security(client)
             try:
-                link = DrafterLink("slm", address, Site.DEVICE, NetworkModel(), "r", 10.0)
+                link = DrafterLink(Tier.SLM, address, NetworkModel(), "r", 10.0)
                 r = await link.open(PROMPT, SamplingSpec(), 4, None, TierUsage())
                 await link.close_session(r.session_id, TierUsage())
                 await link.close()

@@ -159,7 +159,7 @@ BAD_INPUTS = [
     (block_over_limit, C.INVALID_ARGUMENT, r"17 tokens is over this tier's limit of 16"),
     (context_over_max_model_len, C.INVALID_ARGUMENT, r"reach 1025 .*over max-model-len 1024"),
     (prompt_outside_vocab, C.INVALID_ARGUMENT, r"prompt has token id 600 outside"),
-    (negative_temperature, C.INVALID_ARGUMENT, r"temperature must be >= 0"),
+    (negative_temperature, C.INVALID_ARGUMENT, r"temperature must be a finite number >= 0"),
     (router_policy_on_generate, C.INVALID_ARGUMENT, r"router option"),
 ]
 
