@@ -16,6 +16,7 @@ GREEDY_EPS = 1e-5  # vLLM treats temperature below this as greedy (sampling_para
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32 (proto `float`)
+INT32_MAX = (1 << 31) - 1  # proto `int32`
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,8 @@ class SamplingSpec:
         # inf, which vLLM refuses deep inside a tier (found by fuzzing: 1.8e266 -> 503).
         if not 0 <= self.temperature <= FLOAT32_MAX:  # also NaN
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 <= self.top_k <= INT32_MAX:  # an int32 on the wire (found by fuzzing: 500)
+            raise ValueError(f"top_k must be in [0, {INT32_MAX}] (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
 
