@@ -17,6 +17,7 @@ GREEDY_EPS = 1e-5  # vLLM treats temperature below this as greedy (sampling_para
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32 (proto `float`)
+INT32_MAX = (1 << 31) - 1  # proto `int32`
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,9 @@ class SamplingSpec:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, or -1 / 0 for off, got {self.top_k}")
+        if not 0 <= self.top_k <= INT32_MAX:  # an int32 on the wire (found by fuzzing: 500)
+            raise ValueError(f"top_k must be in [0, {INT32_MAX}], or -1 / 0 for off, got "
+                             f"{self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
 

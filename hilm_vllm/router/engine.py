@@ -681,5 +681,8 @@ def _translate(tier: Tier, e: grpc.aio.AioRpcError) -> HilmError:
                grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted}
     if too_large(e):
         return errors.HilmError(too_large_message(f"{tier.value} tier"))
+    if e.code() is grpc.StatusCode.UNAUTHENTICATED:
+        return errors.HilmError(f"{tier.value} tier refused the router: {e.details()} (start "
+                                f"the router with the tier's --tier-token and TLS settings)")
     cls = by_code.get(e.code(), errors.Unavailable)
     return cls(f"{tier.value} tier: {e.details()}")

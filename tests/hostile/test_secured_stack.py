@@ -72,6 +72,7 @@ def test_the_api_key_guards_v1_and_health_stays_open(stack):
     ({"stop": "y" * 257}, 400, "--max-stop-length"),
     ({"prompt": [5] * 8193}, 400, "--max-prompt-tokens"),
     ({"temperature": 1.8e266}, 400, "temperature"),  # found by the fuzzer: was a 503
+    ({"top_k": 10 ** 34}, 400, "top_k"),  # found by the fuzzer: was a 500
 ])
 def test_every_size_has_a_cap_named_in_the_error(stack, body, status, flag):
     code, err = _post(stack.router.http_url + "/v1/completions",

@@ -273,5 +273,7 @@ def test_a_temperature_no_float32_can_carry_is_refused_before_the_wire():
     for bad in (1.8e266, float("inf"), float("nan"), -1.0):
         with pytest.raises(ValueError, match="temperature"):
             SamplingSpec(temperature=bad)
+    with pytest.raises(ValueError, match="top_k"):  # an int32 on the wire: was a 500
+        SamplingSpec(top_k=8251277124443051632125519784312832)
     assert is_engine_client_error(VLLMValidationError("temperature must be finite"))
     assert not is_engine_client_error(RuntimeError("x"))
