@@ -41,7 +41,7 @@ from hilm_vllm.router.links import CONNECTION_LOST, UNREACHABLE, DrafterLink, Ti
 from hilm_vllm.router.policy import (Forward, LlmDown, Policy, RoundPlan, Route, Thresholds,
                                      common_prefix, forward_rule, plan)
 from hilm_vllm.router.session import TierSession
-from hilm_vllm.sampling import SamplingSpec, ScoredToken
+from hilm_vllm.sampling import INT32_MAX, SamplingSpec, ScoredToken
 from hilm_vllm.seeds import Stream, derive_seed
 from hilm_vllm.server.grpc_util import too_large, too_large_message
 from hilm_vllm.tiers import MODEL_TIERS, Tier
@@ -53,7 +53,6 @@ logger = logging.getLogger("hilm.router")
 # verifier's acceptance uniforms must be independent.
 _SESSION_STREAM = {Tier.SLM: Stream.SESSION_SLM, Tier.ILM: Stream.SESSION_ILM,
                    Tier.LLM: Stream.SESSION_LLM}
-INT32_MAX = 2**31 - 1  # the protos' token counts are int32
 
 
 @dataclass(frozen=True)

@@ -312,6 +312,8 @@ class RouterAPI:
             first = await events.__anext__()  # errors before the first token become 4xx/5xx
         except HilmError as e:
             return _hilm_error(e)
+        except ValueError as e:  # a value no message to a tier can carry
+            return error_body(400, str(e))
         except StopAsyncIteration:
             first = None
         metrics.TTFT.labels(req.policy.value).observe(time.perf_counter() - t0)
