@@ -102,10 +102,17 @@ class Report(list):
             self.path = out / f"fuzz-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
 
     def flush(self, **extra) -> None:
+        """The standard benchmark JSON (hilm_vllm.benchjson): config, git commit, machine,
+        and under `results` the services' tallies."""
         if self.path is not None:
+            from hilm_vllm.benchjson import git_commit, machine
+
             self.path.write_text(json.dumps(
-                {"inputs_per_service": inputs_per_service(),
-                 "services": [t.summary() for t in self], **extra}, indent=2))
+                {"benchmark": "fuzz", "created_utc": self.path.stem.removeprefix("fuzz-"),
+                 "config": {"inputs_per_service": inputs_per_service()},
+                 "git_commit": git_commit(), "machine": machine(),
+                 "results": {"services": [t.summary() for t in self], **extra}}, indent=2)
+                + "\n")
 
 
 # ---- protobuf messages from their descriptors --------------------------------------------------
