@@ -92,6 +92,21 @@ def model_name() -> str:
     return MODEL_NAME["name"]
 
 
+def init_series(name: str, tiers: list[str], block_size: int) -> None:
+    """Create the spec-decode series at start-up with 0, as vLLM does: a scrape before the
+    first request (`vllm bench serve` reads /metrics before and after its run) finds them."""
+    MODEL_NAME["name"] = name
+    V_RUNNING.labels(name)
+    for tier in tiers:
+        VERIFICATIONS.labels(tier)
+        SD_DRAFTS.labels(name, tier)
+        SD_DRAFT_TOKENS.labels(name, tier)
+        SD_ACCEPTED.labels(name, tier)
+        for pos in range(block_size):
+            SD_ACCEPTED_PER_POS.labels(name, tier, str(pos))
+            ACCEPTED_PER_POS.labels(tier, str(pos))
+
+
 class _Window:
     """What happened since the last log line (the periodic SpecDecoding line)."""
 

@@ -184,7 +184,8 @@ def install(grpc_server, runtime, args: argparse.Namespace | None = None) -> lis
     router = Router(cfg)
     tokenizer = load_tokenizer(args.model)
     name = args.served_model_name or args.model
-    metrics.MODEL_NAME["name"] = name
+    metrics.init_series(name, [t for t, a in (("ilm", cfg.ilm), ("llm", cfg.llm)) if a],
+                        cfg.block_size)
     api = RouterAPI(router, tokenizer, name, limits_from_args(args))
     if not getattr(args, "disable_log_stats", False):
         runtime.log_stats_task = asyncio.ensure_future(
