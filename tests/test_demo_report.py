@@ -60,7 +60,7 @@ def test_run_metrics_from_synthetic_requests():
         "tpot_ms": (100.0 + 100.0 / 3) / 2,        # (0.4-0.1)/3 and (0.4-0.3)/3 s per token
         "tr_llm": 3 / 8, "tr_ilm": 1 / 8, "skip_rate": 2 / 8, "llm_forwards_per_token": 3 / 8,
         "acceptance_ilm": 1 / 2, "acceptance_llm": 3 / 6,
-        "accept_len_ilm": 1.0, "accept_len_llm": 1.0,
+        "accept_len_ilm": 1 + 1 / 1, "accept_len_llm": 1 + 3 / 3,  # 1 + accepted / drafts
         "uplink_bytes_per_token": 240 / 8,
         "efficiency": (0.7 + 0.5) / 2,             # per request, then the mean
     }
