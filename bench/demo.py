@@ -33,8 +33,8 @@ over the run's requests before dividing (ratios of sums, not means of ratios):
   tr_llm, tr_ilm          llm_messages / tokens, ilm_messages / tokens (verify requests per token)
   skip_rate               skips / tokens (tokens kept on the device unverified)
   llm_forwards_per_token  llm_forwards / tokens
-  acceptance_ilm, _llm    accepted / drafted at that tier; accept_len_ilm, _llm: accepted per
-                          verify message
+  acceptance_ilm, _llm    accepted / drafted at that tier; accept_len_ilm, _llm: vLLM's mean
+                          acceptance length, 1 + accepted / drafts (blocks the tier verified)
   uplink_bytes_per_token  uplink bytes summed over the three tiers / tokens
   efficiency              per request (sum of model_ms over slm, ilm, llm + network_ms) / its
                           latency measured by this client, then the mean over requests: the
@@ -115,7 +115,8 @@ STOP_TIMEOUT_S = 30.0  # SIGTERM, then SIGKILL of the tier's process group (a ti
 #                      its engine can take a minute to honour SIGTERM)
 ENGINE_TIERS = ("llm", "ilm", "slm")  # start order; the router needs all three
 USAGE_COUNTERS = ("rounds", "skips", "ilm_messages", "llm_messages", "ilm_drafted",
-                  "ilm_accepted", "llm_drafted", "llm_accepted", "llm_forwards", "network_ms")
+                  "ilm_accepted", "llm_drafted", "llm_accepted", "llm_forwards", "network_ms",
+                  "ilm_drafts", "llm_drafts")
 USAGE_PER_TIER = ("messages", "uplink_bytes", "model_ms")
 
 
@@ -250,6 +251,12 @@ def request_tpot_ms(r: RequestRecord) -> float | None:
     return (r.chunk_times[-1] - r.chunk_times[0]) * 1e3 / (r.tokens - 1)
 
 
+def accept_len(accepted: int, drafts: int | None) -> float | None:
+    """vLLM's mean acceptance length (tokens made final per verification): 1 + accepted /
+    drafts; None where the tier verified no block."""
+    return 1 + accepted / drafts if drafts else None
+
+
 def run_metrics(records: list[RequestRecord], wall_s: float) -> dict:
     """The speed and routing metrics of one run (see the module docstring)."""
     from hilm_vllm.quality import mean_or_none, ratio
@@ -278,8 +285,9 @@ def run_metrics(records: list[RequestRecord], wall_s: float) -> dict:
         "llm_forwards_per_token": per_token(u["llm_forwards"]),
         "acceptance_ilm": ratio(u["ilm_accepted"], u["ilm_drafted"]),
         "acceptance_llm": ratio(u["llm_accepted"], u["llm_drafted"]),
-        "accept_len_ilm": ratio(u["ilm_accepted"], u["ilm_messages"]),
-        "accept_len_llm": ratio(u["llm_accepted"], u["llm_messages"]),
+        # vLLM's mean acceptance length: 1 + accepted / drafts (blocks verified)
+        "accept_len_ilm": accept_len(u["ilm_accepted"], u.get("ilm_drafts")),
+        "accept_len_llm": accept_len(u["llm_accepted"], u.get("llm_drafts")),
         "uplink_bytes_per_token": per_token(sum(u["uplink_bytes"].values())),
         "efficiency": mean_or_none(request_efficiency(r) for r in ok),
         "usage": u if with_usage else None,

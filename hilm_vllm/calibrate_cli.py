@@ -651,10 +651,15 @@ async def calibrate_family(args) -> int:
                                             "t_ilm", "rule", "risk_budget", "target_tr",
                                             "warnings")}
     json_path.write_text(json.dumps(full, indent=2) + "\n")
-    plot(json_path.with_suffix(".png"), results, args, doc)
+    png = json_path.with_suffix(".png")
+    try:
+        plot(png, results, args, doc)
+    except ImportError:  # matplotlib comes with the [bench] extra; serving needs none
+        print("no plot: matplotlib is not installed (pip install 'hilm-vllm[bench]')")
+        png = None
     write_yaml(out, tf)
     report(results, doc)
-    print(f"wrote {out}, {json_path}, {json_path.with_suffix('.png')}")
+    print(f"wrote {out}, {json_path}" + (f", {png}" if png else ""))
     return 0
 
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import grpc
 import psutil
@@ -37,8 +38,10 @@ def exit_on_sigterm() -> None:
 class TierProcess:
     """A `hilm-serve` subprocess whose output is kept (last lines) for error messages."""
 
-    def __init__(self, proc: subprocess.Popen, tier: str, security: Security | None = None):
+    def __init__(self, proc: subprocess.Popen, tier: str, security: Security | None = None,
+                 echo: Callable[[str], None] | None = None):
         self.proc, self.tier = proc, tier
+        self.echo = echo  # called with each output line (`hilm up` shows the router's)
         self.security = security  # how to reach it (health checks); None: plaintext
         self.log: collections.deque[str] = collections.deque(maxlen=400)
         self.head: list[str] = []  # the first lines (start-up), kept for good
@@ -49,7 +52,8 @@ class TierProcess:
     @classmethod
     def start(cls, tier: str, args: list[str], env: dict[str, str] | None = None,
               placement: str | None = None, security: Security | None = None,
-              pem_files: dict | None = None) -> TierProcess:
+              pem_files: dict | None = None,
+              echo: Callable[[str], None] | None = None) -> TierProcess:
         """Start `hilm-serve --tier TIER ARGS`. Engine tiers are placed on this machine's cores
         as co-located tiers (`engine_env.placement`, layout `placement`, else $HILM_PLACEMENT,
         else `spread`) unless the environment already sets VLLM_CPU_OMP_THREADS_BIND.
@@ -69,11 +73,13 @@ class TierProcess:
         cmd = [sys.executable, "-m", "hilm_vllm.serve", "--tier", tier, *args]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=env, start_new_session=True)
-        return cls(proc, tier, security)
+        return cls(proc, tier, security, echo)
 
     def _pump(self) -> None:
         for line in self.proc.stdout:
             self.log.append(line.rstrip("\n"))
+            if self.echo is not None:
+                self.echo(line.rstrip("\n"))
             if len(self.head) < 1000:
                 self.head.append(line.rstrip("\n"))
             if m := _LISTENING.search(line):

@@ -29,6 +29,7 @@ class Stream(enum.IntEnum):
     SESSION_ILM = 12
     SESSION_LLM = 13
     RAND_POLICY = 14
+    CHOICE = 15  # the request seed of choice i > 0 of an `n` > 1 request (position i)
     # Offline gate evaluation of a freshly trained zoo (hilm_vllm/zoo/gates.py).
     ZOO_DRAFT = 101
     ZOO_PERTURBATION = 102

@@ -39,10 +39,10 @@ def record(i, start, chunks, end, tokens, usage=None, text="", error=None):
 def synthetic_records():
     r0 = record(0, 0.0, [0.1, 0.2, 0.4], 0.5, 4, hilm_usage(
         skips=2, ilm_messages=1, llm_messages=1, ilm_drafted=2, ilm_accepted=1, llm_drafted=2,
-        llm_accepted=2, llm_forwards=1, uplink_bytes={"slm": 0, "ilm": 100, "llm": 60},
+        llm_accepted=2, ilm_drafts=1, llm_drafts=1, llm_forwards=1, uplink_bytes={"slm": 0, "ilm": 100, "llm": 60},
         model_ms={"slm": 50.0, "ilm": 100.0, "llm": 100.0}, network_ms=100.0))  # busy 350 / 500
     r1 = record(1, 0.0, [0.3, 0.4], 1.0, 4, hilm_usage(
-        llm_messages=2, llm_drafted=4, llm_accepted=1, llm_forwards=2,
+        llm_messages=2, llm_drafted=4, llm_accepted=1, llm_forwards=2, llm_drafts=2,
         uplink_bytes={"llm": 80}, model_ms={"slm": 100.0, "llm": 200.0}, network_ms=200.0,
         degraded=["ilm unreachable"]))  # busy 500 / 1000
     r2 = record(2, 0.0, [], 2.0, 0, error="APIConnectionError: boom")
@@ -60,7 +60,7 @@ def test_run_metrics_from_synthetic_requests():
         "tpot_ms": (100.0 + 100.0 / 3) / 2,        # (0.4-0.1)/3 and (0.4-0.3)/3 s per token
         "tr_llm": 3 / 8, "tr_ilm": 1 / 8, "skip_rate": 2 / 8, "llm_forwards_per_token": 3 / 8,
         "acceptance_ilm": 1 / 2, "acceptance_llm": 3 / 6,
-        "accept_len_ilm": 1.0, "accept_len_llm": 1.0,
+        "accept_len_ilm": 1 + 1 / 1, "accept_len_llm": 1 + 3 / 3,  # 1 + accepted / drafts
         "uplink_bytes_per_token": 240 / 8,
         "efficiency": (0.7 + 0.5) / 2,             # per request, then the mean
     }

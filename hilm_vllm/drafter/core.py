@@ -277,6 +277,7 @@ class Drafter:
                 raise InvalidArgument(
                     f"session {sid} holds {base + len(append)} tokens, its limit (prompt + "
                     f"max_tokens, or max-model-len): nothing is left to draft; close it")
+            metrics.ROLLED_BACK.inc(max(0, len(state.tokens) - base))
             del state.tokens[base:]
             state.tokens += append
             t0 = time.perf_counter()

@@ -7,6 +7,10 @@ from prometheus_client import Counter, Gauge, Histogram
 SESSIONS = Gauge("hilm_drafter_sessions", "Open drafter sessions")
 DRAFTS = Counter("hilm_drafter_drafts", "Draft calls served")
 TOKENS = Counter("hilm_drafter_tokens", "Tokens drafted")
+ROLLED_BACK = Counter("hilm_drafter_rolled_back_tokens",
+                      "Tokens this tier drafted (or was given) that a later Draft cut off: its "
+                      "rejected drafts and what followed them (acceptance on the device side: "
+                      "1 - rolled back / hilm_drafter_tokens)")
 EARLY_STOPS = Counter("hilm_drafter_early_stops", "Drafts ended early by stop_uncertainty")
 WAITING = Gauge("hilm_drafter_waiting_drafts",
                 "Drafts whose results this process is waiting for (0 when idle)")

@@ -37,7 +37,8 @@ import grpc
 from hilm_vllm.errors import HilmError, InvalidArgument, Unavailable
 from hilm_vllm.netmodel import NetworkModel
 from hilm_vllm.router import metrics
-from hilm_vllm.router.links import CONNECTION_LOST, UNREACHABLE, DrafterLink, TierUsage, VerifierLink
+from hilm_vllm.router.links import (CONNECTION_LOST, UNREACHABLE, DrafterLink, TierUsage,
+                                    VerifierLink)
 from hilm_vllm.router.policy import (Forward, LlmDown, Policy, RoundPlan, Route, Thresholds,
                                      common_prefix, forward_rule, plan)
 from hilm_vllm.router.session import TierSession
@@ -145,8 +146,8 @@ class RequestStats:
         u.drafted += drafted
         u.accepted += accepted
         u.forwards += 1
-        metrics.DRAFTED.labels(tier.value).inc(drafted)
-        metrics.ACCEPTED.labels(tier.value).inc(accepted)
+        u.drafts += 1
+        metrics.observe_verification(tier.value, drafted, accepted)
 
     def usage(self) -> dict:
         t = {tier.value: u for tier, u in self.tiers.items()}
@@ -157,6 +158,11 @@ class RequestStats:
             "ilm_drafted": ilm.drafted, "ilm_accepted": ilm.accepted,
             "llm_drafted": llm.drafted, "llm_accepted": llm.accepted,
             "llm_forwards": llm.forwards, "ilm_forwarded": self.ilm_forwarded,
+            # vLLM's mean acceptance length per verifier: 1 + accepted / drafts (tokens made
+            # final per verification; None where the tier verified nothing)
+            "ilm_drafts": ilm.drafts, "llm_drafts": llm.drafts,
+            "acceptance_length": {k: (1 + v.accepted / v.drafts if v.drafts else None)
+                                  for k, v in t.items() if k != Tier.SLM.value},
             "optimistic_drafts": self.optimistic_drafts,
             "optimistic_kept": self.optimistic_kept,
             # which completion tokens were kept unverified (for TSR, scored off the critical
@@ -219,6 +225,36 @@ class Router:
         for link in self.links.values():
             await link.close()
 
+    async def max_model_len(self, timeout_s: float = 10.0) -> int | None:
+        """The LLM's context length, from its OpenSession (a link remembers it); before the
+        first request, a one-token session is opened and closed to learn it. None when the LLM
+        does not answer."""
+        link = self.llm
+        if getattr(link, "limits", None) is None and hasattr(link, "close_session"):
+            async def probe():
+                usage = TierUsage()
+                r = await link.open([0], SamplingSpec(), 1, usage)
+                link.limits = (getattr(r, "max_block", 0), getattr(r, "max_model_len", 0))
+                await link.close_session(r.session_id, usage)
+
+            try:
+                await asyncio.wait_for(probe(), timeout_s)
+            except (asyncio.TimeoutError, grpc.aio.AioRpcError) as e:
+                logger.debug("max_model_len probe failed: %s", e)
+        limits = getattr(link, "limits", None)
+        return (limits[1] or None) if limits else None
+
+    async def health(self) -> tuple[str | None, dict[str, str | None]]:
+        """(why the router cannot serve, or None; each configured tier's state). Every policy
+        needs the LLM (lossless ones fail without it, lossy ones lose their quality), so an LLM
+        that does not answer SERVING makes the router unhealthy; an ILM or drafter that is down
+        is routed around and only reported."""
+        tiers = [t for t in MODEL_TIERS if t in self.links]
+        reasons = await asyncio.gather(*(self.links[t].check_health() for t in tiers))
+        states = {t.value: (r or "serving") for t, r in zip(tiers, reasons)}
+        down = reasons[tiers.index(Tier.LLM)] if Tier.LLM in tiers else "no LLM tier"
+        return down, states
+
     def check_policy(self, policy: Policy) -> None:
         if policy.uses_drafter and self.slm is None:
             raise InvalidArgument(f"policy {policy.value!r} needs a drafter: start the router "
@@ -235,22 +271,40 @@ class Router:
         self.check_policy(req.policy)
         run = _Run(self, req, stats)
         outcome = "error"
+        policy, name = req.policy.value, metrics.model_name()
+        t0 = last = time.perf_counter()
+        metrics.RUNNING.inc()
+        metrics.V_RUNNING.labels(name).inc()
+        source = run.llm_only() if req.policy is Policy.LLM_ONLY else run.rounds()
         try:
-            if req.policy is Policy.LLM_ONLY:
-                async for ids in run.llm_only():
-                    yield ids
-            else:
-                async for ids in run.rounds():
-                    yield ids
+            async for ids in source:
+                now = time.perf_counter()
+                if last > t0:  # not the first output: its gap is an inter-token latency
+                    metrics.ITL.labels(policy).observe(now - last)
+                    metrics.V_ITL.labels(name).observe(now - last)
+                else:
+                    metrics.V_TTFT.labels(name).observe(now - t0)
+                last = now
+                yield ids
             outcome = "ok"
         finally:
+            metrics.RUNNING.dec()
+            metrics.V_RUNNING.labels(name).dec()
+            if outcome == "ok":
+                metrics.E2E.labels(policy).observe(time.perf_counter() - t0)
+                metrics.V_E2E.labels(name).observe(time.perf_counter() - t0)
             metrics.REQUESTS.labels(req.policy.value, outcome).inc()
             metrics.TOKENS.labels(req.policy.value).inc(stats.tokens)
+            metrics.ROUNDS.labels(policy).inc(stats.rounds)
+            metrics.observe_request_end(
+                stats.tokens, stats.tiers[Tier.ILM].verifies + stats.tiers[Tier.LLM].verifies,
+                stats.skips)
             if stats.tokens:
                 for tier in (Tier.ILM, Tier.LLM):
                     metrics.TRANSMISSION_RATE.labels(tier.value).observe(
                         stats.tiers[tier].verifies / stats.tokens)
             run.close_sessions()
+            await source.aclose()
 
 
 class _TierDown(Exception):

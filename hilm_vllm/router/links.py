@@ -45,6 +45,7 @@ class TierUsage:
     verifies: int = 0  # Verify / Draft / Generate calls
     drafted: int = 0  # draft tokens sent to the tier (verifiers)
     accepted: int = 0  # of which it accepted
+    drafts: int = 0  # drafted blocks it verified (vLLM's "drafts")
     forwards: int = 0  # forward passes (one per Verify; one per token of a Generate stream)
     uplink_bytes: int = 0  # serialized bytes sent to the tier
     downlink_bytes: int = 0
@@ -83,6 +84,20 @@ class TierLink:
 
     async def close(self) -> None:
         await self.channel.close()
+
+    async def check_health(self, timeout_s: float = 2.0) -> str | None:
+        """None when the tier answers SERVING to a gRPC health check, else why not."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        try:
+            r = await health_pb2_grpc.HealthStub(self.channel).Check(
+                health_pb2.HealthCheckRequest(), metadata=self.metadata, timeout=timeout_s)
+        except grpc.aio.AioRpcError as e:
+            return f"the {self.name} tier at {self.address} does not answer ({e.code().name})"
+        if r.status != health_pb2.HealthCheckResponse.SERVING:
+            return (f"the {self.name} tier at {self.address} is "
+                    f"{health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)}")
+        return None
 
     @property
     def available(self) -> bool:

@@ -1,7 +1,10 @@
 """OpenAI-compatible HTTP API of the router (FastAPI, as vLLM's own server).
 
 `/v1/completions`, `/v1/chat/completions` (the model's chat template), SSE streaming, `/v1/models`,
-`/health`. The policy is chosen per request by the `model` field (the served model name for the
+`/health`, `/ping`, `/version`, `/tokenize`, `/detokenize` and `/metrics` (Prometheus, as
+`vllm serve` serves them on its API port). As in vLLM, request fields the router does not
+know are accepted, logged, and ignored; the response lists them in
+`usage.hilm.ignored_fields`. The policy is chosen per request by the `model` field (the served model name for the
 router's default policy, or a policy name: `hilm`, `llm-only`, ...) or the extra body field
 `policy`. `usage` carries the OpenAI counts plus `usage.hilm`, the round's statistics
 (`RequestStats.usage`). Errors are OpenAI-style bodies (`{"error": {"message", "type", "param",
@@ -28,13 +31,14 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hilm_vllm import codec
 from hilm_vllm.errors import HilmError, InvalidArgument, NotFound
 from hilm_vllm.router import metrics
 from hilm_vllm.router.engine import GenerationRequest, RequestStats, Router
 from hilm_vllm.router.policy import Policy, Thresholds
+from hilm_vllm.seeds import Stream, derive_seed
 from hilm_vllm.server.security import bearer_ok
 from hilm_vllm.tiers import MODEL_TIERS
 
@@ -50,6 +54,7 @@ class RequestLimits:
     max_stop_sequences: int = 16  # --max-stop-sequences
     max_stop_length: int = 256  # --max-stop-length (characters)
     max_request_bytes: int = 1 << 20  # --max-request-bytes (HTTP body; gRPC prompt text)
+    max_n: int = 16  # --max-n (choices of one request)
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -60,6 +65,12 @@ class RequestLimits:
         if max_tokens > self.max_output_tokens:
             raise InvalidArgument(f"max_tokens is {max_tokens}; this server allows at most "
                                   f"{self.max_output_tokens} (--max-output-tokens)")
+
+    def check_n(self, n: int) -> None:
+        if n < 1:
+            raise InvalidArgument(f"n must be >= 1, got {n}")
+        if n > self.max_n:
+            raise InvalidArgument(f"n is {n}; this server allows at most {self.max_n} (--max-n)")
 
     def check_prompt(self, n: int) -> None:
         if n > self.max_prompt_tokens:
@@ -82,11 +93,28 @@ class RequestLimits:
 
 
 class _Base(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """As vLLM's OpenAIBaseModel: fields the router does not know are accepted and ignored
+    (OpenAI SDKs and `vllm bench serve` send vLLM's sampling extras); `ignored_fields` names
+    them, and the request logs them."""
+
+    model_config = ConfigDict(extra="allow")
+
+    def ignored_fields(self, prefix: str = "") -> list[str]:
+        out = [prefix + k for k in (self.model_extra or {})]
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, _Base):
+                out += value.ignored_fields(f"{prefix}{name}.")
+            elif isinstance(value, list):
+                for i, item in enumerate(value):
+                    if isinstance(item, _Base):
+                        out += item.ignored_fields(f"{prefix}{name}[{i}].")
+        return out
 
 
 class StreamOptions(_Base):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # usage on every chunk (vLLM's extension)
 
 
 class ThresholdsBody(_Base):
@@ -110,6 +138,7 @@ class _Sampling(_Base):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None  # vLLM's extra parameters
     min_tokens: int = 0
+    include_stop_str_in_output: bool = False
     n: int = 1
     user: str | None = None
     # hilm-vllm's extra parameters
@@ -127,10 +156,34 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = None
 
 
+class ContentPart(_Base):
+    """One part of a message's content; the router's models read text only."""
+
+    type: str
+    text: str | None = None
+
+
 class ChatMessage(_Base):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[ContentPart] | None = None
     name: str | None = None
+
+    def template_dict(self) -> dict:
+        """The message as the chat template takes it: text parts joined by newlines, as
+        vLLM's default content format ("string") joins them."""
+        content = self.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise InvalidArgument(f"content part of type {part.type!r}: the router's "
+                                          f"models read text only (type 'text' with 'text')")
+                texts.append(part.text)
+            content = "\n".join(texts)
+        out = {"role": self.role, "content": content or ""}
+        if self.name is not None:
+            out["name"] = self.name
+        return out
 
 
 class ChatCompletionRequest(_Sampling):
@@ -196,10 +249,12 @@ class TextStream:
 
 
 class StopScanner:
-    """OpenAI `stop` strings: text is held back while it could still be the start of one."""
+    """OpenAI `stop` strings: text is held back while it could still be the start of one.
+    `include` (vLLM's include_stop_str_in_output) keeps the stop string that ended the text."""
 
-    def __init__(self, stops: list[str]):
+    def __init__(self, stops: list[str], include: bool = False):
         self.stops = [s for s in stops if s]
+        self.include = include
         self.pending = ""
         self.hit = False
 
@@ -207,10 +262,11 @@ class StopScanner:
         if not self.stops:
             return text
         self.pending += text
-        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, -len(s), s) for s in self.stops if (i := self.pending.find(s)) >= 0]
+        if found:
+            cut, _, stop = min(found)  # the earliest; of those starting there, the longest
             out, self.pending, self.hit = self.pending[:cut], "", True
-            return out
+            return out + stop if self.include else out
         hold = max(len(s) - 1 for s in self.stops)
         safe = max(0, len(self.pending) - hold)
         out, self.pending = self.pending[:safe], self.pending[safe:]
@@ -219,6 +275,34 @@ class StopScanner:
     def flush(self) -> str:
         out, self.pending = self.pending, ""
         return out
+
+
+_warned_fields: set[str] = set()
+
+
+def log_ignored(fields: list[str]) -> None:
+    """vLLM logs the fields it ignores; a warning the first time each is seen, then debug (a
+    benchmark sends the same ones with every request)."""
+    if not fields:
+        return
+    new = [f for f in fields if f not in _warned_fields]
+    if new:
+        _warned_fields.update(new)
+        logger.warning("request fields ignored by the router (accepted, as vLLM does; listed "
+                       "in usage.hilm.ignored_fields): %s", ", ".join(new))
+    else:
+        logger.debug("request fields ignored: %s", ", ".join(fields))
+
+
+@dataclass
+class _Choice:
+    """One of a request's n generations."""
+
+    index: int
+    req: GenerationRequest
+    stats: RequestStats
+    events: AsyncIterator[tuple[str, str]]
+    first: tuple[str, str] | None = None
 
 
 class RouterAPI:
@@ -244,16 +328,30 @@ class RouterAPI:
         self.router.check_policy(policy)
         return policy
 
-    def generation_request(self, body: _Sampling, prompt_ids: list[int]) -> GenerationRequest:
-        if body.n != 1:
-            raise InvalidArgument("n must be 1: the router generates one choice per request")
+    def default_max_tokens(self, n_prompt: int) -> int:
+        """A chat request without max_tokens: the rest of the context, as vLLM (bounded by
+        --max-output-tokens). Before the LLM's context is known, the bound itself: the engine
+        cuts at the context and ends with finish_reason "length"."""
+        limits = getattr(self.router.llm, "limits", None)
+        bound = self.limits.max_output_tokens
+        if limits and limits[1]:
+            return max(1, min(bound, limits[1] - n_prompt))
+        return bound
+
+    def generation_request(self, body: _Sampling, prompt_ids: list[int],
+                           chat: bool = False, choice: int = 0) -> GenerationRequest:
         max_tokens = body.max_completion_tokens or body.max_tokens
         if max_tokens is None:
-            max_tokens = 16  # OpenAI's default for completions
-        if max_tokens < 1:
+            # OpenAI's (and vLLM's) default for completions is 16; chat: the rest of the context
+            max_tokens = self.default_max_tokens(len(prompt_ids)) if chat else 16
+        elif max_tokens < 1:
             raise InvalidArgument(f"max_tokens must be >= 1, got {max_tokens}")
-        self.limits.check_output(max_tokens)
-        spec = codec.sampling(body.temperature, body.top_k, body.top_p, body.seed)
+        else:
+            self.limits.check_output(max_tokens)
+        seed = body.seed
+        if seed is not None and choice:
+            seed = derive_seed(seed, choice, Stream.CHOICE)  # n independent, reproducible
+        spec = codec.sampling(body.temperature, body.top_k, body.top_p, seed)
         th = None
         if body.thresholds is not None:
             base = self.router.cfg.thresholds
@@ -271,18 +369,24 @@ class RouterAPI:
         self.limits.check_prompt(len(ids))
         return ids
 
+    def chat_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        if not messages:
+            raise InvalidArgument("messages is empty: give at least one message")
+        for m in messages:
+            if isinstance(m.content, str):
+                self.limits.check_text(m.content, "message")
+        try:
+            return list(self.tokenizer.apply_chat_template(
+                [m.template_dict() for m in messages], add_generation_prompt=add_generation_prompt,
+                tokenize=True, return_dict=False))
+        except Exception as e:  # a template that rejects the conversation
+            raise InvalidArgument(f"the chat template rejected the messages: {e}") from None
+
     def _prompt_ids(self, body: CompletionRequest | ChatCompletionRequest) -> list[int]:
         if isinstance(body, ChatCompletionRequest):
-            if not body.messages:
-                raise InvalidArgument("messages is empty: give at least one message")
             if body.logprobs:
                 raise InvalidArgument("logprobs are not supported by the router")
-            messages = [m.model_dump(exclude_none=True) for m in body.messages]
-            try:
-                return list(self.tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=True, tokenize=True, return_dict=False))
-            except Exception as e:  # a template that rejects the conversation
-                raise InvalidArgument(f"the chat template rejected the messages: {e}") from None
+            return self.chat_ids(body.messages)
         if body.echo or body.logprobs:
             raise InvalidArgument("echo and logprobs are not supported by the router")
         if isinstance(body.prompt, str):
@@ -297,65 +401,110 @@ class RouterAPI:
     # -- running ---------------------------------------------------------------------------------
 
     async def run(self, body: CompletionRequest | ChatCompletionRequest, chat: bool):
+        ignored = body.ignored_fields()
+        log_ignored(ignored)
         try:
+            self.limits.check_n(body.n)
             self.limits.check_stops(stops(body))
             ids = self.prompt_ids(body)
-            req = self.generation_request(body, ids)
+            reqs = [self.generation_request(body, ids, chat, i) for i in range(body.n)]
         except HilmError as e:
             return _hilm_error(e)
         except ValueError as e:
             return error_body(400, str(e))
-        stats = RequestStats(req.policy.value)
-        events = self._events(req, stats, list(req.stop))
+        choices = []
+        for i, req in enumerate(reqs):
+            stats = RequestStats(req.policy.value)
+            choices.append(_Choice(i, req, stats, self._events(
+                req, stats, list(req.stop), body.include_stop_str_in_output)))
         t0 = time.perf_counter()
-        try:
-            first = await events.__anext__()  # errors before the first token become 4xx/5xx
-        except HilmError as e:
-            return _hilm_error(e)
-        except ValueError as e:  # a value no message to a tier can carry
-            return error_body(400, str(e))
-        except StopAsyncIteration:
-            first = None
-        metrics.TTFT.labels(req.policy.value).observe(time.perf_counter() - t0)
+
+        async def first(c: _Choice):
+            try:
+                c.first = await c.events.__anext__()
+            except StopAsyncIteration:
+                c.first = None
+
+        # errors before the first token become 4xx/5xx
+        if len(choices) == 1:
+            try:
+                await first(choices[0])
+                results = [None]
+            except Exception as e:  # noqa: BLE001 - handled below, as gather's
+                results = [e]
+        else:
+            results = await asyncio.gather(*(first(c) for c in choices), return_exceptions=True)
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is not None:
+            for c in choices:
+                await c.events.aclose()
+            if isinstance(failed, HilmError):
+                return _hilm_error(failed)
+            if isinstance(failed, ValueError):  # a value no message to a tier can carry
+                return error_body(400, str(failed))
+            raise failed
+        metrics.TTFT.labels(reqs[0].policy.value).observe(time.perf_counter() - t0)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            opts = body.stream_options or StreamOptions()
             return StreamingResponse(
-                self._sse(rid, created, body.model, chat, first, events, stats, req,
-                          include_usage), media_type="text/event-stream")
-        text, finish = "", "length"
-        try:
-            ev = first
+                self._sse(rid, created, body.model, chat, choices, opts.include_usage,
+                          opts.include_usage and opts.continuous_usage_stats, ignored),
+                media_type="text/event-stream")
+
+        async def collect(c: _Choice) -> tuple[str, str]:
+            text, finish = "", "length"
+            ev = c.first
             while ev is not None:
                 kind, value = ev
                 if kind == "text":
                     text += value
                 else:
                     finish = value
-                ev = await anext(events, None)
+                ev = await anext(c.events, None)
+            return text, finish
+
+        try:
+            outs = await asyncio.gather(*(collect(c) for c in choices))
         except HilmError as e:
+            for c in choices:
+                await c.events.aclose()
             return _hilm_error(e)
-        usage = self._usage(req, stats)
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "finish_reason": finish, "logprobs": None}
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-            obj = "text_completion"
-        headers = {"x-hilm-degraded": ",".join(stats.degraded)} if stats.degraded else None
+        out_choices = []
+        for c, (text, finish) in zip(choices, outs):
+            if chat:
+                out_choices.append({"index": c.index,
+                                    "message": {"role": "assistant", "content": text},
+                                    "finish_reason": finish, "logprobs": None})
+            else:
+                out_choices.append({"index": c.index, "text": text, "finish_reason": finish,
+                                    "logprobs": None})
+        obj = "chat.completion" if chat else "text_completion"
+        degraded = sorted({d for c in choices for d in c.stats.degraded})
+        headers = {"x-hilm-degraded": ",".join(degraded)} if degraded else None
         return JSONResponse({"id": rid, "object": obj, "created": created, "model": body.model,
-                             "choices": [choice], "usage": usage}, headers=headers)
+                             "choices": out_choices, "usage": self._usage(choices, ignored)},
+                            headers=headers)
 
-    def _usage(self, req: GenerationRequest, stats: RequestStats) -> dict:
-        return {"prompt_tokens": len(req.prompt_ids), "completion_tokens": stats.tokens,
-                "total_tokens": len(req.prompt_ids) + stats.tokens, "hilm": stats.usage()}
+    @staticmethod
+    def _usage(choices: list[_Choice], ignored: list[str]) -> dict:
+        """OpenAI's counts (the prompt once, every choice's completion tokens) and
+        `hilm`: the first choice's round statistics (every choice's under `choices` when
+        n > 1), and the request fields that were ignored."""
+        n_prompt = len(choices[0].req.prompt_ids)
+        completion = sum(c.stats.tokens for c in choices)
+        hilm = choices[0].stats.usage()
+        if len(choices) > 1:
+            hilm["choices"] = [c.stats.usage() for c in choices]
+        hilm["ignored_fields"] = list(ignored)
+        return {"prompt_tokens": n_prompt, "completion_tokens": completion,
+                "total_tokens": n_prompt + completion, "hilm": hilm}
 
-    async def _events(self, req: GenerationRequest, stats: RequestStats,
-                      stops: list[str]) -> AsyncIterator[tuple[str, str]]:
+    async def _events(self, req: GenerationRequest, stats: RequestStats, stops: list[str],
+                      include_stop: bool = False) -> AsyncIterator[tuple[str, str]]:
         """("text", delta)... then ("finish", reason)."""
-        text, stop = TextStream(self.tokenizer), StopScanner(stops)
+        text, stop = TextStream(self.tokenizer), StopScanner(stops, include_stop)
         gen = self.router.generate(req, stats)
         finish = "length"
         try:
@@ -380,33 +529,77 @@ class RouterAPI:
             await gen.aclose()
         yield "finish", finish
 
-    async def _sse(self, rid, created, model, chat, first, events, stats, req,
-                   include_usage) -> AsyncIterator[str]:
-        obj = "chat.completion.chunk" if chat else "text_completion"
+    @staticmethod
+    async def _merged(choices: list[_Choice]) -> AsyncIterator[tuple[_Choice, tuple[str, str]]]:
+        """Every choice's events as they come (one choice: read directly)."""
+        if len(choices) == 1:
+            c = choices[0]
+            ev = c.first
+            while ev is not None:
+                yield c, ev
+                ev = await anext(c.events, None)
+            return
+        queue: asyncio.Queue = asyncio.Queue()
 
-        def chunk(text: str | None, finish: str | None, role: bool = False) -> str:
+        async def pump(c: _Choice):
+            try:
+                ev = c.first
+                while ev is not None:
+                    await queue.put((c, ev))
+                    ev = await anext(c.events, None)
+            except BaseException as e:  # noqa: BLE001 - handed to the reader
+                await queue.put((c, e))
+                return
+            await queue.put((c, None))
+
+        tasks = [asyncio.ensure_future(pump(c)) for c in choices]
+        try:
+            left = len(choices)
+            while left:
+                c, item = await queue.get()
+                if item is None:
+                    left -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield c, item
+        finally:
+            for t in tasks:
+                t.cancel()
+            for c in choices:
+                await c.events.aclose()
+
+    async def _sse(self, rid, created, model, chat, choices: list[_Choice], include_usage: bool,
+                   continuous: bool, ignored: list[str]) -> AsyncIterator[str]:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        n_prompt = len(choices[0].req.prompt_ids)
+
+        def chunk(c: _Choice, text: str | None, finish: str | None, role: bool = False) -> str:
             if chat:
                 delta: dict[str, Any] = {"role": "assistant"} if role else {}
                 if text:
                     delta["content"] = text
-                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+                choice = {"index": c.index, "delta": delta, "finish_reason": finish,
+                          "logprobs": None}
             else:
-                choice = {"index": 0, "text": text or "", "finish_reason": finish,
+                choice = {"index": c.index, "text": text or "", "finish_reason": finish,
                           "logprobs": None}
             payload = {"id": rid, "object": obj, "created": created, "model": model,
                        "choices": [choice]}
-            if include_usage:
+            if continuous:  # vLLM: this choice's tokens so far
+                payload["usage"] = {"prompt_tokens": n_prompt,
+                                    "completion_tokens": c.stats.tokens,
+                                    "total_tokens": n_prompt + c.stats.tokens}
+            elif include_usage:
                 payload["usage"] = None
             return f"data: {json.dumps(payload)}\n\n"
 
         if chat:
-            yield chunk(None, None, role=True)
+            for c in choices:
+                yield chunk(c, None, None, role=True)
         try:
-            ev = first
-            while ev is not None:
-                kind, value = ev
-                yield chunk(value, None) if kind == "text" else chunk(None, value)
-                ev = await anext(events, None)
+            async for c, (kind, value) in self._merged(choices):
+                yield chunk(c, value, None) if kind == "text" else chunk(c, None, value)
         except HilmError as e:  # after the first token: tokens sent stay sent; say why it ended
             err = {"error": {"message": str(e), "type": _ERROR_TYPES.get(e.http_status,
                                                                          "InternalServerError"),
@@ -414,9 +607,57 @@ class RouterAPI:
             yield f"data: {json.dumps(err)}\n\n"
         if include_usage:
             payload = {"id": rid, "object": obj, "created": created, "model": model,
-                       "choices": [], "usage": self._usage(req, stats)}
+                       "choices": [], "usage": self._usage(choices, ignored)}
             yield f"data: {json.dumps(payload)}\n\n"
         yield "data: [DONE]\n\n"
+
+    # -- tokenizer endpoints -------------------------------------------------------------------
+
+    def tokenize(self, data: dict) -> dict:
+        if "messages" in data:
+            body = TokenizeChatRequest.model_validate(data)
+            ids = self.chat_ids(body.messages, body.add_generation_prompt)
+            if body.add_special_tokens and self.tokenizer.bos_token_id is not None:
+                ids = [self.tokenizer.bos_token_id, *ids]
+        else:
+            body = TokenizeCompletionRequest.model_validate(data)
+            self.limits.check_text(body.prompt)
+            ids = self.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        self.limits.check_prompt(len(ids))
+        out: dict[str, Any] = {"count": len(ids), "max_model_len": None, "tokens": ids,
+                               "token_strs": None}
+        if body.return_token_strs:
+            out["token_strs"] = self.tokenizer.convert_ids_to_tokens(ids)
+        log_ignored(body.ignored_fields())
+        return out
+
+    def detokenize(self, data: dict) -> dict:
+        body = DetokenizeRequest.model_validate(data)
+        self.limits.check_prompt(len(body.tokens))
+        codec.check_token_ids(body.tokens, len(self.tokenizer), "tokens")
+        log_ignored(body.ignored_fields())
+        return {"prompt": self.tokenizer.decode(body.tokens)}
+
+
+class TokenizeCompletionRequest(_Base):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool | None = False
+
+
+class TokenizeChatRequest(_Base):
+    model: str | None = None
+    messages: list[ChatMessage]
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False
+    return_token_strs: bool | None = False
+
+
+class DetokenizeRequest(_Base):
+    model: str | None = None
+    tokens: list[int]
+
 
 
 DISCONNECT_POLL_S = 0.5
@@ -515,6 +756,32 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, guarded_send)
 
 
+def _validation_message(errors) -> str:
+    parts = []
+    for err in errors:
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        parts.append(f"{loc or 'body'}: {err.get('msg')}")
+    return "; ".join(parts) or "invalid request body"
+
+
+# As vLLM's instrumentator: no request metrics for these (polled constantly).
+UNINSTRUMENTED = ["/metrics", "/health", "/ping", "/version"]
+
+
+def add_metrics(app: FastAPI) -> None:
+    """/metrics on the API port, as `vllm serve` (vllm/entrypoints/serve/instrumentator):
+    prometheus-fastapi-instrumentator's HTTP metrics and the process's default registry (the
+    router's `hilm_router_*` and vLLM-named metrics)."""
+    import prometheus_client
+    from prometheus_fastapi_instrumentator import Instrumentator
+
+    class PrometheusResponse(Response):
+        media_type = prometheus_client.CONTENT_TYPE_LATEST
+
+    Instrumentator(excluded_handlers=UNINSTRUMENTED).add().instrument(app).expose(
+        app, endpoint="/metrics", include_in_schema=False, response_class=PrometheusResponse)
+
+
 def build_app(api: RouterAPI, api_keys: Sequence[str] = ()) -> FastAPI:
     app = FastAPI(title="hilm-vllm router", docs_url=None, redoc_url=None)
     # Added last = outermost: the key is checked before the body is read.
@@ -525,11 +792,7 @@ def build_app(api: RouterAPI, api_keys: Sequence[str] = ()) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError):
         # OpenAI answers 400 (not FastAPI's 422) with a readable message.
-        parts = []
-        for err in exc.errors():
-            loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-            parts.append(f"{loc or 'body'}: {err.get('msg')}")
-        return error_body(400, "; ".join(parts) or "invalid request body")
+        return error_body(400, _validation_message(exc.errors()))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -543,14 +806,71 @@ def build_app(api: RouterAPI, api_keys: Sequence[str] = ()) -> FastAPI:
     async def models():
         created = int(time.time())
         ids = [api.name] + [p.value for p in Policy]
+        max_len = await api.router.max_model_len()
         return {"object": "list", "data": [
             {"id": i, "object": "model", "created": created, "owned_by": "hilm-vllm",
-             "root": api.name} for i in ids]}
+             "root": api.name, "parent": None, "max_model_len": max_len} for i in ids]}
+
+    async def _json(request: Request) -> dict:
+        try:
+            data = await request.json()
+        except ValueError:
+            raise InvalidArgument("the body is not JSON") from None
+        if not isinstance(data, dict):
+            raise InvalidArgument("the body must be a JSON object")
+        return data
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        try:
+            out = api.tokenize(await _json(request))
+        except ValidationError as e:
+            return error_body(400, _validation_message(e.errors()))
+        except HilmError as e:
+            return _hilm_error(e)
+        out["max_model_len"] = await api.router.max_model_len()
+        return out
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        try:
+            return api.detokenize(await _json(request))
+        except ValidationError as e:
+            return error_body(400, _validation_message(e.errors()))
+        except HilmError as e:
+            return _hilm_error(e)
+
+    @app.get("/version")
+    async def version():
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as dist_version
+
+        import vllm
+
+        try:
+            ours = dist_version("hilm-vllm")
+        except PackageNotFoundError:
+            ours = None
+        return {"version": vllm.__version__, "hilm_vllm": ours}
+
+    async def _health():
+        down, tiers = await api.router.health()
+        if down is not None:
+            return JSONResponse({"status": "unhealthy", "reason": down, "tiers": tiers},
+                                status_code=503)
+        return JSONResponse({"status": "ok", "tiers": tiers})
 
     @app.get("/health")
     async def health():
-        links = api.router.links
-        return {"status": "ok", "tiers": {
-            t.value: links[t].available if t in links else None for t in MODEL_TIERS}}
+        """200 while the LLM answers SERVING (every policy needs it: lossless ones fail without
+        it); 503 with the reason otherwise. An ILM or drafter that is down is reported in
+        `tiers` (requests are routed around it) but leaves the router healthy."""
+        return await _health()
 
+    @app.get("/ping")
+    @app.post("/ping")
+    async def ping():
+        return await _health()  # as vLLM's /ping (SageMaker): the health check
+
+    add_metrics(app)
     return app

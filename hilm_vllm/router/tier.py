@@ -94,6 +94,12 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
                    help="largest HTTP request body, and prompt text over gRPC, in bytes "
                         "(default: %(default)s)")
+    a.add_argument("--max-n", type=int, default=d.max_n,
+                   help="largest `n` (choices generated for one request) "
+                        "(default: %(default)s)")
+    g.add_argument("--disable-log-stats", action="store_true",
+                   help="no periodic SpecDecoding log line (as `vllm serve`; its interval is "
+                        "$VLLM_LOG_STATS_INTERVAL, default 10 s)")
 
 
 def api_keys(args: argparse.Namespace) -> list[str]:
@@ -109,7 +115,8 @@ def limits_from_args(args: argparse.Namespace) -> RequestLimits:
             max_prompt_tokens=getattr(args, "max_prompt_tokens", d.max_prompt_tokens),
             max_stop_sequences=getattr(args, "max_stop_sequences", d.max_stop_sequences),
             max_stop_length=getattr(args, "max_stop_length", d.max_stop_length),
-            max_request_bytes=getattr(args, "max_request_bytes", d.max_request_bytes))
+            max_request_bytes=getattr(args, "max_request_bytes", d.max_request_bytes),
+            max_n=getattr(args, "max_n", d.max_n))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -169,11 +176,20 @@ def install(grpc_server, runtime, args: argparse.Namespace | None = None) -> lis
     from hilm_vllm.router.openai_api import RouterAPI, build_app
     from hilm_vllm.router.service import SERVICE_NAME, RouterGenerator
 
+    import asyncio
+
+    from hilm_vllm.router import metrics
+
     cfg = config_from_args(args)
     router = Router(cfg)
     tokenizer = load_tokenizer(args.model)
-    api = RouterAPI(router, tokenizer, args.served_model_name or args.model,
-                    limits_from_args(args))
+    name = args.served_model_name or args.model
+    metrics.init_series(name, [t for t, a in (("ilm", cfg.ilm), ("llm", cfg.llm)) if a],
+                        cfg.block_size)
+    api = RouterAPI(router, tokenizer, name, limits_from_args(args))
+    if not getattr(args, "disable_log_stats", False):
+        runtime.log_stats_task = asyncio.ensure_future(
+            metrics.log_stats_forever(logging.getLogger("hilm.router.stats")))
     runtime.http_app = build_app(api, api_keys=api_keys(args))
     runtime.router = router
     generate_pb2_grpc.add_GeneratorServicer_to_server(RouterGenerator(api), grpc_server)
@@ -186,6 +202,9 @@ def install(grpc_server, runtime, args: argparse.Namespace | None = None) -> lis
 
 
 async def on_shutdown(runtime) -> None:
+    task = getattr(runtime, "log_stats_task", None)
+    if task is not None:
+        task.cancel()
     router = getattr(runtime, "router", None)
     if router is not None:
         await router.close()

@@ -27,6 +27,7 @@ from hilm_vllm.server.flags import (DEFAULT_MAX_CLIENT_SAMPLES, DEFAULT_MAX_SESS
 from hilm_vllm.sessions import SessionLimits as StoreLimits
 from hilm_vllm.sessions import SessionStore
 from hilm_vllm.uncertainty import UncertaintyConfig
+from hilm_vllm.verifier import metrics
 from hilm_vllm.verifier.channel import ResultChannel
 from hilm_vllm.verifier.session import (SessionLimits, Timings, VerifierSession, VerifyCall,
                                         VerifyReply, check_block)
@@ -129,7 +130,6 @@ class Verifier:
         self.sessions: SessionStore[VerifierSession] = SessionStore(
             StoreLimits(settings.max_sessions, settings.session_ttl_s,
                         settings.max_sessions_per_client))
-        from hilm_vllm.verifier import metrics
 
         metrics.SESSIONS.set_function(lambda: len(self.sessions))
 
@@ -182,6 +182,8 @@ class Verifier:
             state.check(call, block_checked=True)
             reply = await self._score(state, call, received)
             state.advance(call, reply)
+            metrics.observe_verify(len(call.draft), reply.num_accepted,
+                                   time.perf_counter() - received)
             return reply
 
     @staticmethod

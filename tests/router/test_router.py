@@ -8,6 +8,10 @@ import asyncio
 import contextlib
 import json
 import math
+import os
+import re
+import subprocess
+import sys
 import time
 import urllib.request
 
@@ -45,7 +49,9 @@ def router(zoo, llm, slm=None, ilm=None, *flags: str):
         args += ["--slm", slm.grpc_address]
     if ilm is not None:
         args += ["--ilm", ilm.grpc_address]
-    proc = TierProcess.start("router", args)
+    # a short stats interval, so that the SpecDecoding log line can be seen in a test
+    env = dict(os.environ, VLLM_LOG_STATS_INTERVAL="2")
+    proc = TierProcess.start("router", args, env=env)
     try:
         proc.wait_healthy(120)
         yield proc
@@ -407,8 +413,8 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
     ({"model": "hilm", "prompt": "x", "temperature": -1}, 400, "temperature"),
     ({"model": "hilm", "prompt": [1, 2, 10 ** 6]}, 400, "vocabulary"),
     ({"model": "hilm", "prompt": "x" * 4000, "max_tokens": 4}, 400, "max-model-len"),
-    ({"model": "hilm", "prompt": "x", "n": 2}, 400, "n must be 1"),
-    ({"model": "hilm", "prompt": "x", "frobnicate": 1}, 400, "frobnicate"),
+    ({"model": "hilm", "prompt": "x", "n": 0}, 400, "n must be"),
+    ({"model": "hilm", "prompt": "x", "n": 1000}, 400, "--max-n"),
     ({"model": "spec", "prompt": "x", "max_tokens": 2 ** 31}, 400, "max_tokens"),
     ({"model": "spec", "prompt": "x", "min_tokens": 9, "max_tokens": 4}, 400, "min_tokens"),
     ({"model": "spec", "prompt": "x", "stop_token_ids": [10 ** 6]}, 400, "stop_token_ids"),
@@ -595,3 +601,252 @@ def test_killing_and_restarting_the_ilm_under_load_fails_no_lossy_request(tiny_z
     assert requests >= 1, samples["requests"]  # the load really ran through the fault
     assert samples["failures"] == 0, samples["errors"]
     assert fault.recovered_s is not None, "the router never served through the restarted ILM"
+
+
+# -- the serving surface as vLLM's (issue 15) ---------------------------------------------------
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _samples(text: str, name: str) -> dict[str, float]:
+    """Prometheus exposition lines of one metric name: {labels: value}."""
+    out = {}
+    for m in re.finditer(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", text, re.M):
+        out[m.group(1) or ""] = float(m.group(2))
+    return out
+
+
+def test_unknown_fields_are_accepted_logged_and_listed(served):
+    body = {"model": "spec", "prompt": PROMPT, "max_tokens": 4, "repetition_penalty": 1.0,
+            "frobnicate": {"a": 1}, "stream_options": None}
+    code, out = _post(served.http_url + "/v1/completions", body)
+    assert code == 200, out
+    assert out["usage"]["hilm"]["ignored_fields"] == ["repetition_penalty", "frobnicate"]
+    code, out = _post(served.http_url + "/v1/completions", {"model": "spec", "prompt": PROMPT,
+                                                             "max_tokens": 2})
+    assert code == 200 and out["usage"]["hilm"]["ignored_fields"] == []
+    deadline = time.monotonic() + 10
+    while "frobnicate" not in served.tail(400) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert re.search(r"WARNING .*ignored by the router.*repetition_penalty, frobnicate",
+                     served.tail(400)), served.tail(20)
+
+
+def test_chat_without_max_tokens_runs_to_the_end_of_the_context(served):
+    """vLLM's default for chat: the rest of the context (the tiers run max-model-len 1024)."""
+    c = client(served)
+    long = " ".join(["def f(x): return x"] * 120)
+    out = c.chat.completions.create(model="spec", messages=[{"role": "user", "content": long}],
+                                    seed=3, extra_body={"ignore_eos": True})
+    u = out.usage
+    assert out.choices[0].finish_reason == "length"
+    assert u.completion_tokens > 16 and 1024 - 3 <= u.total_tokens <= 1024, u
+
+
+def test_chat_content_parts_are_the_joined_text(served):
+    c = client(served)
+    parts = [{"type": "text", "text": "Write a loop."}, {"type": "text", "text": "In Python."}]
+    a = c.chat.completions.create(model="spec", messages=[{"role": "user", "content": parts}],
+                                  max_tokens=6, seed=5)
+    b = c.chat.completions.create(
+        model="spec", messages=[{"role": "user", "content": "Write a loop.\nIn Python."}],
+        max_tokens=6, seed=5)
+    assert a.usage.prompt_tokens == b.usage.prompt_tokens
+    assert a.choices[0].message.content == b.choices[0].message.content
+    code, err = _post(served.http_url + "/v1/chat/completions", {
+        "model": "spec", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]})
+    assert code == 400 and "text only" in err["error"]["message"], err
+
+
+def test_n_choices_are_independent_indexed_and_seeded(served):
+    c = client(served)
+    kw = dict(prompt=PROMPT, max_tokens=12, temperature=1.0, seed=21,
+              extra_body={"ignore_eos": True})
+    one = c.completions.create(model="hilm", **kw)
+    three = c.completions.create(model="hilm", n=3, **kw)
+    assert [ch.index for ch in three.choices] == [0, 1, 2]
+    assert three.choices[0].text == one.choices[0].text  # choice 0 keeps the request's seed
+    assert len({ch.text for ch in three.choices}) >= 2  # the others are their own samples
+    assert three.usage.completion_tokens == 36
+    assert len(hilm_usage(three.usage)["choices"]) == 3
+    again = c.completions.create(model="hilm", n=3, **kw)
+    assert [ch.text for ch in again.choices] == [ch.text for ch in three.choices]
+
+    chunks = list(c.completions.create(model="hilm", n=2, stream=True,
+                                       stream_options={"include_usage": True,
+                                                       "continuous_usage_stats": True}, **kw))
+    texts = {0: "", 1: ""}
+    for ch in chunks:
+        if ch.choices:
+            texts[ch.choices[0].index] += ch.choices[0].text
+            assert ch.usage is not None and ch.usage.completion_tokens <= 12
+    assert texts[0] == one.choices[0].text and texts[1] == three.choices[1].text
+    assert chunks[-1].usage.completion_tokens == 24 and not chunks[-1].choices
+
+
+def test_include_stop_str_in_output(served):
+    c = client(served)
+    base = c.completions.create(model="llm-only", prompt=PROMPT, max_tokens=24, temperature=0,
+                                extra_body={"ignore_eos": True}).choices[0].text
+    stop = base[len(base) // 2:len(base) // 2 + 2]
+    cut = base[:base.index(stop)]
+    for policy in ("llm-only", "spec"):
+        kw = dict(model=policy, prompt=PROMPT, max_tokens=24, temperature=0, stop=[stop])
+        out = c.completions.create(**kw, extra_body={"ignore_eos": True})
+        assert out.choices[0].text == cut and out.choices[0].finish_reason == "stop"
+        out = c.completions.create(**kw, extra_body={"ignore_eos": True,
+                                                     "include_stop_str_in_output": True})
+        assert out.choices[0].text == cut + stop and out.choices[0].finish_reason == "stop"
+
+
+def test_tokenize_detokenize_version_ping_models(served, tiny_zoo):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_zoo.llm))
+    code, out = _post(served.http_url + "/tokenize", {"model": "hilm", "prompt": PROMPT,
+                                                      "return_token_strs": True})
+    assert code == 200 and out["tokens"] == tok.encode(PROMPT), out
+    assert out["count"] == len(out["tokens"]) and out["max_model_len"] == 1024
+    assert out["token_strs"] == tok.convert_ids_to_tokens(out["tokens"])
+    code, chat = _post(served.http_url + "/tokenize", {
+        "messages": [{"role": "user", "content": "hi"}]})
+    assert code == 200 and chat["tokens"] == tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=True,
+        return_dict=False)
+    code, out = _post(served.http_url + "/detokenize", {"tokens": out["tokens"]})
+    assert code == 200 and out["prompt"] == tok.decode(tok.encode(PROMPT))
+    code, err = _post(served.http_url + "/detokenize", {"tokens": [10 ** 7]})
+    assert code == 400 and "vocabulary" in err["error"]["message"]
+    code, body = _get(served.http_url + "/version")
+    import vllm
+
+    assert code == 200 and json.loads(body)["version"] == vllm.__version__
+    assert _get(served.http_url + "/ping")[0] == 200
+    models = client(served).models.list().data
+    assert models[0].root == models[0].id and all(
+        m.model_extra["max_model_len"] == 1024 for m in models)
+
+
+def test_metrics_on_the_api_port_in_vllms_names(served):
+    """/metrics on the HTTP port: vLLM's spec-decode counters, consistent with usage.hilm (one
+    draft per verification; acceptance length 1 + accepted / drafts), the latency histograms,
+    in-flight requests, the HTTP metrics of prometheus-fastapi-instrumentator; the periodic
+    SpecDecoding log line."""
+    url = served.http_url + "/metrics"
+    before = _get(url)[1]
+    out = client(served).completions.create(model="spec", prompt=PROMPT, max_tokens=24,
+                                            seed=2, extra_body={"ignore_eos": True})
+    h = hilm_usage(out.usage)
+    code, after = _get(url)
+    assert code == 200
+
+    def total(text, name):
+        return sum(_samples(text, name).values())
+
+    drafts = total(after, "vllm:spec_decode_num_drafts_total") - \
+        total(before, "vllm:spec_decode_num_drafts_total")
+    accepted = total(after, "vllm:spec_decode_num_accepted_tokens_total") - \
+        total(before, "vllm:spec_decode_num_accepted_tokens_total")
+    drafted = total(after, "vllm:spec_decode_num_draft_tokens_total") - \
+        total(before, "vllm:spec_decode_num_draft_tokens_total")
+    assert drafts == h["llm_drafts"] >= 1 and accepted == h["llm_accepted"]
+    assert drafted == h["llm_drafted"]
+    assert h["acceptance_length"]["llm"] == pytest.approx(1 + accepted / drafts)
+    per_pos = _samples(after, "vllm:spec_decode_num_accepted_tokens_per_pos_total")
+    assert any('position="0"' in k for k in per_pos)
+    assert sum(per_pos.values()) == total(after, "vllm:spec_decode_num_accepted_tokens_total")
+    for name in ("hilm_router_inter_token_latency_seconds_bucket",
+                 "hilm_router_e2e_request_latency_seconds_count",
+                 "vllm:e2e_request_latency_seconds_count", "vllm:inter_token_latency_seconds_bucket",
+                 "hilm_router_requests_running", "vllm:num_requests_running",
+                 "hilm_router_rounds_total", "hilm_router_accepted_drafts_per_pos_total",
+                 "http_requests_total", "hilm_router_route_decisions_total"):
+        assert name in after, name
+    assert total(after, "hilm_router_requests_running") == 0
+    # the old separate port serves the same registry
+    assert "vllm:spec_decode_num_drafts_total" in _get(served.metrics_url)[1]
+    deadline = time.monotonic() + 10
+    line = None
+    while line is None and time.monotonic() < deadline:
+        line = next((x for x in served.tail(400).splitlines()
+                     if "SpecDecoding metrics: Mean acceptance length" in x), None)
+        time.sleep(0.3)
+    assert line and "Per-position acceptance rate" in line and "TR:" in line, served.tail(20)
+
+
+def test_tiers_export_their_verify_and_draft_metrics(served, tiers):
+    client(served).completions.create(model="hilm", prompt=PROMPT, max_tokens=12, seed=4,
+                                      extra_body={"ignore_eos": True})
+    llm, ilm, slm = tiers
+    text = _get(llm.metrics_url)[1]
+    assert total_of(text, "hilm_verifier_verifies_total") >= 1
+    assert total_of(text, "hilm_verifier_draft_tokens_total") >= \
+        total_of(text, "hilm_verifier_accepted_tokens_total")
+    assert "hilm_verifier_verify_seconds_bucket" in text and "hilm_verifier_sessions" in text
+    text = _get(slm.metrics_url)[1]
+    for name in ("hilm_drafter_sessions", "hilm_drafter_draft_seconds_bucket",
+                 "hilm_drafter_rolled_back_tokens_total", "hilm_drafter_tokens_total"):
+        assert name in text, name
+
+
+def total_of(text: str, name: str) -> float:
+    return sum(_samples(text, name).values())
+
+
+class _Nowhere:
+    """A tier address where nothing listens."""
+
+    def __init__(self):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.grpc_address = f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_health_is_503_with_the_reason_while_the_llm_is_down(served, tiny_zoo, tiers):
+    code, body = _get(served.http_url + "/health")
+    assert code == 200 and json.loads(body)["tiers"] == {
+        "slm": "serving", "ilm": "serving", "llm": "serving"}
+    _llm, ilm, slm = tiers
+    with router(tiny_zoo, _Nowhere(), slm, ilm, "--policy", "spec") as r:
+        code, body = _get(r.http_url + "/health")
+        doc = json.loads(body)
+        assert code == 503 and doc["status"] == "unhealthy", doc
+        assert "llm tier" in doc["reason"] and doc["tiers"]["slm"] == "serving"
+        assert _get(r.http_url + "/ping")[0] == 503
+        models = json.loads(_get(r.http_url + "/v1/models")[1])
+        assert models["data"][0]["max_model_len"] is None
+
+
+def test_vllm_bench_serve_runs_against_the_router(served, tiny_zoo, tmp_path):
+    """vLLM's serving benchmark, its own code (`vllm bench serve`; hilm_vllm.bench.vllm_serve
+    runs it where the CPU wheel's `vllm` command cannot start): every request succeeds and the
+    result reports the spec-decode acceptance it scraped from the router's /metrics."""
+    n = 24
+    cmd = [sys.executable, "-m", "hilm_vllm.bench", "vllm-serve", "--backend", "openai",
+           "--base-url", served.http_url, "--endpoint", "/v1/completions",
+           "--model", str(tiny_zoo.llm), "--tokenizer", str(tiny_zoo.llm),
+           "--dataset-name", "random", "--random-input-len", "24", "--random-output-len", "16",
+           "--num-prompts", str(n), "--max-concurrency", "4", "--ignore-eos", "--seed", "0",
+           "--save-result", "--result-dir", str(tmp_path), "--result-filename", "bench.json",
+           "--disable-tqdm"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OPENAI_API_KEY=""))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    assert doc["completed"] == n and doc["failed"] == 0, doc["errors"]
+    assert doc["total_output_tokens"] == 16 * n
+    assert doc["spec_decode_num_drafts"] >= 1 and doc["spec_decode_draft_tokens"] >= 1
+    assert doc["spec_decode_acceptance_length"] == pytest.approx(
+        1 + doc["spec_decode_accepted_tokens"] / doc["spec_decode_num_drafts"])
+    assert doc["spec_decode_per_position_acceptance_rates"]
+    assert "Acceptance length:" in r.stdout
+    print(r.stdout[-2500:])

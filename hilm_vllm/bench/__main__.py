@@ -1,0 +1,5 @@
+import sys
+
+from hilm_vllm.bench import main
+
+sys.exit(main())
