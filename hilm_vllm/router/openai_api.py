@@ -40,7 +40,6 @@ from hilm_vllm.router.engine import GenerationRequest, RequestStats, Router
 from hilm_vllm.router.policy import Policy, Thresholds
 from hilm_vllm.seeds import Stream, derive_seed
 from hilm_vllm.server.security import bearer_ok
-from hilm_vllm.tiers import MODEL_TIERS
 
 logger = logging.getLogger("hilm.router.api")
 
