@@ -22,6 +22,7 @@ import numpy as np
 from hilm_vllm.errors import HilmError, InvalidArgument, Unavailable
 from hilm_vllm import codec
 from hilm_vllm.sampling import SamplingSpec, ScoredToken
+from hilm_vllm.server.grpc_util import is_engine_client_error
 from hilm_vllm.server.flags import (DEFAULT_MAX_CLIENT_SAMPLES, DEFAULT_MAX_SESSIONS_PER_CLIENT,
                                     check_caps)
 from hilm_vllm.sessions import SessionLimits as StoreLimits
@@ -294,6 +295,8 @@ class Verifier:
         except ValueError as e:  # vLLM's request validation (VLLMValidationError and others)
             raise InvalidArgument(f"the engine refused the request: {e}") from e
         except Exception as e:  # e.g. EngineGenerateError: INTERNAL with its cause, not UNKNOWN
+            if is_engine_client_error(e):  # a check this tier missed: still the client's
+                raise InvalidArgument(f"the engine refused the request: {e}") from e
             logger.exception("engine request failed")
             raise HilmError(f"the engine failed on this request: {e!r}") from e
 
@@ -314,8 +317,10 @@ class Verifier:
             raise InvalidArgument(f"max_tokens must be >= 0 (0 = up to max-model-len), "
                                   f"got {max_tokens}")
         codec.check_token_ids(stop_token_ids, self.facts.vocab_size, "stop_token_ids")
-        if min_tokens < 0:
-            raise InvalidArgument(f"min_tokens must be >= 0, got {min_tokens}")
+        room = max_tokens or self.facts.max_model_len - len(ids)
+        if not 0 <= min_tokens <= room:
+            raise InvalidArgument(f"min_tokens must be in [0, {room}] (max_tokens, or what "
+                                  f"max-model-len leaves after the prompt), got {min_tokens}")
         if stop and self.engine.tokenizer is None:
             raise InvalidArgument("stop strings need a tokenizer; this tier runs with "
                                   "--skip-tokenizer-init: send stop_token_ids")

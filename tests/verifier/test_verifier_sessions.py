@@ -145,6 +145,13 @@ async def router_policy_on_generate(c):
         pass
 
 
+async def min_tokens_past_the_context(c):
+    """Found by fuzzing: vLLM refuses it deep inside the engine (was INTERNAL)."""
+    request = generate_pb2.GenerateRequest(prompt=prompt_pb(PROMPT), min_tokens=105460520)
+    async for _ in generate_pb2_grpc.GeneratorStub(c.channel).Generate(request):
+        pass
+
+
 BAD_INPUTS = [
     (unknown, C.NOT_FOUND, r"does not exist or expired"),
     (wrong_position, C.FAILED_PRECONDITION, r"session is at position 10.*resend with position=10"),
@@ -161,6 +168,7 @@ BAD_INPUTS = [
     (prompt_outside_vocab, C.INVALID_ARGUMENT, r"prompt has token id 600 outside"),
     (negative_temperature, C.INVALID_ARGUMENT, r"temperature must be a finite number >= 0"),
     (router_policy_on_generate, C.INVALID_ARGUMENT, r"router option"),
+    (min_tokens_past_the_context, C.INVALID_ARGUMENT, r"min_tokens must be in \[0, \d+\]"),
 ]
 
 
