@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hilm_vllm.benchjson import write_result  # noqa: E402
 from hilm_vllm.launch import exit_on_sigterm  # noqa: E402
 from hilm_vllm.soak import DEFAULT_POLICIES  # noqa: E402
-from hilm_vllm.soak.harness import (LocustRun, Stack, family_args, kill_and_restart,  # noqa: E402
+from hilm_vllm.soak.harness import (LocustRun, kill_and_restart, launch_family,  # noqa: E402
                                     prompts_of, stop_and_continue)
 
 KILLED = ("slm", "ilm", "llm")
@@ -65,13 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from hilm_vllm.zoo import ensure_zoo
-
     args = parse_args(argv)
-    zoo = ensure_zoo(args.zoo)
-    engine, router = family_args(zoo, args.zoo)
-    print(f"faults: starting the {args.zoo} family's four tiers", flush=True)
-    stack = Stack.launch(engine, router)
+    zoo, stack = launch_family(args.zoo, "faults")
     faults, samples = [], None
     run = LocustRun(stack.router.http_url, stack.router.grpc_address, args.users, 24 * 3600,
                     policies=args.policies, max_tokens=args.max_tokens,

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hilm_vllm.benchjson import write_result  # noqa: E402
 from hilm_vllm.launch import exit_on_sigterm  # noqa: E402
-from hilm_vllm.soak.harness import Stack, family_args, prompts_of, soak  # noqa: E402
+from hilm_vllm.soak.harness import launch_family, prompts_of, soak  # noqa: E402
 from hilm_vllm.soak import DEFAULT_POLICIES  # noqa: E402
 
 
@@ -56,13 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from hilm_vllm.zoo import ensure_zoo
-
     args = parse_args(argv)
-    zoo = ensure_zoo(args.zoo)
-    engine, router = family_args(zoo, args.zoo)
-    print(f"soak: starting the {args.zoo} family's four tiers", flush=True)
-    stack = Stack.launch(engine, router)
+    zoo, stack = launch_family(args.zoo, "soak")
     try:
         results = soak(stack, args.users, args.duration, args.warmup, policies=args.policies,
                        max_tokens=args.max_tokens, prompts=prompts_of(zoo),

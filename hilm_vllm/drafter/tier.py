@@ -11,7 +11,7 @@ import argparse
 import weakref
 
 from hilm_vllm.drafter.core import DrafterSettings
-from hilm_vllm.server.flags import add_uncertainty_args, uncertainty_from_args
+from hilm_vllm.server.flags import add_session_args, add_uncertainty_args, uncertainty_from_args
 
 PINNED_VLLM = "0.32.0"
 
@@ -26,14 +26,7 @@ ENGINE_DEFAULTS = {
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     d = DrafterSettings()
     g = parser.add_argument_group("drafter (tier slm)")
-    g.add_argument("--max-sessions", type=int, default=d.max_sessions,
-                   help="open sessions at most (default: %(default)s)")
-    g.add_argument("--max-sessions-per-client", type=int, default=d.max_sessions_per_client,
-                   help="open sessions one client may hold (its certificate's identity under "
-                        "mutual TLS, else its client id); OpenSession beyond it is "
-                        "RESOURCE_EXHAUSTED (default: %(default)s)")
-    g.add_argument("--session-ttl-s", type=float, default=d.session_ttl_s,
-                   help="seconds an idle session lives (default: %(default)s)")
+    add_session_args(g, d)
     g.add_argument("--max-draft-tokens", type=int, default=d.max_draft_tokens,
                    help="largest block one Draft may ask for (default: %(default)s)")
     g.add_argument("--draft-top-k", type=int, default=d.draft_top_k,

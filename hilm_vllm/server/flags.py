@@ -13,6 +13,21 @@ DEFAULT_MAX_CLIENT_SAMPLES = 64
 DEFAULT_MAX_SESSIONS_PER_CLIENT = 128
 
 
+def add_session_args(group: argparse._ArgumentGroup, settings) -> None:
+    """--max-sessions, --max-sessions-per-client, --session-ttl-s: the session store of the
+    drafter and verifier tiers (`settings` holds their defaults)."""
+    group.add_argument("--max-sessions", type=int, default=settings.max_sessions,
+                       help="open sessions at most; OpenSession beyond it is RESOURCE_EXHAUSTED "
+                            "(default: %(default)s)")
+    group.add_argument("--max-sessions-per-client", type=int,
+                       default=settings.max_sessions_per_client,
+                       help="open sessions one client may hold (its certificate's identity "
+                            "under mutual TLS, else its client id); OpenSession beyond it is "
+                            "RESOURCE_EXHAUSTED (default: %(default)s)")
+    group.add_argument("--session-ttl-s", type=float, default=settings.session_ttl_s,
+                       help="a session unused this long expires (default: %(default)s)")
+
+
 def add_uncertainty_args(group: argparse._ArgumentGroup, default: UncertaintyConfig,
                          gate_help: str) -> None:
     """--uncertainty-gate, --uncertainty-samples, --theta-max, --perturbation."""

@@ -288,6 +288,15 @@ TINY_ROUTER_FLAGS = ["--t1", "0.3", "--t2", "0.8", "--t-ilm", "0.6", "--block-si
 DEMO_THRESHOLDS = "engine_configs/thresholds-demo.yaml"
 
 
+def launch_family(recipe: str, what: str):
+    """(zoo, Stack) of `recipe`'s four tiers (built first if missing), announced as `what`."""
+    from hilm_vllm.zoo import ensure_zoo
+
+    zoo = ensure_zoo(recipe)
+    print(f"{what}: starting the {recipe} family's four tiers", flush=True)
+    return zoo, Stack.launch(*family_args(zoo, recipe))
+
+
 def family_args(zoo, recipe: str) -> tuple[Callable[[str], list[str]],
                                            Callable[[dict[str, str]], list[str]]]:
     """(engine flags per tier, router flags from the tiers' addresses) for `recipe`."""

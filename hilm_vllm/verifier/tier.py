@@ -9,7 +9,7 @@ import weakref
 import grpc
 
 from hilm_vllm.errors import Unavailable
-from hilm_vllm.server.flags import add_uncertainty_args, uncertainty_from_args
+from hilm_vllm.server.flags import add_session_args, add_uncertainty_args, uncertainty_from_args
 from hilm_vllm.verifier.core import Verifier, VerifierSettings
 from hilm_vllm.verifier.service import add_services
 
@@ -37,15 +37,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     install(..., args=the parsed namespace)."""
     d = VerifierSettings()
     group = parser.add_argument_group("verifier tier")
-    group.add_argument("--max-sessions", type=int, default=d.max_sessions,
-                       help="open sessions at most; OpenSession beyond it is RESOURCE_EXHAUSTED "
-                            "(default: %(default)s)")
-    group.add_argument("--max-sessions-per-client", type=int, default=d.max_sessions_per_client,
-                       help="open sessions one client may hold (its certificate's identity "
-                            "under mutual TLS, else its client id); OpenSession beyond it is "
-                            "RESOURCE_EXHAUSTED (default: %(default)s)")
-    group.add_argument("--session-ttl-s", type=float, default=d.session_ttl_s,
-                       help="a session unused this long expires (default: %(default)s)")
+    add_session_args(group, d)
     group.add_argument("--max-block", type=int, default=d.max_block,
                        help="draft tokens per Verify at most (default: %(default)s)")
     # The verifier's own uncertainty of the tokens it emits (VerifyRequest.return_emitted), with

@@ -59,7 +59,20 @@ def _check(tally: Tally, tallies, *procs) -> None:
     assert tally.inputs >= inputs_per_service()
 
 
-def _run_grpc(stack, tally: Tally, address: str, calls, close) -> None:
+def _service(module, service: str, plan: dict) -> list:
+    """The fuzzer's call table of `service` (module: its _pb2): method name -> (weight, fields
+    strategy); request/response classes and streaming come from the service's descriptor."""
+    from google.protobuf.message_factory import GetMessageClass
+
+    svc = module.DESCRIPTOR.services_by_name[service]
+    return [(f"/{svc.full_name}/{m.name}", GetMessageClass(m.input_type),
+             GetMessageClass(m.output_type), m.server_streaming, *plan[m.name])
+            for m in svc.methods if m.name in plan]
+
+
+def _run_grpc(stack, tally: Tally, address: str, calls) -> None:
+    """Fuzz `calls`; the sessions the fuzzer opened are closed with the table's CloseSession."""
+    close = next(c[:3] for c in calls if c[0].endswith("/CloseSession"))
     t0 = time.perf_counter()
     with make_channel(address, stack.client, aio=False) as channel:
         fuzzer = GrpcFuzzer(channel, tally, ((CLIENT_METADATA_KEY, "fuzzer"),), close)
@@ -71,26 +84,14 @@ def _run_grpc(stack, tally: Tally, address: str, calls, close) -> None:
 def test_fuzz_the_drafter(stack, tallies):
     tally = Tally("slm Drafter")
     tallies.append(tally)
-    d = "/hilm.v1.Drafter/"
-    with_session = session_fields
 
     def draft_fields(f):
         return {**session_fields(f), "max_tokens": _small_ints()}
 
-    calls = [
-        (d + "OpenSession", drafter_pb2.OpenDrafterSessionRequest,
-         drafter_pb2.OpenDrafterSessionResponse, False, 3, _VALID),
-        (d + "Draft", drafter_pb2.DraftRequest, drafter_pb2.DraftResponse, False, 4, draft_fields),
-        (d + "Rollback", drafter_pb2.RollbackRequest, drafter_pb2.RollbackResponse, False, 2,
-         with_session),
-        (d + "Append", drafter_pb2.AppendRequest, drafter_pb2.AppendResponse, False, 2,
-         with_session),
-        (d + "CloseSession", drafter_pb2.CloseDrafterSessionRequest,
-         drafter_pb2.CloseDrafterSessionResponse, False, 1, with_session),
-    ]
-    close = (d + "CloseSession", drafter_pb2.CloseDrafterSessionRequest,
-             drafter_pb2.CloseDrafterSessionResponse)
-    _run_grpc(stack, tally, stack.slm.grpc_address, calls, close)
+    calls = _service(drafter_pb2, "Drafter", {
+        "OpenSession": (3, _VALID), "Draft": (4, draft_fields), "Rollback": (2, session_fields),
+        "Append": (2, session_fields), "CloseSession": (1, session_fields)})
+    _run_grpc(stack, tally, stack.slm.grpc_address, calls)
     _check(tally, tallies, stack.slm)
 
     async def normal():
@@ -105,7 +106,6 @@ def test_fuzz_the_drafter(stack, tallies):
 def test_fuzz_the_verifier(stack, tallies):
     tally = Tally("llm Verifier + Generator")
     tallies.append(tally)
-    v = "/hilm.v1.Verifier/"
 
     def generate_fields(_f):
         # the LLM tier's own generation has no cap but max-model-len (0 = up to it): keep valid
@@ -113,19 +113,11 @@ def test_fuzz_the_verifier(stack, tallies):
         return {**_VALID, "max_tokens": st.one_of(st.integers(1, 8), st.integers(-5, -1),
                                                   st.just(-(1 << 31)))}
 
-    calls = [
-        (v + "OpenSession", verifier_pb2.OpenVerifierSessionRequest,
-         verifier_pb2.OpenVerifierSessionResponse, False, 3, _VALID),
-        (v + "Verify", verifier_pb2.VerifyRequest, verifier_pb2.VerifyResponse, False, 5,
-         session_fields),
-        (v + "CloseSession", verifier_pb2.CloseVerifierSessionRequest,
-         verifier_pb2.CloseVerifierSessionResponse, False, 1, session_fields),
-        ("/hilm.v1.Generator/Generate", generate_pb2.GenerateRequest,
-         generate_pb2.GenerateResponse, True, 1, generate_fields),
-    ]
-    close = (v + "CloseSession", verifier_pb2.CloseVerifierSessionRequest,
-             verifier_pb2.CloseVerifierSessionResponse)
-    _run_grpc(stack, tally, stack.llm.grpc_address, calls, close)
+    calls = _service(verifier_pb2, "Verifier", {
+        "OpenSession": (3, _VALID), "Verify": (5, session_fields),
+        "CloseSession": (1, session_fields)}) + _service(generate_pb2, "Generator", {
+            "Generate": (1, generate_fields)})
+    _run_grpc(stack, tally, stack.llm.grpc_address, calls)
     _check(tally, tallies, stack.llm)
 
     async def normal():
