@@ -94,7 +94,6 @@ import contextlib
 import math
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -111,9 +110,7 @@ RESEED = "llm-only-reseed"  # llm-only again with other seeds: the noise floor o
 RESEED_OFFSET = 1_000_000  # seed offset of the reseed run: far from every prompt's own seed
 WARMUP_TOKENS = 2  # a warm-up request only has to touch every tier the policy uses
 PRIMARY_TEMPERATURE = 1.0  # where the top-level metrics come from (when it is run)
-STOP_TIMEOUT_S = 30.0  # SIGTERM, then SIGKILL of the tier's process group (a tier still starting
-#                      its engine can take a minute to honour SIGTERM)
-ENGINE_TIERS = ("llm", "ilm", "slm")  # start order; the router needs all three
+ENGINE_TIERS = ("llm", "ilm", "slm")  # the engine tiers (hilm_vllm.stack starts them)
 USAGE_COUNTERS = ("rounds", "skips", "ilm_messages", "llm_messages", "ilm_drafted",
                   "ilm_accepted", "llm_drafted", "llm_accepted", "llm_forwards", "network_ms",
                   "ilm_drafts", "llm_drafts")
@@ -490,11 +487,6 @@ def progress_line(n: int, total: int, run: Run) -> str:
 
 # ---- tiers --------------------------------------------------------------------------------------
 
-def engine_flags(tier: str, zoo) -> list[str]:
-    return ["--model", str(zoo.model(tier)), "--config", f"engine_configs/demo-{tier}.yaml",
-            "--port", "0", "--metrics-port", "0"]
-
-
 def thresholds_file(path: str | Path):
     """The thresholds YAML (`codec.ThresholdsFile`), None when there is none."""
     from hilm_vllm import codec
@@ -502,92 +494,41 @@ def thresholds_file(path: str | Path):
     return codec.read_thresholds(path) if Path(path).is_file() else None
 
 
-def ilm_gate_flags(thresholds: str | Path) -> list[str]:
-    """The ILM tier's own gate flags from the thresholds YAML's `ilm_uncertainty` (t_ilm was
-    fitted with that gate; the router does not send the ILM one), [] when it names none."""
-    tf = thresholds_file(thresholds)
-    u = tf.ilm_uncertainty if tf is not None else None
-    if u is None:
-        return []
-    return ["--uncertainty-gate", u.gate.value, "--uncertainty-samples", str(u.num_samples),
-            "--theta-max", str(u.theta_max), "--perturbation", u.perturbation.value]
-
-
-def router_flags(args, addresses: dict[str, str]) -> list[str]:
-    return ["--model", f"zoo:{args.zoo}/llm", "--slm", addresses["slm"], "--ilm", addresses["ilm"],
-            "--llm", addresses["llm"], "--policy", "hilm", "--thresholds", args.thresholds,
-            "--block-size", str(args.block_size), "--latency", args.latency,
-            "--port", "0", "--grpc-port", "0", "--metrics-port", "0"]
+def router_flags(args) -> list[str]:
+    """The router's flags besides the tiers' addresses and its ports (hilm_vllm.stack)."""
+    return ["--policy", "hilm", "--thresholds", args.thresholds,
+            "--block-size", str(args.block_size), "--latency", args.latency]
 
 
 @dataclass
 class Tiers:
-    """The router's URL and the processes this demo launched (none with --router)."""
+    """The router's URL and the stack this demo launched (None with --router)."""
 
     url: str
-    procs: list = field(default_factory=list)
+    stack: object = None  # hilm_vllm.stack.Stack
 
     def tail(self, tier: str, n: int = 30) -> str:
-        return next((p.tail(n) for p in self.procs if p.tier == tier), "")
-
-    def write_logs(self, log_dir: Path) -> None:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        for p in self.procs:
-            (log_dir / f"{p.tier}.log").write_text("\n".join(p.log) + "\n")
-        print(f"tier logs (last {self.procs[0].log.maxlen} lines each) in {log_dir}")
+        return self.stack.tail(tier, n) if self.stack is not None else ""
 
 
 @contextlib.contextmanager
 def served_router(args, zoo):
-    """Yield Tiers: `--router`, else four launched tiers, all stopped on exit (error or not)."""
+    """Yield Tiers: `--router`, else the family's four tiers launched as `hilm up --family`
+    launches them (hilm_vllm.stack), all stopped on exit (error or not)."""
     if args.router:
         yield Tiers(args.router)
         return
-    from hilm_vllm.launch import TierProcess
+    from hilm_vllm.stack import Stack, family_plan
 
-    tiers = Tiers("")
-    try:
-        t0 = time.monotonic()
-        print(f"starting tiers {', '.join(ENGINE_TIERS)} ...", flush=True)
-        for tier in ENGINE_TIERS:
-            extra = ilm_gate_flags(args.thresholds) if tier == "ilm" else []
-            tiers.procs.append(TierProcess.start(tier, engine_flags(tier, zoo) + extra))
-        for proc in tiers.procs:
-            proc.wait_healthy(args.startup_timeout)
-        addresses = {p.tier: p.grpc_address for p in tiers.procs}
-        print(f"  engines healthy after {time.monotonic() - t0:.0f} s: {addresses}", flush=True)
-        router = TierProcess.start("router", router_flags(args, addresses))
-        tiers.procs.append(router)
-        router.wait_healthy(args.startup_timeout)
-        tiers.url = router.http_url
-        print(f"  router healthy at {tiers.url} after {time.monotonic() - t0:.0f} s", flush=True)
-        yield tiers
-    finally:
-        stop_all(tiers.procs)
-        if args.log_dir and tiers.procs:
-            tiers.write_logs(Path(args.log_dir))
-
-
-def stop_all(procs) -> None:
-    """Stop every launched tier, router first, all at once; a second Ctrl-C cannot cut it short."""
-    if not procs:
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
-    try:
-        t0 = time.monotonic()
-        threads = [threading.Thread(target=p.stop, args=(STOP_TIMEOUT_S,)) for p in reversed(procs)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        print(f"stopped {len(procs)} tiers in {time.monotonic() - t0:.0f} s", flush=True)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-
-
-def _main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
+    plan = family_plan(args.zoo, router_flags=router_flags(args))
+    with Stack.launch(plan, timeout=args.startup_timeout,
+                      log=lambda m: print(f"  {m}", flush=True)) as stack:
+        try:
+            yield Tiers(stack.url, stack)
+        finally:
+            if args.log_dir:
+                stack.write_logs(Path(args.log_dir))
+                print(f"tier logs (last lines of each) in {args.log_dir}", flush=True)
 
 
 def _sigterm(signum, frame):
@@ -782,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
         prompts, references = load_prompts(zoo, args)
         with served_router(args, zoo) as tiers:
             runs = asyncio.run(run_all(tiers.url, prompts, args))
-            if tiers.procs and any(r.error for run in runs for r in run.records):
+            if tiers.stack is not None and any(r.error for run in runs for r in run.records):
                 print(f"some requests failed; the router's last lines:\n{tiers.tail('router')}",
                       file=sys.stderr)
         return report(runs, references, args, zoo, prompts)

@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.demo import RequestRecord, run_metrics  # noqa: E402
 from hilm_vllm.benchjson import write_result  # noqa: E402
-from hilm_vllm.launch import TierProcess, exit_on_sigterm  # noqa: E402
+from hilm_vllm.launch import exit_on_sigterm  # noqa: E402
 
 POLICIES = ("llm-only", "hlm", "spec", "uhlm", "hilm", "cascade", "rand")
 DRAFTING = {"hlm", "spec", "uhlm", "hilm", "cascade", "rand"}
@@ -193,39 +193,36 @@ def measure(url: str, model: str, llm_metrics: str | None, policy: str, optimist
 
 # ---- tiers --------------------------------------------------------------------------------------
 
-def engine_flags(tier: str, zoo, args) -> list[str]:
-    flags = ["--model", str(zoo.model(tier)), "--config", f"engine_configs/demo-{tier}.yaml",
-             "--port", "0", "--metrics-port", "0"]
-    if args.engine_busy_loop_ms is not None:
-        flags += ["--engine-busy-loop-ms", f"{args.engine_busy_loop_ms:g}"]
-    return flags
+def engine_args(args) -> list[str]:
+    """Flags of every engine tier beyond the family's engine_configs/<zoo>-<tier>.yaml."""
+    if args.engine_busy_loop_ms is None:
+        return []
+    return ["--engine-busy-loop-ms", f"{args.engine_busy_loop_ms:g}"]
 
 
-def router_flags(zoo, addresses: dict[str, str], latency: str, args) -> list[str]:
-    flags = ["--model", str(zoo.llm), "--slm", addresses["slm"], "--ilm", addresses["ilm"],
-             "--llm", addresses["llm"], "--policy", "hilm", "--block-size", str(args.block_size),
-             "--latency", latency, "--port", "0", "--grpc-port", "0", "--metrics-port", "0"]
+def router_flags(latency: str, args) -> list[str]:
+    """The router's flags besides the tiers' addresses and its ports (hilm_vllm.stack)."""
+    flags = ["--policy", "hilm", "--block-size", str(args.block_size), "--latency", latency]
     if args.thresholds and Path(args.thresholds).exists():
         flags += ["--thresholds", args.thresholds]
     return flags + args.router_args.split()
 
 
 def run_tiers(zoo, prompts: list[str], args) -> list[dict]:
-    runs, procs = [], []
-    try:
-        tiers = {t: TierProcess.start(t, engine_flags(t, zoo, args), placement=args.placement)
-                 for t in ("slm", "ilm", "llm")}
-        procs += tiers.values()
-        for p in tiers.values():
-            p.wait_healthy()
-        addresses = {t: p.grpc_address for t, p in tiers.items()}
-        routers = {}
-        for latency in args.latency:
-            routers[latency] = TierProcess.start("router",
-                                                 router_flags(zoo, addresses, latency, args))
-            procs.append(routers[latency])
-        for r in routers.values():
-            r.wait_listening()
+    """The family's tiers launched as `hilm up` launches them, one router per network model."""
+    from hilm_vllm.stack import Stack, family_plan
+
+    runs = []
+    first, *others = args.latency
+    plan = family_plan(args.zoo, router_flags=router_flags(first, args),
+                       engine_args=engine_args(args))
+    with Stack.launch(plan, placement=args.placement,
+                      log=lambda m: print(f"  {m}", flush=True)) as stack:
+        routers = {first: stack.router}
+        for latency in others:
+            routers[latency] = stack.add_router(["--model", plan.router[1],
+                                                 *router_flags(latency, args)])
+        tiers = stack.tiers
         llm_metrics = tiers["llm"].metrics_url
         for latency, router in routers.items():
             for policy in args.policies:  # one untimed warm-up request per policy
@@ -240,9 +237,6 @@ def run_tiers(zoo, prompts: list[str], args) -> list[dict]:
                                     latency, prompts, args, extra)
                         runs.append(e)
                         print(line(e), flush=True)
-    finally:
-        for p in procs:
-            p.stop()
     return runs
 
 

@@ -1,4 +1,5 @@
-"""`hilm-serve --tier {llm,ilm,slm,router}`: start one tier.
+"""`hilm-serve --tier {llm,ilm,slm,router}`: start one tier (`--tier all`: `hilm up`, every tier
+and the router in one command).
 
 vLLM's own engine flags pass through (`--model`, `--max-model-len`, `--tensor-parallel-size`,
 ...), parsed by vLLM's parser, and `--config engine_configs/X.yaml` supplies defaults exactly as
@@ -19,7 +20,8 @@ from hilm_vllm.server.grpc_util import (DEFAULT_MAX_MESSAGE_MB, MAX_MESSAGE_ENV,
                                         max_message_bytes)
 from hilm_vllm.tiers import MODEL_TIERS, Tier
 
-ZOO_PREFIX = "zoo:"  # --model zoo:demo/llm names a model of the locally built demo family
+ZOO_PREFIX = "zoo:"
+ALL = "all"  # --tier all: the whole system (hilm_vllm.up)  # --model zoo:demo/llm names a model of the locally built demo family
 
 # Each engine tier's module provides `ENGINE_DEFAULTS` (engine arguments the tier's hooks need,
 # e.g. its worker extension; the command line and --config still override them),
@@ -62,9 +64,11 @@ def build_parser(tier: Tier | None):
         description="Serve one tier of hilm-vllm. Engine tiers (llm, ilm, slm) take vLLM's "
                     "engine flags; `hilm-serve --tier llm --help` lists them.",
     )
-    parser.add_argument("--tier", required=True, choices=[t.value for t in Tier],
+    parser.add_argument("--tier", required=True, choices=[t.value for t in Tier] + [ALL],
                         help="llm: data-center verifier; ilm: edge verifier; slm: device "
-                             "drafter; router: the policy loop and OpenAI API")
+                             "drafter; router: the policy loop and OpenAI API; all: the three "
+                             "engine tiers and the router, as `hilm up` (`hilm-serve --tier all "
+                             "--help`)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     if tier is Tier.ROUTER:  # an OpenAI-compatible server: --port is its HTTP port, as in vLLM
         parser.add_argument("--port", type=int, default=8000,
@@ -113,7 +117,10 @@ def resolve_model(spec: str) -> str:
     recipe, _, tier = spec[len(ZOO_PREFIX):].partition("/")
     if tier not in [t.value for t in MODEL_TIERS]:
         raise SystemExit(f"error: --model {spec}: expected zoo:<recipe>/<slm|ilm|llm>")
-    zoo = find_zoo(recipe)
+    try:
+        zoo = find_zoo(recipe)
+    except ValueError as e:  # an unknown recipe
+        raise SystemExit(f"error: --model {spec}: {e}") from None
     if zoo is None:
         raise SystemExit(f"error: --model {spec}: the {recipe!r} zoo is not built; run "
                          f"`hilm zoo build --recipe {recipe}` first")
@@ -129,8 +136,22 @@ def engine_args_from(args: argparse.Namespace):
     return AsyncEngineArgs.from_cli_args(args)
 
 
+def _split_all(argv: list[str]) -> list[str] | None:
+    """The arguments besides `--tier all` when they ask for it, else None."""
+    for i, a in enumerate(argv):
+        if a == "--tier" and argv[i + 1:i + 2] == [ALL]:
+            return argv[:i] + argv[i + 2:]
+        if a == f"--tier={ALL}":
+            return argv[:i] + argv[i + 1:]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if (rest := _split_all(argv)) is not None:
+        from hilm_vllm import up
+
+        return up.main(rest, prog="hilm-serve --tier all")
     tier = _tier_from_argv(argv)
     args = build_parser(tier).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s [%(name)s] %(message)s")

@@ -17,10 +17,8 @@ used when they exist (in the current directory or the source checkout).
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
-from pathlib import Path
 
 TIERS = ("llm", "ilm", "slm")  # started in this order; stopped in reverse
 
@@ -58,97 +56,57 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="do not echo the router's log")
 
 
-def _find_config(name: str) -> Path | None:
-    for base in (Path.cwd(), Path(__file__).resolve().parent.parent):
-        path = base / "engine_configs" / name
-        if path.is_file():
-            return path
-    return None
+def plan(args: argparse.Namespace, router_flags: list[str]):
+    """Every process's flags (`stack.StackPlan`) from `hilm up`'s arguments."""
+    from hilm_vllm.stack import family_plan
 
-
-def plan(args: argparse.Namespace, router_flags: list[str]) -> dict[str, list[str]]:
-    """The hilm-serve arguments of each process (tier -> argv after `--tier TIER`)."""
-    from hilm_vllm.serve import resolve_model
-
-    tiers = [t for t in TIERS if not (args.no_ilm and t == "ilm")]
-    out: dict[str, list[str]] = {}
-    for tier in tiers:
-        model = getattr(args, f"{tier}_model") or (
-            f"zoo:{args.family}/{tier}" if args.family else None)
-        if model is None:
-            raise SystemExit(f"error: give --{tier}-model, or --family (e.g. --family demo)")
-        resolve_model(model)  # fails now, with how to build it, if the zoo is missing
-        argv = ["--model", model, "--port", "0", "--metrics-port", "0"]
-        config = _find_config(f"{args.family}-{tier}.yaml") if args.family else None
-        if config is not None:
-            argv += ["--config", str(config)]
-        argv += shlex.split(args.engine_args) + shlex.split(getattr(args, f"{tier}_args"))
-        out[tier] = argv
-    router = ["--model", out["llm"][1], "--host", args.host, "--port", str(args.port),
-              "--grpc-port", "0", "--metrics-port", "0"]
-    if args.family and "--thresholds" not in router_flags and not any(
-            f in router_flags for f in ("--t1", "--t2")):
-        th = _find_config(f"thresholds-{args.family}.yaml")
-        if th is not None:
-            router += ["--thresholds", str(th)]
-    if args.no_ilm and "--policy" not in router_flags:
-        router += ["--policy", "spec"]
-    out["router"] = router + list(router_flags)
-    return out
+    return family_plan(
+        args.family, models={t: getattr(args, f"{t}_model") for t in TIERS},
+        engine_args=args.engine_args, tier_args={t: getattr(args, f"{t}_args") for t in TIERS},
+        router_flags=router_flags, no_ilm=args.no_ilm, host=args.host, port=args.port)
 
 
 def run(args: argparse.Namespace, router_flags: list[str] | None = None) -> int:
-    from hilm_vllm.launch import TierProcess, exit_on_sigterm
+    from hilm_vllm.launch import exit_on_sigterm
+    from hilm_vllm.stack import Stack
 
     router_flags = list(router_flags or getattr(args, "unknown", []) or [])
-    argvs = plan(args, router_flags)
+    stack_plan = plan(args, router_flags)
     exit_on_sigterm()
-    procs: list[TierProcess] = []
+    stack = None
 
-    def echo(tier):
-        return None if args.quiet else (lambda line: print(f"[{tier}] {line}", flush=True))
+    def say(message: str) -> None:
+        print(f"hilm up: {message}", flush=True)
+
+    def echo(tier: str, line: str) -> None:
+        print(f"[{tier}] {line}", flush=True)
 
     try:
-        engines = [t for t in TIERS if t in argvs]
-        print(f"hilm up: starting {', '.join(engines)} ...", flush=True)
-        for tier in engines:
-            procs.append(TierProcess.start(tier, argvs[tier], placement=args.placement))
-        for p in procs:
-            p.wait_healthy(args.startup_timeout_s)
-            print(f"hilm up: {p.tier} ready at {p.grpc_address} "
-                  f"(metrics {p.metrics_url})", flush=True)
-        addr = {p.tier: p.grpc_address for p in procs}
-        router = argvs["router"] + ["--llm", addr["llm"], "--slm", addr["slm"]]
-        if "ilm" in addr:
-            router += ["--ilm", addr["ilm"]]
-        r = TierProcess.start("router", router, echo=echo("router"))
-        procs.append(r)
-        r.wait_healthy(args.startup_timeout_s)
+        stack = Stack.launch(stack_plan, placement=args.placement,
+                             timeout=args.startup_timeout_s,
+                             echo=None if args.quiet else echo, log=say)
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-        url = f"http://{host}:{r.http_port}"
-        print(f"hilm up: ready: {url}/v1 (OpenAI API; /health, /metrics); Ctrl-C stops "
-              f"everything", flush=True)
+        url = f"http://{host}:{stack.router.http_port}"
+        say(f"ready: {url}/v1 (OpenAI API; /health, /metrics); Ctrl-C stops everything")
         print(f"HILM_URL={url}", flush=True)  # scripts read this line
-        while True:
-            for p in procs:
-                if p.proc.poll() is not None:
-                    print(f"hilm up: the {p.tier} tier exited ({p.proc.returncode}):\n"
-                          f"{p.tail()}", file=sys.stderr, flush=True)
-                    return 1
+        while (gone := stack.exited()) is None:
             time.sleep(0.5)
+        print(f"hilm up: the {gone.tier} tier exited ({gone.proc.returncode}):\n{gone.tail()}",
+              file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt:
         return 0
-    except RuntimeError as e:  # a tier that did not start
+    except RuntimeError as e:  # a tier that did not start (Stack.launch stopped the others)
         print(f"hilm up: {e}", file=sys.stderr)
         return 1
     finally:
-        print("hilm up: stopping", flush=True)
-        for p in reversed(procs):
-            p.stop()
+        if stack is not None:
+            say("stopping")
+            stack.stop()
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="hilm up", description=__doc__,
+def main(argv: list[str] | None = None, prog: str = "hilm up") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_args(p)
     args, unknown = p.parse_known_args(sys.argv[1:] if argv is None else argv)

@@ -225,17 +225,6 @@ def test_policies_with_headline_quality_keep_the_old_keys_and_add_the_issue_keys
     assert "ppl ratio" in table and "TSR" in table
 
 
-def test_ilm_gate_flags_follow_the_yaml(tmp_path):
-    path = tmp_path / "t.yaml"
-    path.write_text("t1: 0.1\nt2: 0.2\nt_ilm: 0.3\nilm_uncertainty:\n  gate: entropy\n"
-                    "  num_samples: 20\n  theta_max: 2.0\n  perturbation: uniform\n")
-    assert demo.ilm_gate_flags(path) == ["--uncertainty-gate", "entropy",
-                                         "--uncertainty-samples", "20", "--theta-max", "2.0",
-                                         "--perturbation", "uniform"]
-    path.write_text("t1: 0.1\nt2: 0.2\nt_ilm: 0.3\n")
-    assert demo.ilm_gate_flags(path) == [] and demo.ilm_gate_flags(tmp_path / "none") == []
-
-
 def test_operating_point_report_places_hilm_beside_the_nearest_sweep_points(tmp_path):
     entry = {"temperature": 1.0, "tokens_per_s": 40.0, "tr_llm": 0.2, "tr_ilm": 0.1,
              "skip_rate": 0.5, "quality": {"ppl_ratio": 1.05, "tsr": 0.9}}

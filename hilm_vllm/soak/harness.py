@@ -1,10 +1,11 @@
 """The soak and fault harness: four tiers, Locust headless in a subprocess, memory and sessions.
 
-`Stack` launches (or wraps already running) llm, ilm, slm and router tiers and restarts one on
-its own ports, so the router's addresses stay valid. `LocustRun` drives locustfiles/soak.py
-headless against the router and reads back the users' raw samples (hilm_vllm/soak/users.py).
-`rss_mb` is a tier's resident memory with its whole process tree (the API process, vLLM's
-engine core and workers); `sessions` reads each tier's open-session gauge from its /metrics.
+The tiers are a `hilm_vllm.stack.Stack` (launched as `hilm up` does, or wrapping tiers a test
+started), which restarts one on its own ports, so the router's addresses stay valid, and reads
+each tier's resident memory (its whole process tree: the API process, vLLM's engine core) and
+open sessions (its /metrics). `LocustRun` drives locustfiles/soak.py headless against the router
+and reads back the users' raw samples (hilm_vllm/soak/users.py); `RssSampler` records the memory
+along the run.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -25,127 +27,55 @@ import numpy as np
 import psutil
 
 from hilm_vllm.launch import TierProcess
+from hilm_vllm.stack import Stack, family_plan
 
-ENGINE_TIERS = ("llm", "ilm", "slm")
-TIERS = ("slm", "ilm", "llm", "router")
-# The open-session gauge of each tier that holds sessions (the router holds none of its own:
-# a request's sessions live on the tiers, which is what the soak checks).
-SESSION_GAUGES = {"slm": "hilm_drafter_sessions", "ilm": "hilm_verifier_sessions",
-                  "llm": "hilm_verifier_sessions"}
 LOCUSTFILE = Path(__file__).resolve().parents[2] / "locustfiles" / "soak.py"
 RSS_GROWTH_LIMIT_PCT = 5.0
-
-
-def scrape(url: str, name: str) -> float | None:
-    """The value of an unlabelled metric on a /metrics page, None if absent or unreachable."""
-    try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            text = resp.read().decode()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{}"):
-            return float(line.rsplit(" ", 1)[1])
-    return None
-
-
-def rss_mb(proc: TierProcess) -> float | None:
-    """Resident memory of the tier's process tree, MB (None once it is gone)."""
-    try:
-        root = psutil.Process(proc.proc.pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return None
-    total = 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return round(total / 2**20, 1)
+RSS_SAMPLE_EVERY_S = 10.0  # the memory timeline's step
 
 
 def percentile(xs: list[float], q: float) -> float | None:
     return round(float(np.percentile(xs, q)), 2) if xs else None
 
 
-@dataclass
-class Stack:
-    """The four tiers; `args[tier]` are the hilm-serve flags each was started with."""
+class RssSampler:
+    """Samples every tier's resident memory, per process, every `every_s` seconds in a thread:
+    `series()` = {"t_s": [...], tier: [MB, ...], "by_process": {tier: {process: [MB, ...]}}}."""
 
-    tiers: dict[str, TierProcess]
-    args: dict[str, list[str]] = field(default_factory=dict)
-    owned: bool = True  # stop() stops them (False: a test's fixtures own them)
+    def __init__(self, stack: Stack, every_s: float = RSS_SAMPLE_EVERY_S):
+        self.stack, self.every_s = stack, every_s
+        self.t: list[float] = []
+        self.samples: list[dict[str, dict[str, float]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._t0 = 0.0
 
-    @classmethod
-    def launch(cls, engine_args: Callable[[str], list[str]],
-               router_args: Callable[[dict[str, str]], list[str]],
-               timeout: float = 900.0) -> Stack:
-        """Start llm, ilm and slm together, then the router on their addresses."""
-        stack = cls({})
-        try:
-            for tier in ENGINE_TIERS:
-                stack.args[tier] = [*engine_args(tier), "--port", "0", "--metrics-port", "0"]
-                stack.tiers[tier] = TierProcess.start(tier, stack.args[tier])
-            for tier in ENGINE_TIERS:
-                stack.tiers[tier].wait_healthy(timeout)
-            stack.args["router"] = [*router_args({t: stack.tiers[t].grpc_address
-                                                  for t in ENGINE_TIERS}),
-                                    "--port", "0", "--grpc-port", "0", "--metrics-port", "0"]
-            stack.tiers["router"] = TierProcess.start("router", stack.args["router"])
-            stack.tiers["router"].wait_healthy(timeout)
-        except BaseException:
-            stack.stop()
-            raise
-        return stack
+    def __enter__(self) -> RssSampler:
+        self._t0 = time.monotonic()
+        self._thread.start()
+        return self
 
-    @property
-    def router(self) -> TierProcess:
-        return self.tiers["router"]
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
-    def rss(self) -> dict[str, float | None]:
-        return {t: rss_mb(self.tiers[t]) for t in TIERS if t in self.tiers}
-
-    def sessions(self) -> dict[str, float | None]:
-        return {t: _int(scrape(self.tiers[t].metrics_url, g)) for t, g in SESSION_GAUGES.items()
-                if t in self.tiers}
-
-    def wait_sessions_closed(self, timeout: float) -> dict[str, float | None]:
-        """Each tier's open sessions, once all are 0 or after `timeout` s (closing is async)."""
-        deadline = time.monotonic() + timeout
+    def _run(self) -> None:
         while True:
-            counts = self.sessions()
-            if all(c == 0 for c in counts.values()) or time.monotonic() > deadline:
-                return counts
-            time.sleep(0.5)
+            self.t.append(round(time.monotonic() - self._t0, 1))
+            self.samples.append(self.stack.rss_by_process())
+            if self._stop.wait(self.every_s):
+                return
 
-    def kill(self, tier: str) -> None:
-        """SIGKILL the tier's whole process tree: no goodbye, its connections just drop."""
-        proc = self.tiers[tier]
-        victims = [psutil.Process(proc.proc.pid), *proc.descendants()]
-        for p in victims:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        proc.proc.wait(30)
-
-    def restart(self, tier: str, timeout: float = 900.0) -> TierProcess:
-        """Start `tier` again on the ports it had (the router keeps its addresses)."""
-        old = self.tiers[tier]
-        args = [*self.args[tier], "--port", str(old.grpc_port),
-                "--metrics-port", str(old.metrics_port)]
-        new = TierProcess.start(tier, args)
-        self.tiers[tier] = new
-        new.wait_healthy(timeout)
-        return new
-
-    def stop(self) -> None:
-        if not self.owned:
-            return
-        for tier in ("router", *ENGINE_TIERS):
-            if tier in self.tiers:
-                self.tiers[tier].stop()
+    def series(self) -> dict:
+        tiers = sorted({t for s in self.samples for t in s})
+        out: dict = {"t_s": list(self.t)}
+        by_process: dict = {}
+        for tier in tiers:
+            names = sorted({n for s in self.samples for n in s.get(tier, {})})
+            out[tier] = [round(sum(s.get(tier, {}).values()), 1) or None for s in self.samples]
+            by_process[tier] = {n: [s.get(tier, {}).get(n) for s in self.samples] for n in names}
+        out["by_process"] = by_process
+        return out
 
 
 @dataclass
@@ -232,18 +162,20 @@ class LocustRun:
 def soak(stack: Stack, users: int, duration_s: float, warmup_s: float, *,
          policies: str | None = None, max_tokens: int = 24, prompts: list[str] | None = None,
          settle_s: float = 30.0, log: Callable[[str], None] = lambda _m: None,
-         errors_out: dict | None = None) -> dict:
-    """One soak run: RSS at start, after `warmup_s` of load and at the end; sessions at the end
-    (after up to `settle_s` for closes in flight); TTFT / ITL percentiles; the verdict."""
+         errors_out: dict | None = None, sample_every_s: float = RSS_SAMPLE_EVERY_S) -> dict:
+    """One soak run: RSS at start, after `warmup_s` of load and at the end (and every
+    `sample_every_s` along the run, per process: `rss_timeline`); sessions at the end (after up
+    to `settle_s` for closes in flight); TTFT / ITL percentiles; the verdict."""
     rss = {t: {"start": v} for t, v in stack.rss().items()}
     run = LocustRun(stack.router.http_url, stack.router.grpc_address, users, duration_s,
                     policies=policies, max_tokens=max_tokens, prompts=prompts).start()
     try:
-        log(f"soak: {users} users for {duration_s:g} s (warm-up {warmup_s:g} s)")
-        time.sleep(max(0.0, warmup_s - run.elapsed()))
-        for t, v in stack.rss().items():
-            rss[t]["after_warmup"] = v
-        samples = run.wait()
+        with RssSampler(stack, sample_every_s) as sampler:
+            log(f"soak: {users} users for {duration_s:g} s (warm-up {warmup_s:g} s)")
+            time.sleep(max(0.0, warmup_s - run.elapsed()))
+            for t, v in stack.rss().items():
+                rss[t]["after_warmup"] = v
+            samples = run.wait()
     finally:
         run.stop()
     if errors_out is not None:
@@ -253,7 +185,9 @@ def soak(stack: Stack, users: int, duration_s: float, warmup_s: float, *,
     sessions = stack.wait_sessions_closed(settle_s)
     for t, v in stack.rss().items():
         rss[t]["end"] = v
-    return summarize(users, duration_s, samples, rss, sessions)
+    out = summarize(users, duration_s, samples, rss, sessions)
+    out["rss_timeline"] = sampler.series()
+    return out
 
 
 def summarize(users: int, duration_s: float, samples: dict, rss: dict, sessions: dict) -> dict:
@@ -281,50 +215,28 @@ def summarize(users: int, duration_s: float, samples: dict, rss: dict, sessions:
 
 # ---- the model families' flags -------------------------------------------------------------
 
-# The tiny family (tests, CI): small engines, fixed thresholds that use every tier.
-TINY_ENGINE_FLAGS = ["--dtype", "float32", "--block-size", "32", "--kv-cache-memory-bytes", "64M",
-                     "--enforce-eager", "--max-model-len", "1024"]
+# The tiny family (tests, CI): engine_configs/tiny-*.yaml, fixed thresholds that use every tier.
 TINY_ROUTER_FLAGS = ["--t1", "0.3", "--t2", "0.8", "--t-ilm", "0.6", "--block-size", "3"]
-DEMO_THRESHOLDS = "engine_configs/thresholds-demo.yaml"
+# The demo family: engine_configs/demo-*.yaml and its calibrated thresholds-demo.yaml.
+DEMO_ROUTER_FLAGS = ["--block-size", "4"]
 
 
 def launch_family(recipe: str, what: str):
-    """(zoo, Stack) of `recipe`'s four tiers (built first if missing), announced as `what`."""
+    """(zoo, Stack) of `recipe`'s four tiers (built first if missing) as `hilm up --family
+    recipe` starts them, the router on the `hilm` policy; announced as `what`."""
     from hilm_vllm.zoo import ensure_zoo
 
     zoo = ensure_zoo(recipe)
+    flags = ["--policy", "hilm", *(TINY_ROUTER_FLAGS if recipe == "tiny" else DEMO_ROUTER_FLAGS)]
     print(f"{what}: starting the {recipe} family's four tiers", flush=True)
-    return zoo, Stack.launch(*family_args(zoo, recipe))
-
-
-def family_args(zoo, recipe: str) -> tuple[Callable[[str], list[str]],
-                                           Callable[[dict[str, str]], list[str]]]:
-    """(engine flags per tier, router flags from the tiers' addresses) for `recipe`."""
-    root = LOCUSTFILE.parents[1]
-
-    def engine(tier: str) -> list[str]:
-        if recipe == "demo":
-            return ["--model", str(zoo.model(tier)), "--config",
-                    str(root / "engine_configs" / f"demo-{tier}.yaml")]
-        return ["--model", str(zoo.model(tier)), *TINY_ENGINE_FLAGS]
-
-    def router(addresses: dict[str, str]) -> list[str]:
-        flags = ["--model", str(zoo.llm), "--slm", addresses["slm"], "--ilm", addresses["ilm"],
-                 "--llm", addresses["llm"], "--policy", "hilm"]
-        if recipe == "demo":
-            return flags + ["--thresholds", str(root / DEMO_THRESHOLDS), "--block-size", "4"]
-        return flags + TINY_ROUTER_FLAGS
-
-    return engine, router
+    stack = Stack.launch(family_plan(recipe, router_flags=flags),
+                         log=lambda m: print(f"{what}: {m}", flush=True))
+    return zoo, stack
 
 
 def prompts_of(zoo, n: int = 16, chars: int = 200) -> list[str]:
     """Held-out prompts of the family, cut to their last `chars` characters."""
     return [p["prompt"][-chars:] for p in zoo.heldout_prompts(n)]
-
-
-def _int(x: float | None) -> int | None:
-    return None if x is None else int(x)
 
 
 # ---- faults ----------------------------------------------------------------------------------

@@ -558,7 +558,8 @@ def test_a_small_soak_fails_nothing_holds_memory_and_closes_every_session(served
     """16 Locust users (OpenAI SSE completions and chat, gRPC Generate; every policy) for 60 s
     on the shared tiers: 0 failed requests, each tier's RSS grows < 5% after a 20 s warm-up,
     and every tier's session count is back to 0 at the end."""
-    from hilm_vllm.soak.harness import Stack, soak
+    from hilm_vllm.soak.harness import soak
+    from hilm_vllm.stack import Stack
 
     llm, ilm, slm = tiers
     stack = Stack({"llm": llm, "ilm": ilm, "slm": slm, "router": served}, owned=False)
@@ -578,7 +579,8 @@ def test_killing_and_restarting_the_ilm_under_load_fails_no_lossy_request(tiny_z
     """SSE users on the lossy `hilm` policy (every block to the ILM) while the ILM's whole
     process tree is SIGKILLed and started again on its ports: no request fails (they complete
     through the LLM while it is down), and the router uses the restarted ILM again."""
-    from hilm_vllm.soak.harness import LocustRun, Stack, in_window, kill_and_restart
+    from hilm_vllm.soak.harness import LocustRun, in_window, kill_and_restart
+    from hilm_vllm.stack import Stack
 
     llm, _, slm = tiers
     with tier("ilm", tiny_zoo.ilm) as ilm, \
