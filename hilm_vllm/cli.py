@@ -26,8 +26,7 @@ SUBCOMMANDS = (
 
 # `hilm bench NAME [ARGS...]`: hilm_vllm.bench (also `python -m hilm_vllm.bench`).
 BENCH_SCRIPTS = bench.BENCHMARKS
-bench_dir = bench.bench_dir
-load_bench = bench.load
+load_bench = bench.load_benchmark
 run_bench = bench.run
 add_bench_parser = bench.add_parser
 

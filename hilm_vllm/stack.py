@@ -36,7 +36,8 @@ SESSION_GAUGES = {"slm": "hilm_drafter_sessions", "ilm": "hilm_verifier_sessions
                   "llm": "hilm_verifier_sessions"}
 STOP_TIMEOUT_S = 30.0  # SIGTERM, then SIGKILL of the tier's process group (a tier still starting
 #                      its engine can take a minute to honour SIGTERM)
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent  # the source checkout (an editable install)
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "engine_configs"  # an installed package's
 
 
 # ---- what to start -------------------------------------------------------------------------
@@ -52,12 +53,23 @@ class StackPlan:
 
 
 def find_config(name: str) -> Path | None:
-    """engine_configs/NAME in the current directory, else in the source checkout."""
-    for base in (Path.cwd(), REPO):
-        path = base / "engine_configs" / name
+    """engine_configs/NAME in the current directory, else the source checkout's, else the copy
+    an installed package ships (setup.py)."""
+    for folder in (Path.cwd() / "engine_configs", REPO / "engine_configs", PACKAGED_CONFIGS):
+        path = folder / name
         if path.is_file():
             return path
     return None
+
+
+def config_path(path: str | Path) -> Path:
+    """`path` when it exists; else, for `engine_configs/NAME`, the file find_config finds (so the
+    benchmarks' default `engine_configs/X.yaml` works from any directory and from an installed
+    package, while their JSON records the short name); else `path` unchanged."""
+    path = Path(path)
+    if not path.is_file() and path.parent.name == "engine_configs":
+        return find_config(path.name) or path
+    return path
 
 
 def flag_value(flags: list[str], name: str) -> str | None:

@@ -28,3 +28,25 @@ def test_hilm_serve_help_passes_vllm_engine_flags_through():
     for flag in ("--tier", "--metrics-port", "--model", "--max-model-len",
                  "--tensor-parallel-size", "--enable-prefix-caching"):
         assert flag in r.stdout, flag
+
+
+def test_an_installed_wheel_has_every_benchmark_and_the_engine_configs(tmp_path):
+    """`hilm bench NAME` and `hilm up --family demo` from a plain (non-editable) install: the
+    wheel carries the benchmark modules and engine_configs/ (as hilm_vllm/engine_configs)."""
+    import zipfile
+    from pathlib import Path
+
+    from hilm_vllm.bench import BENCHMARKS
+
+    repo = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path), str(repo)], check=True, timeout=600,
+                   cwd=tmp_path)
+    (wheel,) = tmp_path.glob("hilm_vllm-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for module, _ in BENCHMARKS.values():
+        assert f"hilm_vllm/bench/{module}.py" in names
+    shipped = {n.rsplit("/", 1)[1] for n in names if n.startswith("hilm_vllm/engine_configs/")}
+    assert shipped == {p.name for p in (repo / "engine_configs").glob("*.yaml")}
+    assert "hilm_vllm_patches/shm_busy_loop.py" in names
+    assert not any(n.startswith(("bench/", "tests/")) for n in names)

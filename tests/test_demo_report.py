@@ -1,20 +1,13 @@
-"""bench/demo.py's report: metrics from synthetic requests, quality, table and JSON keys."""
+"""hilm_vllm/bench/demo.py: metrics from synthetic requests, quality, table and JSON keys."""
 
-import importlib.util
 import json
 import math
 import re
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "bench_demo", Path(__file__).resolve().parent.parent / "bench" / "demo.py")
-demo = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = demo  # dataclasses look their module up there
-_spec.loader.exec_module(demo)
+from hilm_vllm.bench import demo
 
 POLICY_KEYS = {"tokens", "wall_s", "tokens_per_s", "ttft_ms", "itl_ms_p50", "itl_ms_p99", "tr_llm",
                "tr_ilm", "skip_rate", "llm_forwards_per_token", "acceptance_ilm",
@@ -180,7 +173,7 @@ def test_defaults_run_every_policy_at_both_temperatures_plus_the_reseed():
 # ---- quality through bench/scoring.py -------------------------------------------------------------
 
 def _scores(nll, cos, skipped=None, t0=None):
-    from bench.scoring import RunScores, Scored
+    from hilm_vllm.bench.scoring import RunScores, Scored
 
     skipped = skipped or [None] * len(nll)
     return RunScores([Scored(nll=a, n=10, skipped_p=s[0] if s else [], skipped_q=s[1] if s else [],

@@ -29,7 +29,8 @@ import psutil
 from hilm_vllm.launch import TierProcess
 from hilm_vllm.stack import Stack, family_plan
 
-LOCUSTFILE = Path(__file__).resolve().parents[2] / "locustfiles" / "soak.py"
+LOCUSTFILE = Path(__file__).resolve().parents[2] / "locustfiles" / "soak.py"  # the checkout's
+USERS_IMPORT = "from hilm_vllm.soak.users import GrpcGenerateUser, SseUser  # noqa: F401\n"
 RSS_GROWTH_LIMIT_PCT = 5.0
 RSS_SAMPLE_EVERY_S = 10.0  # the memory timeline's step
 
@@ -99,7 +100,7 @@ class LocustRun:
 
     def start(self) -> LocustRun:
         samples, log = self.workdir / "samples.json", self.workdir / "locust.log"
-        cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
+        cmd = [sys.executable, "-m", "locust", "-f", str(self.locustfile()), "--headless",
                "--host", self.host, "--grpc-address", self.grpc_address,
                "-u", str(self.users), "-r", str(self.spawn_rate or max(1.0, self.users / 5)),
                "-t", f"{int(self.duration_s)}s", "--stop-timeout", str(int(self.stop_timeout_s)),
@@ -114,13 +115,23 @@ class LocustRun:
             (self.workdir / "prompts.json").write_text(json.dumps(self.prompts))
             cmd += ["--prompts-file", str(self.workdir / "prompts.json")]
         env = dict(os.environ)
-        root = str(LOCUSTFILE.parents[1])
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+        if LOCUSTFILE.is_file():  # a source checkout: its package, installed or not
+            root = str(LOCUSTFILE.parents[1])
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
         self.started = time.monotonic()
         with open(log, "w") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                         cwd=root)
+                                         cwd=self.workdir)
         return self
+
+    def locustfile(self) -> Path:
+        """locustfiles/soak.py of the source checkout; from an installed package, the same
+        one line (the users live in hilm_vllm.soak.users) written to the work folder."""
+        if LOCUSTFILE.is_file():
+            return LOCUSTFILE
+        path = self.workdir / "soak_locustfile.py"
+        path.write_text(USERS_IMPORT)
+        return path
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started

@@ -91,7 +91,9 @@ def drafter_top_k(config: str | Path = DRAFTER_CONFIG) -> int:
     """The drafter's `draft-top-k` (0 = off) from its engine config."""
     import yaml
 
-    path = Path(config)
+    from hilm_vllm.stack import config_path
+
+    path = config_path(config)
     if not path.is_file():
         return 0
     return int((yaml.safe_load(path.read_text()) or {}).get("draft-top-k") or 0)
