@@ -53,16 +53,16 @@ up: $(STAMP)
 
 # Builds the demo zoo first if it is missing (through ensure_zoo), then runs every policy.
 demo: $(STAMP)
-	$(BIN)/python bench/demo.py
+	$(BIN)/hilm bench demo
 
 # Locust soak: 64 users for 10 minutes on the demo family's four tiers (bench/results/soak-*.json).
 soak: $(STAMP)
-	$(BIN)/python bench/soak.py --zoo demo --users 64 --duration 600
+	$(BIN)/hilm bench soak --zoo demo --users 64 --duration 600
 
 # Under a soak load: SIGKILL and restart slm, ilm, llm in turn, then SIGSTOP one for 5 s
 # (bench/results/faults-*.json).
 faults: $(STAMP)
-	$(BIN)/python bench/faults.py --zoo demo
+	$(BIN)/hilm bench faults --zoo demo
 
 clean-venv:
 	rm -rf $(VENV)

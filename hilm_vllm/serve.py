@@ -155,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     tier = _tier_from_argv(argv)
     args = build_parser(tier).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s [%(name)s] %(message)s")
+    from hilm_vllm.server import memtrace
+
+    memtrace.start_from_env(args.tier)  # HILM_MEMTRACE_S: a diagnostic, off by default
     if args.grpc_max_message_mb is not None:
         os.environ[MAX_MESSAGE_ENV] = str(args.grpc_max_message_mb)
     try:

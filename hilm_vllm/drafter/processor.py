@@ -302,6 +302,9 @@ class UncertaintyProcessor(LogitsProcessor):
                 raise VLLMValidationError(f"drafter request ({DRAFT_ARG}): {why}")
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
+        from hilm_vllm.server import memtrace
+
+        memtrace.start_from_env("drafter-engine")
         self.rows: dict[int, Draft] = {}  # batch row -> draft
 
     def is_argmax_invariant(self) -> bool:

@@ -277,16 +277,17 @@ class StopScanner:
 
 
 _warned_fields: set[str] = set()
+MAX_WARNED_FIELDS = 1024  # names remembered; past it (clients inventing names) new ones log at debug
 
 
 def log_ignored(fields: list[str]) -> None:
     """vLLM logs the fields it ignores; a warning the first time each is seen, then debug (a
-    benchmark sends the same ones with every request)."""
+    benchmark sends the same ones with every request). The names remembered are bounded."""
     if not fields:
         return
     new = [f for f in fields if f not in _warned_fields]
-    if new:
-        _warned_fields.update(new)
+    if new and len(_warned_fields) < MAX_WARNED_FIELDS:
+        _warned_fields.update(new[:MAX_WARNED_FIELDS - len(_warned_fields)])
         logger.warning("request fields ignored by the router (accepted, as vLLM does; listed "
                        "in usage.hilm.ignored_fields): %s", ", ".join(new))
     else:

@@ -111,6 +111,9 @@ class VerifyHook:
     """Wraps `execute_model` (to time steps) and `_bookkeeping_sync` of one V1 runner."""
 
     def __init__(self, runner):
+        from hilm_vllm.server import memtrace
+
+        memtrace.start_from_env("verifier-engine")
         self.runner = runner
         self.pending = _Bounded()  # key -> _Pending
         self.results = _Bounded()  # key -> VerifyResult
