@@ -326,11 +326,23 @@ def process_rss_mb(proc: TierProcess) -> dict[str, float]:
     out: dict[str, float] = {}
     for i, p in enumerate(_tree(proc)):
         try:
-            name = "api" if i == 0 else (p.name() or f"pid{p.pid}")
+            name = "api" if i == 0 else _title(p)
             out[name] = round(out.get(name, 0.0) + p.memory_info().rss / 2**20, 1)
         except psutil.NoSuchProcess:
             pass
     return out
+
+
+def _title(p: psutil.Process) -> str:
+    """A child's process title: vLLM's (e.g. "VLLM::EngineCore", set in its command line; the
+    kernel's name keeps only 15 characters of it), else the executable's name."""
+    try:
+        cmdline = p.cmdline()
+    except (psutil.AccessDenied, psutil.ZombieProcess):
+        cmdline = []
+    if cmdline and cmdline[0].strip().startswith("VLLM::"):
+        return cmdline[0].strip()
+    return p.name() or f"pid{p.pid}"
 
 
 def rss_mb(proc: TierProcess) -> float | None:

@@ -60,6 +60,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+# one colour per process role in every panel (others: matplotlib's next)
+PROCESS_COLORS = {"api": "tab:green", "VLLM::EngineCore": "tab:blue", "VLLM::Worker": "tab:orange",
+                  "python": "tab:grey"}
+
+
 def plot(path: Path, results: dict, warmup_s: float) -> None:
     """Each tier's resident memory along the run, and its processes', as a PNG."""
     import matplotlib
@@ -77,7 +82,7 @@ def plot(path: Path, results: dict, warmup_s: float) -> None:
     for ax, tier in zip(axes[0], tiers):
         ax.plot(t, tl[tier], color="black", lw=2, label="tier (all processes)")
         for name, ys in sorted(by_process[tier].items()):
-            ax.plot(t, ys, lw=1, label=name)
+            ax.plot(t, ys, lw=1, label=name, color=PROCESS_COLORS.get(name))
         ax.axvline(warmup_s, color="grey", ls="--", lw=1, label="end of warm-up")
         growth = results["verdict"]["rss_growth_pct_after_warmup"].get(tier)
         ax.set_title(f"{tier}: {growth:+.1f}% after warm-up" if growth is not None else tier)
