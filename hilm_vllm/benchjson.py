@@ -51,6 +51,6 @@ def write_result(name: str, config: dict, results: dict, out_dir: Path | None = 
     doc = {"benchmark": name, "created_utc": utc_stamp(), "config": config,
            "git_commit": git_commit(), "machine": machine(), **(top or {}), "results": results}
     # Results are committed: no machine paths in them (the zoo lives in the user's cache).
-    text = json.dumps(doc, indent=2).replace(str(Path.home()), "~")
+    text = json.dumps(doc, indent=2, default=str).replace(str(Path.home()), "~")  # Path -> str
     path.write_text(text + "\n")
     return path

@@ -30,6 +30,20 @@ BENCHMARKS = {
 }
 
 
+def add_common_args(p: argparse.ArgumentParser, zoo_help: str = "model family") -> None:
+    """The flags every benchmark shares, declared once: `--zoo` (a recipe of the zoo, built
+    first when missing) and `--out` (the results folder; `--out-dir` is the same flag)."""
+    from pathlib import Path
+
+    from hilm_vllm.benchjson import RESULTS_DIR
+    from hilm_vllm.zoo.recipes import RECIPES
+
+    p.add_argument("--zoo", default="demo", choices=sorted(RECIPES),
+                   help=f"{zoo_help} (default: demo)")
+    p.add_argument("--out", "--out-dir", dest="out", type=Path, default=RESULTS_DIR,
+                   help="results folder (default: %(default)s, under the current directory)")
+
+
 def load_benchmark(name: str):
     """The benchmark's module (imported now: its dependencies are checked here)."""
     module, _ = BENCHMARKS[name]

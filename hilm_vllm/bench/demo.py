@@ -99,6 +99,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hilm_vllm.bench import add_common_args
+
 
 POLICIES = ("llm-only", "hlm", "spec", "uhlm", "hilm", "cascade", "rand")
 BASELINE = "llm-only"
@@ -117,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--zoo", default="demo", help="model family (default: demo)")
+    add_common_args(p)
     p.add_argument("--prompts", type=int, default=16, help="held-out prompts (default: 16)")
     p.add_argument("--max-tokens", type=int, default=16, help="tokens per prompt (default: 16)")
     p.add_argument("--concurrency", type=int, default=8, help="prompts in flight (default: 8)")
@@ -143,7 +145,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request")
     p.add_argument("--no-quality", dest="quality", action="store_false",
                    help="skip the sentence-embedding scores (no model load)")
-    p.add_argument("--out-dir", default="bench/results")
     p.add_argument("--log-dir", help="write each launched tier's log (last 400 lines) here")
     args = p.parse_args(argv)
     if BASELINE not in args.policies:
@@ -637,7 +638,7 @@ def report(runs: list[Run], references: list[str], args, zoo, prompts) -> int:
     policies = build_policies(runs, *(scores or (None,)))
     requests = [r.summary(run.policy, run.temperature) for run in runs for r in run.records]
     path = write_result("demo", config_of(args, zoo, prompts), {"requests": requests},
-                        Path(args.out_dir), top={"policies": policies})
+                        args.out, top={"policies": policies})
     for t in args.temperatures:
         print(f"\nT = {temperature_key(t)} ({len(prompts)} prompts x {args.max_tokens} tokens, "
               f"concurrency {args.concurrency}; exact = identical to llm-only)\n")
@@ -670,9 +671,9 @@ def operating_point_report(policies: dict[str, dict], args) -> str:
         lines.append(f"  hlm in the same run: {hlm['tokens_per_s']:.1f} tok/s, tr_llm "
                      f"{_fmt(hlm.get('tr_llm'))}: hilm is "
                      f"{entry['tokens_per_s'] / hlm['tokens_per_s']:.2f}x hlm's tokens/s")
-    sweep = latest_sweep(args.out_dir, args.zoo)
+    sweep = latest_sweep(args.out, args.zoo)
     if sweep is None or entry.get("tr_llm") is None:
-        lines.append(f"  no sweep of the {args.zoo} family in {args.out_dir}: `hilm bench sweep` "
+        lines.append(f"  no sweep of the {args.zoo} family in {args.out}: `hilm bench sweep` "
                      f"draws the curve this point sits on")
         return "\n".join(lines)
     doc = json.loads(sweep.read_text())

@@ -23,6 +23,8 @@ import statistics
 import time
 import uuid
 
+from hilm_vllm.bench import add_common_args
+
 CONDITIONS = [  # (name, extra "uncertainty" dict or None for the hook off)
     ("no-processor", None),  # a second engine without the drafter's processor at all
     ("off", None),
@@ -39,13 +41,12 @@ CONDITIONS = [  # (name, extra "uncertainty" dict or None for the hook off)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--zoo", default="demo", help="model family whose SLM drafts (default: demo)")
+    add_common_args(p, "model family whose SLM drafts")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--block", type=int, default=8, help="tokens per Draft (default: 8)")
     p.add_argument("--sessions", type=int, default=1, help="concurrent drafts (default: 1)")
     p.add_argument("--context-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--out-dir", default=None, help="default: bench/results")
     return p.parse_args(argv)
 
 
@@ -117,8 +118,6 @@ def measure(llm, plain, contexts, args) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from pathlib import Path
-
     from hilm_vllm.benchjson import write_result
     from hilm_vllm.zoo import ensure_zoo
 
@@ -134,7 +133,7 @@ def main(argv=None) -> int:
     config = vars(args) | {"model": str(zoo.slm), "vocab_size": vocab,
                            "conditions": dict(CONDITIONS), "engine": "in-process vllm.LLM"}
     path = write_result("drafter-overhead", config, results,
-                        Path(args.out_dir) if args.out_dir else None)
+                        args.out)
     print(f"{'condition':<20} {'tok/s':>8} {'ms/tok':>8} {'hook share':>11} {'processor':>10}")
     for name, r in results.items():
         print(f"{name:<20} {r['tokens_per_s']:8.1f} {r['ms_per_token']:8.3f} "

@@ -26,12 +26,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 
 from hilm_vllm.benchjson import write_result
 from hilm_vllm.launch import exit_on_sigterm
 from hilm_vllm.soak import DEFAULT_POLICIES
+from hilm_vllm.bench import add_common_args
 from hilm_vllm.soak.harness import (LocustRun, kill_and_restart, launch_family,
                                     prompts_of, stop_and_continue)
 
@@ -41,7 +41,7 @@ KILLED = ("slm", "ilm", "llm")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--zoo", default="demo", choices=["demo", "tiny"], help="(default: demo)")
+    add_common_args(p)
     p.add_argument("--users", type=int, default=16, help="(default: 16)")
     p.add_argument("--kill", default=",".join(KILLED),
                    help="tiers to SIGKILL and restart, in order (default: %(default)s)")
@@ -55,7 +55,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seconds a fault may take to recover (default: 300)")
     p.add_argument("--max-tokens", type=int, default=24, help="(default: 24)")
     p.add_argument("--policies", default=DEFAULT_POLICIES, help="(default: %(default)s)")
-    p.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results)")
     args = p.parse_args(argv)
     args.kill = [t for t in args.kill.split(",") if t]
     if set(args.kill) - set(KILLED):

@@ -50,6 +50,7 @@ from pathlib import Path
 from hilm_vllm.bench.demo import RequestRecord, run_metrics
 from hilm_vllm.benchjson import write_result
 from hilm_vllm.launch import exit_on_sigterm
+from hilm_vllm.bench import add_common_args
 
 POLICIES = ("llm-only", "hlm", "spec", "uhlm", "hilm", "cascade", "rand")
 DRAFTING = {"hlm", "spec", "uhlm", "hilm", "cascade", "rand"}
@@ -62,7 +63,7 @@ VLLM_SPEC = "vllm-spec"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--zoo", default="demo", help="zoo recipe (default: demo)")
+    add_common_args(p)
     p.add_argument("--policies", default=",".join(POLICIES),
                    help="comma-separated (default: all seven)")
     p.add_argument("--concurrency", default="1,4,8,16,32",
@@ -92,7 +93,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--replot", type=Path, default=None,
                    help="only redraw the PNG of an existing load JSON")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results)")
     args = p.parse_args(argv)
     args.policies = [x for x in args.policies.split(",") if x]
     unknown = set(args.policies) - set(POLICIES)

@@ -39,6 +39,7 @@ from hilm_vllm.drafter.client import DrafterClient
 from hilm_vllm.launch import TierProcess, exit_on_sigterm
 from hilm_vllm.sampling import SamplingSpec
 from hilm_vllm.verifier.client import VerifierClient
+from hilm_vllm.bench import add_common_args
 
 # name -> (placement layout, --engine-busy-loop-ms or None for hilm-serve's default)
 SETTINGS = {
@@ -54,7 +55,7 @@ PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    parser = "
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--zoo", default="demo", help="zoo recipe of the SLM and LLM (default: demo)")
+    add_common_args(p, "model family of the SLM and LLM")
     p.add_argument("--settings", default=",".join(SETTINGS),
                    help=f"comma-separated, of: {', '.join(SETTINGS)} (default: all)")
     p.add_argument("--block", type=int, default=4, help="draft tokens per call (default: 4)")
@@ -64,7 +65,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--load-s", type=float, default=8.0,
                    help="seconds of back-to-back calls per rate (default: 8)")
     p.add_argument("--sessions", default="1,8", help="session counts for the rates (default: 1,8)")
-    p.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results)")
     args = p.parse_args(argv)
     unknown = set(args.settings.split(",")) - set(SETTINGS)
     if unknown:

@@ -32,12 +32,13 @@ from hilm_vllm.benchjson import write_result
 from hilm_vllm.launch import exit_on_sigterm
 from hilm_vllm.soak.harness import launch_family, prompts_of, soak
 from hilm_vllm.soak import DEFAULT_POLICIES
+from hilm_vllm.bench import add_common_args
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--zoo", default="demo", choices=["demo", "tiny"], help="(default: demo)")
+    add_common_args(p)
     p.add_argument("--users", type=int, default=64, help="(default: 64)")
     p.add_argument("--duration", type=float, default=600.0, help="seconds (default: 600)")
     p.add_argument("--warmup", type=float, default=None,
@@ -47,7 +48,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--policies", default=DEFAULT_POLICIES, help="(default: %(default)s)")
     p.add_argument("--sample-every", type=float, default=10.0,
                    help="seconds between memory samples of the timeline (default: 10)")
-    p.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results)")
     p.add_argument("--replot", type=Path, default=None, metavar="JSON",
                    help="only redraw the PNG of an earlier soak JSON")
     args = p.parse_args(argv)

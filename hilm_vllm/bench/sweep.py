@@ -70,6 +70,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+from hilm_vllm.bench import add_common_args
 from hilm_vllm.bench import demo  # stream_one, run_metrics, served_router, Tiers, ...
 
 GRID_POLICIES = ("uhlm", "hilm", "rand")
@@ -91,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="hilm bench sweep", description=__doc__.split("\n\n")[0],
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--zoo", default="demo", help="model family (default: demo)")
+    add_common_args(p)
     p.add_argument("--prompts", type=int, default=64,
                    help="held-out prompts (default: 64, all the demo zoo holds)")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per prompt (default: 32)")
@@ -126,7 +127,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed requests per policy")
     p.add_argument("--startup-timeout", type=float, default=600.0)
     p.add_argument("--request-timeout", type=float, default=300.0)
-    p.add_argument("--out-dir", default="bench/results")
     p.add_argument("--log-dir", help="write each launched tier's log here")
     args = p.parse_args(argv)
     if "llm-only" not in args.policies:
@@ -567,7 +567,7 @@ def report(runs, prompts, references, args, zoo, doc, grid_source, specs) -> tup
     # the first sweeps, at the top level too.
     path = write_result("sweep", config_of(args, zoo, prompts, doc, grid_source, specs),
                         {"points": points, "comparisons": comp,
-                         "texts": texts_of(runs, len(prompts))}, Path(args.out_dir),
+                         "texts": texts_of(runs, len(prompts))}, args.out,
                         top={"points": points, "comparisons": comp})
     png = path.with_suffix(".png")
     plot(png, points, f"{args.zoo} family, {len(prompts)} prompts x {args.max_tokens} tokens, "

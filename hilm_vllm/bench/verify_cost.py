@@ -36,7 +36,8 @@ import itertools
 import statistics
 import time
 import uuid
-from pathlib import Path
+
+from hilm_vllm.bench import add_common_args
 
 CONTEXTS = (128, 256, 512, 1024)
 BLOCKS = (1, 2, 4, 8)
@@ -50,12 +51,11 @@ ENGINE = dict(dtype="float32", block_size=32, kv_cache_memory_bytes=256 << 20,
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--zoo", default="demo", help="model family whose LLM verifies (default: demo)")
+    add_common_args(p, "model family whose LLM verifies")
     p.add_argument("--rounds", type=int, default=12, help="measured rounds per cell")
     p.add_argument("--no-grpc", action="store_true", help="skip phase 2 (served tier)")
     p.add_argument("--contexts", type=_ints, default=CONTEXTS, help="default: 128,256,512,1024")
     p.add_argument("--blocks", type=_ints, default=BLOCKS, help="default: 1,2,4,8")
-    p.add_argument("--out-dir", default=None, help="default: bench/results")
     return p.parse_args(argv)
 
 
@@ -391,7 +391,7 @@ def main(argv=None) -> int:
               "draft": "the zoo's SLM (transformers) sampling k tokens; q its top-k distribution"}
     path = write_result("verify_cost", config,
                         {"cells": cells, "targets": tg, "table": table(cells, tg, grid)},
-                        out_dir=Path(args.out_dir) if args.out_dir else None)
+                        out_dir=args.out)
     print(table(cells, tg, grid))
     print({name: t["met"] for name, t in tg.items()})
     print(f"wrote {path}")
