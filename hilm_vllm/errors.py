@@ -24,6 +24,11 @@ class FailedPrecondition(HilmError):
     code, http_status = grpc.StatusCode.FAILED_PRECONDITION, 409
 
 
+class Aborted(HilmError):
+    """A call ended by a newer one that superseded it (the client no longer wants its result)."""
+    code, http_status = grpc.StatusCode.ABORTED, 409
+
+
 class PermissionDenied(HilmError):
     code, http_status = grpc.StatusCode.PERMISSION_DENIED, 403
 

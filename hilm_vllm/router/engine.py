@@ -313,6 +313,28 @@ class _TierDown(Exception):
         self.tier = tier
 
 
+class _AheadFailed(Exception):
+    """A Draft ahead failed (or was superseded); the round goes on without it."""
+
+
+_dropped: set[asyncio.Future] = set()
+
+
+def _drop(ahead: asyncio.Future) -> None:
+    """Leave a Draft ahead to end by itself, its result unread. Not cancelled: grpc.aio leaks
+    native memory for every call cancelled in flight (grpc/grpc#43360; ~1 KB per call here,
+    the router's linear RSS growth in the soak). The drafter ends it as soon as the next Draft
+    (position 0) or the session's close arrives, and it answers ABORTED."""
+    _dropped.add(ahead)
+    ahead.add_done_callback(_forget)
+
+
+def _forget(ahead: asyncio.Future) -> None:
+    _dropped.discard(ahead)
+    if not ahead.cancelled():
+        ahead.exception()  # read, so asyncio does not log "never retrieved"
+
+
 class _Run:
     """The state of one request."""
 
@@ -538,10 +560,10 @@ class _Run:
                 keep = common_prefix(drafted, kept)
                 if ahead is not None and not ahead.done() and not (
                         kept[:len(drafted)] == drafted and len(kept) <= len(drafted) + 1):
-                    # A rejection: nothing drafted ahead can be used. Stop it rather than wait;
-                    # whether it went through is unknown, so the next Draft cuts back to what
-                    # survived whatever the session holds (position 0 = not known).
-                    ahead.cancel()
+                    # A rejection: nothing drafted ahead can be used. Do not wait for it: the
+                    # next Draft says position 0 (not known), which ends it on the drafter and
+                    # cuts back to what survived whatever the session holds.
+                    _drop(ahead)
                     ahead, position = None, 0
                 if ahead is not None:
                     extra, ahead = await self._settle(ahead), None
@@ -560,7 +582,7 @@ class _Run:
                 append = kept[keep:]
         finally:
             if ahead is not None:
-                ahead.cancel()
+                _drop(ahead)  # the session's close ends it on the drafter
 
     async def negotiate(self) -> None:
         """The verifiers' limits, from their OpenSession replies (a link remembers them, so
@@ -693,7 +715,7 @@ class _Run:
         next Draft reports a drafter that is really gone)."""
         try:
             return await ahead
-        except (HilmError, _TierDown) as e:
+        except (HilmError, _TierDown, _AheadFailed) as e:
             logger.debug("optimistic draft failed: %s", e)
             return None
 
@@ -702,9 +724,13 @@ class _Run:
         """One Draft (after a rollback and an append). A session opened with the history (a
         new one) drafts from its end. A drafter that lost the session (it restarted) gets a
         new one and the Draft is re-sent (unless `recover` is off: a Draft ahead); one that
-        does not answer is _TierDown."""
+        holds more than it should (a dropped Draft ahead went through late) is cut back; one
+        that does not answer is _TierDown."""
         for attempt in (0, 1):
             try:
+                held = self.sessions.get(Tier.SLM)
+                if not recover and (held is None or held.closed):
+                    raise _AheadFailed(None)  # the request is over: a Draft ahead opens nothing
                 s = await self.session(Tier.SLM)
                 if s.fresh:
                     position, rollback_to, append = len(s.held), None, ()
@@ -714,6 +740,18 @@ class _Run:
                 return d
             except (grpc.aio.AioRpcError, Unavailable) as e:
                 code = e.code() if isinstance(e, grpc.aio.AioRpcError) else None
+                if not recover:
+                    # A Draft ahead touches no session state when it fails: it may have been
+                    # dropped (ABORTED, or NOT_FOUND after the close); the round's own next
+                    # Draft finds out whether the drafter is really in trouble.
+                    raise _AheadFailed(code) from None
+                if (code is grpc.StatusCode.FAILED_PRECONDITION and attempt == 0
+                        and position != 0):
+                    # The session holds more than this request believes: a dropped Draft ahead
+                    # that reached the drafter after the Draft that dropped it. Cut back to
+                    # what the request knows (it owns the history) and draft again.
+                    position, rollback_to = 0, position if rollback_to is None else rollback_to
+                    continue
                 self.abandon(Tier.SLM, e if code is not None else None)
                 if code is grpc.StatusCode.NOT_FOUND and attempt == 0 and recover:
                     continue  # the next session() opens one with the history

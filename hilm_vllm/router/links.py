@@ -238,6 +238,7 @@ class VerifierLink(TierLink):
             arrivals.put_nowait(None)
 
         reader = asyncio.ensure_future(pump())
+        finished = False
         try:
             while (item := await self._next(arrivals)) is not None:
                 received, chunk = item
@@ -250,10 +251,17 @@ class VerifierLink(TierLink):
                 if wait > 0:
                     await asyncio.sleep(wait)
                     usage.network_ms += wait * 1e3
+                finished = finished or bool(chunk.finish_reason)
                 if chunk.token_ids or chunk.finish_reason:
                     yield list(chunk.token_ids), chunk.finish_reason
         finally:
-            call.cancel()
+            if finished and not reader.done():
+                # The tier ends its stream right after the finish: read that end rather than
+                # cancel the call (grpc.aio leaks native memory for every call cancelled in
+                # flight, grpc/grpc#43360). Only a stream cut short is cancelled.
+                await asyncio.wait({reader}, timeout=min(self.timeout_s, 5.0))
+            if not call.done():
+                call.cancel()
             reader.cancel()
             usage.rtt_ms += (time.perf_counter() - t0) * 1e3
 

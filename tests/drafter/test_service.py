@@ -317,6 +317,44 @@ def test_a_cancelled_draft_leaves_no_record_behind(slm_tier):
     assert scrape(slm_tier, "hilm_drafter_worker_records") == 0
 
 
+def test_a_dropped_draft_is_ended_by_the_next_draft_or_the_close(slm_tier):
+    """The router drops a draft-ahead without cancelling its call (grpc.aio leaks memory per
+    call cancelled in flight): a Draft with position 0 and rollback_to, or CloseSession, ends
+    the running Draft here — it answers ABORTED and drafted nothing — and leaves no record.
+    (Retried sooner until the second call lands while the first is still drafting.)"""
+    async def attempt(client, delay, by_close):
+        s = await client.open_session(PROMPT, SamplingSpec(0.8, seed=5), max_tokens=60)
+        first = asyncio.ensure_future(client.draft(s.session_id, s.position, 48))
+        await asyncio.sleep(delay)
+        if by_close:
+            await client.close_session(s.session_id)
+        else:
+            second = await client.draft(s.session_id, 0, 2, rollback_to=s.position)
+            assert second.position == s.position + 2  # whatever the first one did
+        try:
+            await first
+            landed = False
+        except grpc.aio.AioRpcError as e:
+            assert e.code() == Code.ABORTED and "superseded" in e.details(), e
+            landed = True
+        if not by_close:
+            await client.close_session(s.session_id)
+        return landed
+
+    async def main(client):
+        landed = {}
+        for by_close in (False, True):
+            for delay in (0.03, 0.01, 0.003, 0.001, 0.0):
+                if await attempt(client, delay, by_close):
+                    landed[by_close] = True
+                    break
+        return landed
+
+    assert call(main, slm_tier.grpc_address) == {False: True, True: True}
+    assert scrape(slm_tier, "hilm_drafter_waiting_drafts") == 0
+    assert scrape(slm_tier, "hilm_drafter_worker_records") == 0
+
+
 def test_a_draft_after_an_unknown_outcome_cuts_back_whatever_the_session_holds(slm_tier):
     """position 0 with rollback_to: the client cancelled a Draft and cannot tell whether it
     went through; either way the session is cut back to rollback_to and drafts from there."""

@@ -194,3 +194,44 @@ class FakeVerifier(FakeLink):
                 yield [t], "stop"
                 return
             yield [t], ""
+
+
+class SlowDrafter(FakeDrafter):
+    """A drafter whose Draft takes `delay` s and that, like the real one, ends a running Draft
+    when a Draft with position 0 and rollback_to (the client dropped it) or the session's close
+    arrives: the dropped one answers ABORTED. Counts Drafts aborted that way and Drafts
+    cancelled (which the router must not do: grpc.aio leaks memory per cancelled call)."""
+
+    def __init__(self, *args, delay: float = 0.05, **kw):
+        super().__init__(*args, **kw)
+        self.delay, self.aborted, self.cancelled = delay, 0, 0
+        self._running: dict[str, "asyncio.Event"] = {}
+        self._locks: dict[str, "asyncio.Lock"] = {}
+
+    def _supersede(self, sid: str) -> None:
+        if (ev := self._running.get(sid)) is not None:
+            ev.set()
+
+    async def draft(self, sid, position, n, usage, rollback_to=None, append=()):
+        import asyncio
+
+        if position == 0 and rollback_to is not None:
+            self._supersede(sid)
+        async with self._locks.setdefault(sid, asyncio.Lock()):
+            self._running[sid] = ev = asyncio.Event()
+            try:
+                await asyncio.wait_for(ev.wait(), self.delay)
+                self.aborted += 1
+                raise rpc_error(grpc.StatusCode.ABORTED, "superseded")
+            except asyncio.TimeoutError:
+                pass
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+            finally:
+                self._running.pop(sid, None)
+            return await super().draft(sid, position, n, usage, rollback_to, append)
+
+    async def close_session(self, sid: str, usage: TierUsage) -> None:
+        self._supersede(sid)
+        await super().close_session(sid, usage)

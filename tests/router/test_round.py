@@ -14,8 +14,8 @@ from hilm_vllm.router.policy import Policy, Thresholds
 from hilm_vllm.router.session import sync
 from hilm_vllm.sampling import SamplingSpec
 from hilm_vllm.tiers import Tier
-from tests.router.fakes import (FakeDrafter, FakeVerifier, ilm_model, llm_model, reference,
-                                slm_model)
+from tests.router.fakes import (FakeDrafter, FakeVerifier, SlowDrafter, ilm_model, llm_model,
+                                reference, slm_model)
 
 PROMPT = [3, 1, 4, 1, 5]
 N = 24
@@ -108,6 +108,57 @@ def test_optimistic_drafts_are_kept_when_the_block_is_accepted():
     links[Tier.SLM].model = llm_model  # a drafter that is always right
     out, stats = run(links, Policy.SPEC, optimistic=True)
     assert out == LLM_SEQ and stats.optimistic_kept > 0
+
+
+def test_a_rejected_draft_ahead_is_superseded_not_cancelled():
+    """The round does not wait for a draft-ahead the LLM made useless, and does not cancel its
+    call either (grpc.aio leaks native memory per call cancelled in flight, grpc/grpc#43360):
+    the next Draft (position 0) or the session's close ends it on the drafter (ABORTED), and a
+    dropped Draft never opens a session after the request."""
+    class SlowVerifier(FakeVerifier):  # a reply takes a moment, as over a network
+        async def verify(self, *args, **kw):
+            await asyncio.sleep(0.002)
+            return await super().verify(*args, **kw)
+
+    links = tiers()
+    slm = links[Tier.SLM] = SlowDrafter("slm", slm_model, (), lambda ctx: 0.5, delay=0.05)
+    links[Tier.LLM] = SlowVerifier("llm", llm_model, ())
+    router = Router(RouterConfig(llm="fake", slm="fake", ilm="fake", optimistic=True),
+                    links=links)
+    stats = RequestStats(Policy.SPEC.value)
+
+    async def main():
+        out = [i async for ids in router.generate(
+            GenerationRequest(tuple(PROMPT), GREEDY, N, Policy.SPEC), stats) for i in ids]
+        await asyncio.sleep(0.1)  # the closes run; every dropped Draft ends
+        return out
+
+    assert asyncio.run(main()) == LLM_SEQ
+    assert stats.optimistic_drafts > 0 and slm.aborted > 0 and slm.cancelled == 0
+    assert len(slm.sids) == 1 and slm.closed == slm.sids
+    unknown = [c for c in slm.calls if c["position"] == 0]
+    assert unknown and all(c["rollback_to"] is not None for c in unknown)
+
+
+def test_a_dropped_draft_that_went_through_late_is_cut_back():
+    """A dropped Draft ahead can reach the drafter after the Draft that dropped it and add
+    tokens there; the round's next Draft then meets FAILED_PRECONDITION and cuts the session
+    back to the history it owns (position 0, rollback_to) instead of failing the request."""
+    class LateDrafter(FakeDrafter):
+        async def draft(self, sid, position, n, usage, rollback_to=None, append=()):
+            if len(self.calls) == 2 and sid in self.sessions:
+                self.sessions[sid] += [1, 2]  # what the late Draft ahead added
+            return await super().draft(sid, position, n, usage, rollback_to, append)
+
+    links = tiers()
+    slm = links[Tier.SLM] = LateDrafter("slm", slm_model, (), lambda ctx: 0.5)
+    out, stats = run(links, Policy.SPEC, optimistic=False)
+    assert out == LLM_SEQ
+    assert len(slm.sids) == 1 and slm.closed == slm.sids  # the session was kept
+    refused, again = slm.calls[2], slm.calls[3]
+    assert refused["position"] != 0 and again["position"] == 0
+    assert again["rollback_to"] == (refused["rollback_to"] if refused["rollback_to"] is not None
+                                    else refused["position"])
 
 
 def test_an_unreachable_ilm_is_routed_around_to_the_llm():
