@@ -158,9 +158,6 @@ def main(argv: list[str] | None = None) -> int:
     from hilm_vllm.server import memtrace
 
     memtrace.start_from_env(args.tier)  # HILM_MEMTRACE_S: a diagnostic, off by default
-    from hilm_vllm.server import malloc
-
-    malloc.start(malloc.interval())  # HILM_MALLOC_TRIM_S (experiment)
     if args.grpc_max_message_mb is not None:
         os.environ[MAX_MESSAGE_ENV] = str(args.grpc_max_message_mb)
     try:

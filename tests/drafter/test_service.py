@@ -350,7 +350,13 @@ def test_a_dropped_draft_is_ended_by_the_next_draft_or_the_close(slm_tier):
                     break
         return landed
 
+    async def one_more(client):  # the worker reports the records it holds at each step
+        s = await client.open_session(PROMPT, SamplingSpec(0.8, seed=6))
+        await client.draft(s.session_id, s.position, 1)
+        await client.close_session(s.session_id)
+
     assert call(main, slm_tier.grpc_address) == {False: True, True: True}
+    call(one_more, slm_tier.grpc_address)
     assert scrape(slm_tier, "hilm_drafter_waiting_drafts") == 0
     assert scrape(slm_tier, "hilm_drafter_worker_records") == 0
 
