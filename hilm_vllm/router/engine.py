@@ -471,30 +471,49 @@ class _Run:
 
     async def llm_only(self) -> AsyncIterator[list[int]]:
         """The LLM's own streaming generation, from the history so far. Its model time is the
-        stream's duration less the network delay charged on it (a stream reports no timings)."""
+        stream's duration less the network delay charged on it (a stream reports no timings).
+        A stream the LLM drops (it restarted, or stalled past the link's timeout) is started
+        again from the history the router owns once the LLM answers, for up to `recover_s`
+        (exact: the LLM continues its own sequence); then 503, with what was streamed kept."""
         usage = self.stats.tiers[Tier.LLM]
-        self.stats.rounds += 1
-        stream = self.r.llm.generate(self.history, self.spec_for(Tier.LLM),
-                                     self.max_tokens - self.generated, self.req.ignore_eos,
-                                     usage, self.req.stop_token_ids,
-                                     max(0, self.req.min_tokens - self.generated),
-                                     self.req.stop)
-        t0 = time.perf_counter()
-        try:
-            async for ids, finish in stream:
-                usage.forwards += len(ids)
-                kept, done = self.accept(ids)
-                if kept:
-                    yield kept
-                if finish and not done:  # the tier's own stop (EOS, stop string, context)
-                    self.stats.finish_reason = finish
-                if done:
-                    break
-        except grpc.aio.AioRpcError as e:
-            raise _translate(Tier.LLM, e) from None
-        finally:
-            await stream.aclose()
-            usage.model_ms += max(0.0, (time.perf_counter() - t0) * 1e3 - usage.network_ms)
+        deadline, wait = None, 0.25
+        while True:
+            self.stats.rounds += 1
+            stream = self.r.llm.generate(self.history, self.spec_for(Tier.LLM),
+                                         self.max_tokens - self.generated, self.req.ignore_eos,
+                                         usage, self.req.stop_token_ids,
+                                         max(0, self.req.min_tokens - self.generated),
+                                         self.req.stop)
+            t0 = time.perf_counter()
+            try:
+                async for ids, finish in stream:
+                    deadline, wait = None, 0.25  # it answers
+                    usage.forwards += len(ids)
+                    kept, done = self.accept(ids)
+                    if kept:
+                        yield kept
+                    if finish and not done:  # the tier's own stop (EOS, stop string, context)
+                        self.stats.finish_reason = finish
+                    if done or finish:
+                        return
+                return  # a stream that ended without a finish: as the tier ended it
+            except grpc.aio.AioRpcError as e:
+                if e.code() not in UNREACHABLE:
+                    raise _translate(Tier.LLM, e) from None
+                if e.code() in CONNECTION_LOST:
+                    self.r.llm.mark_down(self.cfg.down_retry_s)
+                now = time.monotonic()
+                deadline = deadline or now + self.cfg.recover_s
+                if now + wait > deadline:
+                    raise Unavailable(f"the llm tier did not answer for {self.cfg.recover_s:g} s "
+                                      f"({e.code().name}: {e.details()}): retry later") from None
+                logger.info("llm stream lost (%s); resuming from %d tokens when it answers",
+                            e.code().name, len(self.history))
+            finally:
+                await stream.aclose()
+                usage.model_ms += max(0.0, (time.perf_counter() - t0) * 1e3 - usage.network_ms)
+            await asyncio.sleep(wait)
+            wait = min(2 * wait, 2.0)
 
     # -- speculative rounds -----------------------------------------------------------------
 

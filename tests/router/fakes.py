@@ -93,8 +93,8 @@ class FakeLink:
         self._faults.setdefault(method, []).extend([code] * times)
 
     def _fault(self, method: str) -> None:
-        if self._faults.get(method):
-            raise rpc_error(self._faults[method].pop(0))
+        if self._faults.get(method) and (code := self._faults[method].pop(0)) is not None:
+            raise rpc_error(code)  # (None: this call goes through)
 
     @property
     def available(self) -> bool:

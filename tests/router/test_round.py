@@ -15,7 +15,7 @@ from hilm_vllm.router.session import sync
 from hilm_vllm.sampling import SamplingSpec
 from hilm_vllm.tiers import Tier
 from tests.router.fakes import (FakeDrafter, FakeVerifier, SlowDrafter, ilm_model, llm_model,
-                                reference, slm_model)
+                                reference, rpc_error, slm_model)
 
 PROMPT = [3, 1, 4, 1, 5]
 N = 24
@@ -209,6 +209,39 @@ def test_a_lossless_request_gives_up_with_503_after_recover_s():
     links[Tier.LLM].fail("verify", grpc.StatusCode.UNAVAILABLE, times=1000)
     with pytest.raises(Unavailable, match="lossless"):
         run(links, Policy.SPEC, recover_s=0.6, down_retry_s=0.0)
+
+
+class DroppingLLM(FakeVerifier):
+    """An LLM whose stream is cut after 5 tokens (`drops` times): it was killed."""
+    drops = 1
+
+    async def generate(self, prompt, *args, **kw):
+        n = 0
+        async for ids, finish in super().generate(prompt, *args, **kw):
+            yield ids, finish
+            n += 1
+            if n == 5 and self.drops:
+                self.drops -= 1
+                raise rpc_error(grpc.StatusCode.UNAVAILABLE, "Stream removed")
+
+
+def test_an_llm_only_stream_the_llm_drops_resumes_from_the_history():
+    links = tiers()
+    llm = links[Tier.LLM] = DroppingLLM("llm", llm_model, ())
+    # the first call streams 5 tokens and is cut; the next two find it still restarting
+    llm._faults["generate"] = [None, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE]
+    out, stats = run(links, Policy.LLM_ONLY, recover_s=10.0, down_retry_s=0.0)
+    assert out == LLM_SEQ and stats.tokens == N
+    prompts = [c["generate"] for c in llm.calls]
+    assert prompts == [len(PROMPT)] * 1 + [len(PROMPT) + 5] * 3  # resumed after 5 tokens
+
+
+def test_an_llm_only_stream_gives_up_with_503_after_recover_s():
+    links = tiers()
+    llm = links[Tier.LLM] = DroppingLLM("llm", llm_model, ())
+    llm._faults["generate"] = [None] + [grpc.StatusCode.UNAVAILABLE] * 1000
+    with pytest.raises(Unavailable, match="did not answer for 0.6 s"):
+        run(links, Policy.LLM_ONLY, recover_s=0.6, down_retry_s=0.0)
 
 
 def test_a_restarted_verifier_gets_a_new_session_with_the_history():
