@@ -31,8 +31,11 @@ _LISTENING = re.compile(r"hilm-serve listening: tier=(\w+) grpc=([\w.:\[\]-]+):(
 
 def exit_on_sigterm() -> None:
     """Turn SIGTERM into SystemExit in a script that launches tiers, so its `finally`/`with`
-    blocks stop them (Python's default SIGTERM action kills the script and orphans them)."""
+    blocks stop them (Python's default SIGTERM action kills the script and orphans them). SIGINT
+    raises KeyboardInterrupt even when the parent ignored it (a shell script's `cmd &` starts
+    its job with SIGINT ignored, so `kill -INT` would do nothing)."""
     signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class TierProcess:

@@ -129,3 +129,20 @@ def test_hilm_serve_tier_all_is_hilm_up():
     out = subprocess.run([sys.executable, "-m", "hilm_vllm.serve", "--tier", "all", "--help"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--family" in out.stdout and "--llm-model" in out.stdout
+
+
+def test_sigint_stops_a_launcher_started_with_sigint_ignored():
+    """`hilm up &` in a shell script starts it with SIGINT ignored; `kill -INT` must still stop
+    it (through KeyboardInterrupt, so its finally blocks stop the tiers)."""
+    code = ("import time\nfrom hilm_vllm.launch import exit_on_sigterm\nexit_on_sigterm()\n"
+            "print('ready', flush=True)\ntry:\n    time.sleep(20)\n"
+            "except KeyboardInterrupt:\n    print('stopped', flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGINT)
+        assert proc.stdout.readline().strip() == "stopped"
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
