@@ -14,7 +14,7 @@ VLLM_EXTRA := $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 TORCH_INDEX ?= $(shell $(PYTHON) -m pip config get global.extra-index-url >/dev/null 2>&1 || echo https://download.pytorch.org/whl/cpu)
 INDEX_FLAGS := $(if $(filter cpu,$(VLLM_EXTRA)),$(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)))
 
-.PHONY: up demo test test-fast fuzz install proto clean-venv soak faults
+.PHONY: up demo test test-fast fuzz install proto clean-venv soak faults cloud-cost
 
 install: $(STAMP)
 
@@ -63,6 +63,11 @@ soak: $(STAMP)
 # (bench/results/faults-*.json).
 faults: $(STAMP)
 	$(BIN)/hilm bench faults --zoo demo
+
+# Each tier's CPU time (whole process tree) per generated token, every policy and vllm-spec at
+# 1, 4, 16, 32 streams, network off: the cloud's cost (bench/results/cloud-cost-*.json and .png).
+cloud-cost: $(STAMP)
+	$(BIN)/hilm bench cloud-cost --zoo demo
 
 clean-venv:
 	rm -rf $(VENV)

@@ -11,7 +11,8 @@ from hilm_vllm.bench import demo
 
 POLICY_KEYS = {"tokens", "wall_s", "tokens_per_s", "ttft_ms", "itl_ms_p50", "itl_ms_p99", "tr_llm",
                "tr_ilm", "skip_rate", "llm_forwards_per_token", "acceptance_ilm",
-               "acceptance_llm", "uplink_bytes_per_token", "efficiency", "quality"}
+               "acceptance_llm", "uplink_bytes_per_token", "draft_bytes_per_token",
+               "llm_cpu_ms_per_token", "efficiency", "quality"}
 QUALITY_KEYS = {"exact_match_t0", "cosine_to_reference", "accuracy_ratio", "cosine_vs_llm"}
 
 
@@ -54,7 +55,8 @@ def test_run_metrics_from_synthetic_requests():
         "tr_llm": 3 / 8, "tr_ilm": 1 / 8, "skip_rate": 2 / 8, "llm_forwards_per_token": 3 / 8,
         "acceptance_ilm": 1 / 2, "acceptance_llm": 3 / 6,
         "accept_len_ilm": 1 + 1 / 1, "accept_len_llm": 1 + 3 / 3,  # 1 + accepted / drafts
-        "uplink_bytes_per_token": 240 / 8,
+        "uplink_bytes_per_token": 240 / 8,         # router -> ilm + llm
+        "draft_bytes_per_token": 0 / 8,
         "efficiency": (0.7 + 0.5) / 2,             # per request, then the mean
     }
     for key, value in expected.items():
@@ -123,6 +125,30 @@ def test_policies_without_t0_or_quality_say_none():
     runs = [run("llm-only", 1.0, ["a", "b"])]
     entry = demo.build_policies(runs, None)["llm-only"]
     assert entry["quality"] == dict.fromkeys(QUALITY_KEYS)
+
+
+def test_uplink_counts_only_the_verifiers_and_drafts_are_the_drafters_downlink():
+    u = hilm_usage(uplink_bytes={"slm": 500, "ilm": 100, "llm": 60},
+                   downlink_bytes={"slm": 800, "ilm": 30, "llm": 20})
+    m = demo.run_metrics([record(0, 0.0, [0.1], 0.5, 4, u)], wall_s=0.5)
+    assert m["uplink_bytes_per_token"] == 160 / 4 and m["draft_bytes_per_token"] == 800 / 4
+
+
+def test_llm_cpu_per_token_and_its_ratio_to_llm_only():
+    runs = synthetic_runs()
+    for r, cpu_s in zip(runs, (0.004, 0.001, 0.004, None)):  # llm-only, hilm at T=1; T=0 ...
+        r.llm_cpu_s = cpu_s
+    policies = demo.build_policies(runs, None)
+    assert policies["llm-only"]["llm_cpu_ms_per_token"] == pytest.approx(4 / 4)  # 4 tokens
+    assert policies["hilm"]["llm_cpu_ms_per_token"] == pytest.approx(1 / 2)  # 2 tokens (1 ok)
+    assert policies["hilm"]["llm_cpu_ratio"] == pytest.approx(0.5)
+    assert policies["llm-only"]["llm_cpu_ratio"] == 1.0
+    assert policies["hilm"]["by_temperature"]["0"]["llm_cpu_ms_per_token"] is None
+    assert policies["hilm"]["by_temperature"]["0"]["llm_cpu_ratio"] is None
+    table = demo.render_table(policies, 1.0).splitlines()
+    headers = [c.strip() for c in table[0].split("|")[2:-1]]
+    row = dict(zip(headers, [c.strip() for c in table[3].split("|")[2:-1]]))
+    assert row["LLM CPU ms/tok"] == "0.50" and row["x llm-only"] == "0.50"
 
 
 def test_table_has_a_row_per_policy_and_dashes_for_missing_values():

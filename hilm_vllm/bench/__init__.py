@@ -21,6 +21,8 @@ BENCHMARKS = {
     "demo": ("demo", "every policy on the demo family (what `make demo` runs)"),
     "sweep": ("sweep", "speed and TR against quality over thresholds and skip rates"),
     "load": ("load", "every policy at 1-32 concurrent streams, network off and on"),
+    "cloud-cost": ("cloud_cost", "each tier's CPU per generated token (the cloud's cost) against "
+                                 "concurrency, every policy and vllm-spec"),
     "soak": ("soak", "Locust users for minutes: failures, memory, sessions, TTFT, ITL"),
     "faults": ("faults", "tiers killed, restarted and stopped under a soak load"),
     "round-cost": ("round_cost", "Draft and Verify latency and call rates, co-located"),

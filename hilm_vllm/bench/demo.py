@@ -35,7 +35,17 @@ over the run's requests before dividing (ratios of sums, not means of ratios):
   llm_forwards_per_token  llm_forwards / tokens
   acceptance_ilm, _llm    accepted / drafted at that tier; accept_len_ilm, _llm: vLLM's mean
                           acceptance length, 1 + accepted / drafts (blocks the tier verified)
-  uplink_bytes_per_token  uplink bytes summed over the three tiers / tokens
+  uplink_bytes_per_token  serialized bytes the router sent to the verifier tiers (ilm + llm:
+                          the device's uplink; the router runs on the device) / tokens
+  draft_bytes_per_token   serialized bytes the drafter sent back to the router (the slm link's
+                          downlink) / tokens
+  llm_cpu_ms_per_token    CPU time (user + system) of the LLM tier's whole process tree (API
+                          process, engine core, worker; hilm_vllm.bench.cpu) over the run's
+                          timed requests (not the warm-up; each reading once the tiers have
+                          closed the sessions before it) / tokens, milliseconds; null with
+                          --router (no tier process to read). llm_cpu_ratio: that / llm-only's
+                          at the same temperature: the cloud's cost per token, which the
+                          hierarchy exists to cut
   efficiency              per request (sum of model_ms over slm, ilm, llm + network_ms) / its
                           latency measured by this client, then the mean over requests: the
                           share of a request's wall time that went to model work or simulated
@@ -100,6 +110,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hilm_vllm.bench import add_common_args
+from hilm_vllm.bench.cpu import ms_per
 
 
 POLICIES = ("llm-only", "hlm", "spec", "uhlm", "hilm", "cascade", "rand")
@@ -112,7 +123,9 @@ ENGINE_TIERS = ("llm", "ilm", "slm")  # the engine tiers (hilm_vllm.stack starts
 USAGE_COUNTERS = ("rounds", "skips", "ilm_messages", "llm_messages", "ilm_drafted",
                   "ilm_accepted", "llm_drafted", "llm_accepted", "llm_forwards", "network_ms",
                   "ilm_drafts", "llm_drafts")
-USAGE_PER_TIER = ("messages", "uplink_bytes", "model_ms")
+SETTLE_S = 10.0  # at most this long for the tiers to close a run's sessions (CPU readings)
+USAGE_PER_TIER = ("messages", "uplink_bytes", "downlink_bytes", "model_ms")
+VERIFIER_TIERS = ("ilm", "llm")  # the router's uplink: what it sends to these (DESIGN Processes)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -208,6 +221,7 @@ class Run:
     temperature: float
     wall_s: float
     records: list[RequestRecord]
+    llm_cpu_s: float | None = None  # the LLM tier's process-tree CPU over the timed requests
 
 
 # ---- metrics (pure) -----------------------------------------------------------------------------
@@ -282,7 +296,9 @@ def run_metrics(records: list[RequestRecord], wall_s: float) -> dict:
         # vLLM's mean acceptance length: 1 + accepted / drafts (blocks verified)
         "accept_len_ilm": accept_len(u["ilm_accepted"], u.get("ilm_drafts")),
         "accept_len_llm": accept_len(u["llm_accepted"], u.get("llm_drafts")),
-        "uplink_bytes_per_token": per_token(sum(u["uplink_bytes"].values())),
+        "uplink_bytes_per_token": per_token(
+            sum(u["uplink_bytes"].get(t, 0) for t in VERIFIER_TIERS)),
+        "draft_bytes_per_token": per_token(u["downlink_bytes"].get("slm", 0)),
         "efficiency": mean_or_none(request_efficiency(r) for r in ok),
         "usage": u if with_usage else None,
     }
@@ -338,8 +354,11 @@ def build_policies(runs: list[Run], quality: dict[tuple, dict] | None,
     for run in runs:
         entry = policies.setdefault(run.policy, {"by_temperature": {}})
         scores = (quality or {}).get((run.policy, run.temperature), {})
-        entry["by_temperature"][temperature_key(run.temperature)] = (
-            run_metrics(run.records, run.wall_s) | {"quality": dict(scores)})
+        metrics = run_metrics(run.records, run.wall_s)
+        entry["by_temperature"][temperature_key(run.temperature)] = metrics | {
+            "llm_cpu_ms_per_token": ms_per(run.llm_cpu_s, metrics["tokens"]),
+            "llm_cpu_ratio": None, "quality": dict(scores)}
+    add_cpu_ratios(policies)
     for name, entry in policies.items():
         by_t = entry["by_temperature"]
         top_key = primary_key(by_t)
@@ -357,6 +376,17 @@ def build_policies(runs: list[Run], quality: dict[tuple, dict] | None,
     return policies
 
 
+def add_cpu_ratios(policies: dict[str, dict]) -> None:
+    """Each run's llm_cpu_ratio: its llm_cpu_ms_per_token / llm-only's at the same T."""
+    from hilm_vllm.quality import ratio
+
+    base = policies.get(BASELINE, {}).get("by_temperature", {})
+    for entry in policies.values():
+        for t, m in entry["by_temperature"].items():
+            m["llm_cpu_ratio"] = ratio(m["llm_cpu_ms_per_token"],
+                                       base.get(t, {}).get("llm_cpu_ms_per_token"))
+
+
 def primary_key(by_t: dict) -> str:
     """The temperature whose figures are a policy's headline: T = 1 if run, else the first."""
     primary = temperature_key(PRIMARY_TEMPERATURE)
@@ -372,6 +402,8 @@ COLUMNS = (("tok/s", "tokens_per_s", ".1f"), ("TTFT ms", "ttft_ms", ".0f"),
            ("skip", "skip_rate", ".3f"), ("fwd/tok", "llm_forwards_per_token", ".3f"),
            ("acc ilm", "acceptance_ilm", ".3f"), ("acc llm", "acceptance_llm", ".3f"),
            ("B/tok", "uplink_bytes_per_token", ".0f"), ("eff", "efficiency", ".2f"),
+           ("LLM CPU ms/tok", "llm_cpu_ms_per_token", ".2f"),
+           ("x llm-only", "llm_cpu_ratio", ".2f"),
            ("ppl", ("quality", "ppl_llm"), ".2f"), ("ppl ratio", ("quality", "ppl_ratio"), ".3f"),
            ("TSR", ("quality", "tsr"), ".3f"),
            ("cos ref", ("quality", "cosine_to_reference"), ".3f"),
@@ -450,8 +482,14 @@ def run_order(args) -> list[tuple[str, float]]:
     return [(name, t) for t in args.temperatures for name in names]
 
 
-async def run_all(url: str, prompts: list[str], args) -> list[Run]:
+async def run_all(url: str, prompts: list[str], args, llm_pid: int | None = None,
+                  settle: Callable[[], object] | None = None) -> list[Run]:
+    """Every (policy, temperature) run; `llm_pid`: the LLM tier's process, whose tree's CPU
+    time is read around each timed run (None: not measured), each reading after `settle()`
+    (waits until the tiers have closed the requests' sessions: closing is asynchronous)."""
     from openai import AsyncOpenAI
+
+    from hilm_vllm.bench.cpu import TreeCPU
 
     client = AsyncOpenAI(base_url=f"{url.rstrip('/')}/v1", api_key="hilm", max_retries=0,
                          timeout=args.request_timeout)
@@ -462,7 +500,12 @@ async def run_all(url: str, prompts: list[str], args) -> list[Run]:
                 warm.add(policy)
                 await run_policy(client, policy, prompts[:args.warmup], temperature,
                                  _with(args, max_tokens=min(WARMUP_TOKENS, args.max_tokens)))
-            run = await run_policy(client, policy, prompts, temperature, args)
+            settle = settle or (lambda: None)
+            settle()
+            with TreeCPU({"llm": llm_pid}) as cpu:
+                run = await run_policy(client, policy, prompts, temperature, args)
+                settle()
+            run.llm_cpu_s = cpu.seconds["llm"]
             runs.append(run)
             print(progress_line(n, len(order), run), flush=True)
     return runs
@@ -724,7 +767,10 @@ def main(argv: list[str] | None = None) -> int:
         zoo = ensure_zoo(args.zoo, progress=True)
         prompts, references = load_prompts(zoo, args)
         with served_router(args, zoo) as tiers:
-            runs = asyncio.run(run_all(tiers.url, prompts, args))
+            stack = tiers.stack
+            llm_pid = stack.tiers["llm"].proc.pid if stack is not None else None
+            settle = (lambda: stack.wait_sessions_closed(SETTLE_S)) if stack is not None else None
+            runs = asyncio.run(run_all(tiers.url, prompts, args, llm_pid, settle))
             if tiers.stack is not None and any(r.error for run in runs for r in run.records):
                 print(f"some requests failed; the router's last lines:\n{tiers.tail('router')}",
                       file=sys.stderr)

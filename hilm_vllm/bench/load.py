@@ -28,6 +28,12 @@ keys:
   efficiency               mean over requests of (model time of every tier + simulated
                            network) / latency: the share of a request's wall time its parts
                            account for (the rest is router, RPC and queueing overhead)
+  uplink_bytes_per_token   serialized bytes the router sent to the verifier tiers (ilm + llm:
+                           the device's uplink) / generated tokens, from usage.hilm (null for
+                           vllm-spec, which has no router)
+  draft_bytes_per_token    serialized bytes the drafter sent back to the router (the slm
+                           link's downlink: drafted tokens, uncertainties, distributions) /
+                           generated tokens (0 for llm-only, null for vllm-spec)
   errors                   failed requests
 The PNG beside it plots tokens/s and ITL p50 against concurrency, one line per policy.
 Figures are ratios within one run: the machine is shared; on CPU a demo SLM step costs almost
@@ -38,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import re
 import subprocess
@@ -56,7 +63,8 @@ POLICIES = ("llm-only", "hlm", "spec", "uhlm", "hilm", "cascade", "rand")
 DRAFTING = {"hlm", "spec", "uhlm", "hilm", "cascade", "rand"}
 ENTRY_KEYS = ("policy", "optimistic", "concurrency", "latency", "tokens_per_s",
               "tokens_per_s_per_stream", "ttft_ms_p50", "itl_ms_p50", "itl_ms_p99", "tr_llm",
-              "llm_forwards_per_token", "llm_busy_s_per_token", "efficiency", "errors")
+              "llm_forwards_per_token", "llm_busy_s_per_token", "efficiency",
+              "uplink_bytes_per_token", "draft_bytes_per_token", "errors")
 VLLM_SPEC = "vllm-spec"
 
 
@@ -172,7 +180,10 @@ def entry(policy: str, optimistic: bool, concurrency: int, latency: str, metrics
         else metrics["tr_llm"],
         "llm_forwards_per_token": metrics["llm_forwards_per_token"],
         "llm_busy_s_per_token": None if busy_s is None or not tokens else busy_s / tokens,
-        "efficiency": metrics["efficiency"], "errors": metrics["errors"],
+        "efficiency": metrics["efficiency"],
+        "uplink_bytes_per_token": metrics.get("uplink_bytes_per_token"),
+        "draft_bytes_per_token": metrics.get("draft_bytes_per_token"),
+        "errors": metrics["errors"],
     }
 
 
@@ -241,8 +252,11 @@ def run_tiers(zoo, prompts: list[str], args) -> list[dict]:
     return runs
 
 
-def vllm_spec_runs(zoo, prompts: list[str], args) -> list[dict]:
-    """vLLM's own speculative decoding of the same pair, served by `vllm serve`, network off."""
+@contextlib.contextmanager
+def vllm_spec_server(zoo, args, warmup_prompts: list[str]):
+    """`vllm serve` of the family's LLM with its SLM as vLLM's own draft model (the
+    `--speculative-config` of the module docstring), healthy and warmed up by short requests;
+    yields (its URL, its Popen: the root of its process tree) and stops it on exit."""
     spec = {"method": "draft_model", "model": str(zoo.slm), "num_speculative_tokens":
             args.block_size, "draft_sample_method": "probabilistic"}
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(zoo.llm),
@@ -258,20 +272,26 @@ def vllm_spec_runs(zoo, prompts: list[str], args) -> list[dict]:
     try:
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/health", proc, log)
-        asyncio.run(run_once(url, VLLM_SPEC, prompts, 1, argparse.Namespace(
+        asyncio.run(run_once(url, VLLM_SPEC, warmup_prompts, 1, argparse.Namespace(
             **{**vars(args), "min_requests": 1, "max_tokens": 4}), {}))
-        runs = []
-        for c in args.concurrency:
-            e = measure(url, VLLM_SPEC, None, VLLM_SPEC, False, c, "none", prompts, args, {})
-            runs.append(e)
-            print(line(e), flush=True)
-        return runs
+        yield url, proc
     finally:
         proc.terminate()
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def vllm_spec_runs(zoo, prompts: list[str], args) -> list[dict]:
+    """vLLM's own speculative decoding of the same pair, served by `vllm serve`, network off."""
+    with vllm_spec_server(zoo, args, prompts) as (url, _proc):
+        runs = []
+        for c in args.concurrency:
+            e = measure(url, VLLM_SPEC, None, VLLM_SPEC, False, c, "none", prompts, args, {})
+            runs.append(e)
+            print(line(e), flush=True)
+        return runs
 
 
 def free_port() -> int:
