@@ -17,6 +17,15 @@ def tiny_zoo():
 
 
 @pytest.fixture(scope="session")
+def vocab32k_zoo():
+    """The random-weight 32,000-token family (hilm_vllm/zoo/random_family.py): ~15 s to build
+    the first time, nothing trained but its tokenizer (Rust), so it is built in this process."""
+    from hilm_vllm.zoo import ensure_zoo
+
+    return ensure_zoo("vocab32k", progress=False)
+
+
+@pytest.fixture(scope="session")
 def demo_zoo():
     """The demo family, built first if missing — in a child process: vLLM engines run in this
     process by other tests bind its OpenMP threads and disable `torch.set_num_threads`, which

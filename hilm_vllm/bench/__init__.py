@@ -38,9 +38,9 @@ def add_common_args(p: argparse.ArgumentParser, zoo_help: str = "model family") 
     from pathlib import Path
 
     from hilm_vllm.benchjson import RESULTS_DIR
-    from hilm_vllm.zoo.recipes import RECIPES
+    from hilm_vllm.zoo.recipes import recipe_names
 
-    p.add_argument("--zoo", default="demo", choices=sorted(RECIPES),
+    p.add_argument("--zoo", default="demo", choices=recipe_names(),
                    help=f"{zoo_help} (default: demo)")
     p.add_argument("--out", "--out-dir", dest="out", type=Path, default=RESULTS_DIR,
                    help="results folder (default: %(default)s, under the current directory)")

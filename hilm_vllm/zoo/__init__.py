@@ -4,6 +4,9 @@
     zoo.slm, zoo.ilm, zoo.llm         # Hugging Face model directories
     zoo.manifest["acceptance"]        # measured at build time
     zoo.heldout_prompts()             # [{"file", "prompt", "reference"}]
+
+`ensure_zoo("vocab32k")` / `ensure_zoo("vocab128k")` give random-weight families with hub-sized
+vocabularies in the same layout, for plumbing and cost (random_family.py).
 """
 
 from __future__ import annotations
@@ -14,9 +17,17 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from hilm_vllm.zoo.recipes import RECIPES, Recipe, get_recipe
+from hilm_vllm.zoo.recipes import (
+    RANDOM_RECIPES,
+    RECIPES,
+    RandomRecipe,
+    Recipe,
+    get_recipe,
+    recipe_names,
+)
 
-__all__ = ["RECIPES", "Recipe", "Zoo", "ensure_zoo", "find_zoo", "get_recipe", "zoo_dir"]
+__all__ = ["RANDOM_RECIPES", "RECIPES", "RandomRecipe", "Recipe", "Zoo", "ensure_zoo", "find_zoo",
+           "get_recipe", "recipe_names", "zoo_dir"]
 
 
 @dataclass(frozen=True)
@@ -55,29 +66,35 @@ def cache_root() -> Path:
     return Path(base) / "hilm-vllm" / "zoo"
 
 
-def zoo_dir(recipe: Recipe) -> Path:
+def zoo_dir(recipe: Recipe | RandomRecipe) -> Path:
     return cache_root() / recipe.key()
 
 
-def find_zoo(recipe: str | Recipe = "demo", seed: int = 0) -> Zoo | None:
+def find_zoo(recipe: str | Recipe | RandomRecipe = "demo", seed: int = 0) -> Zoo | None:
     r = get_recipe(recipe) if isinstance(recipe, str) else recipe
     root = zoo_dir(r.with_seed(seed))
     return Zoo(root) if (root / "manifest.json").is_file() else None
 
 
-def ensure_zoo(recipe: str | Recipe = "demo", seed: int = 0, device: str = "cpu",
+def ensure_zoo(recipe: str | Recipe | RandomRecipe = "demo", seed: int = 0, device: str = "cpu",
                progress: bool = True, force: bool = False) -> Zoo:
-    """Return the cached zoo for this recipe and seed, building it first if needed.
+    """Return the cached zoo for this recipe and seed, building it first if needed (a random
+    family is built on the CPU whatever `device` says: nothing is trained).
 
     A file lock makes concurrent callers (parallel tests, two terminals) build it once."""
     from filelock import FileLock
-
-    from hilm_vllm.zoo.build import build
 
     r = (get_recipe(recipe) if isinstance(recipe, str) else recipe).with_seed(seed)
     root = zoo_dir(r)
     root.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root) + ".lock"):
         if force or not (root / "manifest.json").is_file():
-            build(r, root, device=device, progress=progress)
+            if isinstance(r, RandomRecipe):
+                from hilm_vllm.zoo.random_family import build_random
+
+                build_random(r, root, progress=progress)
+            else:
+                from hilm_vllm.zoo.build import build
+
+                build(r, root, device=device, progress=progress)
     return Zoo(root)

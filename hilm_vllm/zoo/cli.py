@@ -8,18 +8,21 @@ import sys
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from hilm_vllm.zoo.recipes import RECIPES
+    from hilm_vllm.zoo.recipes import recipe_names
 
     p = sub.add_parser("zoo", help="build and inspect the demo model family (SLM < ILM < LLM)")
     zsub = p.add_subparsers(dest="zoo_command", metavar="ACTION", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--recipe", default="demo", choices=sorted(RECIPES),
+        sp.add_argument("--recipe", default="demo", choices=recipe_names(),
                         help="demo: the family used by the demo and benchmarks (~15-20 min on 2 "
-                             "CPU cores); tiny: seconds, for tests (default: %(default)s)")
+                             "CPU cores); tiny: seconds, for tests; vocab32k, vocab128k: RANDOM "
+                             "weights with a 32,000 / 128,256-token vocabulary, for plumbing and "
+                             "cost, not quality (seconds to a minute) (default: %(default)s)")
         sp.add_argument("--seed", type=int, default=0, help="training seed (default: %(default)s)")
 
-    b = zsub.add_parser("build", help="train the family (cached; a no-op when already built)")
+    b = zsub.add_parser("build", help="train the family, or make a random one (cached; a no-op "
+                                      "when already built)")
     common(b)
     b.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="training device; auto picks cuda when available (default: %(default)s)")
@@ -96,6 +99,8 @@ def _show(args: argparse.Namespace) -> int:
     print(json.dumps(rest, indent=2))
     if "gates" in zoo.manifest:
         print(format_gates(zoo.manifest["gates"]))
+    elif zoo.manifest.get("random"):
+        print("gates: none (random weights: uncertainty gates measure nothing here)")
     else:
         print("gates: not measured (a zoo built before the gates section existed)")
     return 0

@@ -1,6 +1,7 @@
 """Recipes for the demo model family: one Llama trained with early-exit losses, whose first
 layers are saved as the SLM and ILM (LayerSkip-style), so SLM < ILM < LLM share a tokenizer
-and form a quality ladder from a single run.
+and form a quality ladder from a single run. The random-weight large-vocabulary families
+(`vocab32k`, `vocab128k`) are in random_family.py; `get_recipe` knows both kinds.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import hashlib
 import json
 import sys
 from dataclasses import dataclass
+
+from hilm_vllm.zoo.random_family import RANDOM_RECIPES, RandomRecipe
 
 # Bump when the build's output format or training code changes meaning: it is part of the
 # cache key, so stale zoos are rebuilt rather than silently reused.
@@ -100,8 +103,17 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-def get_recipe(name: str) -> Recipe:
-    try:
+def recipe_names() -> list[str]:
+    """Every family name, trained (RECIPES) and random-weight (RANDOM_RECIPES): the choices of
+    `--recipe`, `--zoo` and `zoo:<name>/<tier>`."""
+    return sorted(RECIPES.keys() | RANDOM_RECIPES.keys())
+
+
+def get_recipe(name: str) -> Recipe | RandomRecipe:
+    """A trained recipe, or a random-weight one (random_family.py): `isinstance(r, RandomRecipe)`
+    tells them apart, and `ensure_zoo` builds each its own way."""
+    if name in RECIPES:
         return RECIPES[name]
-    except KeyError:
-        raise ValueError(f"unknown zoo recipe {name!r}; choose one of {sorted(RECIPES)}") from None
+    if name in RANDOM_RECIPES:
+        return RANDOM_RECIPES[name]
+    raise ValueError(f"unknown zoo recipe {name!r}; choose one of {recipe_names()}")

@@ -21,10 +21,10 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int):
-    """Train a byte-level BPE and wrap it as a transformers fast tokenizer."""
+def train_bpe(texts: Iterable[str], vocab_size: int):
+    """Train a byte-level BPE (a `tokenizers.Tokenizer`, BOS-prepending) of at most `vocab_size`
+    tokens; fewer when the texts run out of pairs to merge."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -40,11 +40,24 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
     )
+    return tok
+
+
+def as_transformers(tok):
+    """Wrap a `tokenizers.Tokenizer` from `train_bpe` as a transformers fast tokenizer with the
+    family's special tokens and chat template (what `save_pretrained` writes for vLLM)."""
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
         additional_special_tokens=list(ROLE_TOKENS), chat_template=CHAT_TEMPLATE,
         model_max_length=1 << 20, clean_up_tokenization_spaces=False,
     )
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int):
+    """Train a byte-level BPE and wrap it as a transformers fast tokenizer."""
+    return as_transformers(train_bpe(texts, vocab_size))
 
 
 def save_tokenizer(tokenizer, out_dir: Path) -> None:
