@@ -204,9 +204,9 @@ async def record_prompt(drafter, verifier, prompt: str, spec, uncertainty, token
     try:
         while pos < end:
             (t,) = (await drafter.draft(d.session_id, pos, 1)).tokens
-            q_x = float(t.probs[t.ids == t.token_id][0])
+            q_x = float(t.probs[t.ids == t.token_id][0] / t.probs.sum())  # weights -> law
             reply = await verifier.verify(v.session_id, pos, [t.token_id],
-                                          [(t.ids.tolist(), t.probs.tolist())],
+                                          [(t.ids, t.probs)],
                                           want_target_probs=True)
             accepted = reply.num_accepted == 1
             rec.add(t.uncertainty, reply.target_probs[0], q_x, accepted)

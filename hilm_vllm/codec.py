@@ -7,7 +7,7 @@ Every service, client and file format of the project converts through here:
 | `SamplingSpec` | `sampling_to_pb` / `sampling_from_pb` | `sampling_to_dict` / `sampling_from_dict`; vLLM's `SamplingParams`: `sampling_from_vllm` |
 | `UncertaintyConfig` | `uncertainty_to_pb` / `uncertainty_from_pb` | `uncertainty_to_dict` / `uncertainty_from_dict` |
 | a prompt (ids or text) | `prompt_to_pb` / `prompt_from_pb` | |
-| `ScoredToken` (token, u, sparse dist) | `dist_to_pb`, `scored_from_pb` | |
+| `ScoredToken` (token, u, sparse dist) | `dist_to_pb`, `dist_from_pb`, `scored_from_pb` | |
 | `ThresholdsFile` (`hilm calibrate`'s YAML) | | `read_thresholds` / `write_thresholds` |
 
 and the checks every tier makes the same way: `check_token_ids` (the one token-range check) and
@@ -27,7 +27,7 @@ import numpy as np
 from hilm_vllm.errors import InvalidArgument
 from hilm_vllm.proto.hilm.v1 import common_pb2
 from hilm_vllm.router.policy import Thresholds
-from hilm_vllm.sampling import SamplingSpec, ScoredToken
+from hilm_vllm.sampling import ID_DTYPE, WEIGHT_DTYPE, SamplingSpec, ScoredToken, unpack_row
 from hilm_vllm.uncertainty import MAX_SAMPLES, Gate, Perturbation, UncertaintyConfig
 
 Prompt = list[int] | str
@@ -186,13 +186,37 @@ def eos_token_ids(model_config, tokenizer=None) -> tuple[int, ...]:
 
 
 def dist_to_pb(ids: np.ndarray, probs: np.ndarray) -> common_pb2.SparseDistribution:
-    return common_pb2.SparseDistribution(token_ids=ids.tolist(), probs=probs.tolist())
+    """Packed (6 bytes an entry, no per-entry objects) when the weights are float16 values, as
+    the tiers' rows are; otherwise the repeated fields, so no row is ever rounded on the way."""
+    probs = np.asarray(probs, np.float32)
+    half = probs.astype(WEIGHT_DTYPE)
+    if np.array_equal(half.astype(np.float32), probs):
+        return common_pb2.SparseDistribution(
+            packed_token_ids=np.ascontiguousarray(ids, ID_DTYPE).tobytes(),
+            packed_weights=half.tobytes())
+    return common_pb2.SparseDistribution(token_ids=np.asarray(ids).tolist(),
+                                         probs=probs.tolist())
+
+
+def dist_from_pb(pb: common_pb2.SparseDistribution) -> tuple[np.ndarray, np.ndarray]:
+    """-> (ids int32 [S], weights float32 [S]) from either encoding; InvalidArgument when the
+    packed fields do not pair up."""
+    if pb.packed_token_ids or pb.packed_weights:
+        if pb.token_ids or pb.probs:
+            raise InvalidArgument("a distribution has both packed and repeated entries: send "
+                                  "one encoding")
+        n_ids, n_w = len(pb.packed_token_ids), len(pb.packed_weights)
+        if n_ids % 4 or n_w % 2 or n_ids // 4 != n_w // 2:
+            raise InvalidArgument(f"packed distribution: {n_ids} bytes of int32 ids and {n_w} "
+                                  f"bytes of float16 weights do not pair up (4 and 2 bytes an "
+                                  f"entry)")
+        return unpack_row(pb.packed_token_ids, pb.packed_weights)
+    return np.asarray(pb.token_ids, np.int32), np.asarray(pb.probs, np.float32)
 
 
 def scored_from_pb(pb) -> ScoredToken:
     """A `hilm.v1.DraftedToken` or `hilm.v1.EmittedToken` -> ScoredToken."""
-    return ScoredToken(pb.token_id, pb.uncertainty, np.asarray(pb.dist.token_ids, np.int32),
-                       np.asarray(pb.dist.probs, np.float32))
+    return ScoredToken(pb.token_id, pb.uncertainty, *dist_from_pb(pb.dist))
 
 
 # ---- thresholds -------------------------------------------------------------------------------

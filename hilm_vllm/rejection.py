@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -41,11 +42,24 @@ class SparseRows:
 
     @classmethod
     def from_lists(cls, rows: Sequence[tuple[Sequence[int], Sequence[float]]]) -> SparseRows:
-        lengths = torch.tensor([len(ids) for ids, _ in rows], dtype=torch.long)
-        ids = [i for row_ids, _ in rows for i in row_ids]
-        probs = [p for _, row_probs in rows for p in row_probs]
-        return cls(torch.tensor(ids, dtype=torch.long), torch.tensor(probs, dtype=torch.float32),
-                   torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]))
+        """Rows given as (ids, probs) pairs of numpy arrays or sequences: concatenated with
+        numpy, never entry by entry."""
+        lengths = np.array([len(ids) for ids, _ in rows], dtype=np.int64)
+        ids = (np.concatenate([np.asarray(i, np.int64) for i, _ in rows]) if rows
+               else np.zeros(0, np.int64))
+        probs = (np.concatenate([np.asarray(p, np.float32) for _, p in rows]) if rows
+                 else np.zeros(0, np.float32))
+        offsets = np.concatenate([[0], lengths.cumsum()]).astype(np.int64)
+        return cls(torch.from_numpy(ids), torch.from_numpy(probs), torch.from_numpy(offsets))
+
+    def normalised(self) -> SparseRows:
+        """Each row divided by its sum (float64 sums): the law of a row sent as weights (a
+        drafter's float16 row sums to 1 only within 1e-3)."""
+        row_of = torch.searchsorted(self.offsets[1:], torch.arange(
+            self.ids.numel(), device=self.ids.device), right=True)
+        sums = torch.zeros(len(self), dtype=torch.float64, device=self.probs.device)
+        sums.index_add_(0, row_of, self.probs.double())
+        return SparseRows(self.ids, (self.probs.double() / sums[row_of]).float(), self.offsets)
 
     def __len__(self) -> int:
         return self.offsets.numel() - 1

@@ -21,6 +21,7 @@ class Stream(enum.IntEnum):
     # Drafter tier, per session seed and absolute position:
     DRAFT_SAMPLE = 0  # the vLLM seed of one Draft request (the drafter's sampling)
     PERTURBATION = 1  # the perturbed-temperature noise of u (drafter, and a verifier's emitted u)
+    DRAFT_DRAW = 4  # the uniform the drafter's processor draws each token from its q with
     # Verifier tier, per session seed and position of the Verify:
     VERIFY_DRAWS = 2  # the worker's accept uniforms, then the recovered or bonus token's draw
     VERIFY_SAMPLE = 3  # the engine's own sample of the request (its seed; unused by the math)

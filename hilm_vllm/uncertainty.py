@@ -112,6 +112,45 @@ def draw_samples(logits: torch.Tensor, cfg: UncertaintyConfig, seed: int) -> tor
     return perturbed_samples(logits, thetas, uniforms)
 
 
+def noise(cfg: UncertaintyConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K temperatures and K uniforms of one token ([K] float64 each, CPU), drawn in
+    `draw_samples`' order from a generator seeded by `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    thetas = temperatures(cfg, gen)
+    return thetas, torch.rand(cfg.num_samples, generator=gen, dtype=torch.float64)
+
+
+def perturbed_disagreement(logits: torch.Tensor, tokens: torch.Tensor, thetas: torch.Tensor,
+                           uniforms: torch.Tensor) -> torch.Tensor:
+    """The perturbed gate for B tokens at once, without drawing K x V samples.
+
+    logits [B, V] raw; tokens [B] (the drafted tokens); thetas, uniforms [B, K] -> u [B]
+    float64 on the logits' device. u has exactly the law of (1/K) sum_k 1[x_k != x] with
+    x_k ~ softmax(z / theta_k): x_k equals x with probability pi_k = softmax(z / theta_k)[x],
+    so 1[x_k == x] is drawn as 1[U_k < pi_k]. One log-sum-exp over V per (row, k) in float32
+    (the inverse-CDF draw needs a float64 cumulative sum of K x V instead: ~3x the work, and
+    the drafted token is known when this runs, so nothing else is needed)."""
+    z = logits.float()
+    inv = thetas.to(z.device, torch.float32).reciprocal()  # [B, K]
+    uniforms = uniforms.to(z.device, torch.float64)
+    tokens = tokens.to(z.device, torch.long)
+    out = torch.empty(z.shape[0], dtype=torch.float64, device=z.device)
+    for i in range(z.shape[0]):  # [K, V] per row: B x K x V at once would be 100s of MB
+        scaled = inv[i][:, None] * z[i][None, :]  # [K, V]
+        at = scaled.gather(1, tokens[i].expand(scaled.shape[0], 1)).squeeze(1)  # [K]
+        same = uniforms[i] < (at - torch.logsumexp(scaled, dim=-1)).double().exp()
+        # (K - agreeing) / K in float64, as disagreement() computes it; no host sync
+        out[i] = (~same).sum(dtype=torch.float64) / same.numel()
+    return out
+
+
+def perturbed_u(logits: torch.Tensor, token: int, cfg: UncertaintyConfig, seed: int) -> float:
+    """logits [V] raw -> u of `token` (the perturbed gate; noise from `noise(cfg, seed)`)."""
+    thetas, uniforms = noise(cfg, seed)
+    tokens = torch.tensor([token])
+    return float(perturbed_disagreement(logits[None, :], tokens, thetas[None], uniforms[None])[0])
+
+
 def disagreement(samples: torch.Tensor, token: int) -> float:
     """samples [K] -> u = fraction of samples that differ from the drafted token (steps of 1/K)."""
     return float((samples != token).sum()) / samples.numel()

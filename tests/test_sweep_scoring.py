@@ -63,11 +63,14 @@ def test_quality_block_has_the_issue_keys_ratios_against_the_reference_and_noise
     assert quality_block(ref, ref)["ppl_ratio"] == pytest.approx(1.0)
 
 
-def test_top_k_cap_and_drafter_config():
-    assert scoring.effective_top_k(0, 64) == 64 and scoring.effective_top_k(8, 64) == 8
-    assert scoring.effective_top_k(100, 64) == 64 and scoring.effective_top_k(5, 0) == 5
-    assert scoring.drafter_top_k("engine_configs/demo-slm.yaml") == 64
-    assert scoring.drafter_top_k("no/such.yaml") == 0
+def test_drafter_truncation_from_its_config_else_the_tier_defaults(tmp_path):
+    from hilm_vllm.drafter.core import DrafterSettings
+    from hilm_vllm.sampling import Truncation
+
+    assert scoring.drafter_truncation("no/such.yaml") == DrafterSettings().truncation
+    config = tmp_path / "slm.yaml"
+    config.write_text("draft-top-k: 8\ndraft-eps: 0.01\n")
+    assert scoring.drafter_truncation(config) == Truncation(8, 0.01)
 
 
 class _Record:

@@ -62,7 +62,7 @@ tiers are stopped, with the CPU free):
   tsr                     shadow verification of the SKIPs (usage.hilm.skipped_at): the mean over
                           skipped tokens of min(1, p(x)/q(x)), p the LLM's and q the drafter's
                           distribution as sampled (the request's temperature / top-k / top-p, the
-                          drafter's top-k capped by its draft-top-k); tsr_coverage: the share of
+                          drafter's q truncated as the drafter truncates it); tsr_coverage: the share of
                           skipped tokens it covers (see bench/scoring.py: the ids)
   cosine_to_reference     cos(output, the held-out file's true continuation, cut to the same
                           --max-tokens tokens of the zoo tokenizer), all-MiniLM-L6-v2 sentence

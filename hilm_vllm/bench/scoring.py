@@ -21,8 +21,9 @@ What is scored, per request:
   router kept on the device unverified (`usage.hilm.skipped_at`: completion indexes), with the
   exact context before it, p = the LLM's distribution and q = the drafter's, both as sampled
   (`hilm_vllm.sampling.processed_probs` on transformers logits, the request's temperature,
-  top-k and top-p; the drafter's top-k capped by its `draft-top-k`, engine_configs/demo-slm.yaml:
-  64, as `hilm_vllm.drafter.core.effective_top_k` does), and TSR = the mean of min(1, p(x)/q(x))
+  top-k and top-p; q then truncated as the drafter truncates it, `sampling.truncated_probs` with
+  the drafter config's `draft-top-k` / `draft-eps`, else the drafter's defaults), and TSR = the
+  mean of min(1, p(x)/q(x))
   pooled over the run's skipped tokens (an expectation: no acceptance draw adds noise).
   At T = 0 both are one-hot: TSR is the share of skipped tokens equal to the LLM's argmax.
 - The token ids. The positions in `skipped_at` index the *generated* token ids. The router's
@@ -87,23 +88,20 @@ def output_from_record(record, prompt: str, temperature: float, top_k: int = 0,
                   top_p)
 
 
-def drafter_top_k(config: str | Path = DRAFTER_CONFIG) -> int:
-    """The drafter's `draft-top-k` (0 = off) from its engine config."""
+def drafter_truncation(config: str | Path = DRAFTER_CONFIG):
+    """The drafter's proposal truncation (`draft-top-k`, `draft-eps` of its engine config, each
+    else the drafter tier's default)."""
     import yaml
 
+    from hilm_vllm.drafter.core import DrafterSettings
+    from hilm_vllm.sampling import Truncation
     from hilm_vllm.stack import config_path
 
+    d = DrafterSettings()
     path = config_path(config)
-    if not path.is_file():
-        return 0
-    return int((yaml.safe_load(path.read_text()) or {}).get("draft-top-k") or 0)
-
-
-def effective_top_k(request_top_k: int, draft_top_k: int) -> int:
-    """min(request, drafter cap) where 0 is off on either side (as the drafter tier does)."""
-    if draft_top_k <= 0:
-        return request_top_k
-    return draft_top_k if request_top_k <= 0 else min(request_top_k, draft_top_k)
+    doc = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    return Truncation(int(doc.get("draft-top-k", d.draft_top_k)),
+                      float(doc.get("draft-eps", d.draft_eps)))
 
 
 def acceptance_at(p: np.ndarray, q: np.ndarray, tokens: Sequence[int],
@@ -125,7 +123,7 @@ def acceptance_at(p: np.ndarray, q: np.ndarray, tokens: Sequence[int],
 class ShadowScorer:
     """The LLM (perplexity, p) and the drafter (q) in transformers, float32, on the CPU."""
 
-    def __init__(self, llm: str | Path, slm: str | Path, draft_top_k: int = 0,
+    def __init__(self, llm: str | Path, slm: str | Path, truncation=None,
                  device: str = "cpu", batch_size: int = 8):
         import torch
         from transformers import AutoModelForCausalLM
@@ -140,11 +138,13 @@ class ShadowScorer:
                                                         dtype=torch.float32).to(device)
         self.slm.eval()
         self.device = device
-        self.draft_top_k = draft_top_k
+        from hilm_vllm.sampling import NO_TRUNCATION
+
+        self.truncation = truncation or NO_TRUNCATION  # the drafter's (drafter_truncation)
 
     @classmethod
     def for_zoo(cls, zoo, drafter_config: str | Path = DRAFTER_CONFIG, **kw) -> ShadowScorer:
-        return cls(zoo.llm, zoo.slm, drafter_top_k(drafter_config), **kw)
+        return cls(zoo.llm, zoo.slm, drafter_truncation(drafter_config), **kw)
 
     def completion_ids(self, out: Output) -> tuple[list[int] | None, str | None]:
         """(ids that `skipped_at` indexes, their source) or (None, why not)."""
@@ -178,19 +178,18 @@ class ShadowScorer:
     def _tsr_terms(self, out: Output, ids: list[int]):
         import torch
 
-        from hilm_vllm.sampling import SamplingSpec, processed_probs
+        from hilm_vllm.sampling import SamplingSpec, processed_probs, truncated_probs
 
         prompt = self.tokenizer(out.prompt, add_special_tokens=True)["input_ids"]
         positions = sorted({int(t) for t in out.skipped_at if 0 <= t < len(ids)})
         end = positions[-1] + 1  # rows past the last skip are not needed
         seq = torch.tensor([prompt + ids[:end]], device=self.device)
         rows = slice(len(prompt) - 1, len(prompt) - 1 + end)  # row t predicts completion t
-        spec_p = SamplingSpec(out.temperature, out.top_k, out.top_p)
-        spec_q = SamplingSpec(out.temperature, effective_top_k(out.top_k, self.draft_top_k),
-                              out.top_p)
+        spec = SamplingSpec(out.temperature, out.top_k, out.top_p)
         with torch.inference_mode():
-            p = processed_probs(self.llm(input_ids=seq).logits[0, rows].float(), spec_p)
-            q = processed_probs(self.slm(input_ids=seq).logits[0, rows].float(), spec_q)
+            p = processed_probs(self.llm(input_ids=seq).logits[0, rows].float(), spec)
+            q = truncated_probs(processed_probs(self.slm(input_ids=seq).logits[0, rows].float(),
+                                                spec), self.truncation)[0]
         return acceptance_at(p.cpu().numpy(), q.cpu().numpy(), ids, positions)
 
 

@@ -13,9 +13,14 @@ count). A Draft may first cut the session back (`rollback_to`) and append tokens
 elsewhere (`append`): the router's correction and other tiers' tokens ride on the next Draft,
 so a round costs one device call. `rollback` and `append` remain separate RPCs for other clients.
 
-Seeds. A session seed (the client's, else a random one) derives a vLLM seed per Draft from
-(seed, position) and the perturbation noise per absolute position: rolling back and drafting
-again from the same position reproduces the same tokens and the same u, also at T > 0.
+Seeds. A session seed (the client's, else a random one) derives, per absolute position, the
+uniform the processor draws the token with and the perturbation noise of u: rolling back and
+drafting again from the same position reproduces the same tokens and the same u, also at T > 0.
+
+Proposals. Each token is drawn from q = the request's temperature / top-k / top-p, then
+truncated (`--draft-top-k`, `--draft-eps`: `sampling.Truncation`) and shipped exactly, as float16
+weights: speculative sampling is exact for any proposal the verifier knows exactly, so a
+128k-vocabulary model ships at most `--draft-top-k` entries per token, not its vocabulary.
 """
 
 from __future__ import annotations
@@ -27,18 +32,15 @@ import secrets
 import time
 from dataclasses import dataclass, field, replace
 
-import numpy as np
-
 from hilm_vllm.drafter import metrics
 from hilm_vllm.drafter.processor import DRAFT_ARG, DraftOptions, readout_of
 from hilm_vllm.errors import (Aborted, FailedPrecondition, HilmError, InvalidArgument,
                               Unavailable)
-from hilm_vllm.sampling import SamplingSpec, ScoredToken
+from hilm_vllm.sampling import SamplingSpec, ScoredToken, Truncation, unpack_row
 from hilm_vllm.server.flags import (DEFAULT_MAX_CLIENT_SAMPLES, DEFAULT_MAX_SESSIONS_PER_CLIENT,
                                     check_caps)
 from hilm_vllm.sessions import Session, SessionLimits, SessionStore
 from hilm_vllm import codec
-from hilm_vllm.seeds import Stream, derive_seed
 from hilm_vllm.uncertainty import UncertaintyConfig
 
 logger = logging.getLogger("hilm.drafter")
@@ -53,7 +55,10 @@ class DrafterSettings:
     max_sessions: int = 256
     session_ttl_s: float = 600.0
     max_draft_tokens: int = 64  # largest block one Draft may ask for
-    draft_top_k: int = 0  # cap on the top-k the drafter samples with; 0 = the request's
+    # The proposal's truncation (sampling.Truncation): at most draft_top_k entries (0 = no
+    # cap) holding mass >= 1 - draft_eps; chosen by measurement (README, "Proposals").
+    draft_top_k: int = 64
+    draft_eps: float = 1e-3
     uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)  # session default
     max_sessions_per_client: int = DEFAULT_MAX_SESSIONS_PER_CLIENT
     max_client_samples: int = DEFAULT_MAX_CLIENT_SAMPLES  # largest K a client may ask for
@@ -63,8 +68,11 @@ class DrafterSettings:
             raise ValueError("max_sessions, session_ttl_s and max_draft_tokens must be positive")
         check_caps(self.max_client_samples, self.uncertainty.num_samples, self.max_sessions,
                    self.max_sessions_per_client)
-        if self.draft_top_k < 0:
-            raise ValueError(f"draft_top_k must be >= 0 (0 = off), got {self.draft_top_k}")
+        self.truncation  # noqa: B018 - raises ValueError on a bad cap or eps
+
+    @property
+    def truncation(self) -> Truncation:
+        return Truncation(self.draft_top_k, self.draft_eps)
 
 
 @dataclass(frozen=True)
@@ -89,9 +97,9 @@ class ModelInfo:
 class DrafterSession:
     tokens: list[int]  # prompt + decided tokens + provisional drafts
     prompt_len: int
-    spec: SamplingSpec  # what the drafter samples with (top-k capped by --draft-top-k)
+    spec: SamplingSpec  # the request's sampling transform (q is it, then the truncation)
     seed: int
-    seeded: bool  # the client gave a seed: vLLM's sampler is seeded too
+    seeded: bool  # the client gave a seed (else `seed` is a random one of this session)
     uncertainty: UncertaintyConfig
     limit: int  # most tokens the session may hold
     drafts: int = 0  # Draft calls so far (unique request keys)
@@ -110,17 +118,10 @@ class DraftResult:
     total_ms: float = 0.0
 
 
-def effective_top_k(request_top_k: int, draft_top_k: int) -> int:
-    """min(request, drafter cap), where 0 means off on either side."""
-    if draft_top_k <= 0:
-        return request_top_k
-    return draft_top_k if request_top_k <= 0 else min(request_top_k, draft_top_k)
-
-
 def drafted_tokens(readout: dict) -> list[ScoredToken]:
     """The worker's readout (see processor.Draft.readout) -> ScoredTokens."""
-    return [ScoredToken(t, u, np.frombuffer(i, dtype=np.int32), np.frombuffer(p, dtype=np.float32))
-            for t, u, i, p in zip(readout["tokens"], readout["u"], readout["ids"],
+    return [ScoredToken(t, u, *unpack_row(i, w))
+            for t, u, i, w in zip(readout["tokens"], readout["u"], readout["ids"],
                                   readout["probs"])]
 
 
@@ -241,7 +242,6 @@ class Drafter:
             limit = min(limit, len(ids) + max_tokens)
         seeded = spec.seed is not None
         seed = spec.seed if seeded else secrets.randbits(63)
-        spec = replace(spec, top_k=effective_top_k(spec.top_k, self.settings.draft_top_k))
         state = DrafterSession(list(ids), len(ids), spec, seed, seeded,
                                uncertainty or self.settings.uncertainty, limit)
         session = self.sessions.open(owner, state)
@@ -365,9 +365,12 @@ class Drafter:
             stop_token, stop_ids = 0, [0]  # no EOS: make token 0 a stop token for this draft
         options = DraftOptions(key=key, seed=state.seed, base=position,
                                uncertainty=state.uncertainty, stop_uncertainty=stop_uncertainty,
-                               stop_token=-1 if stop_uncertainty is None else stop_token)
-        seed = derive_seed(state.seed, position, Stream.DRAFT_SAMPLE) if state.seeded else None
-        return SamplingParams(**(state.spec.vllm_kwargs() | {"seed": seed}), max_tokens=n,
+                               stop_token=-1 if stop_uncertainty is None else stop_token,
+                               spec=state.spec, truncation=self.settings.truncation)
+        # The processor draws every token from q (seeded by the session and the position) and
+        # forces it: vLLM's sampler only has to keep greedy rows greedy, so it gets no top-k,
+        # top-p or seed to work on.
+        return SamplingParams(temperature=state.spec.temperature, max_tokens=n,
                               stop_token_ids=stop_ids, detokenize=False,
                               extra_args={DRAFT_ARG: options.to_extra_args()})
 

@@ -1,33 +1,33 @@
-"""Same-step uncertainty and exact draft distributions, observed inside vLLM's sampler.
+"""Same-step uncertainty and the drafter's own draw, inside vLLM's sampler.
 
 `UncertaintyProcessor` is a V1 logits processor (vLLM 0.32, V1 model runner). It returns False
 from `is_argmax_invariant()`, so the sampler hands it the RAW float32 logits of every row, after
 the allowed-token mask, bad words and the built-in min-tokens / logit-bias processors and before
-penalties, temperature, min-p and top-k/top-p. It never changes them, except to end a draft early
-(below). A request opts in with
+penalties, temperature, min-p and top-k/top-p. A request opts in with
 
     SamplingParams(..., extra_args={"hilm_draft": DraftOptions(...).to_extra_args()})
 
-and, for each position it drafts, the processor stores
-  1. the K perturbed-temperature samples (or the value of a token-free gate), and
-  2. q, the exact distribution the sampler draws the token from: `processed_probs` applies
-     vLLM's own temperature and top-k/top-p to the same raw row, so q is bit-for-bit the
-     sampler's. Its support (the nonzero entries) is kept, so q is sparse but exact.
-The drafted token is not known inside `apply()`: the worker's step hook
-(`hilm_vllm.drafter.worker.DraftHook`, after the sampler) reads this step's sampled token of
-every drafter row, finishes that position (u, sparse q) with `collect_step`, and pushes the
-results to the API process at once (`hilm_vllm.server.push`): no RPC per Draft.
+and, once per engine step, for all drafter rows of the step together, the processor
+  1. builds each row's proposal q: the request's temperature / top-k / top-p applied to the raw
+     row (`sampling.processed_probs_batch`), then truncated (`sampling.truncate`: the smallest
+     set holding mass >= 1 - eps, at most `cap` entries, float16 weights),
+  2. draws the token from that q itself (inverse CDF, one uniform per position derived from
+     (session seed, absolute position), the same on every device) and forces it: every other
+     logit of the row becomes -inf, so whatever vLLM's sampler does (its batch-dependent
+     top-k/top-p kernels on GPU included) it emits exactly that token. q is therefore the law
+     the token was drawn from by construction, not by matching vLLM's sampler bit for bit;
+  3. measures u of the drawn token (`uncertainty.perturbed_disagreement`, or a token-free gate).
+The worker's step hook (`hilm_vllm.drafter.worker.DraftHook`, after the sampler) checks the
+engine emitted the forced token, finishes the positions of rows whose sample was kept
+(`collect_step`) and pushes them to the API process at once (`hilm_vllm.server.push`): no RPC
+per Draft. Only the truncated rows (c entries each) leave the device.
 
-Early stop. With `stop_uncertainty` set, the step after token i computes u_i (token i is in the
-output list by then); if u_i exceeds the bound, the processor forces this step's token to the
-stop token (every other logit -inf), vLLM finishes the request, and the reader drops that
-forced token. Cost: the one forward pass of the step that would have drafted token i+1, and no
-extra round trips (streaming and aborting would pay per-token messages and overrun by the
-pipeline depth).
+Early stop. With `stop_uncertainty` set, a position whose previous token's u exceeds the bound
+is forced to the stop token instead, vLLM finishes the request, and the reader drops that forced
+token. Cost: the one forward pass of that step, and no extra round trips.
 
-Exactness needs every transform after this processor to be reproduced here: penalties and min-p
-(applied later by the sampler) are therefore refused for drafter requests, and so is n > 1
-(rows are keyed by request).
+Penalties and min-p (applied by vLLM's sampler after this processor, so q would not include
+them) are refused for drafter requests, and so is n > 1 (rows are keyed by request).
 
 All state lives in the worker process (`STORE`). A record lives while its request is in the
 batch and not finished: it is dropped when its last token is pushed, or when vLLM removes the
@@ -49,11 +49,12 @@ import torch
 from vllm.exceptions import VLLMValidationError
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from hilm_vllm.sampling import SamplingSpec, processed_probs
 from hilm_vllm import codec
+from hilm_vllm.sampling import (SamplingSpec, Truncation, draw, pack_row, processed_probs_batch,
+                                seed_uniform, truncate)
 from hilm_vllm.seeds import Stream, derive_seed
-from hilm_vllm.uncertainty import (TOKEN_FREE_GATES, UncertaintyConfig, disagreement,
-                                   draw_samples)
+from hilm_vllm.uncertainty import (TOKEN_FREE_GATES, UncertaintyConfig, noise,
+                                   perturbed_disagreement)
 
 DRAFT_ARG = "hilm_draft"  # SamplingParams.extra_args key that turns the processor on
 STORE_CAPACITY = 4096  # live drafts, or finished ones kept unread without a push channel
@@ -70,6 +71,10 @@ class DraftOptions:
     uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)
     stop_uncertainty: float | None = None  # end the draft after a token with u above this
     stop_token: int = -1  # token forced to end the draft early (a stop token of the request)
+    # What q is: the request's sampling transform, then the drafter's truncation. vLLM's own
+    # SamplingParams of the request carry neither (the processor forces the token it draws).
+    spec: SamplingSpec = field(default_factory=SamplingSpec)
+    truncation: Truncation = field(default_factory=Truncation)
 
     def __post_init__(self) -> None:
         if not isinstance(self.key, str) or not self.key:
@@ -83,15 +88,20 @@ class DraftOptions:
                 raise ValueError(f"{DRAFT_ARG}.stop_token is needed with stop_uncertainty")
 
     def to_extra_args(self) -> dict:
-        return asdict(self) | {"uncertainty": codec.uncertainty_to_dict(self.uncertainty)}
+        return asdict(self) | {"uncertainty": codec.uncertainty_to_dict(self.uncertainty),
+                               "spec": codec.sampling_to_dict(self.spec),
+                               "truncation": [self.truncation.cap, self.truncation.eps]}
 
     @classmethod
     def from_extra_args(cls, d: dict) -> DraftOptions:
         try:
+            cap, eps = d.get("truncation", (Truncation.cap, Truncation.eps))
             return cls(key=d["key"], seed=int(d["seed"]), base=int(d["base"]),
                        uncertainty=codec.uncertainty_from_dict(d.get("uncertainty")),
                        stop_uncertainty=d.get("stop_uncertainty"),
-                       stop_token=int(d.get("stop_token", -1)))
+                       stop_token=int(d.get("stop_token", -1)),
+                       spec=codec.sampling_from_dict(d["spec"]) if "spec" in d else SamplingSpec(),
+                       truncation=Truncation(int(cap), float(eps)))
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed extra_args[{DRAFT_ARG!r}]: {e!r}") from e
 
@@ -113,19 +123,15 @@ def unsupported_params(params) -> str | None:
     return None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Position:
-    """What was observed at one drafted position; `u` is cached once the token is known."""
+    """One drafted position, complete when the processor has run: the token it drew and
+    forced, its u, and its truncated q packed for the wire (`sampling.pack_row`)."""
 
-    samples: torch.Tensor | None  # [K] perturbed samples (perturbed gate only)
-    gate: float | None  # token-free gate value
-    q: torch.Tensor | None  # [V] float32, dense; made sparse (all rows at once) when pushed
-    u: float | None = None
-
-    def finish(self, token: int) -> float:
-        if self.u is None:
-            self.u = self.gate if self.samples is None else disagreement(self.samples, token)
-        return self.u
+    token: int
+    u: float
+    ids: bytes  # <i4
+    weights: bytes  # <f2
 
 
 @dataclass(frozen=True)
@@ -150,15 +156,14 @@ class Stops:
         return n >= self.max_tokens or (n >= self.min_tokens and token in self.token_ids)
 
 
-# One finished position, as pushed: (key, index, token, u, ids <i4 bytes, probs <f4 bytes); a
-# forced stop is (key, index, FORCED_STOP, 0.0, b"", b"").
+# One finished position, as pushed: (key, index, token, u, ids <i4 bytes, weights <f2 bytes);
+# a forced stop is (key, index, FORCED_STOP, 0.0, b"", b"").
 Entry = tuple[str, int, int, float, bytes, bytes]
 
 
 @dataclass
 class Draft:
     options: DraftOptions
-    spec: SamplingSpec
     output_ids: list[int]  # vLLM's live output list of the request
     stops: Stops = Stops(1 << 30, frozenset())
     positions: dict[int, Position] = field(default_factory=dict)
@@ -191,14 +196,13 @@ class DraftStore:
         self._lock = threading.Lock()  # rpc reader and sampler may be different threads
         self.keep_finished = True  # False once a push channel delivers the results
 
-    def attach(self, options: DraftOptions, spec: SamplingSpec, output_ids: list[int],
-               stops: Stops) -> Draft:
+    def attach(self, options: DraftOptions, output_ids: list[int], stops: Stops) -> Draft:
         """Start a draft, or re-attach one whose request was re-added (preemption)."""
         with self._lock:
             draft = self._drafts.get(options.key)
             if draft is None:
                 draft = self._drafts[options.key] = Draft(
-                    options, spec, output_ids, stops, kept=[] if self.keep_finished else None)
+                    options, output_ids, stops, kept=[] if self.keep_finished else None)
                 while len(self._drafts) > self.capacity:
                     self._drafts.popitem(last=False)
             draft.output_ids = output_ids
@@ -230,34 +234,75 @@ STORE = DraftStore()
 STATS = {"apply_s": 0.0, "apply_calls": 0, "rows": 0}  # processor cost, for the benchmark
 
 
-def sparse_rows(q: torch.Tensor) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """q [n, V] -> per row (ids [S] int32, probs [S] float32) of its support (q > 0), exactly
-    as `sampling.to_sparse` defines it. In numpy: torch's nonzero and boolean indexing cost
-    ~10x more inside the worker (parallel kernels on bound OpenMP threads, for 8 x 2048)."""
-    ids, probs = [], []
-    for row in q.cpu().numpy():
-        support = np.flatnonzero(row > 0).astype(np.int32)
-        ids.append(support)
-        probs.append(row[support])
-    return ids, probs
+def observe_rows(logits: torch.Tensor, active: list[tuple[int, Draft, int]]
+                 ) -> list[Position]:
+    """The step's work for every drafter row at once (see the module docstring): logits
+    [num_rows, V] raw, `active` (batch row, draft, output index) -> one Position each. Forces
+    each row to its drawn token, in place. Everything runs on the logits' device; only the
+    truncated rows, the tokens and the u values come to the host."""
+    rows = torch.tensor([r for r, _, _ in active], dtype=torch.long, device=logits.device)
+    raw = logits.index_select(0, rows).float()  # [B, V]
+    drafts = [d for _, d, _ in active]
+    probs = processed_probs_batch(raw, [d.options.spec for d in drafts])
+    by_trunc: dict[Truncation, list[int]] = {}
+    for i, d in enumerate(drafts):
+        by_trunc.setdefault(d.options.truncation, []).append(i)
+    ids_all: list = [None] * len(active)
+    w_all: list = [None] * len(active)
+    tokens = torch.empty(len(active), dtype=torch.long, device=logits.device)
+    for trunc, members in by_trunc.items():
+        index = torch.tensor(members, dtype=torch.long, device=logits.device)
+        ids, weights = truncate(probs.index_select(0, index), trunc)  # [b, c]
+        uniforms = torch.tensor([seed_uniform(derive_seed(
+            drafts[i].options.seed, drafts[i].options.base + active[i][2], Stream.DRAFT_DRAW))
+            for i in members], dtype=torch.float64)
+        picked = ids.gather(1, draw(weights, uniforms)[:, None]).squeeze(1)  # [b]
+        tokens.index_copy_(0, index, picked)
+        for j, i in enumerate(members):
+            ids_all[i], w_all[i] = ids[j], weights[j]
+    # Force the draws: vLLM's sampler can only emit them.
+    logits.index_fill_(0, rows, -math.inf)
+    logits[rows, tokens] = 0.0
+    u = gate_values(raw, tokens, active)
+    tokens_host = tokens.tolist()
+    out = []
+    for i, (ids, weights) in enumerate(zip(ids_all, w_all)):
+        packed = pack_row(ids.cpu().numpy(), weights.cpu().numpy())
+        out.append(Position(tokens_host[i], u[i], *packed))
+    return out
 
 
-def observe(raw: torch.Tensor, draft: Draft, position: int) -> Position:
-    """raw [V] float32 logits of one drafted position -> its Position record."""
-    opts, cfg = draft.options, draft.options.uncertainty
-    q = processed_probs(raw[None, :], draft.spec)[0]
-    if cfg.needs_token:
-        seed = derive_seed(opts.seed, opts.base + position, Stream.PERTURBATION)
-        return Position(draw_samples(raw, cfg, seed), None, q)
-    return Position(None, float(TOKEN_FREE_GATES[cfg.gate](raw[None, :])[0]), q)
+def gate_values(raw: torch.Tensor, tokens: torch.Tensor,
+                active: list[tuple[int, Draft, int]]) -> list[float]:
+    """u of each drawn token: the perturbed gate for every row that asks for it in one call,
+    each token-free gate in one call over its rows."""
+    u = [0.0] * len(active)
+    groups: dict[object, list[int]] = {}
+    for i, (_, d, _) in enumerate(active):
+        cfg = d.options.uncertainty
+        groups.setdefault(cfg if cfg.needs_token else cfg.gate, []).append(i)
+    for key, members in groups.items():
+        index = torch.tensor(members, dtype=torch.long, device=raw.device)
+        if isinstance(key, UncertaintyConfig):  # perturbed: noise per absolute position
+            draws = [noise(key, derive_seed(active[i][1].options.seed,
+                                            active[i][1].options.base + active[i][2],
+                                            Stream.PERTURBATION)) for i in members]
+            values = perturbed_disagreement(raw.index_select(0, index),
+                                            tokens.index_select(0, index),
+                                            torch.stack([t for t, _ in draws]),
+                                            torch.stack([r for _, r in draws]))
+        else:
+            values = TOKEN_FREE_GATES[key](raw.index_select(0, index))
+        for i, v in zip(members, values.tolist()):
+            u[i] = float(v)
+    return u
 
 
 def collect_step(rows: dict[int, Draft], sampled: list[int], skip: set[int]) -> list[Entry]:
     """After the sampler: finish this step's position of every drafter row (`sampled[row]` is
     the token the engine sampled; rows in `skip` had their sample discarded, e.g. a partial
     prefill chunk) and return the entries to push. A draft whose last token this was is done
-    and leaves the store. q is made sparse for all rows at once and then released."""
-    finished: list[tuple[Draft, int, int, Position]] = []
+    and leaves the store."""
     out: list[tuple[Draft, Entry]] = []
     for row, draft in rows.items():
         if row in skip or row >= len(sampled):
@@ -266,15 +311,14 @@ def collect_step(rows: dict[int, Draft], sampled: list[int], skip: set[int]) -> 
         if draft.forced_stop == index:
             out.append((draft, (draft.options.key, index, FORCED_STOP, 0.0, b"", b"")))
             draft.done = True
-        elif (pos := draft.positions.get(index)) is not None and pos.q is not None:
-            finished.append((draft, index, sampled[row], pos))
-    if finished:
-        ids, probs = sparse_rows(torch.stack([f[3].q for f in finished]))
-        for (draft, index, token, pos), i, p in zip(finished, ids, probs):
-            out.append((draft, (draft.options.key, index, token, pos.finish(token), i.tobytes(),
-                                p.tobytes())))
-            pos.q = None
-            draft.done = draft.stops.last(index, token)
+        elif (pos := draft.positions.get(index)) is not None:
+            if sampled[row] != pos.token:
+                raise RuntimeError(f"drafter row {row}: the engine emitted {sampled[row]}, the "
+                                   f"processor drew and forced {pos.token}: the processor no "
+                                   f"longer matches this vLLM's sampler")
+            out.append((draft, (draft.options.key, index, pos.token, pos.u, pos.ids,
+                                pos.weights)))
+            draft.done = draft.stops.last(index, pos.token)
     for draft, entry in out:
         if draft.kept is not None:
             draft.kept.append(entry)
@@ -287,9 +331,7 @@ def should_stop(draft: Draft, position: int) -> bool:
     """True when the token before `position` was more uncertain than the draft's bound."""
     bound = draft.options.stop_uncertainty
     prev = draft.positions.get(position - 1)
-    if bound is None or prev is None:
-        return False
-    return prev.finish(draft.output_ids[position - 1]) > bound
+    return bound is not None and prev is not None and prev.u > bound
 
 
 class UncertaintyProcessor(LogitsProcessor):
@@ -321,8 +363,7 @@ class UncertaintyProcessor(LogitsProcessor):
         for index, params, _prompt_ids, output_ids in batch_update.added:
             STORE.drop(rows.pop(index, None))
             if (options := draft_options(params)) is not None:
-                rows[index] = STORE.attach(options, codec.sampling_from_vllm(params), output_ids,
-                                             Stops.of(params))
+                rows[index] = STORE.attach(options, output_ids, Stops.of(params))
         for a, b, direction in batch_update.moved:
             a_draft, b_draft = rows.pop(a, None), rows.pop(b, None)
             if a_draft is not None:
@@ -336,6 +377,7 @@ class UncertaintyProcessor(LogitsProcessor):
         if not self.rows:
             return logits
         t0 = time.perf_counter()
+        active = []
         for row, draft in self.rows.items():
             position = len(draft.output_ids)  # index of the token this step samples
             if should_stop(draft, position):
@@ -343,7 +385,10 @@ class UncertaintyProcessor(LogitsProcessor):
                 logits[row].fill_(-math.inf)
                 logits[row, draft.options.stop_token] = 0.0
             elif draft.forced_stop is None:
-                draft.positions[position] = observe(logits[row], draft, position)
+                active.append((row, draft, position))
+        if active:
+            for (_, draft, position), pos in zip(active, observe_rows(logits, active)):
+                draft.positions[position] = pos
         STATS["apply_s"] += time.perf_counter() - t0
         STATS["apply_calls"] += 1
         STATS["rows"] += len(self.rows)

@@ -29,10 +29,18 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     add_session_args(g, d)
     g.add_argument("--max-draft-tokens", type=int, default=d.max_draft_tokens,
                    help="largest block one Draft may ask for (default: %(default)s)")
-    g.add_argument("--draft-top-k", type=int, default=d.draft_top_k,
-                   help="draft with min(request top_k, this): bounds the size of the returned "
-                        "distributions for large vocabularies; q stays exactly what was "
-                        "sampled, so verification stays exact. 0 = off (default: %(default)s)")
+    g.add_argument("--draft-top-k", type=int, default=d.draft_top_k, metavar="N",
+                   help="the proposal q holds at most N tokens (after the request's own "
+                        "top-k/top-p), renormalised; each token is drawn from exactly that q "
+                        "and q is shipped, so verification stays exact whatever N is; it bounds "
+                        "the bytes per drafted token (6 per entry) on any vocabulary. 0 = no "
+                        "cap. Default %(default)s with --draft-eps 1e-3: measured on the demo "
+                        "family, acceptance within 1%% of the untruncated proposal's (README, "
+                        "Proposals)")
+    g.add_argument("--draft-eps", type=float, default=d.draft_eps, metavar="EPS",
+                   help="drop the least likely tokens holding at most EPS of q's mass (the "
+                        "smallest set holding >= 1 - EPS is kept); 0 = keep every token with "
+                        "probability > 0 (default: %(default)s)")
     add_uncertainty_args(g, d.uncertainty, "default gate of sessions that do not pick one")
 
 
@@ -42,6 +50,7 @@ def settings_from_args(args: argparse.Namespace) -> DrafterSettings:
         return DrafterSettings(
             max_sessions=args.max_sessions, session_ttl_s=args.session_ttl_s,
             max_draft_tokens=args.max_draft_tokens, draft_top_k=args.draft_top_k,
+            draft_eps=args.draft_eps,
             uncertainty=uncertainty_from_args(args, d.uncertainty),
             max_sessions_per_client=getattr(args, "max_sessions_per_client",
                                             d.max_sessions_per_client),

@@ -14,6 +14,7 @@ not decode or carries another token is counted and dropped, and the reader goes 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import secrets
 from collections.abc import Callable
@@ -22,6 +23,10 @@ from typing import Any
 import msgspec
 import zmq
 import zmq.asyncio
+
+# The largest frame a reader takes: a step's results are kilobytes (rows are truncated, a few
+# hundred entries each); anything near this is not ours.
+MAX_FRAME_BYTES = 16 << 20
 
 logger = logging.getLogger("hilm.push")
 
@@ -58,6 +63,8 @@ class PullChannel:
         self._context = zmq.asyncio.Context()
         self._socket = self._context.socket(zmq.PULL)
         self._socket.setsockopt(zmq.LINGER, 0)
+        # a peer that sends more is disconnected by ZMQ before the frame is read into memory
+        self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
         port = self._socket.bind_to_random_port("tcp://127.0.0.1")
         self.address = f"tcp://127.0.0.1:{port}"
         self.token = secrets.token_hex(16)
@@ -68,7 +75,7 @@ class PullChannel:
         """One frame: decoded, authenticated, handed on; never raises."""
         try:
             token, payload = _decoder.decode(frame)
-            if token != self.token:
+            if not (isinstance(token, str) and hmac.compare_digest(token, self.token)):
                 raise ValueError("wrong token")
             self._handle(payload)
         except Exception as e:  # a bad frame must not end the reader

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import grpc
 
+import numpy as np
+
 from hilm_vllm import codec
 from hilm_vllm.proto.hilm.v1 import (common_pb2, generate_pb2, generate_pb2_grpc, verifier_pb2,
                                      verifier_pb2_grpc)
@@ -54,8 +56,8 @@ class VerifierClient(TierClient):
         request = verifier_pb2.VerifyRequest(
             session_id=session_id, position=position, append_token_ids=list(append),
             draft_token_ids=list(draft), return_target_probs=want_target_probs,
-            draft_dists=[common_pb2.SparseDistribution(token_ids=list(i), probs=list(p))
-                         for i, p in dists], return_emitted=want_emitted)
+            draft_dists=[codec.dist_to_pb(np.asarray(i), np.asarray(p)) for i, p in dists],
+            return_emitted=want_emitted)
         if uncertainty is not None:
             request.uncertainty.CopyFrom(codec.uncertainty_to_pb(uncertainty))
         if rollback_to is not None:  # cut the session back first (then `position` is after it)

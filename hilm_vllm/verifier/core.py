@@ -21,7 +21,7 @@ import numpy as np
 
 from hilm_vllm.errors import HilmError, InvalidArgument, Unavailable
 from hilm_vllm import codec
-from hilm_vllm.sampling import SamplingSpec, ScoredToken
+from hilm_vllm.sampling import SamplingSpec, ScoredToken, Truncation
 from hilm_vllm.server.grpc_util import is_engine_client_error
 from hilm_vllm.server.flags import (DEFAULT_MAX_CLIENT_SAMPLES, DEFAULT_MAX_SESSIONS_PER_CLIENT,
                                     check_caps)
@@ -49,6 +49,9 @@ class VerifierSettings:
     uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)
     max_sessions_per_client: int = DEFAULT_MAX_SESSIONS_PER_CLIENT
     max_client_samples: int = DEFAULT_MAX_CLIENT_SAMPLES  # largest K a Verify may ask for
+    # A Verify with return_emitted verifies against p truncated so (and emits exactly that law):
+    # --emit-top-k, --emit-eps
+    emit_truncation: Truncation = field(default_factory=Truncation)
 
     def __post_init__(self) -> None:
         check_caps(self.max_client_samples, self.uncertainty.num_samples, self.max_sessions,
@@ -109,7 +112,8 @@ def emitted_tokens(result: VerifyResult, expected: list[int]) -> tuple[ScoredTok
     """The worker's emitted rows -> ScoredTokens, checked against what the engine emitted:
     the same tokens, each inside its own distribution (else the hook no longer matches the
     engine, and a next tier would refuse the block as a draft)."""
-    tokens = tuple(ScoredToken(e.token, e.u, unpack(e.ids, "<i4"), unpack(e.probs, "<f4"))
+    tokens = tuple(ScoredToken(e.token, e.u, unpack(e.ids, "<i4"),
+                               unpack(e.probs, "<f2").astype(np.float32))
                    for e in result.emitted)
     if [t.token_id for t in tokens] != expected:
         raise HilmError(f"the hook's emitted tokens {[t.token_id for t in tokens]} are not the "
@@ -201,9 +205,11 @@ class Verifier:
         # Seeded by the absolute position of the first draft row: strictly increasing over a
         # session's calls even across rollbacks, so no two calls share their uniforms.
         draw_seed, sample_seed = state.seeds(base + len(call.append))
-        emit = (EmitArgs(call.uncertainty or self.settings.uncertainty, state.noise_seed)
+        emit = (EmitArgs(call.uncertainty or self.settings.uncertainty, state.noise_seed,
+                         self.settings.emit_truncation)
                 if call.want_emitted else None)
-        ban = (state.limits.stop_ids, state.ban_rows(call))
+        ban_rows = state.ban_rows(call)  # the stop ids ride along only when they are masked
+        ban = (state.limits.stop_ids, ban_rows) if ban_rows else ((), 0)
         args = VerifyArgs.build(uuid.uuid4().hex, state.spec, draw_seed, call.dists, emit, *ban)
         started = time.perf_counter()
         token, result = await self._verify_request(prompt, state, args, sample_seed)
@@ -251,7 +257,9 @@ class Verifier:
     async def _result(self, key: str, pushed: asyncio.Future | None) -> VerifyResult:
         if pushed is not None:
             try:
-                return await asyncio.wait_for(pushed, CHANNEL_GRACE_S)
+                # shielded: a timeout here must not cancel the future, or a push arriving late
+                # (a busy event loop) would be dropped and the round failed
+                return await asyncio.wait_for(asyncio.shield(pushed), CHANNEL_GRACE_S)
             except TimeoutError:
                 logger.warning("verify result %s not pushed in %.1f s; fetching it by RPC",
                                key, CHANNEL_GRACE_S)

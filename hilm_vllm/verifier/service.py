@@ -36,7 +36,7 @@ def call_from(pb: verifier_pb2.VerifyRequest,
                    if pb.HasField("uncertainty") else None)
     return VerifyCall(position=pb.position, append=tuple(pb.append_token_ids),
                       draft=tuple(pb.draft_token_ids),
-                      dists=tuple((tuple(d.token_ids), tuple(d.probs)) for d in pb.draft_dists),
+                      dists=tuple(codec.dist_from_pb(d) for d in pb.draft_dists),
                       want_target_probs=pb.return_target_probs,
                       want_emitted=pb.return_emitted,
                       uncertainty=uncertainty if pb.return_emitted else None,

@@ -20,7 +20,7 @@ import torch
 
 from hilm_vllm import codec
 from hilm_vllm.rejection import SparseRows
-from hilm_vllm.sampling import SamplingSpec
+from hilm_vllm.sampling import SamplingSpec, Truncation
 from hilm_vllm.uncertainty import UncertaintyConfig
 
 EXTRA_ARGS_KEY = "hilm_verify"
@@ -32,16 +32,22 @@ class EmitArgs:
 
     uncertainty: UncertaintyConfig
     noise_seed: int  # perturbation noise of absolute position t: derive_seed(noise_seed, t, Stream.PERTURBATION)
+    # A Verify that asks for its emitted rows verifies against p truncated by this (and emits
+    # exactly that law): the rows stay small and remain the exact law of the emitted tokens.
+    truncation: Truncation = Truncation()
 
     def to_dict(self) -> dict:
         return {"noise_seed": self.noise_seed,
-                "uncertainty": codec.uncertainty_to_dict(self.uncertainty)}
+                "uncertainty": codec.uncertainty_to_dict(self.uncertainty),
+                "truncation": [self.truncation.cap, self.truncation.eps]}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> EmitArgs | None:
         if d is None:
             return None
-        return cls(codec.uncertainty_from_dict(d["uncertainty"]), int(d["noise_seed"]))
+        cap, eps = d.get("truncation", (Truncation.cap, Truncation.eps))
+        return cls(codec.uncertainty_from_dict(d["uncertainty"]), int(d["noise_seed"]),
+                   Truncation(int(cap), float(eps)))
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,7 @@ class VerifyArgs:
     # seeds the worker's CPU generator: the n accept uniforms, then the recovered or bonus
     # token's draw (the same draws on every TP rank and every device)
     draw_seed: int
-    q: SparseRows  # the n draft distributions
+    q: SparseRows  # the n draft distributions (normalised where the worker reads them)
     emit: EmitArgs | None = None  # None: no emitted tokens, and no cost for them
     # vLLM's min_tokens: these ids get probability 0 in the first `ban_rows` of the n + 1 rows
     ban: tuple[int, ...] = ()
@@ -82,7 +88,7 @@ class VerifyArgs:
                        torch.from_numpy(np.frombuffer(raw["q_probs"], "<f4").copy()),
                        torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]))
         spec = codec.sampling_from_dict(raw["spec"])
-        return cls(raw["key"], raw["n"], spec, raw["draw_seed"], q,
+        return cls(raw["key"], raw["n"], spec, raw["draw_seed"], q.normalised(),
                    EmitArgs.from_dict(raw.get("emit")), tuple(raw.get("ban", ())),
                    int(raw.get("ban_rows", 0)))
 
@@ -116,7 +122,7 @@ class EmittedRow:
     token: int
     u: float
     ids: str  # pack(support, "<i4")
-    probs: str  # pack(p[support], "<f4")
+    probs: str  # pack(weights, "<f2"): the float16 weights of the truncated p (law: / sum)
 
 
 @dataclass(frozen=True)

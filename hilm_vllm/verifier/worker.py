@@ -16,15 +16,15 @@ leave this process; the outcome is pushed to the API process (channel.py); only 
 push was dropped (or with no channel installed) is kept here for
 `collective_rpc("hilm_pop_verify", key)`.
 
-Emitted tokens (only when `VerifyArgs.emit` asks; otherwise nothing below runs or is kept). For
-each of the m + 1 tokens the request emits (the accepted drafts, then the correction or bonus
-token), the hook also ships the verifier's p at that position, sparse (every nonzero entry of
-`processed_probs` of the same raw logits row the accept decision, the residual or the bonus draw
-used), and the verifier's own uncertainty u of that token: `hilm_vllm.uncertainty`'s gates on
-that RAW row, perturbation noise seeded from (session noise seed, absolute position) on the
-drafter's noise stream, exactly as the drafter's processor does. Only sparse rows leave this
-process: without top-k a 128k-vocab model still ships ~1 MB per emitted token (the demo's 2048:
-<= 16 KB).
+Emitted tokens (only when `VerifyArgs.emit` asks; otherwise nothing below runs or is kept). Such
+a request verifies against its p TRUNCATED as `EmitArgs.truncation` says (`sampling.
+truncated_probs`: at most cap entries holding mass >= 1 - eps, float16 weights): every token it
+emits (the accepted drafts, then the correction or bonus token) is an exact sample of that law,
+and the hook ships exactly that row (ids and float16 weights, 6 bytes an entry) with the token,
+plus the verifier's own uncertainty u of it: `hilm_vllm.uncertainty`'s gates on the RAW row,
+perturbation noise seeded from (session noise seed, absolute position) on the drafter's noise
+stream, exactly as the drafter's processor does. A next tier verifies them as a draft with q =
+that row and stays exact; the rows stay small on any vocabulary.
 
 The hook wraps two methods of vLLM 0.32's V1 model runner (`GPUModelRunner`, subclassed by
 `CPUModelRunner`), so it pins that version and that runner.
@@ -32,20 +32,20 @@ The hook wraps two methods of vLLM 0.32's V1 model runner (`GPUModelRunner`, sub
 
 from __future__ import annotations
 
+import base64
 import collections
 import dataclasses
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from hilm_vllm.rejection import BlockOutcome, verify_block
-from hilm_vllm.sampling import mask_tokens, processed_probs
+from hilm_vllm.sampling import mask_tokens, pack_row, processed_probs, truncated_probs
 from hilm_vllm.seeds import Stream, derive_seed
-from hilm_vllm.uncertainty import TOKEN_FREE_GATES, disagreement, draw_samples
+from hilm_vllm.uncertainty import TOKEN_FREE_GATES, perturbed_u
 from hilm_vllm.verifier.wire import (EXTRA_ARGS_KEY, ROWS_CACHED, EmittedRow, VerifyArgs,
-                                     VerifyResult, pack)
+                                     VerifyResult)
 
 SUPPORTED_VLLM = "0.32.0"  # the wrapped runner methods are private: re-check them on upgrade
 # Results kept for hilm_pop_verify (only those the channel could not take) and partial rows of
@@ -96,6 +96,8 @@ class _Pending:
     # row index j -> p row [V] of the token at draft index j (j = n: the bonus token's row)
     rows: dict[int, torch.Tensor] = field(default_factory=dict)
     raw: dict[int, torch.Tensor] = field(default_factory=dict)  # raw logits rows (emit only)
+    # row index j -> (ids [c], float16 weights [c]) of its truncated p (emit only)
+    kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     forward_s: float = 0.0
     hook_s: float = 0.0
 
@@ -164,10 +166,15 @@ class VerifyHook:
                 return
             # vLLM's min_tokens: the stop tokens have p = 0 in the rows before it
             logits = mask_tokens(logits, pending.args.ban, pending.args.ban_rows - (lo - first))
-            for i, p_row in enumerate(processed_probs(logits, pending.args.spec)):  # [hi-lo, V]
+            probs = processed_probs(logits, pending.args.spec)  # [hi-lo, V]
+            if pending.args.emit is not None:
+                # Emitted rows travel: verify against the truncated p, and emit exactly it.
+                probs, ids, weights = truncated_probs(probs, pending.args.emit.truncation)
+            for i, p_row in enumerate(probs):
                 pending.rows[lo - first + i] = p_row
                 if pending.args.emit is not None:
                     pending.raw[lo - first + i] = logits[i]
+                    pending.kept[lo - first + i] = (ids[i], weights[i])
         final = start + n_sched >= prompt_len  # else a prefill chunk: nothing sampled yet
         if final:
             del self.pending[pending.args.key]
@@ -219,21 +226,18 @@ class VerifyHook:
         args, m = pending.args, result.num_accepted
         base = len(state.prompt_token_ids) - args.n  # absolute position of draft token 0
         tokens = [*state.prompt_token_ids[base:base + m], next_token]
-        p_rows = [pending.rows[j] for j in range(m + 1)]
-        raw_rows = [pending.raw[j] for j in range(m + 1)]
         cfg = args.emit.uncertainty
         rows = []
-        for j, (token, p_row, raw) in enumerate(zip(tokens, torch.stack(p_rows).cpu().numpy(),
-                                                    raw_rows)):
-            raw = raw.float()  # u is computed where the row is (GPU on a GPU tier)
+        for j, token in enumerate(tokens):
+            raw = pending.raw[j].float()  # u is computed where the row is (GPU on a GPU tier)
             if cfg.needs_token:
                 seed = derive_seed(args.emit.noise_seed, base + j, Stream.PERTURBATION)
-                u = disagreement(draw_samples(raw, cfg, seed), token)
+                u = perturbed_u(raw, token, cfg, seed)
             else:
                 u = float(TOKEN_FREE_GATES[cfg.gate](raw[None, :])[0])
-            # numpy, not torch: nonzero/boolean indexing in torch costs ~10x inside the worker
-            support = np.flatnonzero(p_row > 0)
-            rows.append(EmittedRow(token, u, pack(support, "<i4"), pack(p_row[support], "<f4")))
+            ids, weights = pack_row(*(t.cpu().numpy() for t in pending.kept[j]))
+            rows.append(EmittedRow(token, u, base64.b64encode(ids).decode("ascii"),
+                                   base64.b64encode(weights).decode("ascii")))
         return tuple(rows)
 
 

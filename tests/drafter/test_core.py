@@ -7,14 +7,12 @@ import asyncio
 import numpy as np
 import pytest
 
-from hilm_vllm.drafter.core import (Drafter, DrafterSettings, ModelInfo,
-                                    drafted_tokens, effective_top_k)
+from hilm_vllm.drafter.core import Drafter, DrafterSettings, ModelInfo, drafted_tokens
 from hilm_vllm.drafter.processor import DRAFT_ARG, DraftOptions
 from hilm_vllm.errors import (FailedPrecondition, InvalidArgument, NotFound, PermissionDenied,
                               ResourceExhausted)
-from hilm_vllm.sampling import SamplingSpec
+from hilm_vllm.sampling import SamplingSpec, Truncation
 from hilm_vllm.sessions import SessionLimits, SessionStore
-from hilm_vllm.seeds import Stream, derive_seed
 from hilm_vllm.uncertainty import UncertaintyConfig
 
 INFO = ModelInfo(vocab_size=100, eos_token_ids=(1,), max_model_len=64)
@@ -38,13 +36,16 @@ def run(coro):
     return asyncio.run(coro)
 
 
-@pytest.mark.parametrize("request_k, cap, expected", [(0, 0, 0), (10, 0, 10), (0, 8, 8),
-                                                       (10, 8, 8), (5, 8, 5)])
-def test_effective_top_k(request_k, cap, expected):
-    assert effective_top_k(request_k, cap) == expected
+def test_truncation_defaults_and_bad_values():
+    assert DrafterSettings().truncation == Truncation(64, 1e-3)
+    assert drafter(draft_top_k=0, draft_eps=0).settings.truncation == Truncation(0, 0.0)
+    for bad in (dict(draft_top_k=-1), dict(draft_eps=1.0), dict(draft_eps=-0.1),
+                dict(draft_eps=float("nan"))):
+        with pytest.raises(ValueError):
+            DrafterSettings(**bad)
 
 
-def test_open_validates_the_prompt_and_caps_top_k():
+def test_open_validates_the_prompt_and_keeps_the_request_spec():
     d = drafter(draft_top_k=16)
     for bad in ([], [5, 100], [-1], list(range(64))):
         with pytest.raises(InvalidArgument):
@@ -52,7 +53,8 @@ def test_open_validates_the_prompt_and_caps_top_k():
     with pytest.raises(InvalidArgument):
         d.open("", [5], SamplingSpec(), None, -1)
     s = d.open("", [5, 6], SamplingSpec(top_k=40, seed=9), None, 10)
-    assert s.state.spec.top_k == 16 and s.state.seed == 9 and s.state.seeded
+    # the request's own top-k stays in the spec; the cap is the proposal's truncation
+    assert s.state.spec.top_k == 40 and s.state.seed == 9 and s.state.seeded
     assert s.state.limit == 12 and s.state.uncertainty == UncertaintyConfig()
 
 
@@ -107,16 +109,18 @@ def test_draft_arguments_are_checked_before_the_engine():
         run(d.draft("", full.id, 3, 1))
 
 
-def test_sampling_params_derive_seeds_from_the_position():
-    d = drafter()
-    s = d.open("", [5, 6, 7], SamplingSpec(temperature=0.7, top_p=0.9, seed=4),
-               UncertaintyConfig(num_samples=8), 0)
+def test_sampling_params_carry_the_spec_and_truncation_to_the_processor():
+    d = drafter(draft_top_k=32, draft_eps=0.01)
+    spec = SamplingSpec(temperature=0.7, top_p=0.9, seed=4)
+    s = d.open("", [5, 6, 7], spec, UncertaintyConfig(num_samples=8), 0)
     sp = d.sampling_params(s, "k1", 4, None)
-    assert sp.seed == derive_seed(4, 3, Stream.DRAFT_SAMPLE) and sp.max_tokens == 4
-    assert (sp.temperature, sp.top_p, sp.detokenize) == (0.7, 0.9, False)
+    # vLLM's sampler only keeps greedy rows greedy: the processor draws and forces each token
+    assert sp.seed is None and sp.max_tokens == 4 and (sp.top_k, sp.top_p) in ((0, 1.0),
+                                                                               (-1, 1.0))
+    assert (sp.temperature, sp.detokenize) == (0.7, False)
     opts = DraftOptions.from_extra_args(sp.extra_args[DRAFT_ARG])
-    assert opts == DraftOptions("k1", 4, 3, UncertaintyConfig(num_samples=8))
-    assert d.sampling_params(s, "k2", 4, None).seed == sp.seed  # same position, same seed
+    assert opts == DraftOptions("k1", 4, 3, UncertaintyConfig(num_samples=8), spec=spec,
+                                truncation=Truncation(32, 0.01))
     stop = d.sampling_params(s, "k3", 4, 0.5).extra_args[DRAFT_ARG]
     assert stop["stop_uncertainty"] == 0.5 and stop["stop_token"] == 1
 
@@ -128,10 +132,11 @@ def test_without_eos_early_stop_uses_an_explicit_stop_token():
     assert sp.stop_token_ids == [0] and sp.extra_args[DRAFT_ARG]["stop_token"] == 0
     unseeded = d.sampling_params(s, "k", 4, None)
     assert unseeded.seed is None and unseeded.stop_token_ids == []
+    assert not s.state.seeded and s.state.seed >= 0  # a random session seed draws the tokens
 
 
 def test_drafted_tokens_decode_the_readout():
-    ids, probs = np.array([3, 9], np.int32), np.array([0.25, 0.75], np.float32)
+    ids, probs = np.array([3, 9], np.int32), np.array([0.25, 0.75], np.float16)
     readout = {"tokens": [9], "u": [0.5], "ids": [ids.tobytes()], "probs": [probs.tobytes()],
                "forced_stop": None}
     (t,) = drafted_tokens(readout)
@@ -140,10 +145,13 @@ def test_drafted_tokens_decode_the_readout():
 
 
 def test_draft_options_round_trip_and_validation():
-    opts = DraftOptions("k", 1, 2, UncertaintyConfig(gate="max-prob"), 0.3, 1)
+    opts = DraftOptions("k", 1, 2, UncertaintyConfig(gate="max-prob"), 0.3, 1,
+                        SamplingSpec(0.5, 7, 0.9, 3), Truncation(16, 0.02))
     assert DraftOptions.from_extra_args(opts.to_extra_args()) == opts
     for bad in ({"key": "", "seed": 1, "base": 0}, {"seed": 1, "base": 0},
                 {"key": "k", "seed": 1, "base": 0, "stop_uncertainty": 0.5},
-                {"key": "k", "seed": 1, "base": 0, "uncertainty": {"num_samples": 0}}):
+                {"key": "k", "seed": 1, "base": 0, "uncertainty": {"num_samples": 0}},
+                {"key": "k", "seed": 1, "base": 0, "truncation": [-1, 0.0]},
+                {"key": "k", "seed": 1, "base": 0, "truncation": [8, 1.5]}):
         with pytest.raises(ValueError):
             DraftOptions.from_extra_args(bad)

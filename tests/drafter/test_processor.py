@@ -1,7 +1,7 @@
 """The uncertainty processor inside a real (in-process) vLLM engine on the tiny zoo's SLM.
 
-A recording subclass keeps a copy of the raw logits the processor saw, so u and q can be
-recomputed independently (numpy, `processed_probs`) from exactly the same numbers.
+A recording subclass keeps a copy of the raw logits the processor saw, so the token, q and u
+can be recomputed independently by the pure functions from exactly the same numbers.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from scipy import stats
 
 from hilm_vllm.drafter.processor import (DRAFT_ARG, DraftOptions,
                                          UncertaintyProcessor)
-from hilm_vllm.sampling import SamplingSpec, processed_probs
+from hilm_vllm.sampling import (NO_TRUNCATION, SamplingSpec, Truncation, draw, processed_probs,
+                                seed_uniform, truncate, unpack_row)
 from hilm_vllm.seeds import Stream, derive_seed
-from hilm_vllm.uncertainty import (TOKEN_FREE_GATES, Gate, Perturbation, UncertaintyConfig,
-                                   temperatures)
+from hilm_vllm.uncertainty import TOKEN_FREE_GATES, Gate, Perturbation, UncertaintyConfig, perturbed_u
 from tests.conftest import vllm_llm
 
 WORKER_EXT = "hilm_vllm.drafter.worker.DrafterWorkerExtension"
@@ -55,18 +55,20 @@ CTX = [5, 17, 99, 250, 3, 42, 42, 7, 300, 12, 64, 128, 9, 33, 401, 77]
 _keys = iter(range(10**9))
 
 
-def params(n, temperature=0.8, seed=5, top_k=0, top_p=1.0, hook=True, options=None, **sp):
-    """SamplingParams of one draft (`options`: DraftOptions fields; `sp`: SamplingParams ones)."""
+def params(n, temperature=0.8, seed=5, top_k=0, top_p=1.0, hook=True, options=None,
+           session_seed=SESSION_SEED, **sp):
+    """SamplingParams of one draft as the drafter builds them: the request's spec rides in
+    DraftOptions (`options`: its other fields; `sp`: SamplingParams ones); `seed` is vLLM's
+    own, which must not matter."""
     from vllm import SamplingParams
 
     extra = None
     if hook:
-        opts = DraftOptions(key=f"t{next(_keys)}", seed=SESSION_SEED, base=len(CTX),
-                            **(options or {}))
+        opts = DraftOptions(key=f"t{next(_keys)}", seed=session_seed, base=len(CTX),
+                            spec=SamplingSpec(temperature, top_k, top_p), **(options or {}))
         extra = {DRAFT_ARG: opts.to_extra_args()}
-    return SamplingParams(**({"ignore_eos": True} | sp), temperature=temperature, top_k=top_k,
-                          top_p=top_p, seed=seed, max_tokens=n, detokenize=False,
-                          extra_args=extra)
+    return SamplingParams(**({"ignore_eos": True} | sp), temperature=temperature, seed=seed,
+                          max_tokens=n, detokenize=False, extra_args=extra)
 
 
 def run(llm, sps, ctx=CTX):
@@ -79,28 +81,30 @@ def run(llm, sps, ctx=CTX):
     return [o.outputs[0] for o in outs], readouts
 
 
-def numpy_u(raw: torch.Tensor, cfg: UncertaintyConfig, position: int, token: int) -> float:
-    """u recomputed in numpy from the raw logits, replaying the processor's noise stream."""
-    g = torch.Generator().manual_seed(derive_seed(SESSION_SEED, len(CTX) + position, Stream.PERTURBATION))
-    thetas = temperatures(cfg, g).numpy()  # replay the draws: K temperatures, then K uniforms
-    uniforms = torch.rand(cfg.num_samples, generator=g, dtype=torch.float64).numpy()
-    z = raw.double().numpy()
-    cdf = np.cumsum(np.exp((z - z.max())[None, :] * (1 / thetas)[:, None]), axis=-1)
-    samples = [np.searchsorted(c, r * c[-1], side="right") for c, r in zip(cdf, uniforms)]
-    return float(np.mean(np.array(samples) != token))
+def expected_row(key: str, pos: int, spec: SamplingSpec, trunc: Truncation = Truncation(),
+                 session_seed: int = SESSION_SEED):
+    """(token, ids, weights) the processor must have drawn and shipped at `pos`, from its raw
+    logits, by the pure functions."""
+    ids, w = truncate(processed_probs(RAW[(key, pos)][None], spec), trunc)
+    u = torch.tensor([seed_uniform(derive_seed(session_seed, len(CTX) + pos, Stream.DRAFT_DRAW))],
+                     dtype=torch.float64)
+    token = int(ids[0, draw(w, u)[0]])
+    keep = w[0] > 0
+    return token, ids[0][keep].tolist(), w[0][keep].tolist()
 
 
 @pytest.mark.parametrize("perturbation", list(Perturbation))
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_u_equals_numpy_on_the_same_logits_in_steps_of_one_over_k(engines, perturbation,
-                                                                    temperature):
+def test_u_equals_the_pure_gate_on_the_same_logits_in_steps_of_one_over_k(engines, perturbation,
+                                                                         temperature):
     cfg = UncertaintyConfig(num_samples=20, theta_max=2.0, perturbation=perturbation)
     sp = params(12, temperature, options=dict(uncertainty=cfg))
     (out,), (readout,) = run(engines[0], [sp])
     key = sp.extra_args[DRAFT_ARG]["key"]
     assert readout["tokens"] == list(out.token_ids) and len(readout["u"]) == 12
     for pos, (token, u) in enumerate(zip(out.token_ids, readout["u"])):
-        assert u == numpy_u(RAW[(key, pos)], cfg, pos, token)
+        seed = derive_seed(SESSION_SEED, len(CTX) + pos, Stream.PERTURBATION)
+        assert u == perturbed_u(RAW[(key, pos)], token, cfg, seed)
         assert 0 <= u <= 1 and round(u * 20) == pytest.approx(u * 20)
 
 
@@ -110,47 +114,49 @@ def test_token_free_gates_equal_the_pure_functions(engines, gate):
     _, (readout,) = run(engines[0], [sp])
     key = sp.extra_args[DRAFT_ARG]["key"]
     expected = [float(TOKEN_FREE_GATES[gate](RAW[(key, i)][None])[0]) for i in range(6)]
-    assert readout["u"] == expected and all(0 <= u <= 1 for u in expected)
+    assert readout["u"] == pytest.approx(expected, abs=1e-6)
+    assert all(0 <= u <= 1 for u in expected)
 
 
 @pytest.mark.parametrize("temperature, top_k, top_p", [(0.0, 0, 1.0), (0.8, 0, 1.0),
                                                        (1.0, 20, 1.0), (0.7, 0, 0.8),
                                                        (1.2, 50, 0.9)])
-def test_drafted_tokens_are_identical_with_the_hook_on_and_off(engines, temperature, top_k,
-                                                               top_p):
-    hooked, plain = engines
-    seeds = [1, 2, 3]
-    on, _ = run(hooked, [params(16, temperature, s, top_k, top_p) for s in seeds])
-    off, _ = run(plain, [params(16, temperature, s, top_k, top_p, hook=False) for s in seeds])
-    assert [o.token_ids for o in on] == [o.token_ids for o in off]
-
-
-@pytest.mark.parametrize("temperature, top_k, top_p", [(0.0, 0, 1.0), (0.8, 0, 1.0),
-                                                       (1.0, 20, 1.0), (0.7, 0, 0.8)])
-def test_sparse_q_is_exactly_the_sampler_distribution_and_holds_the_token(engines, temperature,
-                                                                          top_k, top_p):
-    sp = params(8, temperature, top_k=top_k, top_p=top_p)
-    (out,), (readout,) = run(engines[0], [sp])
+@pytest.mark.parametrize("trunc", [Truncation(), Truncation(8, 0.05), NO_TRUNCATION])
+def test_each_token_is_drawn_from_the_shipped_q_which_is_the_truncated_processed_row(
+        engines, temperature, top_k, top_p, trunc):
     spec = SamplingSpec(temperature, top_k, top_p)
-    key = sp.extra_args[DRAFT_ARG]["key"]
-    for pos, token in enumerate(out.token_ids):
-        ids = np.frombuffer(readout["ids"][pos], dtype=np.int32).copy()
-        probs = np.frombuffer(readout["probs"][pos], dtype=np.float32).copy()
-        q = processed_probs(RAW[(key, pos)][None], spec)[0]
-        assert ids.tolist() == torch.nonzero(q > 0).flatten().tolist()
-        assert probs.tolist() == q[ids].tolist()
-        assert probs.sum() == pytest.approx(1.0, abs=1e-5) and token in ids.tolist()
-        if top_k:
-            assert len(ids) <= top_k
-        if temperature == 0:
-            assert ids.tolist() == [token] and probs.tolist() == [1.0]
+    sps = [params(8, temperature, 100 + i, top_k, top_p, options=dict(truncation=trunc))
+           for i in range(3)]
+    outs, readouts = run(engines[0], sps)
+    for sp, out, readout in zip(sps, outs, readouts):
+        key = sp.extra_args[DRAFT_ARG]["key"]
+        assert readout["tokens"] == list(out.token_ids)
+        for pos, token in enumerate(out.token_ids):
+            want_token, want_ids, want_w = expected_row(key, pos, spec, trunc)
+            ids, w = unpack_row(readout["ids"][pos], readout["probs"][pos])
+            assert token == want_token and ids.tolist() == want_ids and w.tolist() == want_w
+            assert token in ids.tolist() and abs(float(w.sum()) - 1) < 1e-3
+            cap = min(x for x in (trunc.cap or 10**9, top_k or 10**9))
+            assert len(ids) <= cap
+            if temperature == 0:
+                assert ids.tolist() == [token] and w.tolist() == [1.0]
+    # vLLM's own seed does not matter: the same session seed gives the same draft
+    assert len({tuple(o.token_ids) for o in outs}) == 1
+
+
+def test_a_rolled_back_position_draws_the_same_token_and_u_again(engines):
+    first, (r1,) = run(engines[0], [params(6, 1.0, seed=1)])
+    again, (r2,) = run(engines[0], [params(6, 1.0, seed=2)])
+    other, _ = run(engines[0], [params(6, 1.0, seed=1, session_seed=12)])
+    assert first[0].token_ids == again[0].token_ids and r1["u"] == r2["u"]
+    assert other[0].token_ids != first[0].token_ids
 
 
 def test_drafted_tokens_follow_the_returned_distribution(engines):
-    # 1200 one-token drafts with different seeds from the same context, T = 0.6, top-k 8.
-    # Expected counts = sum of the returned q rows (they may differ in the last bits between
-    # batches); the same counts must clearly fail against the T = 1.2 distribution.
-    sps = [params(1, 0.6, seed=10_000 + i, top_k=8) for i in range(1200)]
+    # 1200 one-token drafts with different session seeds from the same context, T = 0.6, top-k
+    # 8. Expected counts = the returned q rows (normalised weights); the same counts must
+    # clearly fail against the T = 1.2 distribution.
+    sps = [params(1, 0.6, top_k=8, session_seed=10_000 + i) for i in range(1200)]
     outs, readouts = run(engines[0], sps)
     key0 = sps[0].extra_args[DRAFT_ARG]["key"]
     support = torch.nonzero(processed_probs(RAW[(key0, 0)][None], SamplingSpec(0.6, 8))[0])
@@ -158,11 +164,13 @@ def test_drafted_tokens_follow_the_returned_distribution(engines):
     observed, expected = np.zeros(len(index)), np.zeros(len(index))
     for out, r in zip(outs, readouts):
         observed[index[out.token_ids[0]]] += 1
-        ids, probs = np.frombuffer(r["ids"][0], np.int32), np.frombuffer(r["probs"][0], np.float32)
-        for t, p in zip(ids, probs):
+        ids, w = unpack_row(r["ids"][0], r["probs"][0])
+        for t, p in zip(ids, w / w.sum()):
             expected[index[int(t)]] += p
-    expected *= observed.sum() / expected.sum()
-    assert stats.chisquare(observed, expected).pvalue > 1e-3
+    assert observed.sum() == 1200
+    keep = expected > 0
+    assert observed[~keep].sum() == 0
+    assert stats.chisquare(observed[keep], expected[keep] * 1200 / expected.sum()).pvalue > 1e-3
     wrong = processed_probs(RAW[(key0, 0)][None], SamplingSpec(1.2, 8))[0][support.flatten()]
     wrong = wrong.double().numpy()
     wrong *= observed.sum() / wrong.sum()

@@ -90,3 +90,40 @@ def test_the_socket_reader_survives_bad_frames_and_a_failing_handler():
 
     result, rejected = asyncio.run(main())
     assert result == VerifyResult("good", 2) and rejected == 4
+
+
+def test_an_oversized_frame_is_never_read_and_the_channel_goes_on(monkeypatch):
+    """ZMQ_MAXMSGSIZE: a frame over the limit disconnects its sender before it is read; frames
+    under it (from a fresh sender) still pass. Tokens of another type are refused, not raised."""
+    import zmq
+
+    from hilm_vllm.server import push
+
+    monkeypatch.setattr(push, "MAX_FRAME_BYTES", 4096)
+
+    async def main():
+        got = []
+        channel = PullChannel(got.append)
+        ctx = zmq.Context()
+        try:
+            big = ctx.socket(zmq.PUSH)
+            big.setsockopt(zmq.LINGER, 0)
+            big.connect(channel.address)
+            big.send(msgspec.msgpack.encode([channel.token, "x" * 100_000]))
+            channel.accept(msgspec.msgpack.encode([12345, {"x": 0}]))
+            channel.accept(msgspec.msgpack.encode([channel.token.encode(), {"x": 0}]))
+            await asyncio.sleep(0.3)
+            sink = PushSink(channel.address, channel.token)  # kept: LINGER 0 drops on close
+            sink.send({"x": 1})
+            for _ in range(100):
+                if got:
+                    break
+                await asyncio.sleep(0.01)
+            big.close()
+            return got, channel.rejected
+        finally:
+            ctx.term()
+            channel.close()
+
+    got, rejected = asyncio.run(main())
+    assert got == [{"x": 1}] and rejected == 2
