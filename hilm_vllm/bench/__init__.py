@@ -27,6 +27,8 @@ BENCHMARKS = {
     "faults": ("faults", "tiers killed, restarted and stopped under a soak load"),
     "round-cost": ("round_cost", "Draft and Verify latency and call rates, co-located"),
     "verify-cost": ("verify_cost", "one verification round per block size and context"),
+    "proposal": ("proposal", "acceptance of the drafter's truncated proposal against its bytes "
+                             "(exact expectations, per family)"),
     "drafter-overhead": ("drafter_overhead", "drafter throughput with and without the "
                                              "uncertainty hook"),
 }

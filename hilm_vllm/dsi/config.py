@@ -162,11 +162,11 @@ def _grid(cfg: HeatmapConfig) -> list[str]:
 
 
 def _recipe(cfg: EstimateConfig) -> list[str]:
-    from hilm_vllm.zoo.recipes import RECIPES  # light: dataclasses only
+    from hilm_vllm.zoo.recipes import recipe_names  # light: dataclasses only
 
-    if cfg.recipe in RECIPES:
+    if cfg.recipe in recipe_names():
         return []
-    return [f"recipe={cfg.recipe!r} is not a zoo recipe: choose one of {', '.join(RECIPES)}"]
+    return [f"recipe={cfg.recipe!r} is not a zoo recipe: choose one of {', '.join(recipe_names())}"]
 
 
 _CHECKS: dict[type, tuple] = {
