@@ -436,8 +436,7 @@ class RouterAPI:
             results = await asyncio.gather(*(first(c) for c in choices), return_exceptions=True)
         failed = next((r for r in results if isinstance(r, BaseException)), None)
         if failed is not None:
-            for c in choices:
-                await c.events.aclose()
+            await _close_choices(choices)
             if isinstance(failed, HilmError):
                 return _hilm_error(failed)
             if isinstance(failed, ValueError):  # a value no message to a tier can carry
@@ -465,12 +464,15 @@ class RouterAPI:
                 ev = await anext(c.events, None)
             return text, finish
 
+        tasks = [asyncio.ensure_future(collect(c)) for c in choices]
         try:
-            outs = await asyncio.gather(*(collect(c) for c in choices))
-        except HilmError as e:
-            for c in choices:
-                await c.events.aclose()
-            return _hilm_error(e)
+            outs = await asyncio.gather(*tasks)
+        except Exception as e:  # noqa: BLE001 - one choice failed: end the others, say why
+            await _close_choices(choices, tasks)
+            if isinstance(e, HilmError):
+                return _hilm_error(e)
+            logger.exception("a choice failed")
+            return error_body(500, f"generation failed: {e!r}")
         out_choices = []
         for c, (text, finish) in zip(choices, outs):
             if chat:
@@ -564,10 +566,7 @@ class RouterAPI:
                 else:
                     yield c, item
         finally:
-            for t in tasks:
-                t.cancel()
-            for c in choices:
-                await c.events.aclose()
+            await _close_choices(choices, tasks)
 
     async def _sse(self, rid, created, model, chat, choices: list[_Choice], include_usage: bool,
                    continuous: bool, ignored: list[str]) -> AsyncIterator[str]:
@@ -600,10 +599,14 @@ class RouterAPI:
         try:
             async for c, (kind, value) in self._merged(choices):
                 yield chunk(c, value, None) if kind == "text" else chunk(c, None, value)
-        except HilmError as e:  # after the first token: tokens sent stay sent; say why it ended
-            err = {"error": {"message": str(e), "type": _ERROR_TYPES.get(e.http_status,
-                                                                         "InternalServerError"),
-                             "param": None, "code": e.http_status}}
+        except Exception as e:  # noqa: BLE001 - after the first token: tokens sent stay sent;
+            # say why it ended, then end the stream as OpenAI's do
+            if not isinstance(e, HilmError):
+                logger.exception("a streamed choice failed")
+            status = e.http_status if isinstance(e, HilmError) else 500
+            message = str(e) if isinstance(e, HilmError) else f"generation failed: {e!r}"
+            err = {"error": {"message": message, "type": _ERROR_TYPES.get(
+                status, "InternalServerError"), "param": None, "code": status}}
             yield f"data: {json.dumps(err)}\n\n"
         if include_usage:
             payload = {"id": rid, "object": obj, "created": created, "model": model,
@@ -637,6 +640,21 @@ class RouterAPI:
         codec.check_token_ids(body.tokens, len(self.tokenizer), "tokens")
         log_ignored(body.ignored_fields())
         return {"prompt": self.tokenizer.decode(body.tokens)}
+
+
+async def _close_choices(choices: list, tasks: list | None = None) -> None:
+    """End every choice of a request: cancel the tasks reading them and wait for them to stop
+    (an async generator cannot be closed while another task runs it), then close each choice's
+    generator, which closes its tier sessions."""
+    for t in tasks or ():
+        t.cancel()
+    if tasks:
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for c in choices:
+        try:
+            await c.events.aclose()
+        except Exception:  # noqa: BLE001 - closing must reach every choice
+            logger.exception("closing choice %s failed", c.index)
 
 
 class TokenizeCompletionRequest(_Base):
