@@ -42,6 +42,9 @@ from hilm_vllm.seeds import Stream, derive_seed
 from hilm_vllm.server.security import bearer_ok
 
 logger = logging.getLogger("hilm.router.api")
+# Stop token ids one request may name: every one rides to the tiers with the session (a
+# vocabulary is at most ~256k ids; nobody stops on thousands of them).
+MAX_STOP_TOKEN_IDS = 1024
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,11 @@ class RequestLimits:
             raise InvalidArgument(f"the {what} has {len(text)} characters; this server allows "
                                   f"at most {self.max_request_bytes} bytes (--max-request-bytes)")
 
-    def check_stops(self, stops: list[str]) -> None:
+    def check_stops(self, stops: list[str], stop_token_ids=()) -> None:
+        """The stop strings and stop token ids of a request (both front doors call this)."""
+        if len(stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidArgument(f"stop_token_ids has {len(stop_token_ids)} ids; this server "
+                                  f"allows at most {MAX_STOP_TOKEN_IDS}")
         if len(stops) > self.max_stop_sequences:
             raise InvalidArgument(f"stop has {len(stops)} strings; this server allows at most "
                                   f"{self.max_stop_sequences} (--max-stop-sequences)")
@@ -249,19 +256,36 @@ class TextStream:
 
 class StopScanner:
     """OpenAI `stop` strings: text is held back while it could still be the start of one.
-    `include` (vLLM's include_stop_str_in_output) keeps the stop string that ended the text."""
+    `include` (vLLM's include_stop_str_in_output) keeps the stop string that ended the text.
+    `min_tokens`: as vLLM's detokenizer, a stop string counts only if it ends after the text of
+    the first min_tokens tokens (`feed` knows where that is)."""
 
-    def __init__(self, stops: list[str], include: bool = False):
+    def __init__(self, stops: list[str], include: bool = False, min_tokens: int = 0):
         self.stops = [s for s in stops if s]
         self.include = include
         self.pending = ""
         self.hit = False
+        self.guard = 0  # chars at the start of `pending` a stop string must not end within
+        self.min_tokens, self.tokens = min_tokens, 0
 
-    def push(self, text: str) -> str:
+    def feed(self, text: TextStream, ids: list[int]) -> str:
+        """Detokenize `ids` (the next tokens) with `text` and scan them: the released text."""
+        if self.tokens >= self.min_tokens or not self.stops:
+            self.tokens += len(ids)
+            return self.push(text.push(ids))
+        cut = self.min_tokens - self.tokens
+        self.tokens += len(ids)
+        out = self.push(text.push(ids[:cut]), protected=True)
+        return out + self.push(text.push(ids[cut:])) if ids[cut:] else out
+
+    def push(self, text: str, protected: bool = False) -> str:
         if not self.stops:
             return text
         self.pending += text
-        found = [(i, -len(s), s) for s in self.stops if (i := self.pending.find(s)) >= 0]
+        if protected:
+            self.guard = len(self.pending)
+        found = [(i, -len(s), s) for s in self.stops
+                 if (i := self.pending.find(s, max(0, self.guard - len(s) + 1))) >= 0]
         if found:
             cut, _, stop = min(found)  # the earliest; of those starting there, the longest
             out, self.pending, self.hit = self.pending[:cut], "", True
@@ -269,6 +293,7 @@ class StopScanner:
         hold = max(len(s) - 1 for s in self.stops)
         safe = max(0, len(self.pending) - hold)
         out, self.pending = self.pending[:safe], self.pending[safe:]
+        self.guard = max(0, self.guard - safe)
         return out
 
     def flush(self) -> str:
@@ -405,7 +430,7 @@ class RouterAPI:
         log_ignored(ignored)
         try:
             self.limits.check_n(body.n)
-            self.limits.check_stops(stops(body))
+            self.limits.check_stops(stops(body), body.stop_token_ids or ())
             ids = self.prompt_ids(body)
             reqs = [self.generation_request(body, ids, chat, i) for i in range(body.n)]
         except HilmError as e:
@@ -506,12 +531,13 @@ class RouterAPI:
     async def _events(self, req: GenerationRequest, stats: RequestStats, stops: list[str],
                       include_stop: bool = False) -> AsyncIterator[tuple[str, str]]:
         """("text", delta)... then ("finish", reason)."""
-        text, stop = TextStream(self.tokenizer), StopScanner(stops, include_stop)
+        text = TextStream(self.tokenizer)
+        stop = StopScanner(stops, include_stop, req.min_tokens)
         gen = self.router.generate(req, stats)
         finish = "length"
         try:
             async for ids in gen:
-                delta = stop.push(text.push(ids))
+                delta = stop.feed(text, ids)
                 if delta:
                     yield "text", delta
                 if stop.hit:

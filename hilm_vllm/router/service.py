@@ -32,6 +32,7 @@ class RouterGenerator(generate_pb2_grpc.GeneratorServicer):
         spec = codec.sampling_from_pb(request.sampling)
         policy = Policy.parse(request.policy) if request.policy else self.api.router.cfg.policy
         self.api.router.check_policy(policy)
+        limits.check_stops(list(request.stop), request.stop_token_ids)
         codec.check_token_ids(request.stop_token_ids, len(tok), "stop_token_ids")
         return GenerationRequest(
             tuple(ids), spec, request.max_tokens or 16, policy, request.ignore_eos,
@@ -44,12 +45,12 @@ class RouterGenerator(generate_pb2_grpc.GeneratorServicer):
         try:
             req = self._request(request)
             stats = RequestStats(req.policy.value)
-            text, stop = TextStream(self.api.tokenizer), StopScanner(list(req.stop))
+            text = TextStream(self.api.tokenizer)
+            stop = StopScanner(list(req.stop), min_tokens=req.min_tokens)
             gen = self.api.router.generate(req, stats)
             try:
                 async for ids in gen:
-                    yield generate_pb2.GenerateResponse(token_ids=ids,
-                                                        text=stop.push(text.push(ids)))
+                    yield generate_pb2.GenerateResponse(token_ids=ids, text=stop.feed(text, ids))
                     if stop.hit:  # the text ends before the stop string; so does generation
                         break
             finally:

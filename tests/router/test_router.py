@@ -22,6 +22,7 @@ import pytest
 from scipy import stats
 
 from hilm_vllm.launch import TierProcess
+from hilm_vllm import codec
 from hilm_vllm.proto.hilm.v1 import common_pb2, generate_pb2, generate_pb2_grpc
 from hilm_vllm.sampling import SamplingSpec
 from tests.verifier.helpers import ENGINE_FLAGS, next_probs
@@ -444,6 +445,23 @@ def test_chat_with_no_messages_and_grpc_bad_input(served):
 
     e = asyncio.run(bad())
     assert e.code() is grpc.StatusCode.INVALID_ARGUMENT and "prompt" in e.details()
+
+    async def too_many(**fields):  # the gRPC door checks the stop lists as HTTP does
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            async with grpc.aio.insecure_channel(served.grpc_address) as ch:
+                stub = generate_pb2_grpc.GeneratorStub(ch)
+                async for _ in stub.Generate(generate_pb2.GenerateRequest(
+                        prompt=codec.prompt_to_pb("x"), max_tokens=3, **fields)):
+                    pass
+        return e.value
+
+    e = asyncio.run(too_many(stop=["a"] * 17))
+    assert e.code() is grpc.StatusCode.INVALID_ARGUMENT and "--max-stop-sequences" in e.details()
+    e = asyncio.run(too_many(stop_token_ids=[1] * 1025))
+    assert e.code() is grpc.StatusCode.INVALID_ARGUMENT and "stop_token_ids" in e.details()
+    code, err = _post(served.http_url + "/v1/completions", {
+        "model": "hilm", "prompt": "x", "max_tokens": 2, "stop_token_ids": [1] * 1025})
+    assert code == 400 and "stop_token_ids" in err["error"]["message"]
 
 
 def test_metrics_count_routes_and_hops(served):

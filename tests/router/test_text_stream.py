@@ -69,3 +69,28 @@ def test_each_chunk_costs_its_own_tokens_not_the_whole_output(tokenizer, monkeyp
     deltas, tail = stream(tokenizer, ids, random.Random(1))
     assert "".join(deltas) + tail == real(ids, skip_special_tokens=True)
     assert sum(decoded) <= 2 * len(ids), (sum(decoded), len(ids))
+
+
+def _stop_text(tokenizer, ids: list[int], stops: list[str], min_tokens: int, chunk: int):
+    from hilm_vllm.router.openai_api import StopScanner
+
+    text, stop, out = TextStream(tokenizer), StopScanner(stops, min_tokens=min_tokens), ""
+    for i in range(0, len(ids), chunk):
+        out += stop.feed(text, ids[i:i + chunk])
+        if stop.hit:
+            return out, True
+    return out + stop.push(text.flush()) + stop.flush(), False
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5])
+def test_stop_strings_count_only_after_min_tokens_as_vllms_detokenizer(tokenizer, chunk):
+    """vLLM checks stop strings only in text that ends after the first min_tokens tokens
+    (detokenizer.py, PR 22014): a stop inside them is not a stop; one ending after them is."""
+    ids = tokenizer.encode("ab;cd;ef", add_special_tokens=False)
+    first = len(tokenizer.encode("ab;", add_special_tokens=False))
+    assert _stop_text(tokenizer, ids, [";"], 0, chunk) == ("ab", True)
+    assert _stop_text(tokenizer, ids, [";"], first, chunk) == ("ab;cd", True)
+    assert _stop_text(tokenizer, ids, [";"], len(ids), chunk) == ("ab;cd;ef", False)
+    # a stop string that straddles the boundary ends after it: it counts
+    two = len(tokenizer.encode("ab", add_special_tokens=False))
+    assert _stop_text(tokenizer, ids, ["b;c"], two, chunk) == ("a", True)
