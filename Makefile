@@ -14,7 +14,7 @@ VLLM_EXTRA := $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 TORCH_INDEX ?= $(shell $(PYTHON) -m pip config get global.extra-index-url >/dev/null 2>&1 || echo https://download.pytorch.org/whl/cpu)
 INDEX_FLAGS := $(if $(filter cpu,$(VLLM_EXTRA)),$(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)))
 
-.PHONY: up demo test test-fast fuzz install proto clean-venv soak faults cloud-cost
+.PHONY: up demo test test-fast fuzz install proto clean-venv soak faults gpu-check cloud-cost
 
 install: $(STAMP)
 
@@ -68,6 +68,11 @@ faults: $(STAMP)
 # 1, 4, 16, 32 streams, network off: the cloud's cost (bench/results/cloud-cost-*.json and .png).
 cloud-cost: $(STAMP)
 	$(BIN)/hilm bench cloud-cost --zoo demo
+
+# On a CUDA machine: vLLM's CUDA build, the device tests, bf16 tiers with the exactness tests and
+# vLLM's serving benchmark (bench/results/gpu-check-*.json); on a CPU machine a dry run that passes.
+gpu-check: $(STAMP)
+	$(BIN)/hilm bench gpu-check
 
 clean-venv:
 	rm -rf $(VENV)

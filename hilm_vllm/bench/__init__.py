@@ -29,6 +29,8 @@ BENCHMARKS = {
     "verify-cost": ("verify_cost", "one verification round per block size and context"),
     "proposal": ("proposal", "acceptance of the drafter's truncated proposal against its bytes "
                              "(exact expectations, per family)"),
+    "gpu-check": ("gpu_check", "on a CUDA machine: install, device tests, bf16 tiers with the "
+                               "exactness tests, vLLM's serving benchmark (a dry run elsewhere)"),
     "drafter-overhead": ("drafter_overhead", "drafter throughput with and without the "
                                              "uncertainty hook"),
 }

@@ -13,6 +13,8 @@ token is a few hundred bytes, not the vocabulary (the old code sent ~713,000).""
 from __future__ import annotations
 
 import asyncio
+import os
+import shlex
 
 import grpc
 import numpy as np
@@ -44,8 +46,11 @@ POWER_P_VALUE = 1e-6  # ... and the same counts reject a wrong distribution belo
 
 def plan(zoo):
     """What `hilm up --family vocab32k` starts, on this zoo's models and OS-picked ports."""
+    # HILM_TEST_ENGINE_ARGS: more engine flags for every tier (`make gpu-check` runs this module
+    # with "--dtype bfloat16" on a CUDA machine)
+    extra = shlex.split(os.environ.get("HILM_TEST_ENGINE_ARGS", ""))
     return family_plan(FAMILY, models={t: str(zoo.model(t)) for t in ENGINE_TIERS},
-                       engine_args=["--port", "0", "--metrics-port", "0"])
+                       engine_args=["--port", "0", "--metrics-port", "0", *extra])
 
 
 @pytest.fixture(scope="module")
