@@ -377,12 +377,15 @@ class _Run:
     def _skip_rate(self) -> float:
         return self.cfg.skip_rate if self.req.skip_rate is None else self.req.skip_rate
 
-    def spec_for(self, tier: Tier) -> SamplingSpec:
+    def spec_for(self, tier: Tier, position: int = 0) -> SamplingSpec:
+        """The request's spec with the tier's own seed for a session (or stream) that starts
+        `position` tokens into the completion: a stream resumed after a restart must not draw
+        its tokens with the noise of the first ones."""
         s = self.req.spec
         if s.seed is None:
             return s
         return SamplingSpec(s.temperature, s.top_k, s.top_p,
-                            derive_seed(s.seed, 0, _SESSION_STREAM[tier]))
+                            derive_seed(s.seed, position, _SESSION_STREAM[tier]))
 
     @property
     def generated(self) -> int:
@@ -479,7 +482,7 @@ class _Run:
         deadline, wait = None, 0.25
         while True:
             self.stats.rounds += 1
-            stream = self.r.llm.generate(self.history, self.spec_for(Tier.LLM),
+            stream = self.r.llm.generate(self.history, self.spec_for(Tier.LLM, self.generated),
                                          self.max_tokens - self.generated, self.req.ignore_eos,
                                          usage, self.req.stop_token_ids,
                                          max(0, self.req.min_tokens - self.generated),

@@ -183,7 +183,8 @@ class FakeVerifier(FakeLink):
 
     async def generate(self, prompt, spec, max_tokens, ignore_eos, usage, stop_token_ids=(),
                        min_tokens=0, stop=()):
-        self.calls.append({"generate": len(prompt), "stop_token_ids": list(stop_token_ids)})
+        self.calls.append({"generate": len(prompt), "stop_token_ids": list(stop_token_ids),
+                           "seed": spec.seed})
         self._fault("generate")
         ctx = list(prompt)
         stops = set(stop_token_ids) | (set() if ignore_eos else set(self.eos))

@@ -236,6 +236,23 @@ def test_an_llm_only_stream_the_llm_drops_resumes_from_the_history():
     assert prompts == [len(PROMPT)] * 1 + [len(PROMPT) + 5] * 3  # resumed after 5 tokens
 
 
+def test_a_seeded_llm_only_stream_resumed_draws_with_a_seed_of_its_position():
+    from hilm_vllm.seeds import Stream, derive_seed
+
+    links = tiers()
+    llm = links[Tier.LLM] = DroppingLLM("llm", llm_model, ())
+    router = Router(RouterConfig(llm="fake", slm="fake", ilm="fake", recover_s=10.0,
+                                 down_retry_s=0.0), links=links)
+    req = GenerationRequest(tuple(PROMPT), SamplingSpec(1.0, seed=42), N, Policy.LLM_ONLY)
+
+    async def main():
+        return [t async for ids in router.generate(req, RequestStats("llm-only")) for t in ids]
+
+    assert len(asyncio.run(main())) == N
+    seeds = [c["seed"] for c in llm.calls]
+    assert seeds == [derive_seed(42, 0, Stream.SESSION_LLM), derive_seed(42, 5, Stream.SESSION_LLM)]
+
+
 def test_an_llm_only_stream_gives_up_with_503_after_recover_s():
     links = tiers()
     llm = links[Tier.LLM] = DroppingLLM("llm", llm_model, ())
