@@ -285,6 +285,7 @@ class Drafter:
                 raise InvalidArgument(
                     f"session {sid} holds {base + len(append)} tokens, its limit (prompt + "
                     f"max_tokens, or max-model-len): nothing is left to draft; close it")
+            before = list(state.tokens)  # restored if the draft fails: nothing half-applied
             metrics.ROLLED_BACK.inc(max(0, len(state.tokens) - base))
             del state.tokens[base:]
             state.tokens += append
@@ -294,6 +295,9 @@ class Drafter:
             state.running = task
             try:
                 result = await task
+            except HilmError:
+                state.tokens[:] = before  # a failed Draft changes nothing
+                raise
             except asyncio.CancelledError:
                 if asyncio.current_task().cancelling():
                     raise  # this call itself was cancelled (the client hung up)

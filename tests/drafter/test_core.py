@@ -155,3 +155,13 @@ def test_draft_options_round_trip_and_validation():
                 {"key": "k", "seed": 1, "base": 0, "truncation": [8, 1.5]}):
         with pytest.raises(ValueError):
             DraftOptions.from_extra_args(bad)
+
+
+def test_a_draft_that_fails_leaves_the_session_as_it_was():
+    d = drafter()  # no engine and no result channel: the draft fails with UNAVAILABLE
+    s = d.open("", [5, 6, 7, 8], SamplingSpec(), None, 0)
+    from hilm_vllm.errors import Unavailable
+
+    with pytest.raises(Unavailable):
+        run(d.draft("", s.id, 4, 2, rollback_to=2, append=[9, 9, 9]))
+    assert s.state.tokens == [5, 6, 7, 8]  # neither the rollback nor the append stands
