@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 
 MAX_SAMPLES = 1024  # K above this costs K*V noise per token for no measurable gain
+LSE_CHUNK = 8192  # vocabulary columns per step of the perturbed gate's sums (cache-sized)
 
 
 class Gate(str, enum.Enum):
@@ -127,18 +128,23 @@ def perturbed_disagreement(logits: torch.Tensor, tokens: torch.Tensor, thetas: t
     logits [B, V] raw; tokens [B] (the drafted tokens); thetas, uniforms [B, K] -> u [B]
     float64 on the logits' device. u has exactly the law of (1/K) sum_k 1[x_k != x] with
     x_k ~ softmax(z / theta_k): x_k equals x with probability pi_k = softmax(z / theta_k)[x],
-    so 1[x_k == x] is drawn as 1[U_k < pi_k]. One log-sum-exp over V per (row, k) in float32
-    (the inverse-CDF draw needs a float64 cumulative sum of K x V instead: ~3x the work, and
-    the drafted token is known when this runs, so nothing else is needed)."""
+    so 1[x_k == x] is drawn as 1[U_k < pi_k]. One sum of exponentials over V per (row, k) in
+    float32, in cache-sized column chunks (the inverse-CDF draw needs a float64 cumulative sum of
+    K x V instead: ~3x the work; the drafted token is known when this runs)."""
     z = logits.float()
     inv = thetas.to(z.device, torch.float32).reciprocal()  # [B, K]
     uniforms = uniforms.to(z.device, torch.float64)
     tokens = tokens.to(z.device, torch.long)
     out = torch.empty(z.shape[0], dtype=torch.float64, device=z.device)
-    for i in range(z.shape[0]):  # [K, V] per row: B x K x V at once would be 100s of MB
-        scaled = inv[i][:, None] * z[i][None, :]  # [K, V]
-        at = scaled.gather(1, tokens[i].expand(scaled.shape[0], 1)).squeeze(1)  # [K]
-        same = uniforms[i] < (at - torch.logsumexp(scaled, dim=-1)).double().exp()
+    for i in range(z.shape[0]):
+        zs = z[i] - z[i].max()  # <= 0: exp(inv * zs) cannot overflow
+        # sum_v exp(z_v / theta_k) over the vocabulary in column chunks: a [K, V] temporary of
+        # a 128k vocabulary (10 MB) falls out of cache and costs 3x the arithmetic
+        sums = torch.zeros(inv.shape[1], dtype=torch.float32, device=z.device)
+        for lo in range(0, zs.shape[0], LSE_CHUNK):
+            sums += torch.exp(inv[i][:, None] * zs[None, lo:lo + LSE_CHUNK]).sum(-1)
+        log_pi = inv[i] * zs.gather(0, tokens[i:i + 1]) - sums.log()  # [K]
+        same = uniforms[i] < log_pi.double().exp()
         # (K - agreeing) / K in float64, as disagreement() computes it; no host sync
         out[i] = (~same).sum(dtype=torch.float64) / same.numel()
     return out
