@@ -399,8 +399,10 @@ class _Run:
         stops = set(self.req.stop_token_ids)
         if not self.req.ignore_eos:
             stops |= self.eos or set()
-        # no stop before min_tokens (a verified token cannot be one: p = 0 there)
-        first = self.req.min_tokens - self.generated - 1  # index of the min_tokens-th token
+        # As vLLM: stop tokens are masked while the output holds fewer than min_tokens tokens,
+        # so the first index that may stop is min_tokens (0-based; a verified token cannot be
+        # one before it: p = 0 there)
+        first = self.req.min_tokens - self.generated  # index of the (min_tokens + 1)-th token
         stop = next((i for i, t in enumerate(kept) if t in stops and i >= first), None)
         if stop is not None:
             kept, done = kept[:stop + 1], True

@@ -375,3 +375,20 @@ def test_a_request_longer_than_the_context_ends_at_it():
     links[Tier.LLM].max_model_len = len(PROMPT) + 10
     out, stats = run(links, Policy.CASCADE, n=1000, block_size=3)
     assert out == LLM_SEQ[:8] and stats.finish_reason == "length"
+
+
+@pytest.mark.parametrize("min_tokens, stops_at", [(0, 2), (2, 2), (3, 5), (6, None)])
+def test_a_stop_token_counts_from_index_min_tokens_as_in_vllm(min_tokens, stops_at):
+    """vLLM masks stop tokens while the output holds fewer than min_tokens tokens: the token at
+    index min_tokens - 1 cannot stop a request; one at index min_tokens can."""
+    from hilm_vllm.router.engine import _Run
+
+    router = Router(RouterConfig(llm="fake"), links=tiers())
+    req = GenerationRequest(tuple(PROMPT), GREEDY, 8, Policy.UHLM, min_tokens=min_tokens)
+    run_ = _Run(router, req, RequestStats("uhlm"))
+    run_.eos = frozenset({9})
+    kept, done = run_.accept([1, 2, 9, 4, 5, 9, 7, 8])
+    if stops_at is None:
+        assert kept == [1, 2, 9, 4, 5, 9, 7, 8] and run_.stats.finish_reason == "length"
+    else:
+        assert kept == [1, 2, 9, 4, 5, 9][:stops_at + 1] and done
