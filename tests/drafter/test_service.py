@@ -8,6 +8,7 @@ import re
 import urllib.request
 
 import grpc
+import numpy as np
 import pytest
 
 from hilm_vllm.drafter.client import DrafterClient
@@ -46,7 +47,9 @@ def open_request(ids=PROMPT, temperature=0.8, seed=3, **kw):
 
 def assert_valid_dists(result, k=20):
     for t in result.tokens:
-        assert abs(float(t.probs.sum()) - 1) < 1e-4 and t.token_id in t.ids.tolist()
+        # float16 weights (the law is probs / sum): the sum is 1 within float16 rounding
+        assert abs(float(t.probs.sum()) - 1) < 1e-3 and t.token_id in t.ids.tolist()
+        assert np.array_equal(t.probs, t.probs.astype(np.float16).astype(np.float32))
         assert len(t.ids) <= DRAFT_TOP_K and (t.probs > 0).all()
         assert 0 <= t.uncertainty <= 1 and round(t.uncertainty * k) == pytest.approx(
             t.uncertainty * k, abs=1e-5)
