@@ -66,6 +66,7 @@ def draft_once(llm, contexts, uncertainty, args) -> tuple[float, int]:
     from vllm.inputs import TokensPrompt
 
     from hilm_vllm.drafter.processor import DRAFT_ARG, DraftOptions
+    from hilm_vllm.sampling import SamplingSpec
     from hilm_vllm.uncertainty import UncertaintyConfig
 
     keys = [uuid.uuid4().hex for _ in contexts]
@@ -74,7 +75,8 @@ def draft_once(llm, contexts, uncertainty, args) -> tuple[float, int]:
         extra = None
         if uncertainty is not None:
             opts = DraftOptions(key, seed=i, base=len(ctx),
-                                uncertainty=UncertaintyConfig(**uncertainty))
+                                uncertainty=UncertaintyConfig(**uncertainty),
+                                spec=SamplingSpec(args.temperature))
             extra = {DRAFT_ARG: opts.to_extra_args()}
         params.append(SamplingParams(temperature=args.temperature, seed=i, max_tokens=args.block,
                                      ignore_eos=True, detokenize=False, extra_args=extra))
