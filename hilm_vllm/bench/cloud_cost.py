@@ -80,7 +80,7 @@ DEFAULT_POLICIES = ("llm-only", "spec", "hilm", "uhlm", "cascade", VLLM_SPEC)
 BASELINE = "llm-only"
 DRAFTING = set(ROUTER_POLICIES) - {BASELINE}
 TIERS = ("llm", "ilm", "slm", "router")
-# the keys (/work/shared/tools/bench-keys reads them), then this benchmark's own
+# the keys (the shared bench-keys checker reads them), then this benchmark's own
 RUN_KEYS = ("policy", "concurrency", "tokens_per_s", "llm_cpu_ms_per_token",
             "ilm_cpu_ms_per_token", "slm_cpu_ms_per_token", "router_cpu_ms_per_token",
             "llm_cpu_ms_per_verify", "tr_llm", "errors")

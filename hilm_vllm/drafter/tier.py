@@ -11,7 +11,8 @@ import argparse
 import weakref
 
 from hilm_vllm.drafter.core import DrafterSettings
-from hilm_vllm.server.flags import add_session_args, add_uncertainty_args, uncertainty_from_args
+from hilm_vllm.server.flags import (add_session_args, add_truncation_args, add_uncertainty_args,
+                                    truncation_from_args, uncertainty_from_args)
 
 PINNED_VLLM = "0.32.0"
 
@@ -29,28 +30,19 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     add_session_args(g, d)
     g.add_argument("--max-draft-tokens", type=int, default=d.max_draft_tokens,
                    help="largest block one Draft may ask for (default: %(default)s)")
-    g.add_argument("--draft-top-k", type=int, default=d.draft_top_k, metavar="N",
-                   help="the proposal q holds at most N tokens (after the request's own "
-                        "top-k/top-p), renormalised; each token is drawn from exactly that q "
-                        "and q is shipped, so verification stays exact whatever N is; it bounds "
-                        "the bytes per drafted token (6 per entry) on any vocabulary. 0 = no "
-                        "cap. Default %(default)s with --draft-eps 1e-3: measured on the demo "
-                        "family, acceptance within 1%% of the untruncated proposal's (README, "
-                        "Proposals)")
-    g.add_argument("--draft-eps", type=float, default=d.draft_eps, metavar="EPS",
-                   help="drop the least likely tokens holding at most EPS of q's mass (the "
-                        "smallest set holding >= 1 - EPS is kept); 0 = keep every token with "
-                        "probability > 0 (default: %(default)s)")
+    # Defaults measured on the demo family: acceptance within 1% of the untruncated
+    # proposal's (README, "Proposals")
+    add_truncation_args(g, "draft", d.truncation, "the proposal q of each drafted token")
     add_uncertainty_args(g, d.uncertainty, "default gate of sessions that do not pick one")
 
 
 def settings_from_args(args: argparse.Namespace) -> DrafterSettings:
     d = DrafterSettings()
     try:
+        t = truncation_from_args(args, "draft", d.truncation)
         return DrafterSettings(
             max_sessions=args.max_sessions, session_ttl_s=args.session_ttl_s,
-            max_draft_tokens=args.max_draft_tokens, draft_top_k=args.draft_top_k,
-            draft_eps=args.draft_eps,
+            max_draft_tokens=args.max_draft_tokens, draft_top_k=t.cap, draft_eps=t.eps,
             uncertainty=uncertainty_from_args(args, d.uncertainty),
             max_sessions_per_client=getattr(args, "max_sessions_per_client",
                                             d.max_sessions_per_client),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from hilm_vllm.errors import InvalidArgument
+from hilm_vllm.sampling import Truncation
 from hilm_vllm.uncertainty import MAX_SAMPLES, Gate, Perturbation, UncertaintyConfig
 
 # The largest K a client may ask for: each sample costs a [vocab] float64 row of work per token.
@@ -78,3 +79,29 @@ def check_caps(max_client_samples: int, default_samples: int, max_sessions: int,
                          f"--max-uncertainty-samples {max_client_samples}")
     if max_sessions_per_client < 1:
         raise ValueError(f"--max-sessions-per-client must be >= 1, got {max_sessions_per_client}")
+
+
+def add_truncation_args(group: argparse._ArgumentGroup, prefix: str, default: Truncation,
+                        what: str) -> None:
+    """`--{prefix}-top-k N` and `--{prefix}-eps EPS`: a `sampling.Truncation` of `what` (the
+    drafter's proposal, a verifier's emitted rows), declared once for both tiers."""
+    group.add_argument(f"--{prefix}-top-k", type=int, default=default.cap, metavar="N",
+                       help=f"{what} holds at most N tokens (after the request's own "
+                            f"top-k/top-p), renormalised, float16 weights (6 bytes an entry): "
+                            f"the token is an exact sample of exactly that law, so a tier that "
+                            f"verifies it stays exact whatever N is. 0 = no cap "
+                            f"(default: %(default)s)")
+    group.add_argument(f"--{prefix}-eps", type=float, default=default.eps, metavar="EPS",
+                       help=f"with --{prefix}-top-k: drop the least likely tokens holding at "
+                            f"most EPS of the mass (the smallest set holding >= 1 - EPS is "
+                            f"kept); 0 = keep every token with probability > 0 "
+                            f"(default: %(default)s)")
+
+
+def truncation_from_args(args: argparse.Namespace, prefix: str, default: Truncation
+                         ) -> Truncation:
+    """The Truncation of `add_truncation_args`; namespaces without the flags keep `default`.
+    ValueError on a bad value."""
+    key = prefix.replace("-", "_")
+    return Truncation(getattr(args, f"{key}_top_k", default.cap),
+                      getattr(args, f"{key}_eps", default.eps))

@@ -9,8 +9,8 @@ import weakref
 import grpc
 
 from hilm_vllm.errors import Unavailable
-from hilm_vllm.sampling import Truncation
-from hilm_vllm.server.flags import add_session_args, add_uncertainty_args, uncertainty_from_args
+from hilm_vllm.server.flags import (add_session_args, add_truncation_args, add_uncertainty_args,
+                                    truncation_from_args, uncertainty_from_args)
 from hilm_vllm.verifier.core import Verifier, VerifierSettings
 from hilm_vllm.verifier.service import add_services
 
@@ -44,18 +44,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     # The verifier's own uncertainty of the tokens it emits (VerifyRequest.return_emitted), with
     # the drafter's gates; a request's UncertaintyConfig overrides what it sets.
     add_uncertainty_args(group, d.uncertainty, "default gate of emitted tokens' uncertainty")
-    t = d.emit_truncation
-    group.add_argument("--emit-top-k", type=int, default=t.cap, metavar="N",
-                       help="a Verify that asks for its emitted tokens' distributions "
-                            "(return_emitted: the ILM under hilm and cascade) verifies against "
-                            "this tier's p cut to at most N tokens, renormalised, and returns "
-                            "exactly that law, so the rows it forwards stay small and a next "
-                            "tier that verifies them stays exact. 0 = no cap "
-                            "(default: %(default)s)")
-    group.add_argument("--emit-eps", type=float, default=t.eps, metavar="EPS",
-                       help="with --emit-top-k: drop the least likely tokens holding at most EPS "
-                            "of p's mass (default: %(default)s)")
-
+    add_truncation_args(group, "emit", d.emit_truncation,
+                        "a Verify that asks for its emitted tokens' rows (return_emitted: the "
+                        "ILM under hilm and cascade) verifies against this tier's p cut so; "
+                        "the row it returns")
 
 def settings_from_args(args: argparse.Namespace | None) -> VerifierSettings:
     if args is None:
@@ -75,8 +67,7 @@ def settings_from_args(args: argparse.Namespace | None) -> VerifierSettings:
             max_sessions_per_client=getattr(args, "max_sessions_per_client",
                                             d.max_sessions_per_client),
             max_client_samples=getattr(args, "max_uncertainty_samples", d.max_client_samples),
-            emit_truncation=Truncation(getattr(args, "emit_top_k", d.emit_truncation.cap),
-                                       getattr(args, "emit_eps", d.emit_truncation.eps)))
+            emit_truncation=truncation_from_args(args, "emit", d.emit_truncation))
     except ValueError as e:
         raise SystemExit(f"error: hilm-serve --tier llm|ilm: {e}") from e
 

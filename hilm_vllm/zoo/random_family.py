@@ -54,6 +54,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from hilm_vllm.zoo.shape import check_shape
+
 # Bump when the build's output changes meaning: part of the cache key, so stale families are
 # rebuilt rather than silently reused.
 RANDOM_FORMAT = 1
@@ -92,10 +94,7 @@ class RandomRecipe:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.head_dim not in (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512):
-            raise ValueError(f"head_dim={self.head_dim} is not supported by vLLM's CPU attention")
-        if not 0 < self.slm_layers < self.ilm_layers < self.num_layers:
-            raise ValueError("need 0 < slm_layers < ilm_layers < num_layers")
+        check_shape(self.head_dim, self.slm_layers, self.ilm_layers, self.num_layers)
         if self.vocab_size < 1024:
             raise ValueError(f"vocab_size={self.vocab_size}: a random family is for large "
                              f"vocabularies (the trained recipes cover small ones)")

@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 
 from hilm_vllm.zoo.random_family import RANDOM_RECIPES, RandomRecipe
+from hilm_vllm.zoo.shape import check_shape
 
 # Bump when the build's output format or training code changes meaning: it is part of the
 # cache key, so stale zoos are rebuilt rather than silently reused.
@@ -43,10 +44,7 @@ class Recipe:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.head_dim not in (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512):
-            raise ValueError(f"head_dim={self.head_dim} is not supported by vLLM's CPU attention")
-        if not 0 < self.slm_layers < self.ilm_layers < self.num_layers:
-            raise ValueError("need 0 < slm_layers < ilm_layers < num_layers")
+        check_shape(self.head_dim, self.slm_layers, self.ilm_layers, self.num_layers)
 
     @property
     def steps(self) -> int:

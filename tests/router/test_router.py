@@ -17,14 +17,14 @@ import urllib.request
 
 import grpc
 import numpy as np
-import openai
 import pytest
 from scipy import stats
 
 from hilm_vllm.launch import TierProcess
 from hilm_vllm import codec
-from hilm_vllm.proto.hilm.v1 import common_pb2, generate_pb2, generate_pb2_grpc
+from hilm_vllm.proto.hilm.v1 import generate_pb2, generate_pb2_grpc
 from hilm_vllm.sampling import SamplingSpec
+from tests.router.helpers import client, first_tokens, generate, hilm_usage
 from tests.verifier.helpers import ENGINE_FLAGS, next_probs
 
 PROMPT = "def read_config(path):\n    "
@@ -73,14 +73,6 @@ def served(tiny_zoo, tiers):
     with router(tiny_zoo, llm, slm, ilm, "--policy", "hilm", "--t1", "0.3", "--t2", "0.8",
                 "--t-ilm", "0.6", "--block-size", "3") as r:
         yield r
-
-
-def client(r) -> openai.OpenAI:
-    return openai.OpenAI(base_url=r.http_url + "/v1", api_key="unused", max_retries=0)
-
-
-def hilm_usage(usage) -> dict:
-    return usage.model_extra["hilm"]
 
 
 @pytest.mark.parametrize("policy", ALL_POLICIES)
@@ -132,24 +124,6 @@ def test_chat_completions_use_the_chat_template(served):
     assert set(ALL_POLICIES) <= models
 
 
-async def _generate(address: str, prompt: list[int], spec: SamplingSpec, max_tokens: int,
-                    policy: str, ignore_eos: bool = True, **options) -> list[int]:
-    """gRPC Generate; `options`: block_size, optimistic (GenerateRequest's optional fields)."""
-    async with grpc.aio.insecure_channel(address) as ch:
-        stub = generate_pb2_grpc.GeneratorStub(ch)
-        sampling = common_pb2.SamplingParams(temperature=spec.temperature, top_k=spec.top_k,
-                                             top_p=spec.top_p)
-        if spec.seed is not None:
-            sampling.seed = spec.seed
-        ids = []
-        async for r in stub.Generate(generate_pb2.GenerateRequest(
-                prompt=common_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=prompt)),
-                sampling=sampling, max_tokens=max_tokens, ignore_eos=ignore_eos,
-                policy=policy, **options)):
-            ids += r.token_ids
-        return ids
-
-
 def _prompts(zoo, n: int) -> list[list[int]]:
     from transformers import AutoTokenizer
 
@@ -165,7 +139,7 @@ def test_lossless_policies_are_token_identical_to_llm_only_at_t0(served, tiny_zo
     async def run():
         out = {}
         for policy in LOSSLESS:
-            out[policy] = [await _generate(served.grpc_address, p, greedy, 32, policy,
+            out[policy] = [await generate(served.grpc_address, p, greedy, 32, policy,
                                            optimistic=optimistic) for p in prompts]
         return out
 
@@ -186,19 +160,8 @@ def test_lossless_policies_follow_the_llm_distribution_at_t1(served, tiny_zoo):
     p = next_probs(tiny_zoo.llm, prompt, spec).numpy().astype(np.float64)
     support = np.nonzero(p)[0]
 
-    async def first_tokens(policy: str) -> list[int]:
-        sem = asyncio.Semaphore(8)
-
-        async def one(seed: int) -> int:
-            async with sem:
-                ids = await _generate(served.grpc_address, prompt,
-                                      SamplingSpec(1.0, 8, 1.0, 1000 + seed), 1, policy)
-                return ids[0]
-
-        return await asyncio.gather(*(one(s) for s in range(N_SEEDS)))
-
     for policy in LOSSLESS:
-        tokens = asyncio.run(first_tokens(policy))
+        tokens = first_tokens(served.grpc_address, prompt, policy, N_SEEDS, 8, 1000)
         assert set(tokens) <= set(support.tolist()), policy
         observed = np.array([tokens.count(int(t)) for t in support])
         expected = p[support] / p[support].sum() * N_SEEDS  # float32 p: sums to 1 within 1e-7
@@ -237,7 +200,7 @@ def test_lossless_policies_keep_the_llm_distribution_beyond_the_first_token(
 
         async def one(seed: int) -> tuple:
             async with sem:
-                ids = await _generate(served.grpc_address, prompt,
+                ids = await generate(served.grpc_address, prompt,
                                       SamplingSpec(1.0, 3, top_p, 5000 + seed), 3, policy,
                                       block_size=block_size, optimistic=True)
                 return tuple(ids[1:3])

@@ -16,17 +16,15 @@ import asyncio
 import os
 import shlex
 
-import grpc
 import numpy as np
-import openai
 import pytest
 import torch
 from scipy import stats
 
 from hilm_vllm.launch import TierProcess
-from hilm_vllm.proto.hilm.v1 import common_pb2, generate_pb2, generate_pb2_grpc
 from hilm_vllm.sampling import SamplingSpec, Truncation, truncate
 from hilm_vllm.stack import ENGINE_TIERS, family_plan, flag_value
+from tests.router.helpers import client, first_tokens, generate, hilm_usage
 from tests.verifier.helpers import next_probs
 
 # ~4 min on the loaded 2-core CI machine (tiers ~2 min to start, ~3.5 CPU-minutes in all): more
@@ -93,31 +91,6 @@ def served(vocab32k_zoo, tiers):
         assert proc.stop() == 0, proc.tail()
 
 
-def client(r) -> openai.OpenAI:
-    return openai.OpenAI(base_url=r.http_url + "/v1", api_key="unused", max_retries=0)
-
-
-def hilm_usage(usage) -> dict:
-    return usage.model_extra["hilm"]
-
-
-async def _generate(address: str, prompt: list[int], spec: SamplingSpec, max_tokens: int,
-                    policy: str) -> list[int]:
-    """The router's gRPC Generate: the token ids it streams back."""
-    async with grpc.aio.insecure_channel(address) as ch:
-        stub = generate_pb2_grpc.GeneratorStub(ch)
-        sampling = common_pb2.SamplingParams(temperature=spec.temperature, top_k=spec.top_k,
-                                             top_p=spec.top_p)
-        if spec.seed is not None:
-            sampling.seed = spec.seed
-        ids = []
-        async for r in stub.Generate(generate_pb2.GenerateRequest(
-                prompt=common_pb2.Prompt(token_ids=common_pb2.TokenIds(ids=prompt)),
-                sampling=sampling, max_tokens=max_tokens, ignore_eos=True, policy=policy)):
-            ids += r.token_ids
-        return ids
-
-
 def _prompts(zoo, n: int, length: int = 40) -> list[list[int]]:
     """BOS + the last `length` tokens of the first n held-out prompts."""
     from transformers import AutoTokenizer
@@ -141,7 +114,7 @@ def test_lossless_policies_are_token_identical_to_llm_only_at_t0(served, vocab32
     greedy = SamplingSpec(temperature=0.0)
 
     async def run():
-        return {policy: [await _generate(served.grpc_address, p, greedy, 32, policy)
+        return {policy: [await generate(served.grpc_address, p, greedy, 32, policy)
                          for p in prompts] for policy in LOSSLESS}
 
     out = asyncio.run(run())
@@ -199,20 +172,9 @@ def test_lossless_policies_follow_the_llm_distribution_at_t1(served, vocab32k_zo
     bins = _bins(p, support, N_SEEDS)
     outside = bins[-1]
 
-    async def first_tokens(policy: str) -> list[int]:
-        sem = asyncio.Semaphore(8)
-
-        async def one(seed: int) -> int:
-            async with sem:
-                ids = await _generate(served.grpc_address, prompt,
-                                      SamplingSpec(1.0, 0, 1.0, 7000 + seed), 1, policy)
-                return ids[0]
-
-        return await asyncio.gather(*(one(s) for s in range(N_SEEDS)))
-
     report = {}
     for policy in ("spec", "cascade"):
-        tokens = asyncio.run(first_tokens(policy))
+        tokens = first_tokens(served.grpc_address, prompt, policy, N_SEEDS, 0, 7000)
         counts = np.bincount(tokens, minlength=VOCAB)
         assert counts.size == VOCAB, max(tokens)
         result = {"pvalue": _pvalue(counts, p, bins), "vs_slm": _pvalue(counts, slm, bins),

@@ -24,14 +24,20 @@ class _PushedEngine:
         return [None]
 
 
+def _verifier() -> tuple[ResultChannel, core.Verifier]:
+    """A real result channel and a Verifier that reads it (no engine: `_PushedEngine`)."""
+    channel = ResultChannel()
+    verifier = core.Verifier.__new__(core.Verifier)
+    verifier.engine, verifier.channel = _PushedEngine(), channel
+    return channel, verifier
+
+
 def test_a_push_after_the_grace_period_is_taken_not_dropped(monkeypatch):
     monkeypatch.setattr(core, "CHANNEL_GRACE_S", 0.05)
     monkeypatch.setattr(core, "CHANNEL_LATE_S", 10.0)
 
     async def main():
-        channel = ResultChannel()
-        verifier = core.Verifier.__new__(core.Verifier)
-        verifier.engine, verifier.channel = _PushedEngine(), channel
+        channel, verifier = _verifier()
         pushed = channel.expect("late")
         sink = ResultSink(channel.address, channel.token)
         timer = threading.Timer(0.4, lambda: sink.send(VerifyResult("late", num_accepted=3)))
@@ -51,9 +57,7 @@ def test_no_result_at_all_fails_with_a_message(monkeypatch):
     monkeypatch.setattr(core, "CHANNEL_LATE_S", 0.05)
 
     async def main():
-        channel = ResultChannel()
-        verifier = core.Verifier.__new__(core.Verifier)
-        verifier.engine, verifier.channel = _PushedEngine(), channel
+        channel, verifier = _verifier()
         try:
             await verifier._result("never", channel.expect("never"))
         finally:
