@@ -31,21 +31,27 @@ def export_model(model, depth: int, recipe: Recipe, tokenizer, out: Path) -> int
     """Save the first `depth` layers (plus embeddings, final norm, head) as a Llama.
 
     Returns its parameter count."""
-    from transformers import GenerationConfig, LlamaForCausalLM
-
     from hilm_vllm.zoo.train import llama_config
 
-    sub = LlamaForCausalLM(llama_config(recipe, tokenizer, depth))
     keep = {k: v for k, v in model.state_dict().items()
             if not k.startswith("model.layers.") or int(k.split(".")[2]) < depth}
-    sub.load_state_dict(keep, strict=True)
-    sub.generation_config = GenerationConfig(
+    return save_tier(llama_config(recipe, tokenizer, depth), keep, tokenizer, out)
+
+
+def save_tier(config, state: dict, tokenizer, out: Path) -> int:
+    """A Llama of `config` with weights `state`, saved as a Hugging Face directory
+    (safetensors, tokenizer, a generation config with its eos): every family's tiers."""
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(state, strict=True)
+    model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    sub.save_pretrained(str(out), safe_serialization=True)
+    model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
-    return sum(p.numel() for p in sub.parameters())
+    return sum(p.numel() for p in model.parameters())
 
 
 def heldout_pairs(tokenizer, texts: list[tuple[str, str]], n: int, seed: int) -> list[dict]:

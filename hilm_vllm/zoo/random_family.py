@@ -189,17 +189,9 @@ def norm_scale(recipe: RandomRecipe) -> float:
 
 def random_config(recipe: RandomRecipe, tokenizer, num_layers: int):
     """The Llama config of one tier (`num_layers` deep), untied head, float32."""
-    from transformers import LlamaConfig
+    from hilm_vllm.zoo.train import llama_config
 
-    return LlamaConfig(
-        vocab_size=recipe.vocab_size, hidden_size=recipe.hidden_size,
-        intermediate_size=recipe.intermediate_size, num_hidden_layers=num_layers,
-        num_attention_heads=recipe.num_heads, num_key_value_heads=recipe.num_heads,
-        head_dim=recipe.head_dim, max_position_embeddings=recipe.max_position_embeddings,
-        rope_theta=10000.0, tie_word_embeddings=False, torch_dtype="float32",
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    return llama_config(recipe, tokenizer, num_layers, tied=False)
 
 
 def _layer(name: str) -> int | None:
@@ -237,17 +229,10 @@ def tier_state(state: Mapping, depth: int) -> dict:
 def export_tier(state: Mapping, depth: int, recipe: RandomRecipe, tokenizer, out: Path) -> int:
     """Save one tier as a Hugging Face Llama directory (safetensors, tokenizer, generation
     config with eos). Returns its parameter count."""
-    from transformers import GenerationConfig, LlamaForCausalLM
+    from hilm_vllm.zoo.build import save_tier
 
-    model = LlamaForCausalLM(random_config(recipe, tokenizer, depth))
-    model.load_state_dict(tier_state(state, depth), strict=True)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model.save_pretrained(str(out), safe_serialization=True)
-    tokenizer.save_pretrained(str(out))
-    return sum(p.numel() for p in model.parameters())
+    return save_tier(random_config(recipe, tokenizer, depth), tier_state(state, depth),
+                     tokenizer, out)
 
 
 # ---- measurements -------------------------------------------------------------------------

@@ -25,7 +25,10 @@ class TrainStats:
     final_loss: float
 
 
-def llama_config(recipe: Recipe, tokenizer, num_layers: int):
+def llama_config(recipe: Recipe, tokenizer, num_layers: int, tied: bool = True):
+    """The Llama config of one tier (`num_layers` deep), float32; `tied`: the head shares the
+    embeddings (the trained families; the random ones untie it). Any recipe with the model
+    fields (hidden, intermediate, heads, head_dim, vocab, positions) will do."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -33,7 +36,7 @@ def llama_config(recipe: Recipe, tokenizer, num_layers: int):
         intermediate_size=recipe.intermediate_size, num_hidden_layers=num_layers,
         num_attention_heads=recipe.num_heads, num_key_value_heads=recipe.num_heads,
         head_dim=recipe.head_dim, max_position_embeddings=recipe.max_position_embeddings,
-        rope_theta=10000.0, tie_word_embeddings=True, torch_dtype="float32",
+        rope_theta=10000.0, tie_word_embeddings=tied, torch_dtype="float32",
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import vllm_llm
+from tests.zoo.helpers import greedy_transformers
 
 TIERS = ("slm", "ilm", "llm")
 
@@ -41,18 +42,6 @@ def test_manifest_has_what_it_promises(tiny_zoo):
         assert (d / "generation_config.json").is_file()
 
 
-def _greedy_transformers(model_dir, prompt_ids: list[int], n: int) -> list[int]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = torch.tensor([prompt_ids])
-    with torch.no_grad():
-        for _ in range(n):
-            nxt = model(input_ids=ids).logits[0, -1].argmax()
-            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-    return ids[0, len(prompt_ids):].tolist()
-
-
 @pytest.mark.parametrize("tier", TIERS)
 def test_vllm_matches_transformers_at_t0(tiny_zoo, inproc_vllm, tier):
     from transformers import AutoTokenizer
@@ -73,7 +62,7 @@ def test_vllm_matches_transformers_at_t0(tiny_zoo, inproc_vllm, tier):
     finally:
         del llm
         gc.collect()
-    assert got == _greedy_transformers(model_dir, prompt_ids, 32)
+    assert got == greedy_transformers(model_dir, prompt_ids, 32)
 
 
 def test_exported_models_are_the_early_exits(tiny_zoo):

@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from tests.conftest import vllm_llm
+from tests.zoo.helpers import greedy_transformers
 
 TIERS = ("slm", "ilm", "llm")
 TEXT = ('def greet(name: str) -> str:\n    """Say hello — in Unicode: café, 日本."""\n'
@@ -95,18 +96,6 @@ def test_vocab32k_tokenizer_round_trips_and_every_id_decodes(vocab32k_zoo):
     assert tok.eos_token == "<|eos|>" and tok.bos_token == "<|bos|>"
 
 
-def _greedy_transformers(model_dir, prompt_ids: list[int], n: int) -> list[int]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = torch.tensor([prompt_ids])
-    with torch.no_grad():
-        for _ in range(n):
-            nxt = model(input_ids=ids).logits[0, -1].argmax()
-            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-    return ids[0, len(prompt_ids):].tolist()
-
-
 def test_vllm_loads_vocab32k_and_decodes_like_transformers_at_t0(vocab32k_zoo, inproc_vllm):
     from transformers import AutoTokenizer
     from vllm import SamplingParams
@@ -126,7 +115,7 @@ def test_vllm_loads_vocab32k_and_decodes_like_transformers_at_t0(vocab32k_zoo, i
         del llm
         gc.collect()
     assert len(got.token_ids) == 8 and got.text
-    assert list(got.token_ids) == _greedy_transformers(vocab32k_zoo.llm, prompt_ids, 8)
+    assert list(got.token_ids) == greedy_transformers(vocab32k_zoo.llm, prompt_ids, 8)
 
 
 def test_vocab32k_is_reachable_like_the_trained_families(vocab32k_zoo, capsys):
