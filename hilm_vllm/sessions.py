@@ -70,9 +70,11 @@ class SessionLimits:
 
 
 class SessionStore(Generic[T]):
-    def __init__(self, limits: SessionLimits, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, limits: SessionLimits, clock: Callable[[], float] = time.monotonic,
+                 on_drop: Callable[[Session[T]], None] | None = None):
         self.limits = limits
         self._clock = clock
+        self.on_drop = on_drop  # called for every session closed or expired (to release it)
         self._sessions: dict[str, Session[T]] = {}
         self._per_client: dict[str, int] = {}  # open sessions per principal
 
@@ -105,6 +107,8 @@ class SessionStore(Generic[T]):
 
     def _drop(self, session: Session[T]) -> None:
         del self._sessions[session.id]
+        if self.on_drop is not None:
+            self.on_drop(session)
         principal = principal_of(session.owner)
         left = self._per_client.get(principal, 1) - 1
         if left > 0:

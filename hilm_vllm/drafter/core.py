@@ -1,9 +1,9 @@
 """Drafter domain logic: sessions of token ids, drafts on a vLLM engine, rollback and append.
 
-A session is the token history the router decided on plus the drafter's provisional tokens. A
-Draft is one vLLM request whose prompt is the whole history (the prefix cache reuses its KV, so
-only the tail since the last full block is recomputed) and whose `max_tokens` is the block
-size. The uncertainty processor observes every drafted position in the same steps
+A session is the token history the router decided on plus the drafter's provisional tokens. It
+lives in the engine as one long-lived vLLM request (`server/engine_session.py`); a Draft is one
+chunk of it: the engine is handed only the tokens it does not hold (it cuts back the drafts that
+were not kept first), and `max_tokens` is the block size. The uncertainty processor observes every drafted position in the same steps
 (`hilm_vllm.drafter.processor`) and the worker's step hook pushes each finished position to this
 process (`DraftResults`): concurrent Drafts are batched by vLLM and nothing waits behind the
 engine core.
@@ -37,6 +37,7 @@ from hilm_vllm.drafter.processor import DRAFT_ARG, DraftOptions, readout_of
 from hilm_vllm.errors import (Aborted, FailedPrecondition, HilmError, InvalidArgument,
                               Unavailable)
 from hilm_vllm.sampling import SamplingSpec, ScoredToken, Truncation, unpack_row
+from hilm_vllm.server.engine_session import Chunk, ResidentSessions, SessionLost
 from hilm_vllm.server.flags import (DEFAULT_MAX_CLIENT_SAMPLES, DEFAULT_MAX_SESSIONS_PER_CLIENT,
                                     check_caps)
 from hilm_vllm.sessions import Session, SessionLimits, SessionStore
@@ -203,6 +204,9 @@ class Drafter:
         if store is None:
             store = SessionStore(SessionLimits(settings.max_sessions, settings.session_ttl_s,
                                                settings.max_sessions_per_client))
+        # Each session's engine request (server/engine_session.py), closed with the session.
+        self.resident = ResidentSessions.of(engine)
+        store.on_drop = lambda session: self.resident.drop(session.id)
         self.sessions = store
         self.results = results  # the push channel (set by the tier once the engine is up)
 
@@ -361,6 +365,7 @@ class Drafter:
     def sampling_params(self, session: Session[DrafterSession], key: str, n: int,
                         stop_uncertainty: float | None):
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         state = session.state
         position = len(state.tokens)
@@ -376,12 +381,12 @@ class Drafter:
         # top-p or seed to work on.
         return SamplingParams(temperature=state.spec.temperature, max_tokens=n,
                               stop_token_ids=stop_ids, detokenize=False,
+                              output_kind=RequestOutputKind.DELTA,
                               extra_args={DRAFT_ARG: options.to_extra_args()})
 
     async def _draft(self, session: Session[DrafterSession], n: int,
                      stop_uncertainty: float | None) -> DraftResult:
         from vllm.exceptions import VLLMClientError
-        from vllm.inputs.engine import tokens_input
 
         state = session.state
         state.drafts += 1
@@ -391,11 +396,20 @@ class Drafter:
             raise Unavailable("the drafter's result channel is not up yet: retry when health "
                               "reports SERVING")
         gather = self.results.expect(key)
+        context = list(state.tokens)
         try:
-            final = None
-            async for out in self.engine.generate(tokens_input(list(state.tokens)), params, key):
-                final = out
-            tokens = list(final.outputs[0].token_ids)
+            # One chunk of the session's engine request: the engine is handed what it does not
+            # hold (the router's correction and other tiers' tokens; it cuts back the drafts
+            # that were not kept), and the context's last token is always computed again,
+            # since its row gives the first draft token.
+            try:
+                chunk = await self.resident.get(session.id).run(context, params,
+                                                                len(context) - 1)
+            except SessionLost:  # evicted or aborted under us: once more, on a new request
+                chunk = await self.resident.reopen(session.id).run(context, params,
+                                                                   len(context) - 1)
+            metrics.ENGINE_TOKENS_SENT.inc(chunk.sent)
+            tokens = list(chunk.token_ids)
             try:
                 readout = await gather.wait(len(tokens), READOUT_TIMEOUT_S)
             except TimeoutError:
@@ -415,14 +429,15 @@ class Drafter:
             # Nothing is left behind: this process forgets the key, and the worker drops its
             # record when the request leaves the batch (finished or aborted by generate()).
             self.results.forget(key)
-        return self._result(final, readout, key)
+            self.resident.trim()
+        return self._result(chunk, readout, key)
 
     @staticmethod
-    def _result(final, readout: dict, key: str) -> DraftResult:
-        engine_tokens = list(final.outputs[0].token_ids)
+    def _result(chunk: Chunk, readout: dict, key: str) -> DraftResult:
+        engine_tokens = list(chunk.token_ids)
         if engine_tokens[:len(readout["tokens"])] != readout["tokens"]:
             raise HilmError(f"draft {key}: processor and engine disagree on the tokens: the "
                             f"processor no longer matches this vLLM's sampler")
-        queue_ms, forward_ms = engine_timings(final)
+        queue_ms, forward_ms = engine_timings(chunk.output)
         return DraftResult(drafted_tokens(readout), 0, readout["forced_stop"] is not None,
                            queue_ms, forward_ms)

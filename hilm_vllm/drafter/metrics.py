@@ -27,3 +27,8 @@ def observe_draft(num_tokens: int, seconds: float, early_stop: bool) -> None:
     DRAFT_SECONDS.observe(seconds)
     if early_stop:
         EARLY_STOPS.inc()
+
+
+ENGINE_TOKENS_SENT = Counter("hilm_drafter_engine_tokens_sent",
+                             "Tokens handed to the engine by Draft calls (new tokens only: what "
+                             "the session's engine request did not hold)")

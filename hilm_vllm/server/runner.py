@@ -17,3 +17,12 @@ def check_v1_runner(runner, hook: str) -> None:
         raise RuntimeError(f"hilm {hook} needs vLLM's V1 model runner, found "
                            f"{type(runner).__module__}.{type(runner).__name__}: set "
                            f"VLLM_USE_V2_MODEL_RUNNER=0 in the tier's environment")
+    from hilm_vllm_patches import session_cut
+
+    if not session_cut.installed():
+        raise RuntimeError(
+            f"hilm {hook}: the vLLM plugin hilm_session_cut (entry point group "
+            f"vllm.general_plugins) is not loaded in this engine, and sessions that live in the "
+            f"engine cannot be cut back without it: reinstall hilm-vllm (pip install -e .); a "
+            f"stale hilm_vllm.egg-info on sys.path (the current directory) hides new entry "
+            f"points, delete it")

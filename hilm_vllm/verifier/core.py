@@ -1,10 +1,13 @@
 """The `Verifier`: sessions, and the engine calls that verify a block or generate.
 
-One Verify = one vLLM request (prompt = history + append + draft, max_tokens = 1) carrying
-`wire.VerifyArgs`; the worker hook (`worker.py`) does the exact accept / recover step in the
-same forward pass and pushes m to this process (`channel.py`). Requests of different sessions
-run concurrently and vLLM's scheduler batches them; only calls of one session wait for each
-other.
+A session lives in the engine as one long-lived vLLM request (`server/engine_session.py`).
+One Verify = one chunk of it: the engine is handed what it does not hold of history + append +
+draft (it cuts back its rejected drafts first), max_tokens = 1, `wire.VerifyArgs` in the chunk's
+extra_args; the worker hook (`worker.py`) does the exact accept / recover step in the same
+forward pass and pushes m to this process (`channel.py`). Sessions' chunks run concurrently and
+vLLM's scheduler batches them; only calls of one session wait for each other. Idle sessions'
+requests hold KV: past a share of the cache the least recently used are closed, and their next
+Verify opens a new request from the history this tier keeps.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +25,8 @@ import numpy as np
 from hilm_vllm.errors import HilmError, InvalidArgument, Unavailable
 from hilm_vllm import codec
 from hilm_vllm.sampling import SamplingSpec, ScoredToken, Truncation
+from hilm_vllm.server.engine_session import (Chunk, EngineSession, ResidentSessions,
+                                             SessionLost)
 from hilm_vllm.server.grpc_util import is_engine_client_error
 from hilm_vllm.server.flags import (DEFAULT_MAX_CLIENT_SAMPLES, DEFAULT_MAX_SESSIONS_PER_CLIENT,
                                     check_caps)
@@ -125,6 +130,26 @@ def emitted_tokens(result: VerifyResult, expected: list[int]) -> tuple[ScoredTok
     return tokens
 
 
+@contextmanager
+def engine_errors() -> Iterator[None]:
+    """vLLM's failures as this tier's errors: the engine's own checks are the client's."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    try:
+        yield
+    except EngineDeadError as e:
+        raise Unavailable("the vLLM engine died; the tier must be restarted") from e
+    except (HilmError, SessionLost, asyncio.CancelledError):
+        raise
+    except ValueError as e:  # vLLM's request validation (VLLMValidationError and others)
+        raise InvalidArgument(f"the engine refused the request: {e}") from e
+    except Exception as e:  # e.g. EngineGenerateError: INTERNAL with its cause, not UNKNOWN
+        if is_engine_client_error(e):  # a check this tier missed: still the client's
+            raise InvalidArgument(f"the engine refused the request: {e}") from e
+        logger.exception("engine request failed")
+        raise HilmError(f"the engine failed on this request: {e!r}") from e
+
+
 class Verifier:
     def __init__(self, engine, settings: VerifierSettings, facts: EngineFacts,
                  channel: ResultChannel | None = None):
@@ -132,11 +157,16 @@ class Verifier:
         self.settings = settings
         self.facts = facts
         self.channel = channel  # None: every result is fetched with hilm_pop_verify
+        # Each session's engine request (server/engine_session.py), closed with the session.
+        self.resident = ResidentSessions.of(engine)
         self.sessions: SessionStore[VerifierSession] = SessionStore(
             StoreLimits(settings.max_sessions, settings.session_ttl_s,
-                        settings.max_sessions_per_client))
+                        settings.max_sessions_per_client),
+            on_drop=lambda session: self.resident.drop(session.id))
 
         metrics.SESSIONS.set_function(lambda: len(self.sessions))
+        metrics.RESIDENT_SESSIONS.set_function(lambda: len(self.resident))
+        metrics.EVICTED_SESSIONS.set_function(lambda: self.resident.evicted)
 
     @classmethod
     async def start(cls, engine, settings: VerifierSettings) -> Verifier:
@@ -185,7 +215,7 @@ class Verifier:
             if (reply := state.replay(call)) is not None:
                 return reply
             state.check(call, block_checked=True)
-            reply = await self._score(state, call, received)
+            reply = await self._score(session.id, state, call, received)
             state.advance(call, reply)
             metrics.observe_verify(len(call.draft), reply.num_accepted,
                                    time.perf_counter() - received)
@@ -198,7 +228,7 @@ class Verifier:
 
     # ---- engine calls ---------------------------------------------------------------------
 
-    async def _score(self, state: VerifierSession, call: VerifyCall,
+    async def _score(self, sid: str, state: VerifierSession, call: VerifyCall,
                      received: float) -> VerifyReply:
         base = state.base(call)
         prompt = [*state.context(call), *call.append, *call.draft]
@@ -212,13 +242,15 @@ class Verifier:
         ban = (state.limits.stop_ids, ban_rows) if ban_rows else ((), 0)
         args = VerifyArgs.build(uuid.uuid4().hex, state.spec, draw_seed, call.dists, emit, *ban)
         started = time.perf_counter()
-        token, result = await self._verify_request(prompt, state, args, sample_seed)
+        token, result = await self._verify_request(sid, prompt, state, args, sample_seed)
         if result.error == ROWS_CACHED:
-            # Only after an interrupted earlier attempt at the same position left its blocks
-            # in the cache (see _engine_prompt); recompute without reading the cache.
+            # The session's first request found rows of its draft in the prefix cache (another
+            # session with the same content, or a request preempted mid-chunk): a new request
+            # that does not read the cache.
             args = VerifyArgs.build(uuid.uuid4().hex, state.spec, draw_seed, call.dists, emit,
                                     *ban)
-            token, result = await self._verify_request(prompt, state, args, sample_seed, True)
+            token, result = await self._verify_request(sid, prompt, state, args, sample_seed,
+                                                       fresh=True)
         if result.error is not None:
             raise HilmError(f"verification failed inside the engine: {result.error}")
         now = time.perf_counter()
@@ -231,28 +263,45 @@ class Verifier:
                            result.target_probs if call.want_target_probs else (), timings,
                            emitted)
 
-    async def _verify_request(self, prompt: list[int], state: VerifierSession, args: VerifyArgs,
-                              sample_seed: int, skip_cache: bool = False
+    async def _verify_request(self, sid: str, prompt: list[int], state: VerifierSession,
+                              args: VerifyArgs, sample_seed: int, fresh: bool = False
                               ) -> tuple[int, VerifyResult]:
+        """One chunk of the session's engine request: the engine is handed only what it does
+        not hold, and keeps at most the context before the draft's first row, so the n + 1 rows
+        the hook needs are computed in this forward. `fresh`: a new request that does not read
+        the prefix cache (after ROWS_CACHED)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         params = SamplingParams(
             **(state.spec.vllm_kwargs() | {"seed": sample_seed}), max_tokens=1,
-            detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY,
-            skip_reading_prefix_cache=skip_cache, extra_args=args.to_extra_args())
-        token, pushed = None, self.channel.expect(args.key) if self.channel else None
+            detokenize=False, output_kind=RequestOutputKind.DELTA,
+            skip_reading_prefix_cache=fresh, extra_args=args.to_extra_args())
+        pushed = self.channel.expect(args.key) if self.channel else None
         try:
-            async for out in self._engine_generate(self._engine_prompt(prompt, state), params):
-                token = out.outputs[0].token_ids[0]
+            try:
+                engine_session = self.resident.reopen(sid) if fresh else self.resident.get(sid)
+                chunk = await self._run_chunk(engine_session, prompt, params,
+                                              len(prompt) - args.n - 1)
+            except SessionLost:  # evicted or aborted under us: once more, on a new request
+                chunk = await self._run_chunk(self.resident.reopen(sid), prompt, params,
+                                              len(prompt) - args.n - 1)
+            token = chunk.token_ids[0]
             result = await self._result(args.key, pushed)
         finally:
             if self.channel:
                 self.channel.forget(args.key)
+            self.resident.trim()
+        metrics.ENGINE_TOKENS_SENT.inc(chunk.sent)
         if result.recovered is not None and result.recovered != token:
             raise HilmError(f"engine emitted {token}, the hook recovered {result.recovered}: "
                             f"the hook no longer matches this vLLM's model runner")
         return token, result
+
+    async def _run_chunk(self, engine_session: EngineSession, prompt: list[int], params,
+                         max_keep: int) -> Chunk:
+        with engine_errors():
+            return await engine_session.run(prompt, params, max_keep)
 
     async def _result(self, key: str, pushed: asyncio.Future | None) -> VerifyResult:
         if pushed is not None:
@@ -276,37 +325,12 @@ class Verifier:
         raise HilmError("the verifier hook produced no result: is it installed "
                         "(hilm_install_verifier) in this engine?")
 
-    @staticmethod
-    def _engine_prompt(prompt: list[int], state: VerifierSession):
-        """The engine's input for a round. The hook needs the hidden states of the rows that
-        predict the draft, so they must be computed in this request's forward, not read from
-        the prefix cache. Within one session they never are cached (each round's context ends
-        with a token never fed to the model: the previous round's sampled one), but another
-        session with the same content would have them cached (e.g. 8 sessions with one prompt
-        at T=0). A per-session cache_salt keeps sessions' blocks apart: the price is no prefix
-        sharing across sessions; the exact alternative, capping the cache hit at L - n - 1 in
-        the engine core's KVCacheManager, needs a general plugin in the engine core process."""
-        from vllm.inputs.engine import tokens_input
-
-        return tokens_input(prompt, cache_salt=state.cache_salt)
-
     async def _engine_generate(self, prompt, params) -> AsyncIterator:
-        from vllm.v1.engine.exceptions import EngineDeadError
-
-        try:
+        with engine_errors():
             stream = self.engine.generate(prompt, params, request_id=uuid.uuid4().hex)
             async with aclosing(stream):  # a consumer that stops early aborts the request now
                 async for out in stream:
                     yield out
-        except EngineDeadError as e:
-            raise Unavailable("the vLLM engine died; the tier must be restarted") from e
-        except ValueError as e:  # vLLM's request validation (VLLMValidationError and others)
-            raise InvalidArgument(f"the engine refused the request: {e}") from e
-        except Exception as e:  # e.g. EngineGenerateError: INTERNAL with its cause, not UNKNOWN
-            if is_engine_client_error(e):  # a check this tier missed: still the client's
-                raise InvalidArgument(f"the engine refused the request: {e}") from e
-            logger.exception("engine request failed")
-            raise HilmError(f"the engine failed on this request: {e!r}") from e
 
     async def generate(self, prompt: Prompt, spec: SamplingSpec, max_tokens: int = 0,
                        ignore_eos: bool = False, stop_token_ids: Sequence[int] = (),

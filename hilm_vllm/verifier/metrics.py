@@ -21,3 +21,14 @@ def observe_verify(drafted: int, accepted: int, seconds: float) -> None:
     DRAFT_TOKENS.inc(drafted)
     ACCEPTED_TOKENS.inc(accepted)
     VERIFY_SECONDS.observe(seconds)
+
+
+# A session lives in the engine as one request; a Verify hands it only what it does not hold.
+ENGINE_TOKENS_SENT = Counter("hilm_verifier_engine_tokens_sent",
+                             "Tokens handed to the engine by Verify calls (new tokens only: "
+                             "what the session's engine request did not hold)")
+RESIDENT_SESSIONS = Gauge("hilm_verifier_resident_sessions",
+                          "Sessions whose engine request is alive (holds KV)")
+EVICTED_SESSIONS = Gauge("hilm_verifier_evicted_sessions",
+                         "Idle sessions' engine requests closed to bound the KV they hold "
+                         "(their next Verify reopens from the history)")

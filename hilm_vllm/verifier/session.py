@@ -103,8 +103,6 @@ class VerifierSession:
     prompt_len: int
     spec: SamplingSpec
     limits: SessionLimits
-    # Isolates this session's prefix-cache blocks from other sessions' (see core._engine_prompt).
-    cache_salt: str = field(default_factory=lambda: secrets.token_hex(8))
     last: tuple[bytes, VerifyReply] | None = None  # the last call's digest, and its reply
     # Seeds the perturbation noise of emitted uncertainties per absolute position, as the
     # drafter does: the session's seed when it has one, else a random one fixed per session.

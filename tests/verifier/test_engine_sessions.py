@@ -1,0 +1,193 @@
+"""Sessions that live in the engine (issue 21): one long-lived vLLM request per verifier session.
+
+A real AsyncLLM (the tiny LLM, the verifier worker hook installed) and a real `Verifier` in this
+process, so that what crosses into the engine can be read where it crosses: every request the
+API process hands the engine core (`engine_core.add_request_async`) is recorded. Checked: a
+Verify hands the engine only its new tokens on the session's one request; a cut back into a
+full, cached block leaves no stale block in the prefix cache; many idle sessions on a small KV
+cache are evicted, not let to exhaust it, and sessions evicted or preempted come back exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from hilm_vllm.sampling import SamplingSpec
+from hilm_vllm.verifier.core import Verifier, VerifierSettings
+from hilm_vllm.verifier.session import VerifyCall
+from hilm_vllm.verifier.tier import WORKER_EXTENSION
+
+from tests.verifier.helpers import greedy_draft, heldout_prompts, next_probs
+
+OWNER = "test"
+GREEDY = SamplingSpec(temperature=0.0)
+BLOCK = 32  # the engine's block size (CPU: a multiple of 32)
+
+
+@contextlib.asynccontextmanager
+async def verifier_on(model_dir, kv_bytes: int = 64 << 20):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
+        model=str(model_dir), dtype="float32", block_size=BLOCK, max_model_len=1024,
+        kv_cache_memory_bytes=kv_bytes, enable_prefix_caching=True, enforce_eager=True,
+        worker_extension_cls=WORKER_EXTENSION))
+    try:
+        verifier = await Verifier.start(engine, VerifierSettings(max_sessions=256,
+                                                                 max_sessions_per_client=256))
+        yield verifier
+    finally:
+        engine.shutdown()
+
+
+def record_requests(engine) -> list[tuple[str, bool, int]]:
+    """Every request this process hands the engine core from now on, as it is handed over:
+    (request id, resumable, number of prompt tokens)."""
+    seen = []
+    add = engine.engine_core.add_request_async
+
+    async def spy(request):
+        seen.append((request.request_id, request.resumable, len(request.prompt_token_ids)))
+        return await add(request)
+
+    engine.engine_core.add_request_async = spy
+    return seen
+
+
+def one_hot(token: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    return (token,), (1.0,)
+
+
+async def verify(verifier: Verifier, sid: str, position: int, draft: list[int],
+                 dists=None, append: tuple[int, ...] = (), target_probs: bool = False):
+    dists = dists or [one_hot(t) for t in draft]
+    return await verifier.verify(OWNER, sid, VerifyCall(position, tuple(append), tuple(draft),
+                                                        tuple(dists), target_probs))
+
+
+def test_a_verify_hands_the_engine_only_its_new_tokens(tiny_zoo):
+    """A 200-token prompt, then 6 rounds of 4 drafts (half of them the LLM's greedy tokens, so
+    some are accepted and some rejected): the first request carries the context and the draft;
+    every later one goes to the same engine request and carries at most the correction and the
+    new draft (n + 1 tokens), never the history. And the tokens are vLLM's greedy tokens."""
+    prompt = (heldout_prompts(tiny_zoo, 1, 200)[0] * 4)[:200]
+    n = 4
+
+    async def main():
+        async with verifier_on(tiny_zoo.llm) as verifier:
+            seen = record_requests(verifier.engine)
+            opened = await verifier.open_session(OWNER, prompt, GREEDY)
+            history, rng = list(prompt), random.Random(7)
+            for _ in range(6):
+                draft = greedy_draft(tiny_zoo.llm, history, n)
+                wrong = rng.randrange(n)  # spoil one draft token: the rest after it is rejected
+                draft[wrong] = (draft[wrong] + 1) % 100
+                reply = await verify(verifier, opened.session_id, len(history), draft)
+                history += [*draft[:reply.num_accepted], reply.next_token]
+                assert reply.num_accepted == wrong
+            await verifier.close_session(OWNER, opened.session_id)
+            return seen, history
+
+    seen, history = asyncio.run(main())
+    chunks = [r for r in seen if r[1]]
+    assert len(chunks) == 6, seen
+    assert len({r[0] for r in chunks}) == 1, "one engine request per session"
+    assert chunks[0][2] == len(prompt) + n
+    sizes = [r[2] for r in chunks[1:]]
+    assert all(size <= n + 1 for size in sizes), sizes
+    assert history == prompt + greedy_draft(tiny_zoo.llm, prompt, len(history) - len(prompt))
+
+
+def test_a_cut_into_a_full_cached_block_leaves_no_stale_block(tiny_zoo):
+    """Session A verifies 4 drafts whose first two fill block 0 (positions 30, 31): the block
+    is full and cached under the hash of context + those drafts. All are rejected (T > 0, a
+    one-hot q on a token outside the target's top-k), so A's next Verify cuts back to 30, into
+    that block, and writes other tokens there. Session B opens on context + A's rejected drafts
+    + 3 tokens before A's cut (B shares block 0: A must leave it to B and recompute its head),
+    session C the same after it (block 0 is a prefix-cache hit for C exactly when its hash
+    still names the drafts). The p rows of A after the cut, of B and of C must be the model's
+    own (transformers, float32): a stale block would hold other tokens' KV and move them."""
+    spec = SamplingSpec(temperature=1.0, top_k=2)
+    context = (heldout_prompts(tiny_zoo, 1, 30)[0] * 2)[:30]
+
+    def outside_top_k(ids):
+        p = next_probs(tiny_zoo.llm, ids, spec)
+        return int(torch.argmin(p + (p > 0) * 10))  # a token with p = 0
+
+    async def probe(verifier, prompt):
+        """A new session on `prompt`: its p rows of 2 greedy draft tokens."""
+        opened = await verifier.open_session(OWNER, prompt, spec)
+        draft = greedy_draft(tiny_zoo.llm, prompt, 2)
+        reply = await verify(verifier, opened.session_id, len(prompt), draft, target_probs=True)
+        return prompt, draft, reply.target_probs
+
+    async def main():
+        async with verifier_on(tiny_zoo.llm) as verifier:
+            a = await verifier.open_session(OWNER, context, spec)
+            rejected = [outside_top_k(context)]
+            for _ in range(3):
+                rejected.append((rejected[-1] + 1) % 100)
+            reply = await verify(verifier, a.session_id, 30, rejected)
+            assert reply.num_accepted == 0
+            shared = context + rejected[:2] + [5, 6, 7]
+            probes = [await probe(verifier, shared)]  # B: holds block 0 with A
+            a_prompt = context + [reply.next_token]
+            draft = greedy_draft(tiny_zoo.llm, a_prompt, 3)
+            after = await verify(verifier, a.session_id, 31, draft, target_probs=True)
+            probes.append((a_prompt, draft, after.target_probs))  # A: cut into block 0
+            probes.append(await probe(verifier, shared))  # C: after A's cut
+            return probes
+
+    for prompt, draft, got in asyncio.run(main()):
+        want = [float(next_probs(tiny_zoo.llm, prompt + draft[:i], spec)[t])
+                for i, t in enumerate(draft)]
+        assert len(got) == len(want)
+        np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_idle_sessions_are_evicted_and_every_session_stays_exact(tiny_zoo):
+    """A KV cache of 2,048 tokens (64 blocks) and 24 sessions of ~120 tokens each (~2,900 in
+    all), all verified concurrently for 3 greedy rounds, then each once more after the others
+    ran: idle sessions beyond half the cache are evicted (never let to exhaust it), vLLM
+    preempts running ones when the running chunks need more, and every session still emits
+    exactly the LLM's greedy tokens."""
+    prompts = [(p * 4)[k:k + 110] for p in heldout_prompts(tiny_zoo, 8, 110) for k in (0, 7, 13)]
+    n = 4
+
+    async def session(verifier, prompt, rounds):
+        opened = await verifier.open_session(OWNER, prompt, GREEDY)
+        history = list(prompt)
+        for _ in range(rounds):
+            draft = greedy_draft(tiny_zoo.llm, history, n)
+            draft[-1] = (draft[-1] + 1) % 100  # the last one is rejected
+            reply = await verify(verifier, opened.session_id, len(history), draft)
+            history += [*draft[:reply.num_accepted], reply.next_token]
+        return opened.session_id, history
+
+    async def main():
+        async with verifier_on(tiny_zoo.llm, kv_bytes=4 << 20) as verifier:
+            capacity = verifier.resident.max_tokens * 2
+            assert 1024 <= capacity <= 4096, capacity
+            done = await asyncio.gather(*(session(verifier, p, 3) for p in prompts))
+            evicted = verifier.resident.evicted
+            held = verifier.resident.held_tokens
+            again = []
+            for sid, history in done:  # once more each, one at a time
+                draft = greedy_draft(tiny_zoo.llm, history, n)
+                reply = await verify(verifier, sid, len(history), draft)
+                again.append(history + [*draft[:reply.num_accepted], reply.next_token])
+            return capacity, evicted, held, again, verifier.resident.stats()
+
+    capacity, evicted, held, again, stats = asyncio.run(main())
+    assert evicted > 0, stats
+    assert held <= capacity // 2 + 130, (held, capacity)  # + the one most recently used
+    assert stats["reopened"] > 0, stats
+    for prompt, history in zip(prompts, again):
+        assert history == prompt + greedy_draft(tiny_zoo.llm, prompt, len(history) - len(prompt))
