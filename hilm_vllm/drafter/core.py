@@ -429,7 +429,6 @@ class Drafter:
             # Nothing is left behind: this process forgets the key, and the worker drops its
             # record when the request leaves the batch (finished or aborted by generate()).
             self.results.forget(key)
-            self.resident.trim()
         return self._result(chunk, readout, key)
 
     @staticmethod

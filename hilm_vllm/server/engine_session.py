@@ -65,6 +65,7 @@ class EngineSession:
         self._inputs: asyncio.Queue | None = None
         self._stream = None  # the generate() async generator, once the first chunk went in
         self._running: asyncio.Task | None = None  # the chunk being collected
+        self.on_idle = None  # called when a chunk has ended (the pool trims the idle sessions)
 
     @property
     def busy(self) -> bool:
@@ -124,6 +125,8 @@ class EngineSession:
             self._lose()
             raise SessionLost(f"engine request {self.request_id} was aborted")
         self.held = [*tokens, *ids][:-1]
+        if self.on_idle is not None:  # once this task is done (then this session counts idle)
+            asyncio.get_running_loop().call_soon(self.on_idle)
         return Chunk(tuple(ids), completion.finish_reason, out, sent, cut)
 
     def _lose(self) -> None:
@@ -145,10 +148,12 @@ class EngineSession:
             self._inputs.put_nowait(None)
 
 
-# Idle sessions hold their KV. They may hold at most this share of the engine's KV cache; the
-# rest is for the chunks being computed and the prefix cache. Past it, the least recently used
-# idle sessions are closed (evicted): their next call opens a new request from the history the
-# tier keeps, reading what is left of it in the prefix cache.
+# Idle sessions hold their KV, and vLLM does not preempt a request that waits for its next
+# chunk: held past what the running chunks need, the cache would stall. So idle sessions may
+# hold at most this share of the engine's KV cache, and never more than what leaves room for
+# one request of max-model-len; before each chunk the least recently used idle sessions past
+# that are closed (evicted): their next call opens a new request from the history the tier
+# keeps, reading what is left of it in the prefix cache.
 RESIDENT_KV_SHARE = 0.5
 
 
@@ -158,6 +163,13 @@ def kv_capacity_tokens(engine) -> int:
     if cache is None:
         return 0
     return int(cache.num_gpu_blocks or 0) * int(cache.block_size or 0)
+
+
+def resident_budget(capacity: int, max_model_len: int, share: float = RESIDENT_KV_SHARE) -> int:
+    """The tokens idle sessions may hold (0 = not bounded: the capacity is not known)."""
+    if capacity <= 0:
+        return 0
+    return max(1, min(int(capacity * share), capacity - max_model_len))
 
 
 class ResidentSessions:
@@ -173,8 +185,10 @@ class ResidentSessions:
         self.reopened = 0  # requests opened again for a session that had one
 
     @classmethod
-    def of(cls, engine, share: float = RESIDENT_KV_SHARE) -> ResidentSessions:
-        return cls(engine, int(kv_capacity_tokens(engine) * share))
+    def of(cls, engine) -> ResidentSessions:
+        model = getattr(engine, "model_config", None)
+        return cls(engine, resident_budget(kv_capacity_tokens(engine),
+                                           int(getattr(model, "max_model_len", 0) or 0)))
 
     def __len__(self) -> int:
         return len(self._lru)
@@ -184,13 +198,16 @@ class ResidentSessions:
         return sum(len(s.held) for s in self._lru.values())
 
     def get(self, sid: str) -> EngineSession:
-        """The session's engine request (a new one if it has none), marked most recent."""
+        """The session's engine request (a new one if it has none), marked most recent; idle
+        sessions past the budget are evicted first (`trim`)."""
+        self.trim(keep=sid)
         session = self._lru.get(sid)
         if session is None or session.closed:
             n = self._opened.get(sid, 0)
             self.reopened += n > 0
             self._opened[sid] = n + 1
             session = self._lru[sid] = EngineSession(self.engine, f"{sid}-{n}")
+            session.on_idle = self.trim
         self._lru.move_to_end(sid)
         return session
 
@@ -206,17 +223,18 @@ class ResidentSessions:
             session.close()
         return self.get(sid)
 
-    def trim(self) -> None:
-        """Evict idle sessions, least recently used first, until within `max_tokens` (the
-        most recent one stays: it has just been used)."""
+    def trim(self, keep: str | None = None) -> None:
+        """Evict idle sessions, least recently used first, until the idle ones hold at most
+        `max_tokens` (`keep`, about to run, stays). Runs before each chunk and after each one
+        ends, so the running chunks always have the rest of the cache."""
         if not self.max_tokens:
             return
-        held = self.held_tokens
-        for sid in list(self._lru)[:-1]:
+        idle = {sid: s for sid, s in self._lru.items() if not s.busy}
+        held = sum(len(s.held) for s in idle.values())
+        for sid, session in idle.items():
             if held <= self.max_tokens:
                 break
-            session = self._lru[sid]
-            if session.busy:
+            if sid == keep:
                 continue
             held -= len(session.held)
             del self._lru[sid]

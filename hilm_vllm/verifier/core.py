@@ -291,7 +291,6 @@ class Verifier:
         finally:
             if self.channel:
                 self.channel.forget(args.key)
-            self.resident.trim()
         metrics.ENGINE_TOKENS_SENT.inc(chunk.sent)
         if result.recovered is not None and result.recovered != token:
             raise HilmError(f"engine emitted {token}, the hook recovered {result.recovered}: "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 
 import numpy as np
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 from hilm_vllm.sampling import SamplingSpec
+from hilm_vllm.server.engine_session import kv_capacity_tokens
 from hilm_vllm.verifier.core import Verifier, VerifierSettings
 from hilm_vllm.verifier.session import VerifyCall
 from hilm_vllm.verifier.tier import WORKER_EXTENSION
@@ -35,6 +37,11 @@ async def verifier_on(model_dir, kv_bytes: int = 64 << 20):
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    from hilm_vllm.server import engine_env
+
+    saved = dict(os.environ)
+    engine_env.prepare(None)  # as hilm-serve does: the shm busy-loop window 0 on CPU
+
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
         model=str(model_dir), dtype="float32", block_size=BLOCK, max_model_len=1024,
         kv_cache_memory_bytes=kv_bytes, enable_prefix_caching=True, enforce_eager=True,
@@ -42,9 +49,14 @@ async def verifier_on(model_dir, kv_bytes: int = 64 << 20):
     try:
         verifier = await Verifier.start(engine, VerifierSettings(max_sessions=256,
                                                                  max_sessions_per_client=256))
-        yield verifier
+        try:
+            yield verifier
+        finally:
+            verifier.channel.close()
     finally:
         engine.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def record_requests(engine) -> list[tuple[str, bool, int]]:
@@ -155,9 +167,10 @@ def test_a_cut_into_a_full_cached_block_leaves_no_stale_block(tiny_zoo):
 def test_idle_sessions_are_evicted_and_every_session_stays_exact(tiny_zoo):
     """A KV cache of 2,048 tokens (64 blocks) and 24 sessions of ~120 tokens each (~2,900 in
     all), all verified concurrently for 3 greedy rounds, then each once more after the others
-    ran: idle sessions beyond half the cache are evicted (never let to exhaust it), vLLM
-    preempts running ones when the running chunks need more, and every session still emits
-    exactly the LLM's greedy tokens."""
+    ran: idle sessions beyond half the cache are evicted (vLLM does not preempt a request that
+    waits for its next chunk: held, they would stall the cache), vLLM preempts running ones
+    when the running chunks need more, and every session still emits exactly the LLM's greedy
+    tokens. Stalls show as this test hanging."""
     prompts = [(p * 4)[k:k + 110] for p in heldout_prompts(tiny_zoo, 8, 110) for k in (0, 7, 13)]
     n = 4
 
@@ -173,9 +186,10 @@ def test_idle_sessions_are_evicted_and_every_session_stays_exact(tiny_zoo):
 
     async def main():
         async with verifier_on(tiny_zoo.llm, kv_bytes=4 << 20) as verifier:
-            capacity = verifier.resident.max_tokens * 2
-            assert 1024 <= capacity <= 4096, capacity
-            done = await asyncio.gather(*(session(verifier, p, 3) for p in prompts))
+            capacity = kv_capacity_tokens(verifier.engine)
+            assert 1024 <= capacity <= 4096 and verifier.resident.max_tokens <= capacity // 2
+            done = await asyncio.wait_for(
+                asyncio.gather(*(session(verifier, p, 3) for p in prompts)), 120)
             evicted = verifier.resident.evicted
             held = verifier.resident.held_tokens
             again = []
@@ -187,7 +201,7 @@ def test_idle_sessions_are_evicted_and_every_session_stays_exact(tiny_zoo):
 
     capacity, evicted, held, again, stats = asyncio.run(main())
     assert evicted > 0, stats
-    assert held <= capacity // 2 + 130, (held, capacity)  # + the one most recently used
+    assert held <= capacity // 2, (held, capacity)
     assert stats["reopened"] > 0, stats
     for prompt, history in zip(prompts, again):
         assert history == prompt + greedy_draft(tiny_zoo.llm, prompt, len(history) - len(prompt))
