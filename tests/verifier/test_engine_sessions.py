@@ -45,6 +45,8 @@ async def verifier_on(model_dir, kv_bytes: int = 64 << 20):
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
         model=str(model_dir), dtype="float32", block_size=BLOCK, max_model_len=1024,
         kv_cache_memory_bytes=kv_bytes, enable_prefix_caching=True, enforce_eager=True,
+        # vLLM's Prometheus metrics would clash with the router's in this test process
+        disable_log_stats=True,
         worker_extension_cls=WORKER_EXTENSION))
     try:
         verifier = await Verifier.start(engine, VerifierSettings(max_sessions=256,
