@@ -38,3 +38,17 @@ def test_plugin_is_registered_as_a_vllm_general_plugin():
 
     eps = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
     assert eps.get("hilm_cpu_spec_decode_fix") == "hilm_vllm_patches.cpu_spec_decode_expand:register"
+    assert eps.get("hilm_session_cut") == "hilm_vllm_patches.session_cut:register"
+
+
+def test_session_cut_wraps_the_schedulers_session_update():
+    """Registered in this process (vLLM loads general plugins here too): the scheduler's
+    streaming-session update is the plugin's, which calls vLLM's own after the cut."""
+    from hilm_vllm_patches import session_cut
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    session_cut.register()
+    assert session_cut.installed()
+    assert Scheduler._update_request_as_session is session_cut._update_request_as_session
+    assert session_cut.replaced is not None and session_cut.replaced.__name__ == (
+        "_update_request_as_session")
