@@ -36,10 +36,17 @@ def max_message_bytes() -> int:
     return int(mb * (1 << 20))
 
 
-def grpc_options() -> list[tuple[str, int]]:
-    """Channel and server options carrying the message limit."""
+# The router's public gRPC port takes prompts and sampling fields, never distributions: it
+# receives at most gRPC's own default, so no client can make it buffer --grpc-max-message-mb.
+PUBLIC_MAX_RECEIVE_BYTES = 4 << 20
+
+
+def grpc_options(max_receive: int | None = None) -> list[tuple[str, int]]:
+    """Channel and server options carrying the message limit (`max_receive`: a smaller limit
+    on what this end receives)."""
     n = max_message_bytes()
-    return [("grpc.max_receive_message_length", n), ("grpc.max_send_message_length", n)]
+    return [("grpc.max_receive_message_length", min(n, max_receive or n)),
+            ("grpc.max_send_message_length", n)]
 
 
 def too_large(e: grpc.aio.AioRpcError) -> bool:

@@ -17,8 +17,10 @@ from grpc_health.v1.health import aio as health_aio
 
 from hilm_vllm.config import ServeConfig
 from hilm_vllm.server import metrics
-from hilm_vllm.server.grpc_util import MalformedRequestInterceptor, grpc_options
+from hilm_vllm.server.grpc_util import (PUBLIC_MAX_RECEIVE_BYTES, MalformedRequestInterceptor,
+                                        grpc_options)
 from hilm_vllm.server.security import INSECURE, server_interceptors
+from hilm_vllm.tiers import Tier
 
 logger = logging.getLogger("hilm.serve")
 
@@ -71,9 +73,10 @@ class TierRuntime:
     async def _start_servers(self) -> None:
         security = self.cfg.security or INSECURE
         # The token check first, then requests that do not parse are INVALID_ARGUMENT.
+        public = PUBLIC_MAX_RECEIVE_BYTES if self.cfg.tier is Tier.ROUTER else None
         self._server = grpc.aio.server(
             interceptors=[*server_interceptors(security), MalformedRequestInterceptor()],
-            options=grpc_options())
+            options=grpc_options(max_receive=public))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         for install in self._installers:
             self._service_names += install(self._server, self)

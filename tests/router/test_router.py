@@ -413,11 +413,16 @@ def test_chat_with_no_messages_and_grpc_bad_input(served):
         with pytest.raises(grpc.aio.AioRpcError) as e:
             async with grpc.aio.insecure_channel(served.grpc_address) as ch:
                 stub = generate_pb2_grpc.GeneratorStub(ch)
-                async for _ in stub.Generate(generate_pb2.GenerateRequest(
-                        prompt=codec.prompt_to_pb("x"), max_tokens=3, **fields)):
+                fields.setdefault("prompt", codec.prompt_to_pb("x"))
+                async for _ in stub.Generate(generate_pb2.GenerateRequest(max_tokens=3,
+                                                                           **fields)):
                     pass
         return e.value
 
+    # The public port receives at most 4 MiB (prompts, never distributions): a 5 MiB prompt is
+    # refused by gRPC itself, and the router keeps serving.
+    e = asyncio.run(too_many(prompt=codec.prompt_to_pb("x" * (5 << 20))))
+    assert e.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in e.details()
     e = asyncio.run(too_many(stop=["a"] * 17))
     assert e.code() is grpc.StatusCode.INVALID_ARGUMENT and "--max-stop-sequences" in e.details()
     e = asyncio.run(too_many(stop_token_ids=[1] * 1025))
