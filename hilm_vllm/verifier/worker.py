@@ -1,8 +1,9 @@
 """Block verification inside vLLM's worker process ("route B" in research/vllm-0.32-notes.md §2.2).
 
-A verification request is an ordinary vLLM request: prompt = context + draft, max_tokens = 1,
-with `VerifyArgs` in `extra_args`. Its forward pass computes the hidden states of every prompt
-token it does not read from the prefix cache; this hook, run right after the sampler, turns the
+A verification is one chunk of the session's long-lived vLLM request (`server/engine_session.py`):
+the request's tokens end with context + draft, max_tokens = 1, `VerifyArgs` in the chunk's
+`extra_args`. Its forward pass computes the hidden states of every token the request did not
+hold (the chunk always starts at or before the draft's first row); this hook, run right after the sampler, turns the
 n + 1 rows that predict the n draft tokens and the token after them into the target's processed
 p [n + 1, V] (one `compute_logits` per step over those rows), applies `rejection.verify_block`,
 and overwrites the token the engine sampled at the last position with its own: the recovered
