@@ -101,9 +101,7 @@ def plot(path: Path, results: dict, warmup_s: float) -> None:
                               if slope is not None else ""), fontsize=9)
         if slope is not None:
             w = results["verdict"]["rss_slope_window_s"]
-            ys = [y for x, y in zip(t, tl[tier]) if x >= t[-1] - w and y is not None]
-            if ys:
-                ax.axvspan(t[-1] - w, t[-1], color="tab:green", alpha=0.06)
+            ax.axvspan(t[-1] - w, t[-1], color="tab:green", alpha=0.06, label="slope fitted")
         ax.set_xlabel("seconds of load")
         ax.set_ylabel("RSS, MB")
         ax.grid(alpha=0.3)
