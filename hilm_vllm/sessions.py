@@ -57,12 +57,18 @@ class SessionLimits:
     ttl_s: float = 600.0
     # One client may hold at most this many (None: max_sessions): no client can take them all.
     max_sessions_per_client: int | None = None
+    # Principals the per-client cap does not count (a principal matches "name" or "name-...")
+    exempt_principals: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1 or self.ttl_s <= 0:
             raise ValueError("max_sessions must be >= 1 and ttl_s > 0")
         if self.max_sessions_per_client is not None and self.max_sessions_per_client < 1:
             raise ValueError("max_sessions_per_client must be >= 1")
+
+    def exempt(self, principal: str) -> bool:
+        return any(principal == p or principal.startswith(p + "-")
+                   for p in self.exempt_principals)
 
     @property
     def per_client(self) -> int:
@@ -90,7 +96,7 @@ class SessionStore(Generic[T]):
                 f"(CloseSession) or retry later")
         principal = principal_of(owner)
         held = self._per_client.get(principal, 0)
-        if held >= self.limits.per_client:
+        if held >= self.limits.per_client and not self.limits.exempt(principal):
             raise ResourceExhausted(
                 f"this client holds {held} open sessions, the limit per client is "
                 f"{self.limits.per_client} (--max-sessions-per-client): close finished sessions "

@@ -38,8 +38,8 @@ from hilm_vllm.errors import (Aborted, FailedPrecondition, HilmError, InvalidArg
                               Unavailable)
 from hilm_vllm.sampling import SamplingSpec, ScoredToken, Truncation, unpack_row
 from hilm_vllm.server.engine_session import Chunk, ResidentSessions, SessionLost
-from hilm_vllm.server.flags import (DEFAULT_MAX_CLIENT_SAMPLES, DEFAULT_MAX_SESSIONS_PER_CLIENT,
-                                    check_caps)
+from hilm_vllm.server.flags import (DEFAULT_EXEMPT_PRINCIPALS, DEFAULT_MAX_CLIENT_SAMPLES,
+                                    DEFAULT_MAX_SESSIONS_PER_CLIENT, check_caps)
 from hilm_vllm.sessions import Session, SessionLimits, SessionStore
 from hilm_vllm import codec
 from hilm_vllm.uncertainty import UncertaintyConfig
@@ -63,6 +63,7 @@ class DrafterSettings:
     uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)  # session default
     max_sessions_per_client: int = DEFAULT_MAX_SESSIONS_PER_CLIENT
     max_client_samples: int = DEFAULT_MAX_CLIENT_SAMPLES  # largest K a client may ask for
+    exempt_principals: tuple[str, ...] = DEFAULT_EXEMPT_PRINCIPALS  # not per-client capped
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1 or self.session_ttl_s <= 0 or self.max_draft_tokens < 1:
@@ -203,7 +204,8 @@ class Drafter:
         self.engine, self.info, self.settings = engine, info, settings
         if store is None:
             store = SessionStore(SessionLimits(settings.max_sessions, settings.session_ttl_s,
-                                               settings.max_sessions_per_client))
+                                               settings.max_sessions_per_client,
+                                               settings.exempt_principals))
         # Each session's engine request (server/engine_session.py), closed with the session.
         self.resident = ResidentSessions.of(engine)
         store.on_drop = lambda session: self.resident.drop(session.id)

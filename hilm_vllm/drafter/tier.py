@@ -46,7 +46,8 @@ def settings_from_args(args: argparse.Namespace) -> DrafterSettings:
             uncertainty=uncertainty_from_args(args, d.uncertainty),
             max_sessions_per_client=getattr(args, "max_sessions_per_client",
                                             d.max_sessions_per_client),
-            max_client_samples=getattr(args, "max_uncertainty_samples", d.max_client_samples))
+            max_client_samples=getattr(args, "max_uncertainty_samples", d.max_client_samples),
+            exempt_principals=getattr(args, "exempt_principals", d.exempt_principals))
     except ValueError as e:
         raise SystemExit(f"error: hilm-serve --tier slm: {e}") from e
 

@@ -37,6 +37,7 @@ import grpc
 from hilm_vllm.errors import HilmError, InvalidArgument, Unavailable
 from hilm_vllm.netmodel import NetworkModel
 from hilm_vllm.router import metrics
+from hilm_vllm.router.admission import AdmissionLimits, FairAdmission
 from hilm_vllm.router.links import (CONNECTION_LOST, UNREACHABLE, DrafterLink, TierUsage,
                                     VerifierLink)
 from hilm_vllm.router.policy import (Forward, LlmDown, Policy, RoundPlan, Route, Thresholds,
@@ -73,6 +74,7 @@ class RouterConfig:
     down_retry_s: float = 10.0  # a tier whose connection was lost is retried after this long
     recover_s: float = 30.0  # how long a lossless request waits for the LLM to come back
     client_id: str = ""
+    admission: AdmissionLimits = AdmissionLimits()  # the front doors' fair queue
 
     def __post_init__(self) -> None:
         if not 1 <= self.block_size <= 64:
@@ -208,6 +210,10 @@ class Router:
             if cfg.slm:
                 links[Tier.SLM] = DrafterLink(Tier.SLM, cfg.slm, *args)
         self.links = dict(links)
+        self.admission = adm = FairAdmission(cfg.admission)
+        metrics.ADMITTED_CHOICES.set_function(lambda: adm.active)
+        metrics.QUEUED_REQUESTS.set_function(lambda: adm.queued)
+        metrics.REFUSED_REQUESTS.set_function(lambda: adm.refused)
 
     @property
     def llm(self):

@@ -22,6 +22,12 @@ import time
 
 from prometheus_client import Counter, Gauge, Histogram
 
+ADMITTED_CHOICES = Gauge("hilm_router_admission_active_choices",
+                         "Choices running now (at most --max-active-choices)")
+QUEUED_REQUESTS = Gauge("hilm_router_admission_queued_requests",
+                        "Requests waiting for admission, all clients")
+REFUSED_REQUESTS = Gauge("hilm_router_admission_refused_requests",
+                         "Requests answered 429 / RESOURCE_EXHAUSTED by admission since start")
 REQUESTS = Counter("hilm_router_requests_total", "Generation requests by policy and outcome",
                    ["policy", "outcome"])
 TOKENS = Counter("hilm_router_tokens_total", "Generated tokens by policy", ["policy"])

@@ -24,6 +24,7 @@ import json
 import logging
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -36,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from hilm_vllm import codec
 from hilm_vllm.errors import HilmError, InvalidArgument, NotFound
 from hilm_vllm.router import metrics
+from hilm_vllm.router.admission import Slot, TooBusy
 from hilm_vllm.router.engine import GenerationRequest, RequestStats, Router
 from hilm_vllm.router.policy import Policy, Thresholds
 from hilm_vllm.seeds import Stream, derive_seed
@@ -214,7 +216,33 @@ _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "Permis
 
 
 def _hilm_error(e: HilmError) -> JSONResponse:
+    if isinstance(e, TooBusy):
+        return too_busy_response(e)
     return error_body(e.http_status, str(e), _ERROR_TYPES.get(e.http_status, "InternalServerError"))
+
+
+def too_busy_response(e: TooBusy) -> JSONResponse:
+    """429, OpenAI-style, with `Retry-After` (seconds), as a rate-limited OpenAI client expects."""
+    response = error_body(429, str(e), "RateLimitError")
+    response.headers["Retry-After"] = str(e.retry_after_s)
+    return response
+
+
+class AdmittedStream(StreamingResponse):
+    """A streamed response that holds its admission slot until it has been sent, or failed, or
+    its client left; also if the server never sends it (the slot is released when the response
+    is collected)."""
+
+    def __init__(self, content, *, slot: Slot, **kw):
+        super().__init__(content, **kw)
+        self.slot = slot
+        weakref.finalize(self, slot.release)
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.slot.release()
 
 
 class TextStream:
@@ -425,7 +453,10 @@ class RouterAPI:
 
     # -- running ---------------------------------------------------------------------------------
 
-    async def run(self, body: CompletionRequest | ChatCompletionRequest, chat: bool):
+    async def run(self, body: CompletionRequest | ChatCompletionRequest, chat: bool,
+                  client: str = ""):
+        """One completion or chat request of `client` (its API key, else its address: whom
+        the fair queue serves in turn)."""
         ignored = body.ignored_fields()
         log_ignored(ignored)
         try:
@@ -437,6 +468,21 @@ class RouterAPI:
             return _hilm_error(e)
         except ValueError as e:
             return error_body(400, str(e))
+        try:
+            slot = await self.router.admission.acquire(client, len(reqs))
+        except TooBusy as e:
+            return too_busy_response(e)
+        try:
+            response = await self._respond(body, chat, reqs, ignored, slot)
+        except BaseException:
+            slot.release()
+            raise
+        if not isinstance(response, AdmittedStream):
+            slot.release()  # a stream gives its slot back when it ends
+        return response
+
+    async def _respond(self, body: CompletionRequest | ChatCompletionRequest, chat: bool,
+                       reqs: list[GenerationRequest], ignored: list[str], slot: Slot):
         choices = []
         for i, req in enumerate(reqs):
             stats = RequestStats(req.policy.value)
@@ -472,10 +518,10 @@ class RouterAPI:
         created = int(time.time())
         if body.stream:
             opts = body.stream_options or StreamOptions()
-            return StreamingResponse(
+            return AdmittedStream(
                 self._sse(rid, created, body.model, chat, choices, opts.include_usage,
                           opts.include_usage and opts.continuous_usage_stats, ignored),
-                media_type="text/event-stream")
+                slot=slot, media_type="text/event-stream")
 
         async def collect(c: _Choice) -> tuple[str, str]:
             text, finish = "", "length"
@@ -707,6 +753,16 @@ class DetokenizeRequest(_Base):
 DISCONNECT_POLL_S = 0.5
 
 
+def http_client(request: Request) -> str:
+    """Whom the fair queue serves: the API key the request sends (as a digest), else its
+    address."""
+    header = request.headers.get("authorization") or ""
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() == "bearer" and key:
+        return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    return "addr:" + (request.client.host if request.client else "")
+
+
 async def until_disconnected(request: Request, work):
     """Run `work` (a request's handler) unless the client hangs up first: a non-streaming
     generation must not run on for nobody. Cancelling it closes the request's sessions on
@@ -840,11 +896,11 @@ def build_app(api: RouterAPI, api_keys: Sequence[str] = ()) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        return await until_disconnected(request, api.run(body, chat=False))
+        return await until_disconnected(request, api.run(body, False, http_client(request)))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        return await until_disconnected(request, api.run(body, chat=True))
+        return await until_disconnected(request, api.run(body, True, http_client(request)))
 
     @app.get("/v1/models")
     async def models():

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from hilm_vllm import codec
 from hilm_vllm.netmodel import PRESETS, network_model
+from hilm_vllm.router.admission import AdmissionLimits
 from hilm_vllm.router.engine import RouterConfig
 from hilm_vllm.router.openai_api import RequestLimits
 from hilm_vllm.router.policy import Policy, Thresholds
@@ -97,6 +98,22 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--max-n", type=int, default=d.max_n,
                    help="largest `n` (choices generated for one request) "
                         "(default: %(default)s)")
+    q = parser.add_argument_group(
+        "router API: fair admission",
+        "Each running choice holds a session on every tier it uses. At most "
+        "--max-active-choices run at once; other requests wait in one queue per client (its API "
+        "key, else its address) and are let in round-robin across clients; a client whose queue "
+        "is full, or a router whose queue is, gets HTTP 429 with Retry-After (gRPC "
+        "RESOURCE_EXHAUSTED with retry-after-s metadata).")
+    ad = AdmissionLimits()
+    q.add_argument("--max-active-choices", type=int, default=ad.max_active_choices,
+                   help="choices generated at once, all clients together; keep it within the "
+                        "tiers' --max-sessions (default: %(default)s)")
+    q.add_argument("--max-queued-requests", type=int, default=ad.max_queued_requests,
+                   help="requests waiting for admission, all clients together "
+                        "(default: %(default)s)")
+    q.add_argument("--max-queued-per-client", type=int, default=ad.max_queued_per_client,
+                   help="requests one client may have waiting (default: %(default)s)")
     g.add_argument("--disable-log-stats", action="store_true",
                    help="no periodic SpecDecoding log line (as `vllm serve`; its interval is "
                         "$VLLM_LOG_STATS_INTERVAL, default 10 s)")
@@ -149,6 +166,7 @@ def thresholds_from_args(args: argparse.Namespace) -> tuple[Thresholds, Uncertai
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
     thresholds, uncertainty = thresholds_from_args(args)
+    ad = AdmissionLimits()
     try:
         return RouterConfig(
             llm=args.llm, ilm=args.ilm, slm=args.slm, policy=Policy(args.policy),
@@ -157,7 +175,12 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
             uncertainty=uncertainty,
             network=network_model(args.latency, args.bandwidth, args.snr_db),
             rpc_timeout_s=args.rpc_timeout_s, down_retry_s=args.down_retry_s,
-            recover_s=args.recover_s)
+            recover_s=args.recover_s, admission=AdmissionLimits(
+                max_active_choices=getattr(args, "max_active_choices", ad.max_active_choices),
+                max_queued_requests=getattr(args, "max_queued_requests",
+                                            ad.max_queued_requests),
+                max_queued_per_client=getattr(args, "max_queued_per_client",
+                                              ad.max_queued_per_client)))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 

@@ -12,6 +12,10 @@ from hilm_vllm.uncertainty import MAX_SAMPLES, Gate, Perturbation, UncertaintyCo
 DEFAULT_MAX_CLIENT_SAMPLES = 64
 # One client may hold this many of a tier's sessions (--max-sessions-per-client).
 DEFAULT_MAX_SESSIONS_PER_CLIENT = 128
+# Principals the per-client cap does not count (--exempt-principals): the router, which opens
+# the sessions of all its users and admits them fairly itself (router/admission.py). Its client
+# id is "hilm-router-<pid>"; a principal matches a name exactly or as "<name>-...".
+DEFAULT_EXEMPT_PRINCIPALS = ("hilm-router",)
 
 
 def add_session_args(group: argparse._ArgumentGroup, settings) -> None:
@@ -25,6 +29,15 @@ def add_session_args(group: argparse._ArgumentGroup, settings) -> None:
                        help="open sessions one client may hold (its certificate's identity "
                             "under mutual TLS, else its client id); OpenSession beyond it is "
                             "RESOURCE_EXHAUSTED (default: %(default)s)")
+    group.add_argument("--exempt-principals", type=lambda v: tuple(x for x in v.split(",") if x),
+                       default=settings.exempt_principals, metavar="NAME,...",
+                       help="principals --max-sessions-per-client does not limit (only "
+                            "--max-sessions does): the router, which serves many users and "
+                            "queues them fairly itself. A name matches a principal exactly or as "
+                            "NAME-...; without mutual TLS a principal is only the client id a "
+                            "caller names, so the per-client cap binds well-behaved clients "
+                            "only; under mutual TLS name the router's certificate as x509:<CN>. "
+                            "Empty: no exemption (default: %(default)s)")
     group.add_argument("--session-ttl-s", type=float, default=settings.session_ttl_s,
                        help="a session unused this long expires (default: %(default)s)")
 

@@ -28,8 +28,8 @@ from hilm_vllm.sampling import SamplingSpec, ScoredToken, Truncation
 from hilm_vllm.server.engine_session import (Chunk, EngineSession, ResidentSessions,
                                              SessionLost)
 from hilm_vllm.server.grpc_util import is_engine_client_error
-from hilm_vllm.server.flags import (DEFAULT_MAX_CLIENT_SAMPLES, DEFAULT_MAX_SESSIONS_PER_CLIENT,
-                                    check_caps)
+from hilm_vllm.server.flags import (DEFAULT_EXEMPT_PRINCIPALS, DEFAULT_MAX_CLIENT_SAMPLES,
+                                    DEFAULT_MAX_SESSIONS_PER_CLIENT, check_caps)
 from hilm_vllm.sessions import SessionLimits as StoreLimits
 from hilm_vllm.sessions import SessionStore
 from hilm_vllm.uncertainty import UncertaintyConfig
@@ -54,6 +54,7 @@ class VerifierSettings:
     uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)
     max_sessions_per_client: int = DEFAULT_MAX_SESSIONS_PER_CLIENT
     max_client_samples: int = DEFAULT_MAX_CLIENT_SAMPLES  # largest K a Verify may ask for
+    exempt_principals: tuple[str, ...] = DEFAULT_EXEMPT_PRINCIPALS  # not per-client capped
     # A Verify with return_emitted verifies against p truncated so (and emits exactly that law):
     # --emit-top-k, --emit-eps
     emit_truncation: Truncation = field(default_factory=Truncation)
@@ -161,7 +162,7 @@ class Verifier:
         self.resident = ResidentSessions.of(engine)
         self.sessions: SessionStore[VerifierSession] = SessionStore(
             StoreLimits(settings.max_sessions, settings.session_ttl_s,
-                        settings.max_sessions_per_client),
+                        settings.max_sessions_per_client, settings.exempt_principals),
             on_drop=lambda session: self.resident.drop(session.id))
 
         metrics.SESSIONS.set_function(lambda: len(self.sessions))

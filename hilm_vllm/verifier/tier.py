@@ -67,6 +67,7 @@ def settings_from_args(args: argparse.Namespace | None) -> VerifierSettings:
             max_sessions_per_client=getattr(args, "max_sessions_per_client",
                                             d.max_sessions_per_client),
             max_client_samples=getattr(args, "max_uncertainty_samples", d.max_client_samples),
+            exempt_principals=getattr(args, "exempt_principals", d.exempt_principals),
             emit_truncation=truncation_from_args(args, "emit", d.emit_truncation))
     except ValueError as e:
         raise SystemExit(f"error: hilm-serve --tier llm|ilm: {e}") from e

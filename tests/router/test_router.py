@@ -839,3 +839,61 @@ def test_vllm_bench_serve_runs_against_the_router(served, tiny_zoo, tmp_path):
     assert doc["spec_decode_per_position_acceptance_rates"]
     assert "Acceptance length:" in r.stdout
     print(r.stdout[-2500:])
+
+
+def test_admission_queues_per_client_and_answers_429_with_retry_after_when_full(tiny_zoo, tiers):
+    """A router that runs one choice at once and queues one request per client: a client's
+    second request waits, another client's request still gets a place, a client's third is 429
+    (OpenAI's RateLimitError body, Retry-After) on HTTP and RESOURCE_EXHAUSTED (retry-after-s)
+    on gRPC, the router's 429s are counted, and the waiting requests run once the slot frees."""
+    import openai
+    from concurrent.futures import ThreadPoolExecutor
+
+    llm, ilm, slm = tiers
+    with router(tiny_zoo, llm, slm, ilm, "--api-key", "k1", "k2", "--max-active-choices", "1",
+                "--max-queued-per-client", "1") as r:
+        a, b = (openai.OpenAI(base_url=r.http_url + "/v1", api_key=k, max_retries=0)
+                for k in ("k1", "k2"))
+        kw = dict(model="llm-only", prompt=PROMPT, max_tokens=4, temperature=0)
+
+        def queued(n: int) -> None:
+            deadline = time.monotonic() + 30
+            while scrape(r, "hilm_router_admission_queued_requests") != n:
+                assert time.monotonic() < deadline, "the request did not queue"
+                time.sleep(0.05)
+
+        held = a.completions.create(model="spec", prompt=PROMPT, max_tokens=900, stream=True,
+                                    temperature=1.0, extra_body={"ignore_eos": True})
+        next(iter(held))  # admitted: the router's only slot is taken
+        assert scrape(r, "hilm_router_admission_active_choices") == 1
+        with ThreadPoolExecutor(2) as pool:
+            waiting_a = pool.submit(a.completions.create, **kw)
+            queued(1)
+            waiting_b = pool.submit(b.completions.create, **kw)
+            queued(2)
+            with pytest.raises(openai.RateLimitError) as e:
+                a.completions.create(**kw)
+            assert int(e.value.response.headers["retry-after"]) >= 1
+            assert e.value.body["type"] == "RateLimitError"
+            assert "--max-queued-per-client" in e.value.body["message"]
+
+            async def grpc_generate():
+                async with grpc.aio.insecure_channel(r.grpc_address) as ch:
+                    call = generate_pb2_grpc.GeneratorStub(ch).Generate(
+                        generate_pb2.GenerateRequest(prompt=codec.prompt_to_pb(PROMPT),
+                                                     max_tokens=4, policy="llm-only"),
+                        metadata=(("authorization", "Bearer k1"),), timeout=30)
+                    with pytest.raises(grpc.aio.AioRpcError) as g:
+                        async for _ in call:
+                            pass
+                    return g.value.code(), dict(g.value.trailing_metadata() or ())
+
+            code, trailers = asyncio.run(grpc_generate())
+            assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert int(trailers["retry-after-s"]) >= 1
+            assert not waiting_a.done() and not waiting_b.done()
+            held.close()  # the stream's client leaves: its slot frees
+            assert waiting_a.result(timeout=60).choices[0].text
+            assert waiting_b.result(timeout=60).choices[0].text
+        assert scrape(r, "hilm_router_admission_refused_requests") == 2
+        assert scrape(r, "hilm_router_admission_active_choices") == 0

@@ -277,3 +277,19 @@ def test_a_temperature_no_float32_can_carry_is_refused_before_the_wire():
         SamplingSpec(top_k=8251277124443051632125519784312832)
     assert is_engine_client_error(VLLMValidationError("temperature must be finite"))
     assert not is_engine_client_error(RuntimeError("x"))
+
+
+def test_exempt_principals_are_not_capped_per_client_but_still_by_the_tier():
+    store = SessionStore(SessionLimits(max_sessions=10, ttl_s=10, max_sessions_per_client=2,
+                                       exempt_principals=("hilm-router",)))
+    for _ in range(4):  # the router's client id "hilm-router-<pid>" matches "hilm-router"
+        store.open("hilm-router-123", None)
+    store.open("hilm-router", None)
+    for owner in ("hilm-routerx", "a"):  # a name matches exactly or as "name-...": capped
+        store.open(owner, None)
+        store.open(owner, None)
+        with pytest.raises(Exception, match="--max-sessions-per-client"):
+            store.open(owner, None)
+    store.open("hilm-router-9", None)  # the 10th session
+    with pytest.raises(Exception, match=r"\(--max-sessions\)"):
+        store.open("hilm-router-123", None)  # the tier's own cap binds everyone
