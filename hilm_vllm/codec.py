@@ -152,6 +152,19 @@ def prompt_from_pb(pb: common_pb2.Prompt) -> Prompt:
     return list(pb.token_ids.ids) if kind == "token_ids" else pb.text
 
 
+# Most stop token ids one request or session may name (the router's front doors and the drafter
+# check it).
+MAX_STOP_TOKEN_IDS = 1024
+
+
+def check_stop_token_ids(ids: Sequence[int], vocab_size: int) -> None:
+    """stop_token_ids: at most MAX_STOP_TOKEN_IDS, each in the vocabulary."""
+    if len(ids) > MAX_STOP_TOKEN_IDS:
+        raise InvalidArgument(f"stop_token_ids has {len(ids)} ids; at most "
+                              f"{MAX_STOP_TOKEN_IDS} are allowed")
+    check_token_ids(ids, vocab_size, "stop_token_ids")
+
+
 def check_token_ids(ids: Sequence[int], vocab_size: int, what: str) -> None:
     """InvalidArgument naming the first id of `ids` outside [0, vocab_size)."""
     bad = next((t for t in ids if not 0 <= t < vocab_size), None)

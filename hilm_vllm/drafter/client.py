@@ -41,10 +41,11 @@ class DrafterClient(TierClient):
 
     async def open_session(self, prompt: Sequence[int] | str, spec: SamplingSpec,
                            uncertainty: UncertaintyConfig | None = None,
-                           max_tokens: int = 0) -> OpenedDraftSession:
-        request = drafter_pb2.OpenDrafterSessionRequest(prompt=codec.prompt_to_pb(prompt),
-                                                        sampling=codec.sampling_to_pb(spec),
-                                                        max_tokens=max_tokens)
+                           max_tokens: int = 0, min_tokens: int = 0,
+                           stop_token_ids: Sequence[int] = ()) -> OpenedDraftSession:
+        request = drafter_pb2.OpenDrafterSessionRequest(
+            prompt=codec.prompt_to_pb(prompt), sampling=codec.sampling_to_pb(spec),
+            max_tokens=max_tokens, min_tokens=min_tokens, stop_token_ids=list(stop_token_ids))
         if uncertainty is not None:
             request.uncertainty.CopyFrom(codec.uncertainty_to_pb(uncertainty))
         r = await self._stub.OpenSession(request, metadata=self._metadata)

@@ -30,6 +30,7 @@ import logging
 import math
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from hilm_vllm.drafter import metrics
@@ -104,6 +105,10 @@ class DrafterSession:
     seeded: bool  # the client gave a seed (else `seed` is a random one of this session)
     uncertainty: UncertaintyConfig
     limit: int  # most tokens the session may hold
+    # vLLM's min_tokens: these ids (EOS and the request's stop ids) are masked in q at every
+    # position before ban_until (absolute: prompt length + min_tokens)
+    ban: tuple[int, ...] = ()
+    ban_until: int = 0
     drafts: int = 0  # Draft calls so far (unique request keys)
     # The Draft running now (its engine part), so that a Draft that supersedes it or the
     # session's close can end it from here: the client then needs no gRPC cancel.
@@ -231,7 +236,11 @@ class Drafter:
 
     # ---- RPCs -------------------------------------------------------------------------------
     def open(self, owner: str, prompt: list[int] | str, spec: SamplingSpec,
-             uncertainty: UncertaintyConfig | None, max_tokens: int) -> Session[DrafterSession]:
+             uncertainty: UncertaintyConfig | None, max_tokens: int, min_tokens: int = 0,
+             stop_token_ids: Sequence[int] = ()) -> Session[DrafterSession]:
+        """A session on `prompt`. With `min_tokens`, as vLLM: the model's EOS ids and
+        `stop_token_ids` are never drafted before the session holds prompt + min_tokens
+        tokens (they are masked in q, which is what the verifiers compare with)."""
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise InvalidArgument("the prompt is empty: send at least one token id or some text")
@@ -243,13 +252,21 @@ class Drafter:
         if max_tokens < 0:
             raise InvalidArgument(f"max_tokens must be >= 0 (0 = up to max-model-len), "
                                   f"got {max_tokens}")
+        if min_tokens < 0:
+            raise InvalidArgument(f"min_tokens must be >= 0, got {min_tokens}")
+        if max_tokens and min_tokens > max_tokens:
+            raise InvalidArgument(f"min_tokens ({min_tokens}) must be <= max_tokens "
+                                  f"({max_tokens})")
+        codec.check_stop_token_ids(stop_token_ids, self.info.vocab_size)
         limit = self.info.max_model_len
         if max_tokens:
             limit = min(limit, len(ids) + max_tokens)
+        ban = tuple(dict.fromkeys([*self.info.eos_token_ids, *stop_token_ids]))
+        ban_until = len(ids) + min_tokens if min_tokens and ban else 0
         seeded = spec.seed is not None
         seed = spec.seed if seeded else secrets.randbits(63)
         state = DrafterSession(list(ids), len(ids), spec, seed, seeded,
-                               uncertainty or self.settings.uncertainty, limit)
+                               uncertainty or self.settings.uncertainty, limit, ban, ban_until)
         session = self.sessions.open(owner, state)
         metrics.SESSIONS.set(len(self.sessions))
         return session
@@ -377,7 +394,9 @@ class Drafter:
         options = DraftOptions(key=key, seed=state.seed, base=position,
                                uncertainty=state.uncertainty, stop_uncertainty=stop_uncertainty,
                                stop_token=-1 if stop_uncertainty is None else stop_token,
-                               spec=state.spec, truncation=self.settings.truncation)
+                               spec=state.spec, truncation=self.settings.truncation,
+                               ban=state.ban if position < state.ban_until else (),
+                               ban_until=state.ban_until if position < state.ban_until else 0)
         # The processor draws every token from q (seeded by the session and the position) and
         # forces it: vLLM's sampler only has to keep greedy rows greedy, so it gets no top-k,
         # top-p or seed to work on.

@@ -75,6 +75,10 @@ class DraftOptions:
     # SamplingParams of the request carry neither (the processor forces the token it draws).
     spec: SamplingSpec = field(default_factory=SamplingSpec)
     truncation: Truncation = field(default_factory=Truncation)
+    # vLLM's min_tokens: `ban` (the stop ids) is masked in the raw logits of every position
+    # before `ban_until` (absolute), as vLLM's min-tokens processor does before the sampler
+    ban: tuple[int, ...] = ()
+    ban_until: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.key, str) or not self.key:
@@ -101,7 +105,9 @@ class DraftOptions:
                        stop_uncertainty=d.get("stop_uncertainty"),
                        stop_token=int(d.get("stop_token", -1)),
                        spec=codec.sampling_from_dict(d["spec"]) if "spec" in d else SamplingSpec(),
-                       truncation=Truncation(int(cap), float(eps)))
+                       truncation=Truncation(int(cap), float(eps)),
+                       ban=tuple(int(t) for t in d.get("ban", ())),
+                       ban_until=int(d.get("ban_until", 0)))
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed extra_args[{DRAFT_ARG!r}]: {e!r}") from e
 
@@ -243,6 +249,10 @@ def observe_rows(logits: torch.Tensor, active: list[tuple[int, Draft, int]]
     rows = torch.tensor([r for r, _, _ in active], dtype=torch.long, device=logits.device)
     raw = logits.index_select(0, rows).float()  # [B, V]
     drafts = [d for _, d, _ in active]
+    banned = [(i, d.options.ban) for i, (_, d, index) in enumerate(active)
+              if d.options.ban and d.options.base + index < d.options.ban_until]
+    if banned:  # min_tokens: the stop ids cannot be drawn yet (q and u see them masked)
+        raw = ban_rows(raw, banned)
     probs = processed_probs_batch(raw, [d.options.spec for d in drafts])
     by_trunc: dict[Truncation, list[int]] = {}
     for i, d in enumerate(drafts):
@@ -270,6 +280,16 @@ def observe_rows(logits: torch.Tensor, active: list[tuple[int, Draft, int]]
         packed = pack_row(ids.cpu().numpy(), weights.cpu().numpy())
         out.append(Position(tokens_host[i], u[i], *packed))
     return out
+
+
+def ban_rows(raw: torch.Tensor, banned: list[tuple[int, tuple[int, ...]]]) -> torch.Tensor:
+    """raw [B, V] with the ids of each (row, ids) set to -inf, in place, on raw's device."""
+    rows = torch.tensor([i for i, ids in banned for _ in ids], dtype=torch.long,
+                        device=raw.device)
+    cols = torch.tensor([t for _, ids in banned for t in ids], dtype=torch.long,
+                        device=raw.device)
+    raw[rows, cols] = -math.inf
+    return raw
 
 
 def gate_values(raw: torch.Tensor, tokens: torch.Tensor,

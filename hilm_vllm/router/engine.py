@@ -429,15 +429,15 @@ class _Run:
     def start_open(self, tier: Tier) -> TierSession:
         link, usage = self.r.links[tier], self.stats.tiers[tier]
         prompt = list(self.history)
+        # vLLM's min_tokens, counted from this session's prompt (a session reopened
+        # mid-request starts later): every tier masks the stop tokens until then
+        min_tokens = max(0, self.req.min_tokens - self.generated)
         if tier is Tier.SLM:
             def opener():
                 return link.open(prompt, self.spec_for(tier), self.session_max_tokens,
-                                 self.cfg.uncertainty, usage)
+                                 self.cfg.uncertainty, usage, min_tokens,
+                                 self.req.stop_token_ids)
         else:
-            # vLLM's min_tokens, counted from this session's prompt (a session reopened
-            # mid-request starts later)
-            min_tokens = max(0, self.req.min_tokens - self.generated)
-
             def opener():
                 return link.open(prompt, self.spec_for(tier), self.session_max_tokens, usage,
                                  min_tokens, self.req.stop_token_ids)

@@ -140,10 +140,11 @@ class DrafterLink(TierLink):
         self.stub = drafter_pb2_grpc.DrafterStub(self.channel)
 
     async def open(self, prompt: Sequence[int], spec: SamplingSpec, max_tokens: int,
-                   uncertainty: UncertaintyConfig | None, usage: TierUsage):
-        request = drafter_pb2.OpenDrafterSessionRequest(prompt=codec.prompt_to_pb(prompt),
-                                                        sampling=codec.sampling_to_pb(spec),
-                                                        max_tokens=max_tokens)
+                   uncertainty: UncertaintyConfig | None, usage: TierUsage,
+                   min_tokens: int = 0, stop_token_ids: Sequence[int] = ()):
+        request = drafter_pb2.OpenDrafterSessionRequest(
+            prompt=codec.prompt_to_pb(prompt), sampling=codec.sampling_to_pb(spec),
+            max_tokens=max_tokens, min_tokens=min_tokens, stop_token_ids=list(stop_token_ids))
         if uncertainty is not None:
             request.uncertainty.CopyFrom(codec.uncertainty_to_pb(uncertainty))
         return await self.unary(self.stub.OpenSession, request, usage)

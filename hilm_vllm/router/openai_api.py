@@ -45,8 +45,8 @@ from hilm_vllm.server.security import bearer_ok
 
 logger = logging.getLogger("hilm.router.api")
 # Stop token ids one request may name: every one rides to the tiers with the session (a
-# vocabulary is at most ~256k ids; nobody stops on thousands of them).
-MAX_STOP_TOKEN_IDS = 1024
+# vocabulary is at most ~256k ids; nobody stops on thousands of them). One cap, codec's.
+MAX_STOP_TOKEN_IDS = codec.MAX_STOP_TOKEN_IDS
 
 
 @dataclass(frozen=True)

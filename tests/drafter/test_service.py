@@ -379,3 +379,46 @@ def test_a_draft_after_an_unknown_outcome_cuts_back_whatever_the_session_holds(s
 
     first, again, advanced, code = call(main, slm_tier.grpc_address)
     assert again == first and advanced == 5 and code == Code.FAILED_PRECONDITION
+
+
+def test_min_tokens_masks_the_stop_tokens_in_q_until_then(slm_tier):
+    """As vLLM's min_tokens: the session's stop ids (here the tokens the drafter would draw
+    first, and EOS) are never drafted and have no mass in q before prompt + min_tokens
+    (counted by position, so also after a rollback); from there on they are drafted again."""
+    async def main(client):
+        free = await client.open_session(PROMPT, SamplingSpec(0.0))
+        plain = await client.draft(free.session_id, free.position, 6)
+        await client.close_session(free.session_id)
+        stops = sorted({t.token_id for t in plain.tokens[:2]})
+        s = await client.open_session(PROMPT, SamplingSpec(0.0), max_tokens=32, min_tokens=3,
+                                      stop_token_ids=stops)
+        banned = await client.draft(s.session_id, s.position, 3)
+        await client.close_session(s.session_id)
+        # min_tokens = 1: the first position is banned; with the free draft's first token
+        # appended (decided elsewhere), the next position is past the ban and drafts the free
+        # session's second token again, a stop id
+        s = await client.open_session(PROMPT, SamplingSpec(0.0), max_tokens=32, min_tokens=1,
+                                      stop_token_ids=stops)
+        first = await client.draft(s.session_id, s.position, 1)
+        after = await client.draft(s.session_id, first.position, 1, rollback_to=s.position,
+                                   append=[plain.tokens[0].token_id])
+        await client.close_session(s.session_id)
+        # T = 1 with the ban: q itself has no mass on the banned ids
+        t1 = await client.open_session(PROMPT, SamplingSpec(1.0, seed=5), max_tokens=32,
+                                       min_tokens=4, stop_token_ids=stops)
+        sampled = await client.draft(t1.session_id, t1.position, 4)
+        await client.close_session(t1.session_id)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await client.open_session(PROMPT, SamplingSpec(0.0), max_tokens=2, min_tokens=3)
+        return stops, plain, banned, first, after, sampled, e.value
+
+    stops, plain, banned, first, after, sampled, err = call(main, slm_tier.grpc_address)
+    banned_ids = set(stops) | {1}  # the tiny family's EOS is 1
+    assert plain.tokens[0].token_id in banned_ids  # the ban has something to change
+    for t in banned.tokens + first.tokens + sampled.tokens:
+        assert t.token_id not in banned_ids
+        assert not banned_ids & set(t.ids.tolist()), "a stop token has mass in q before min_tokens"
+    assert_valid_dists(banned)
+    assert_valid_dists(sampled)
+    assert after.tokens[0].token_id == plain.tokens[1].token_id  # a stop id, drafted again
+    assert err.code() is Code.INVALID_ARGUMENT and "min_tokens" in err.details()

@@ -538,6 +538,29 @@ def test_min_tokens_masks_the_stop_tokens_exactly_as_llm_only(served, tiny_zoo):
     assert stats.chisquare(observed[keep], f_exp).pvalue > 1e-3
 
 
+def test_min_tokens_holds_for_tokens_the_device_keeps(served, tiny_zoo):
+    """A lossy policy that keeps every token on the device (uhlm, t1 = 2: nothing is verified):
+    the drafter masks the stop tokens until min_tokens as vLLM does, so no stop token is kept
+    before then (it used to be drafted, kept, and not counted as a stop)."""
+    prompt = _prompts(tiny_zoo, 1)[0]
+    c = client(served)
+
+    def run(temperature: float = 0.0, seed: int | None = None, **extra):
+        out = c.completions.create(model="uhlm", prompt=prompt, max_tokens=10,
+                                   temperature=temperature, seed=seed,
+                                   extra_body={"block_size": 3, "thresholds": {"t1": 2.0},
+                                               **extra})
+        u = hilm_usage(out.usage)
+        return u["token_ids"], u
+
+    free, usage = run()
+    assert len(usage["skipped_at"]) == len(free), usage  # every token kept on the device
+    stops = sorted(set(free[:3]))  # the device would pick these first
+    for seed in (None, 1, 2, 3):
+        tokens, _ = run(1.0 if seed else 0.0, seed, stop_token_ids=stops, min_tokens=6)
+        assert len(tokens) >= 6 and not set(tokens[:6]) & set(stops), (seed, tokens, stops)
+
+
 # ---- soak and faults (hilm_vllm/soak; bench/soak.py and bench/faults.py run them longer) ---------
 
 @pytest.mark.slow

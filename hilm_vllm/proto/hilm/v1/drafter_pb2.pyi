@@ -8,16 +8,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class OpenDrafterSessionRequest(_message.Message):
-    __slots__ = ("prompt", "sampling", "uncertainty", "max_tokens")
+    __slots__ = ("prompt", "sampling", "uncertainty", "max_tokens", "min_tokens", "stop_token_ids")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     UNCERTAINTY_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     prompt: _common_pb2.Prompt
     sampling: _common_pb2.SamplingParams
     uncertainty: _common_pb2.UncertaintyConfig
     max_tokens: int
-    def __init__(self, prompt: _Optional[_Union[_common_pb2.Prompt, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., uncertainty: _Optional[_Union[_common_pb2.UncertaintyConfig, _Mapping]] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+    min_tokens: int
+    stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, prompt: _Optional[_Union[_common_pb2.Prompt, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., uncertainty: _Optional[_Union[_common_pb2.UncertaintyConfig, _Mapping]] = ..., max_tokens: _Optional[int] = ..., min_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class OpenDrafterSessionResponse(_message.Message):
     __slots__ = ("session_id", "position", "eos_token_id", "vocab_size", "prompt_token_ids", "eos_token_ids", "max_model_len")
