@@ -322,6 +322,7 @@ class Drafter:
                 state.tokens[:] = before  # a failed Draft changes nothing
                 raise
             except asyncio.CancelledError:
+                state.tokens[:] = before  # nor does a cancelled or superseded one
                 if asyncio.current_task().cancelling():
                     raise  # this call itself was cancelled (the client hung up)
                 raise Aborted(f"this Draft on session {sid} was superseded (a newer Draft "
@@ -368,8 +369,8 @@ class Drafter:
 
     @staticmethod
     def supersede(session: Session[DrafterSession]) -> None:
-        """End the session's running Draft: it answers ABORTED, having added nothing (its
-        rollback and append stand; the superseding call cuts back anyway). Clients drop a
+        """End the session's running Draft: it answers ABORTED, having changed nothing (its
+        rollback and append are undone before the superseding call runs). Clients drop a
         Draft this way rather than cancel it: grpc.aio leaks native memory for each call
         cancelled in flight (grpc/grpc#43360, ~1 KB a call on the client)."""
         if session.state.running is not None:

@@ -165,3 +165,51 @@ def test_a_draft_that_fails_leaves_the_session_as_it_was():
     with pytest.raises(Unavailable):
         run(d.draft("", s.id, 4, 2, rollback_to=2, append=[9, 9, 9]))
     assert s.state.tokens == [5, 6, 7, 8]  # neither the rollback nor the append stands
+
+
+def test_min_tokens_bans_the_stop_ids_in_the_drafts_before_it():
+    d = drafter()
+    for bad in (dict(min_tokens=-1), dict(min_tokens=5, max_tokens=4),
+                dict(stop_token_ids=[100]), dict(stop_token_ids=list(range(2000)))):
+        kw = {"max_tokens": 0, **bad}
+        with pytest.raises(InvalidArgument):
+            d.open("", [5, 6], SamplingSpec(), None, kw.pop("max_tokens"), **kw)
+    s = d.open("", [5, 6, 7], SamplingSpec(), None, 10, min_tokens=2, stop_token_ids=[9, 1])
+    assert (s.state.ban, s.state.ban_until) == ((1, 9), 5)  # EOS first, no duplicates
+    opts = DraftOptions.from_extra_args(d.sampling_params(s, "k", 4, None).extra_args[DRAFT_ARG])
+    assert (opts.ban, opts.ban_until, opts.base) == ((1, 9), 5, 3)
+    s.state.tokens += [20, 21]  # at prompt + min_tokens: nothing is banned any more
+    opts = DraftOptions.from_extra_args(d.sampling_params(s, "k", 4, None).extra_args[DRAFT_ARG])
+    assert (opts.ban, opts.ban_until) == ((), 0)
+    plain = d.open("", [5], SamplingSpec(), None, 0, stop_token_ids=[9])
+    assert plain.state.ban_until == 0  # without min_tokens the stop ids stop as usual
+
+
+def test_a_cancelled_or_superseded_draft_leaves_the_session_as_it_was():
+    d = drafter()
+    s = d.open("", [5, 6, 7, 8], SamplingSpec(), None, 0)
+    from hilm_vllm.errors import Aborted
+
+    async def main(supersede: bool):
+        started = asyncio.Event()
+
+        async def slow_draft(session, n, stop_uncertainty):
+            started.set()
+            await asyncio.sleep(60)
+
+        d._draft = slow_draft
+        task = asyncio.ensure_future(d.draft("", s.id, 4, 2, rollback_to=2, append=[9, 9, 9]))
+        await started.wait()
+        assert s.state.tokens == [5, 6, 9, 9, 9]  # applied while the draft runs
+        if supersede:  # a newer Draft (position 0, rollback_to) or CloseSession ends it
+            d.supersede(s)
+            with pytest.raises(Aborted):
+                await task
+        else:  # the client hung up
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    for supersede in (False, True):
+        run(main(supersede))
+        assert s.state.tokens == [5, 6, 7, 8], supersede
