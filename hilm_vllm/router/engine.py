@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import random
 import time
@@ -195,6 +196,10 @@ def optimistic_start(drafted: list[int], kept: list[int], ahead: list[int]) -> i
     return None
 
 
+HEALTH_CACHE_S = 1.0  # one health check of the tiers answers /health and /ping this long
+PROBE_RETRY_S = 5.0  # after a failed limits probe of the LLM, none for this long
+
+
 class Router:
     """Owns the tier links; `generate` runs one request. `links` replaces the gRPC links (a
     test's scripted fakes)."""
@@ -210,6 +215,9 @@ class Router:
             if cfg.slm:
                 links[Tier.SLM] = DrafterLink(Tier.SLM, cfg.slm, *args)
         self.links = dict(links)
+        self._health: tuple[float, asyncio.Future] | None = None  # (when, the check's result)
+        self._probe: asyncio.Future | None = None  # the LLM limits probe in flight
+        self._probe_failed_at = -math.inf
         self.admission = adm = FairAdmission(cfg.admission)
         metrics.ADMITTED_CHOICES.set_function(lambda: adm.active)
         metrics.QUEUED_REQUESTS.set_function(lambda: adm.queued)
@@ -233,28 +241,51 @@ class Router:
 
     async def max_model_len(self, timeout_s: float = 10.0) -> int | None:
         """The LLM's context length, from its OpenSession (a link remembers it); before the
-        first request, a one-token session is opened and closed to learn it. None when the LLM
-        does not answer."""
+        first request, one one-token session is opened and closed to learn it, whoever asks
+        meanwhile waits for that one, and after a failed probe none is tried for
+        PROBE_RETRY_S. None when the LLM does not answer."""
         link = self.llm
-        if getattr(link, "limits", None) is None and hasattr(link, "close_session"):
-            async def probe():
-                usage = TierUsage()
-                r = await link.open([0], SamplingSpec(), 1, usage)
-                link.limits = (getattr(r, "max_block", 0), getattr(r, "max_model_len", 0))
-                await link.close_session(r.session_id, usage)
-
-            try:
-                await asyncio.wait_for(probe(), timeout_s)
-            except (asyncio.TimeoutError, grpc.aio.AioRpcError) as e:
-                logger.debug("max_model_len probe failed: %s", e)
         limits = getattr(link, "limits", None)
+        if limits is None and hasattr(link, "close_session"):
+            if self._probe is None:
+                if time.monotonic() - self._probe_failed_at < PROBE_RETRY_S:
+                    return None
+                self._probe = asyncio.ensure_future(self._probe_limits(link, timeout_s))
+            probe = self._probe
+            try:
+                await asyncio.shield(probe)
+            finally:
+                if probe.done() and self._probe is probe:
+                    self._probe = None
+            limits = getattr(link, "limits", None)
         return (limits[1] or None) if limits else None
+
+    async def _probe_limits(self, link, timeout_s: float) -> None:
+        async def probe():
+            usage = TierUsage()
+            r = await link.open([0], SamplingSpec(), 1, usage)
+            link.limits = (getattr(r, "max_block", 0), getattr(r, "max_model_len", 0))
+            await link.close_session(r.session_id, usage)
+
+        try:
+            await asyncio.wait_for(probe(), timeout_s)
+        except (asyncio.TimeoutError, grpc.aio.AioRpcError) as e:
+            self._probe_failed_at = time.monotonic()
+            logger.debug("max_model_len probe failed: %s", e)
 
     async def health(self) -> tuple[str | None, dict[str, str | None]]:
         """(why the router cannot serve, or None; each configured tier's state). Every policy
         needs the LLM (lossless ones fail without it, lossy ones lose their quality), so an LLM
         that does not answer SERVING makes the router unhealthy; an ILM or drafter that is down
-        is routed around and only reported."""
+        is routed around and only reported. One check of every tier serves every caller for
+        HEALTH_CACHE_S (load balancers poll /health and /ping often; each check is one RPC per
+        tier), and callers that arrive while it runs wait for it."""
+        now = time.monotonic()
+        if self._health is None or now - self._health[0] >= HEALTH_CACHE_S:
+            self._health = (now, asyncio.ensure_future(self._check_health()))
+        return await asyncio.shield(self._health[1])
+
+    async def _check_health(self) -> tuple[str | None, dict[str, str | None]]:
         tiers = [t for t in MODEL_TIERS if t in self.links]
         reasons = await asyncio.gather(*(self.links[t].check_health() for t in tiers))
         states = {t.value: (r or "serving") for t, r in zip(tiers, reasons)}

@@ -286,8 +286,9 @@ def _deny_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMetho
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # an async generator, as the method it stands for
 
-    kw = dict(request_deserializer=handler.request_deserializer,
-              response_serializer=handler.response_serializer)
+    # No request deserializer: the refused request stays bytes (an unauthenticated peer does
+    # not get its message parsed); nothing is ever serialised back.
+    kw = dict(request_deserializer=None, response_serializer=handler.response_serializer)
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(unary, **kw)
     if handler.unary_stream is not None:

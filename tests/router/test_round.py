@@ -392,3 +392,56 @@ def test_a_stop_token_counts_from_index_min_tokens_as_in_vllm(min_tokens, stops_
         assert kept == [1, 2, 9, 4, 5, 9, 7, 8] and run_.stats.finish_reason == "length"
     else:
         assert kept == [1, 2, 9, 4, 5, 9][:stops_at + 1] and done
+
+
+def test_health_is_checked_once_a_second_whoever_asks():
+    """/health and /ping are polled by load balancers; each check is one RPC per tier. Ten
+    callers within a second share one check; a second later there is a new one."""
+    links = tiers()
+    checks = []
+
+    async def check_health(name):
+        checks.append(name)
+        await asyncio.sleep(0.01)
+        return None
+
+    for link in links.values():
+        link.check_health = lambda name=link.name: check_health(name)
+        link.limits = None
+    router = Router(RouterConfig(llm="fake", slm="fake", ilm="fake"), links=links)
+
+    async def main():
+        first = await asyncio.gather(*(router.health() for _ in range(10)))
+        assert all(r == (None, {"slm": "serving", "ilm": "serving", "llm": "serving"})
+                   for r in first)
+        assert len(checks) == 3
+        await router.health()
+        assert len(checks) == 3
+        router._health = (router._health[0] - 1.0, router._health[1])  # a second later
+        await router.health()
+        assert len(checks) == 6
+
+    asyncio.run(main())
+
+
+def test_the_llms_limits_are_learned_by_one_probe_whoever_asks():
+    """/tokenize and /v1/models report max_model_len: before any request it is learned from one
+    probe session, shared by every caller meanwhile; after a failed probe the next is not tried
+    for a while (an LLM that is down is not hammered by one session per call)."""
+    links = tiers()
+    llm = links[Tier.LLM]
+    llm.max_model_len = 256
+    llm.limits = None
+    router = Router(RouterConfig(llm="fake", slm="fake", ilm="fake"), links=links)
+
+    async def main():
+        llm.fail("open", grpc.StatusCode.UNAVAILABLE)
+        assert await asyncio.gather(*(router.max_model_len() for _ in range(5))) == [None] * 5
+        assert await router.max_model_len() is None  # not retried at once
+        assert len(llm.opened) == 0
+        router._probe_failed_at -= 60  # later on
+        assert await asyncio.gather(*(router.max_model_len() for _ in range(5))) == [256] * 5
+        assert await router.max_model_len() == 256
+        assert len(llm.opened) == 1 and llm.closed == llm.sids  # one probe, closed
+
+    asyncio.run(main())

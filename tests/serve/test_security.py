@@ -133,6 +133,45 @@ def test_the_tier_token_is_required_on_every_method_but_health():
     asyncio.run(run())
 
 
+def test_a_call_without_the_token_is_refused_before_its_request_is_parsed():
+    """The token interceptor answers UNAUTHENTICATED without deserialising the request (an
+    unauthenticated peer must not make the server parse megabytes of protobuf)."""
+    from hilm_vllm.server.security import TokenInterceptor
+
+    parsed = []
+
+    def deserialize(raw: bytes) -> bytes:
+        parsed.append(len(raw))
+        return raw
+
+    async def echo(request, context):
+        return request
+
+    handler = grpc.method_handlers_generic_handler("t.Echo", {
+        "Call": grpc.unary_unary_rpc_method_handler(echo, request_deserializer=deserialize,
+                                                    response_serializer=bytes)})
+
+    async def run():
+        server = grpc.aio.server(interceptors=[TokenInterceptor([TOKEN])])
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                call = ch.unary_unary("/t.Echo/Call")
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await call(b"x" * 100_000, timeout=10)
+                assert e.value.code() is grpc.StatusCode.UNAUTHENTICATED
+                assert parsed == []
+                out = await call(b"y" * 10, timeout=10,
+                                 metadata=(("authorization", f"Bearer {TOKEN}"),))
+                assert out == b"y" * 10 and parsed == [10]
+        finally:
+            await server.stop(None)
+
+    asyncio.run(run())
+
+
 def test_mutual_tls_refuses_strangers_and_binds_sessions_to_the_certificate(pki):
     ca, stranger = pki
 
