@@ -610,6 +610,7 @@ class _Run:
                     ahead = asyncio.ensure_future(self._draft(position, self.lookahead,
                                                               recover=False))
                     self.stats.optimistic_drafts += 1
+                    metrics.OPTIMISTIC.labels("drafted").inc()
                 final = await self.execute(self.plan(tokens), tokens)
                 if self.eos is None:
                     self.eos = await self.stop_set()
@@ -634,6 +635,7 @@ class _Run:
                                                  [t.token_id for t in extra.tokens])
                         if start is not None:  # the drafter holds history + ready exactly
                             self.stats.optimistic_kept += 1
+                            metrics.OPTIMISTIC.labels("kept").inc()
                             ready, rollback_to, append = list(extra.tokens[start:]), None, []
                             continue
                 # The drafter holds base + drafted (+ what it drafted ahead): keep what

@@ -150,33 +150,52 @@ def test_lossless_policies_are_token_identical_to_llm_only_at_t0(served, tiny_zo
 
 
 N_SEEDS = 400
+POWER_P_VALUE = 1e-3  # the same counts against the drafter's law must be rejected this hard
+
+
+def law_pvalue(samples: list, law: dict) -> float:
+    """Chi-square p-value of `samples` against `law` (outcome -> probability): cells with fewer
+    than 5 expected pooled into one; 0.0 when a sample has probability 0 under `law`."""
+    n = len(samples)
+    if any(law.get(s, 0.0) <= 0 for s in samples):
+        return 0.0
+    big = [c for c in law if law[c] * n >= 5]
+    observed = np.array([samples.count(c) for c in big] + [sum(s not in big for s in samples)])
+    expected = np.array([law[c] for c in big] + [max(0.0, 1 - sum(law[c] for c in big))]) * n
+    keep = expected > 1e-9
+    f_exp = expected[keep] / expected[keep].sum() * observed[keep].sum()  # float rounding
+    return float(stats.chisquare(observed[keep], f_exp).pvalue)
 
 
 def test_lossless_policies_follow_the_llm_distribution_at_t1(served, tiny_zoo):
     """The first token of N seeded requests per policy against the LLM's p (transformers):
-    chi-square, p > 1e-3. top_k = 8 keeps the expected counts large."""
+    chi-square, p > 1e-3. top_k = 8 keeps the expected counts large. Power: the same counts
+    against the drafter's own law (what a policy that kept its drafts unverified would give)
+    are rejected with p < 1e-3, so the test can tell the two apart."""
     prompt = _prompts(tiny_zoo, 1)[0]
     spec = SamplingSpec(temperature=1.0, top_k=8)
     p = next_probs(tiny_zoo.llm, prompt, spec).numpy().astype(np.float64)
-    support = np.nonzero(p)[0]
+    q = next_probs(tiny_zoo.slm, prompt, spec).numpy().astype(np.float64)
+    target = {int(t): p[t] / p.sum() for t in np.nonzero(p)[0]}
+    drafter = {int(t): q[t] / q.sum() for t in np.nonzero(q)[0]}
 
     for policy in LOSSLESS:
         tokens = first_tokens(served.grpc_address, prompt, policy, N_SEEDS, 8, 1000)
-        assert set(tokens) <= set(support.tolist()), policy
-        observed = np.array([tokens.count(int(t)) for t in support])
-        expected = p[support] / p[support].sum() * N_SEEDS  # float32 p: sums to 1 within 1e-7
-        pvalue = stats.chisquare(observed, expected).pvalue
-        assert pvalue > 1e-3, (policy, observed, p[support] * N_SEEDS)
+        assert set(tokens) <= set(target), policy
+        pvalue = law_pvalue(tokens, target)
+        assert pvalue > 1e-3, (policy, pvalue, sorted(target.items()))
+        assert law_pvalue(tokens, drafter) < POWER_P_VALUE, (
+            f"power: {policy}'s first tokens do not reject the drafter's law")
 
 
-def pair_distribution(zoo, prompt: list[int], spec: SamplingSpec) -> dict[tuple, float]:
-    """P(x1, x2): the LLM's joint law of the 2nd and 3rd tokens (x0 summed out)."""
+def pair_distribution(model_dir, prompt: list[int], spec: SamplingSpec) -> dict[tuple, float]:
+    """P(x1, x2): a model's joint law of the 2nd and 3rd tokens (x0 summed out)."""
     joint: dict[tuple, float] = {}
-    p0 = next_probs(zoo.llm, prompt, spec).double()
+    p0 = next_probs(model_dir, prompt, spec).double()
     for x0 in p0.nonzero().flatten().tolist():
-        p1 = next_probs(zoo.llm, prompt + [x0], spec).double()
+        p1 = next_probs(model_dir, prompt + [x0], spec).double()
         for x1 in p1.nonzero().flatten().tolist():
-            p2 = next_probs(zoo.llm, prompt + [x0, x1], spec).double()
+            p2 = next_probs(model_dir, prompt + [x0, x1], spec).double()
             for x2 in p2.nonzero().flatten().tolist():
                 joint[(x1, x2)] = joint.get((x1, x2), 0.0) + float(p0[x0] * p1[x1] * p2[x2])
     return joint
@@ -190,10 +209,13 @@ def test_lossless_policies_keep_the_llm_distribution_beyond_the_first_token(
     drafter's next token, whose follower becomes the next block) whenever the first block is
     accepted; k = 2: through the residual after a rejection inside a block, the bonus after a
     full one, and the drafter's rollback. Chi-square against the LLM's joint law, cells with
-    fewer than 5 expected merged; p > 1e-3."""
+    fewer than 5 expected merged; p > 1e-3. Power: the same pairs against the drafter's joint
+    law are rejected (p < 1e-3). Coverage: the router's counters show that drafts made ahead
+    were kept as next blocks during the run (the optimistic path was exercised)."""
     prompt = _prompts(tiny_zoo, 1)[0]
     spec = SamplingSpec(temperature=1.0, top_k=3, top_p=top_p)
-    joint = pair_distribution(tiny_zoo, prompt, spec)
+    joint = pair_distribution(tiny_zoo.llm, prompt, spec)
+    drafter_joint = pair_distribution(tiny_zoo.slm, prompt, spec)
 
     async def pairs(policy: str) -> list[tuple]:
         sem = asyncio.Semaphore(8)
@@ -207,17 +229,18 @@ def test_lossless_policies_keep_the_llm_distribution_beyond_the_first_token(
 
         return await asyncio.gather(*(one(s) for s in range(N_SEEDS)))
 
-    cells = sorted(joint, key=joint.get, reverse=True)
-    big = [c for c in cells if joint[c] * N_SEEDS >= 5]
-    expected = np.array([joint[c] for c in big] + [1 - sum(joint[c] for c in big)]) * N_SEEDS
+    counter = "hilm_router_optimistic_drafts_total"
     for policy in ("spec", "cascade"):
+        before = _samples(_get(served.metrics_url)[1], counter)
         got = asyncio.run(pairs(policy))
+        after = _samples(_get(served.metrics_url)[1], counter)
         assert set(got) <= set(joint), policy  # no pair the LLM cannot produce
-        observed = np.array([got.count(c) for c in big] + [sum(g not in big for g in got)])
-        keep = expected > 0
-        f_exp = expected[keep] / expected[keep].sum() * observed[keep].sum()  # float rounding
-        pvalue = stats.chisquare(observed[keep], f_exp).pvalue
-        assert pvalue > 1e-3, (policy, observed, expected)
+        pvalue = law_pvalue(got, joint)
+        assert pvalue > 1e-3, (policy, pvalue)
+        assert law_pvalue(got, drafter_joint) < POWER_P_VALUE, (
+            f"power: {policy}'s pairs do not reject the drafter's joint law")
+        used = after.get('{outcome="kept"}', 0) - before.get('{outcome="kept"}', 0)
+        assert used > 0, f"{policy}: no draft made ahead became a block (optimistic path unused)"
 
 
 def test_optimistic_drafting_is_used_and_reported(served):
@@ -602,15 +625,21 @@ def test_killing_and_restarting_the_ilm_under_load_fails_no_lossy_request(tiny_z
                         user_classes=["SseUser"]).start()
         try:
             time.sleep(10)
+            degraded, reason = "hilm_router_degraded_total", '{reason="ilm-unreachable"}'
+            before = _samples(_get(r.metrics_url)[1], degraded).get(reason, 0)
             fault = kill_and_restart(stack, "ilm", deadline_s=300)
             time.sleep(10)
             samples = run.finish()
+            routed_around = _samples(_get(r.metrics_url)[1], degraded).get(reason, 0) - before
         finally:
             run.stop()
             if stack.tiers["ilm"] is not ilm:
                 stack.tiers["ilm"].stop()
     requests, failed = in_window(samples["records"], fault.start, fault.end)
-    assert requests >= 1, samples["requests"]  # the load really ran through the fault
+    # Coverage: the load really ran through the fault (4 users, one request each at least,
+    # in flight while the ILM was down), and requests were routed around the dead ILM.
+    assert requests >= 4, (requests, samples["requests"])
+    assert routed_around > 0, "no request was routed around the dead ILM"
     assert samples["failures"] == 0, samples["errors"]
     assert fault.recovered_s is not None, "the router never served through the restarted ILM"
 
