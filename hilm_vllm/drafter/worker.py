@@ -17,6 +17,7 @@ import time
 
 from hilm_vllm.drafter import processor
 from hilm_vllm.server.busy import BusyWorkerExtension
+from hilm_vllm.server.runner import pushes_results
 
 
 class DraftHook:
@@ -68,12 +69,15 @@ class DrafterWorkerExtension(BusyWorkerExtension):
         if not installed:
             check_runner(runner)
             hook = runner._hilm_draft_hook = DraftHook(runner)
+        first = pushes_results()  # under tensor parallelism only the first rank pushes
         if channel is not None:
-            from hilm_vllm.server.push import PushSink
-
-            hook.sink = PushSink(channel, token)
             processor.STORE.keep_finished = False
-        return "already installed" if installed else "installed"
+            if first:
+                from hilm_vllm.server.push import PushSink
+
+                hook.sink = PushSink(channel, token)
+        state = "already installed" if installed else "installed"
+        return state if first else f"{state} (a tensor-parallel rank: drafts, does not push)"
 
     def hilm_pop_draft(self, key: str) -> dict | None:
         """The finished draft `key` (see `processor.readout_of`), removed; None if unknown.

@@ -5,6 +5,18 @@ from __future__ import annotations
 PINNED_VLLM = "0.32.0"  # the hooks wrap private methods of this version's V1 runner
 
 
+def pushes_results() -> bool:
+    """Whether this worker process pushes hook results to the API process. Under tensor
+    parallelism every rank runs the hooks (each must record the same emitted tokens); only the
+    first rank pushes (the others would send every result again)."""
+    try:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank() == 0
+    except (AssertionError, RuntimeError):  # model parallelism not initialised: one process
+        return True
+
+
 def check_v1_runner(runner, hook: str) -> None:
     """Refuse, with the fix in the message, a vLLM version or runner `hook` was not written for."""
     import vllm

@@ -5,7 +5,9 @@ the request's tokens end with context + draft, max_tokens = 1, `VerifyArgs` in t
 `extra_args`. Its forward pass computes the hidden states of every token the request did not
 hold (the chunk always starts at or before the draft's first row); this hook, run right after the sampler, turns the
 n + 1 rows that predict the n draft tokens and the token after them into the target's processed
-p [n + 1, V] (one `compute_logits` per step over those rows), applies `rejection.verify_block`,
+p [n + 1, V] (one `compute_logits` and one processed-p pass per engine step, over the rows of
+every verification in the step, each row with its request's own sampling spec), applies
+`rejection.verify_block` per request,
 and overwrites the token the engine sampled at the last position with its own: the recovered
 token on a rejection, else the bonus token, drawn from p_{n+1}, the row it ships. The engine's
 own sample is never emitted: it comes from the engine's batch logits, which on GPU (bf16,
@@ -42,8 +44,9 @@ from dataclasses import dataclass, field
 import torch
 
 from hilm_vllm.rejection import BlockOutcome, verify_block
-from hilm_vllm.sampling import mask_tokens, pack_row, processed_probs, truncated_probs
+from hilm_vllm.sampling import pack_row, processed_probs_batch, truncated_probs
 from hilm_vllm.seeds import Stream, derive_seed
+from hilm_vllm.server.runner import pushes_results
 from hilm_vllm.uncertainty import TOKEN_FREE_GATES, perturbed_u
 from hilm_vllm.verifier.wire import (EXTRA_ARGS_KEY, ROWS_CACHED, EmittedRow, VerifyArgs,
                                      VerifyResult)
@@ -64,19 +67,24 @@ class VerifierWorkerExtension:
         if not installed:
             check_runner(runner)
             runner._hilm_verify_hook = VerifyHook(runner)
-        if channel is not None:
+        first = pushes_results()
+        runner._hilm_verify_hook.keep_results = first
+        if channel is not None and first:
             from hilm_vllm.verifier.channel import ResultSink
 
             runner._hilm_verify_hook.sink = ResultSink(channel, token)
-        return "already installed" if installed else "installed"
+        state = "already installed" if installed else "installed"
+        return state if first else f"{state} (a tensor-parallel rank: decides, does not push)"
 
     def hilm_pop_verify(self, key: str) -> dict | None:
         return self.model_runner._hilm_verify_hook.pop(key)
 
     def hilm_verify_stats(self) -> dict:
-        """Counters since install: {"verified": requests, "hook_ms": the hook's total time}."""
+        """Counters since install: {"verified": requests, "hook_ms": the hook's total time,
+        "logits_calls": compute_logits calls (one per engine step with verification rows)}."""
         hook = self.model_runner._hilm_verify_hook
-        return {"verified": hook.verified, "hook_ms": hook.hook_s * 1e3}
+        return {"verified": hook.verified, "hook_ms": hook.hook_s * 1e3,
+                "logits_calls": hook.logits_calls}
 
 
 def check_runner(runner) -> None:
@@ -103,6 +111,20 @@ class _Pending:
     hook_s: float = 0.0
 
 
+@dataclass
+class _Step:
+    """One verification's part of an engine step."""
+
+    pending: _Pending
+    state: object  # the runner's CachedRequestState
+    row: int  # its row in the batch
+    first: int  # position of the hidden state that predicts draft token 0
+    lo: int  # positions [lo, hi) of its rows computed in this step
+    hi: int
+    offset: int  # position -> row of the step's hidden states
+    final: bool  # the request's last chunk: decide now
+
+
 class _Bounded(collections.OrderedDict):
     def put(self, key, value) -> None:
         self[key] = value
@@ -121,7 +143,9 @@ class VerifyHook:
         self.pending = _Bounded()  # key -> _Pending
         self.results = _Bounded()  # key -> VerifyResult
         self.verified, self.hook_s = 0, 0.0  # counters for hilm_verify_stats
+        self.logits_calls = 0  # compute_logits calls (one per step with verification rows)
         self.sink = None  # channel.ResultSink: pushes each result to the API process at once
+        self.keep_results = True  # False on tensor-parallel ranks other than the first
         self._step_t0 = time.perf_counter()
         self._execute_model = runner.execute_model
         self._bookkeeping_sync = runner._bookkeeping_sync
@@ -140,19 +164,24 @@ class VerifyHook:
                          num_scheduled_tokens):
         """Same signature as the runner's; runs after the sampler, before the tokens are
         recorded, so an overwritten sample is what the engine emits."""
+        t0 = time.perf_counter()
+        steps = []
         for req_id, n_sched in scheduler_output.num_scheduled_tokens.items():
             state = self.runner.requests.get(req_id)
             params = getattr(state, "sampling_params", None)
-            if params is not None and params.extra_args:
-                self._observe(req_id, state, n_sched, hidden_states, sampler_output)
+            if params is not None and params.extra_args and (
+                    step := self._step(req_id, state, n_sched)) is not None:
+                steps.append(step)
+        if steps:
+            self._observe(steps, hidden_states, sampler_output, t0)
         return self._bookkeeping_sync(scheduler_output, sampler_output, logits, hidden_states,
                                       num_scheduled_tokens)
 
-    def _observe(self, req_id, state, n_sched, hidden_states, sampler_output) -> None:
-        t0 = time.perf_counter()
+    def _step(self, req_id, state, n_sched) -> _Step | None:
+        """What this step holds of one verification: which of its rows, where in the batch."""
         pending = self._pending(state)
         if pending is None:
-            return
+            return None
         n, prompt_len = pending.args.n, len(state.prompt_token_ids)
         start = state.num_computed_tokens  # before this step: the runner updates it next step
         row = self.runner.input_batch.req_id_to_index[req_id]
@@ -161,37 +190,70 @@ class VerifyHook:
         first = prompt_len - n - 1
         lo, hi = max(start, first), min(start + n_sched, prompt_len)
         offset = int(self.runner.query_start_loc.np[row]) - start  # position -> hidden row
-        if lo < hi:
-            logits = self.runner.model.compute_logits(hidden_states[offset + lo:offset + hi])
+        final = start + n_sched >= prompt_len  # else a prefill chunk: nothing sampled yet
+        return _Step(pending, state, row, first, lo, max(lo, hi), offset, final)
+
+    def _observe(self, steps: list[_Step], hidden_states, sampler_output, t0: float) -> None:
+        """Every verification of the step at once: one `compute_logits` over all their rows,
+        one min-tokens mask, one processed-p pass with each row's own sampling spec; then the
+        accept / recover / bonus decision of each request that is complete."""
+        with_rows = [st for st in steps if st.lo < st.hi]
+        if with_rows:
+            index = torch.cat([torch.arange(st.offset + st.lo, st.offset + st.hi)
+                               for st in with_rows]).to(hidden_states.device)
+            logits = self.runner.model.compute_logits(hidden_states.index_select(0, index))
+            self.logits_calls += 1
             if logits is None:  # a tensor-parallel rank that does not hold gathered logits
                 return
-            # vLLM's min_tokens: the stop tokens have p = 0 in the rows before it
-            logits = mask_tokens(logits, pending.args.ban, pending.args.ban_rows - (lo - first))
-            probs = processed_probs(logits, pending.args.spec)  # [hi-lo, V]
-            if pending.args.emit is not None:
-                # Emitted rows travel: verify against the truncated p, and emit exactly it.
-                probs, ids, weights = truncated_probs(probs, pending.args.emit.truncation)
-            for i, p_row in enumerate(probs):
-                pending.rows[lo - first + i] = p_row
-                if pending.args.emit is not None:
-                    pending.raw[lo - first + i] = logits[i]
-                    pending.kept[lo - first + i] = (ids[i], weights[i])
-        final = start + n_sched >= prompt_len  # else a prefill chunk: nothing sampled yet
-        if final:
-            del self.pending[pending.args.key]
-            result = self._verify(pending, state, row, sampler_output)
-        now = time.perf_counter()
-        pending.forward_s += now - self._step_t0
-        pending.hook_s += now - t0
-        self.hook_s += now - t0
-        if final:
-            self.verified += 1
-            result = dataclasses.replace(result, forward_ms=pending.forward_s * 1e3,
-                                         hook_ms=pending.hook_s * 1e3)
-            # Delivered results are not kept: a store of every result would always hold
-            # MAX_PENDING of them (with emitted rows, megabytes each on a real vocabulary).
-            if self.sink is None or not self.sink.send(result):
-                self.results.put(result.key, result)
+            specs, banned, at = [], [], 0
+            for st in with_rows:
+                args = st.pending.args
+                specs += [args.spec] * (st.hi - st.lo)
+                # vLLM's min_tokens: the stop tokens have p = 0 in the rows before it
+                ban_rows = min(st.hi - st.lo, args.ban_rows - (st.lo - st.first))
+                banned += [(at + i, args.ban) for i in range(ban_rows)] if args.ban else []
+                at += st.hi - st.lo
+            if banned:
+                logits = ban_rows_of(logits, banned)
+            probs = processed_probs_batch(logits, specs)  # [rows, V]
+            at = 0
+            for st in with_rows:
+                k, args = st.hi - st.lo, st.pending.args
+                p, raw = probs[at:at + k], logits[at:at + k]
+                at += k
+                if args.emit is not None:
+                    # Emitted rows travel: verify against the truncated p, and emit exactly it.
+                    p, ids, weights = truncated_probs(p, args.emit.truncation)
+                for i in range(k):
+                    j = st.lo - st.first + i
+                    st.pending.rows[j] = p[i]
+                    if args.emit is not None:
+                        st.pending.raw[j] = raw[i]
+                        st.pending.kept[j] = (ids[i], weights[i])
+        shared = (time.perf_counter() - t0) / len(steps)  # the batched part, split evenly
+        for st in steps:
+            t1 = time.perf_counter()
+            pending = st.pending
+            if st.final:
+                del self.pending[pending.args.key]
+                result = self._verify(pending, st.state, st.row, sampler_output)
+            now = time.perf_counter()
+            pending.forward_s += now - self._step_t0
+            pending.hook_s += shared + now - t1
+            self.hook_s += shared + now - t1
+            if st.final:
+                self.verified += 1
+                result = dataclasses.replace(result, forward_ms=pending.forward_s * 1e3,
+                                             hook_ms=pending.hook_s * 1e3)
+                # Delivered results are not kept: a store of every result would always hold
+                # MAX_PENDING of them (with emitted rows, megabytes each on a real vocabulary).
+                # Under tensor parallelism every rank decides (each records the token it
+                # emits); only the rank that pushes keeps or sends the result.
+                if self.sink is not None:
+                    if not self.sink.send(result):
+                        self.results.put(result.key, result)
+                elif self.keep_results:
+                    self.results.put(result.key, result)
 
     def _pending(self, state) -> _Pending | None:
         raw = state.sampling_params.extra_args.get(EXTRA_ARGS_KEY)
@@ -240,6 +302,18 @@ class VerifyHook:
             rows.append(EmittedRow(token, u, base64.b64encode(ids).decode("ascii"),
                                    base64.b64encode(weights).decode("ascii")))
         return tuple(rows)
+
+
+def ban_rows_of(logits: torch.Tensor, banned: list[tuple[int, tuple[int, ...]]]) -> torch.Tensor:
+    """logits [N, V] with the ids of each (row, ids) set to -inf, on the logits' device; the
+    input is not modified."""
+    out = logits.clone()
+    rows = torch.tensor([i for i, ids in banned for _ in ids], dtype=torch.long,
+                        device=logits.device)
+    cols = torch.tensor([t for _, ids in banned for t in ids], dtype=torch.long,
+                        device=logits.device)
+    out[rows, cols] = float("-inf")
+    return out
 
 
 def decide(rows: dict[int, torch.Tensor], args: VerifyArgs,

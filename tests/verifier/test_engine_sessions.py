@@ -207,3 +207,43 @@ def test_idle_sessions_are_evicted_and_every_session_stays_exact(tiny_zoo):
     assert stats["reopened"] > 0, stats
     for prompt, history in zip(prompts, again):
         assert history == prompt + greedy_draft(tiny_zoo.llm, prompt, len(history) - len(prompt))
+
+
+def test_the_verifications_of_a_step_are_decided_in_one_batched_pass(tiny_zoo):
+    """Eight sessions (greedy, T = 1 with top-k, T = 0.7 with top-p: three sampling specs) verify
+    at once, three rounds: each result equals the one the same session gets verifying alone
+    (tokens, acceptances, target p within float tolerance), and the hook computed the logits
+    of the step's verifications together (fewer compute_logits calls than verifications)."""
+    prompts = heldout_prompts(tiny_zoo, 8, 40)
+    specs = [GREEDY, SamplingSpec(1.0, top_k=4, seed=3), SamplingSpec(0.7, top_p=0.8, seed=9)]
+
+    async def session(verifier, i):
+        prompt, spec = prompts[i], specs[i % 3]
+        opened = await verifier.open_session(OWNER, prompt, spec)
+        history, out = list(prompt), []
+        for r in range(3):
+            draft = greedy_draft(tiny_zoo.llm, history, 3)
+            draft[(i + r) % 3] = (draft[(i + r) % 3] + 1) % 100  # one spoiled token
+            reply = await verify(verifier, opened.session_id, len(history), draft,
+                                 target_probs=True)
+            history += [*draft[:reply.num_accepted], reply.next_token]
+            out.append((reply.num_accepted, reply.next_token, reply.target_probs))
+        await verifier.close_session(OWNER, opened.session_id)
+        return out
+
+    async def main():
+        async with verifier_on(tiny_zoo.llm) as verifier:
+            alone = [await session(verifier, i) for i in range(8)]
+            (before,) = await verifier.engine.collective_rpc("hilm_verify_stats")
+            together = await asyncio.gather(*(session(verifier, i) for i in range(8)))
+            (after,) = await verifier.engine.collective_rpc("hilm_verify_stats")
+            return alone, together, before, after
+
+    alone, together, before, after = asyncio.run(main())
+    for a, t in zip(alone, together):
+        assert [x[:2] for x in a] == [x[:2] for x in t]
+        for x, y in zip(a, t):
+            np.testing.assert_allclose(x[2], y[2], rtol=1e-4, atol=1e-6)
+    verified = after["verified"] - before["verified"]
+    calls = after["logits_calls"] - before["logits_calls"]
+    assert verified == 24 and calls < verified, (verified, calls)
