@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from hilm_vllm.errors import Unavailable
+from hilm_vllm.router.admission import FairAdmission
 from hilm_vllm.router.engine import RouterConfig
 from hilm_vllm.router.openai_api import RouterAPI, build_app
 from hilm_vllm.router.policy import Policy
@@ -29,6 +30,7 @@ class FailingSecondChoice:
     def __init__(self):
         self.cfg = RouterConfig("llm:1", policy=Policy.LLM_ONLY)
         self.llm, self.slm, self.ilm = _Llm(), None, None
+        self.admission = FairAdmission()
         self.calls = self.closed = 0
 
     def check_policy(self, policy) -> None:
@@ -68,8 +70,10 @@ def test_a_failing_choice_gives_one_openai_error_and_closes_every_choice(app):
         assert r.status_code == 503, r.text
         assert r.json()["error"]["message"] == "the LLM tier went away"
         assert router.closed == router.calls == 2
+        assert router.admission.active == 0  # the request's admission slots are back
         again = client.post("/v1/completions", json={"model": "m", "prompt": "x", "n": 2})
         assert again.status_code == 503  # the server keeps serving
+        assert router.admission.active == 0
 
 
 def test_a_failing_streamed_choice_ends_with_an_error_event_and_done(app):
@@ -84,3 +88,4 @@ def test_a_failing_streamed_choice_ends_with_an_error_event_and_done(app):
         error = json.loads(events[-2])["error"]
         assert error["code"] == 503 and error["message"] == "the LLM tier went away"
         assert router.closed == router.calls == 2
+        assert router.admission.active == 0  # a stream gives its slots back when it ends
