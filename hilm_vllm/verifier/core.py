@@ -27,6 +27,7 @@ from hilm_vllm import codec
 from hilm_vllm.sampling import SamplingSpec, ScoredToken, Truncation
 from hilm_vllm.server.engine_session import (Chunk, EngineSession, ResidentSessions,
                                              SessionLost)
+from hilm_vllm.server.gate import BatchGate
 from hilm_vllm.server.grpc_util import is_engine_client_error
 from hilm_vllm.server.flags import (DEFAULT_EXEMPT_PRINCIPALS, DEFAULT_MAX_CLIENT_SAMPLES,
                                     DEFAULT_MAX_SESSIONS_PER_CLIENT, check_caps)
@@ -55,6 +56,9 @@ class VerifierSettings:
     max_sessions_per_client: int = DEFAULT_MAX_SESSIONS_PER_CLIENT
     max_client_samples: int = DEFAULT_MAX_CLIENT_SAMPLES  # largest K a Verify may ask for
     exempt_principals: tuple[str, ...] = DEFAULT_EXEMPT_PRINCIPALS  # not per-client capped
+    # Verifications arriving within this many ms of each other enter the engine together, so
+    # they share an engine step (server/gate.py); 0 = each at once (--verify-batch-window-ms)
+    batch_window_ms: float = 0.0
     # A Verify with return_emitted verifies against p truncated so (and emits exactly that law):
     # --emit-top-k, --emit-eps
     emit_truncation: Truncation = field(default_factory=Truncation)
@@ -62,6 +66,9 @@ class VerifierSettings:
     def __post_init__(self) -> None:
         check_caps(self.max_client_samples, self.uncertainty.num_samples, self.max_sessions,
                    self.max_sessions_per_client)
+        if not 0 <= self.batch_window_ms <= 1000:
+            raise ValueError(f"--verify-batch-window-ms must be in [0, 1000], got "
+                             f"{self.batch_window_ms}")
 
 
 @dataclass(frozen=True)
@@ -160,6 +167,7 @@ class Verifier:
         self.channel = channel  # None: every result is fetched with hilm_pop_verify
         # Each session's engine request (server/engine_session.py), closed with the session.
         self.resident = ResidentSessions.of(engine)
+        self.gate = BatchGate(settings.batch_window_ms / 1e3)
         self.sessions: SessionStore[VerifierSession] = SessionStore(
             StoreLimits(settings.max_sessions, settings.session_ttl_s,
                         settings.max_sessions_per_client, settings.exempt_principals),
@@ -281,6 +289,7 @@ class Verifier:
         pushed = self.channel.expect(args.key) if self.channel else None
         try:
             try:
+                await self.gate.wait()  # several sessions' verifications, one engine step
                 engine_session = self.resident.reopen(sid) if fresh else self.resident.get(sid)
                 chunk = await self._run_chunk(engine_session, prompt, params,
                                               len(prompt) - args.n - 1)

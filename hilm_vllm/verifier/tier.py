@@ -39,6 +39,13 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     d = VerifierSettings()
     group = parser.add_argument_group("verifier tier")
     add_session_args(group, d)
+    group.add_argument("--verify-batch-window-ms", type=float, default=d.batch_window_ms,
+                       help="hold each Verify up to this many ms so that the verifications of "
+                            "several sessions enter the engine together and share one step "
+                            "(each step has a fixed cost; an engine that is not saturated "
+                            "otherwise runs a step per Verify): less engine CPU per token for "
+                            "at most this much latency per round; 0 = off "
+                            "(default: %(default)s)")
     group.add_argument("--max-block", type=int, default=d.max_block,
                        help="draft tokens per Verify at most (default: %(default)s)")
     # The verifier's own uncertainty of the tokens it emits (VerifyRequest.return_emitted), with
@@ -68,7 +75,8 @@ def settings_from_args(args: argparse.Namespace | None) -> VerifierSettings:
                                             d.max_sessions_per_client),
             max_client_samples=getattr(args, "max_uncertainty_samples", d.max_client_samples),
             exempt_principals=getattr(args, "exempt_principals", d.exempt_principals),
-            emit_truncation=truncation_from_args(args, "emit", d.emit_truncation))
+            emit_truncation=truncation_from_args(args, "emit", d.emit_truncation),
+            batch_window_ms=getattr(args, "verify_batch_window_ms", d.batch_window_ms))
     except ValueError as e:
         raise SystemExit(f"error: hilm-serve --tier llm|ilm: {e}") from e
 
