@@ -116,6 +116,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "engine_configs/thresholds-<zoo>.yaml when there is one)")
     p.add_argument("--router-args", default="",
                    help="more router flags, e.g. \"--t1 0.3 --t2 0.6\" (recorded in config)")
+    p.add_argument("--verify-batch-window-ms", type=float, default=0.0,
+                   help="the verifier tiers' batching window (hilm-serve "
+                        "--verify-batch-window-ms; recorded in config) (default: %(default)s)")
     p.add_argument("--placement", default=None,
                    help="engine placement layout (README 'Placement'; default: hilm-serve's)")
     p.add_argument("--replot", type=Path, default=None,
@@ -243,7 +246,9 @@ def router_runs(prompts: list[str], args, report) -> None:
     policies = [p for p in args.policies if p in ROUTER_POLICIES]
     if not policies:
         return
-    plan = family_plan(args.zoo, router_flags=router_flags(args))
+    window = f"--verify-batch-window-ms {args.verify_batch_window_ms:g}"
+    plan = family_plan(args.zoo, router_flags=router_flags(args),
+                       tier_args={"llm": window, "ilm": window})
     with Stack.launch(plan, placement=args.placement,
                       log=lambda m: print(f"  {m}", flush=True)) as stack:
         roots = {t: stack.tiers[t].proc.pid if t in stack.tiers else None for t in TIERS}
