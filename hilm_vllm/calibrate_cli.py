@@ -438,7 +438,7 @@ def thresholds_doc(args, results: dict[str, dict[str, PairResult]], json_path: P
 def thresholds_file(args, results: dict[str, dict[str, PairResult]], json_path: Path):
     """The YAML: t1, t2, t_ilm (in [0, 1]), the gates and why, operating points, fits."""
     from hilm_vllm.codec import ThresholdsFile
-    from hilm_vllm.router.policy import Thresholds
+    from hilm_vllm.thresholds import Thresholds
 
     choice = choose_gates(results)
     points = operating_points(args, results, choice)

@@ -26,7 +26,7 @@ import numpy as np
 
 from hilm_vllm.errors import InvalidArgument
 from hilm_vllm.proto.hilm.v1 import common_pb2
-from hilm_vllm.router.policy import Thresholds
+from hilm_vllm.thresholds import Thresholds
 from hilm_vllm.sampling import ID_DTYPE, WEIGHT_DTYPE, SamplingSpec, ScoredToken, unpack_row
 from hilm_vllm.uncertainty import MAX_SAMPLES, Gate, Perturbation, UncertaintyConfig
 

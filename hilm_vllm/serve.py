@@ -16,8 +16,8 @@ import os
 import sys
 
 from hilm_vllm.config import ServeConfig
-from hilm_vllm.server.grpc_util import (DEFAULT_MAX_MESSAGE_MB, MAX_MESSAGE_ENV, MAX_MESSAGE_FLAG,
-                                        max_message_bytes)
+from hilm_vllm.server.grpc_limits import (DEFAULT_MAX_MESSAGE_MB, MAX_MESSAGE_ENV,
+                                          MAX_MESSAGE_FLAG, max_message_bytes)
 from hilm_vllm.tiers import MODEL_TIERS, Tier
 
 ZOO_PREFIX = "zoo:"

@@ -41,12 +41,13 @@ from hilm_vllm.router import metrics
 from hilm_vllm.router.admission import AdmissionLimits, FairAdmission
 from hilm_vllm.router.links import (CONNECTION_LOST, UNREACHABLE, DrafterLink, TierUsage,
                                     VerifierLink)
-from hilm_vllm.router.policy import (Forward, LlmDown, Policy, RoundPlan, Route, Thresholds,
-                                     common_prefix, forward_rule, plan)
+from hilm_vllm.router.policy import (Forward, LlmDown, Policy, RoundPlan, Route, common_prefix,
+                                     forward_rule, plan)
 from hilm_vllm.router.session import TierSession
 from hilm_vllm.sampling import INT32_MAX, SamplingSpec, ScoredToken
 from hilm_vllm.seeds import Stream, derive_seed
 from hilm_vllm.server.grpc_util import too_large, too_large_message
+from hilm_vllm.thresholds import Thresholds
 from hilm_vllm.tiers import MODEL_TIERS, Tier
 from hilm_vllm.uncertainty import UncertaintyConfig
 

@@ -39,7 +39,8 @@ from hilm_vllm.errors import HilmError, InvalidArgument, NotFound
 from hilm_vllm.router import metrics
 from hilm_vllm.router.admission import Slot, TooBusy
 from hilm_vllm.router.engine import GenerationRequest, RequestStats, Router
-from hilm_vllm.router.policy import Policy, Thresholds
+from hilm_vllm.router.policy import Policy
+from hilm_vllm.thresholds import Thresholds
 from hilm_vllm.seeds import Stream, derive_seed
 from hilm_vllm.server.security import bearer_ok
 

@@ -18,7 +18,8 @@ from hilm_vllm.netmodel import PRESETS, network_model
 from hilm_vllm.router.admission import AdmissionLimits
 from hilm_vllm.router.engine import RouterConfig
 from hilm_vllm.router.openai_api import RequestLimits
-from hilm_vllm.router.policy import Policy, Thresholds
+from hilm_vllm.router.policy import Policy
+from hilm_vllm.thresholds import Thresholds
 from hilm_vllm.uncertainty import UncertaintyConfig
 
 

@@ -17,8 +17,8 @@ from grpc_health.v1.health import aio as health_aio
 
 from hilm_vllm.config import ServeConfig
 from hilm_vllm.server import metrics
-from hilm_vllm.server.grpc_util import (PUBLIC_MAX_RECEIVE_BYTES, MalformedRequestInterceptor,
-                                        grpc_options)
+from hilm_vllm.server.grpc_limits import PUBLIC_MAX_RECEIVE_BYTES, grpc_options
+from hilm_vllm.server.grpc_util import MalformedRequestInterceptor
 from hilm_vllm.server.security import INSECURE, server_interceptors
 from hilm_vllm.tiers import Tier
 

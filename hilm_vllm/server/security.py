@@ -31,6 +31,8 @@ from pathlib import Path
 
 import grpc
 
+from hilm_vllm.server.grpc_limits import grpc_options
+
 TIER_TOKEN_ENV = "HILM_TIER_TOKEN"
 AUTH_METADATA_KEY = "authorization"  # "Bearer <token>", as HTTP and vLLM's --api-key
 # Methods a caller without a token may call (load balancers, `TierProcess.wait_healthy`).
@@ -239,7 +241,6 @@ def make_channel(address: str, security: Security | None = None,
     """The channel of every client of a tier: TLS and the tier token as `security` (default: this
     process's, `set_process_security`) says. `aio=False` makes a blocking channel (health checks
     of `launch.TierProcess`)."""
-    from hilm_vllm.server.grpc_util import grpc_options  # (grpc_util imports this module)
 
     security = process_security() if security is None else security
     options = [*grpc_options(), *options]  # the one message limit

@@ -14,7 +14,7 @@ import yaml
 from hilm_vllm import calibrate_cli, codec
 from hilm_vllm.cli import build_parser
 from hilm_vllm.launch import TierProcess
-from hilm_vllm.router.policy import Thresholds
+from hilm_vllm.thresholds import Thresholds
 
 from tests.drafter.conftest import ENGINE_FLAGS
 

@@ -7,8 +7,9 @@ import pytest
 
 from hilm_vllm.netmodel import Site, network_model, shannon_rate
 from hilm_vllm import codec
-from hilm_vllm.router.policy import (Forward, LlmDown, Policy, Thresholds, common_prefix,
-                                     ilm_forward_from, plan)
+from hilm_vllm.router.policy import (Forward, LlmDown, Policy, common_prefix, ilm_forward_from,
+                                     plan)
+from hilm_vllm.thresholds import Thresholds
 from hilm_vllm.tiers import Tier
 
 TH = Thresholds(t1=0.2, t2=0.6, t_ilm=0.5)

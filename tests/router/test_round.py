@@ -10,7 +10,8 @@ import pytest
 
 from hilm_vllm.errors import InvalidArgument, Unavailable
 from hilm_vllm.router.engine import GenerationRequest, RequestStats, Router, RouterConfig
-from hilm_vllm.router.policy import Policy, Thresholds
+from hilm_vllm.router.policy import Policy
+from hilm_vllm.thresholds import Thresholds
 from hilm_vllm.router.session import sync
 from hilm_vllm.sampling import SamplingSpec
 from hilm_vllm.tiers import Tier

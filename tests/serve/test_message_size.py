@@ -18,7 +18,7 @@ from hilm_vllm.proto.hilm.v1 import verifier_pb2, verifier_pb2_grpc
 from hilm_vllm.router.engine import _translate
 from hilm_vllm.router.links import TierUsage, VerifierLink
 from hilm_vllm.sampling import ScoredToken
-from hilm_vllm.server.grpc_util import MAX_MESSAGE_ENV, grpc_options
+from hilm_vllm.server.grpc_limits import MAX_MESSAGE_ENV, grpc_options
 from hilm_vllm.tiers import Tier
 
 VOCAB = 131_072  # a 128k vocabulary (Llama 3's is 128,256)
