@@ -45,6 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hilm_vllm.zoo import resolve_model
+
 EMBEDDING_DIM = 384  # all-MiniLM-L6-v2's sentence embedding size
 
 
@@ -163,8 +165,6 @@ class PerplexityScorer:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from hilm_vllm.serve import resolve_model
 
         path = resolve_model(str(model))
         self.tokenizer = AutoTokenizer.from_pretrained(path)

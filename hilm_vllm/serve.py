@@ -18,10 +18,10 @@ import sys
 from hilm_vllm.config import ServeConfig
 from hilm_vllm.server.grpc_limits import (DEFAULT_MAX_MESSAGE_MB, MAX_MESSAGE_ENV,
                                           MAX_MESSAGE_FLAG, max_message_bytes)
-from hilm_vllm.tiers import MODEL_TIERS, Tier
+from hilm_vllm.tiers import Tier
+from hilm_vllm.zoo import resolve_model
 
-ZOO_PREFIX = "zoo:"
-ALL = "all"  # --tier all: the whole system (hilm_vllm.up)  # --model zoo:demo/llm names a model of the locally built demo family
+ALL = "all"  # --tier all: the whole system (hilm_vllm.up)
 
 # Each engine tier's module provides `ENGINE_DEFAULTS` (engine arguments the tier's hooks need,
 # e.g. its worker extension; the command line and --config still override them),
@@ -106,25 +106,6 @@ def build_parser(tier: Tier | None):
     elif tier is Tier.ROUTER:
         _tier_module(tier).add_cli_args(parser)
     return parser
-
-
-def resolve_model(spec: str) -> str:
-    """`zoo:<recipe>/<tier>` -> the built model's directory; anything else unchanged."""
-    if not spec.startswith(ZOO_PREFIX):
-        return spec
-    from hilm_vllm.zoo import find_zoo
-
-    recipe, _, tier = spec[len(ZOO_PREFIX):].partition("/")
-    if tier not in [t.value for t in MODEL_TIERS]:
-        raise SystemExit(f"error: --model {spec}: expected zoo:<recipe>/<slm|ilm|llm>")
-    try:
-        zoo = find_zoo(recipe)
-    except ValueError as e:  # an unknown recipe
-        raise SystemExit(f"error: --model {spec}: {e}") from None
-    if zoo is None:
-        raise SystemExit(f"error: --model {spec}: the {recipe!r} zoo is not built; run "
-                         f"`hilm zoo build --recipe {recipe}` first")
-    return str(zoo.model(tier))
 
 
 def engine_args_from(args: argparse.Namespace):

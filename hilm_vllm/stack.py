@@ -27,6 +27,7 @@ from pathlib import Path
 import psutil
 
 from hilm_vllm.launch import TierProcess
+from hilm_vllm.zoo import resolve_model
 
 ENGINE_TIERS = ("llm", "ilm", "slm")  # started in this order; the router needs them
 TIERS = ("slm", "ilm", "llm", "router")
@@ -105,7 +106,6 @@ def family_plan(family: str | None = None, *, models: dict[str, str | None] | No
     which win over the family's). `engine_args` go to every engine tier, `tier_args[tier]` to one
     (quoted strings, as on a command line); `router_flags` to the router. With `check_models`, a
     zoo model that is not built fails now, saying how to build it."""
-    from hilm_vllm.serve import resolve_model
 
     models, tier_args = dict(models or {}), dict(tier_args or {})
     router_flags = list(router_flags or [])

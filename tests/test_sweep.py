@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from hilm_vllm.bench import sweep
+from hilm_vllm.bench import sweep, sweep_points
 from hilm_vllm.bench.demo import RequestRecord, Run
 
 BLOCKS = [{"lo": 0.0, "hi": 0.0, "level": 0.05, "tokens": 20},  # 20% of tokens at u = 0
@@ -139,13 +139,13 @@ def test_nearest_points_and_latest_sweep(tmp_path):
     points = [point("uhlm", "u1", 0.1, 1.2), point("uhlm", "u2", 0.5, 1.0),
               point("rand", "r1", 0.45, 1.1), dict(point("hilm", "hc", 0.2, 1.1),
                                                    calibrated=True)]
-    near = [p["label"] for p in sweep.nearest_points(points, 0.4)]
+    near = [p["label"] for p in sweep_points.nearest_points(points, 0.4)]
     assert near == ["hc", "u2", "r1"]
-    assert sweep.latest_sweep(tmp_path) is None
+    assert sweep_points.latest_sweep(tmp_path) is None
     for stamp, zoo in (("20990101T000000Z", "demo"), ("20990102T000000Z", "tiny")):
         (tmp_path / f"sweep-{stamp}.json").write_text(json.dumps({"config": {"zoo": zoo}}))
-    assert sweep.latest_sweep(tmp_path).name == "sweep-20990102T000000Z.json"
-    assert sweep.latest_sweep(tmp_path, "demo").name == "sweep-20990101T000000Z.json"
+    assert sweep_points.latest_sweep(tmp_path).name == "sweep-20990102T000000Z.json"
+    assert sweep_points.latest_sweep(tmp_path, "demo").name == "sweep-20990101T000000Z.json"
 
 
 def _run(label, temperature, texts, skipped=()):

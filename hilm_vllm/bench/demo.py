@@ -101,6 +101,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import math
 import signal
 import sys
@@ -111,6 +112,7 @@ from pathlib import Path
 
 from hilm_vllm.bench import add_common_args
 from hilm_vllm.bench.cpu import ms_per
+from hilm_vllm.bench.sweep_points import latest_sweep, nearest_points, point_line
 
 
 POLICIES = ("llm-only", "hlm", "spec", "uhlm", "hilm", "cascade", "rand")
@@ -697,10 +699,6 @@ def report(runs: list[Run], references: list[str], args, zoo, prompts) -> int:
 def operating_point_report(policies: dict[str, dict], args) -> str:
     """Where the calibrated point (`hilm` at --thresholds) sits: its figures, `hlm`'s in the same
     run, and the nearest points of the newest sweep of the same family (bench/sweep.py)."""
-    import json
-
-    from hilm_vllm.bench.sweep import latest_sweep, nearest_points, point_line
-
     entry = policies.get("hilm")
     if entry is None:
         return "operating point: `hilm` was not run"

@@ -46,7 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hilm_vllm.quality import SampleScores, quality_summary
+from hilm_vllm.quality import PerplexityScorer, SampleScores, quality_summary
+from hilm_vllm.zoo import resolve_model
 
 DRAFTER_CONFIG = "engine_configs/demo-slm.yaml"
 IDS_KEY = "token_ids"  # usage.hilm key of the completion's token ids, when the router sends them
@@ -127,9 +128,6 @@ class ShadowScorer:
                  device: str = "cpu", batch_size: int = 8):
         import torch
         from transformers import AutoModelForCausalLM
-
-        from hilm_vllm.quality import PerplexityScorer
-        from hilm_vllm.serve import resolve_model
 
         self.ppl = PerplexityScorer(llm, device=device, batch_size=batch_size)
         self.tokenizer = self.ppl.tokenizer

@@ -21,6 +21,7 @@ from hilm_vllm.router.openai_api import RequestLimits
 from hilm_vllm.router.policy import Policy
 from hilm_vllm.thresholds import Thresholds
 from hilm_vllm.uncertainty import UncertaintyConfig
+from hilm_vllm.zoo import resolve_model
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -189,7 +190,6 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
 def load_tokenizer(model: str):
     from transformers import AutoTokenizer
 
-    from hilm_vllm.serve import resolve_model
 
     return AutoTokenizer.from_pretrained(resolve_model(model))
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from hilm_vllm.tiers import MODEL_TIERS
 from hilm_vllm.zoo.recipes import (
     RANDOM_RECIPES,
     RECIPES,
@@ -26,8 +27,10 @@ from hilm_vllm.zoo.recipes import (
     recipe_names,
 )
 
-__all__ = ["RANDOM_RECIPES", "RECIPES", "RandomRecipe", "Recipe", "Zoo", "ensure_zoo", "find_zoo",
-           "get_recipe", "recipe_names", "zoo_dir"]
+__all__ = ["RANDOM_RECIPES", "RECIPES", "RandomRecipe", "Recipe", "ZOO_PREFIX", "Zoo",
+           "ensure_zoo", "find_zoo", "get_recipe", "recipe_names", "resolve_model", "zoo_dir"]
+
+ZOO_PREFIX = "zoo:"  # --model zoo:demo/llm names a model of the locally built demo family
 
 
 @dataclass(frozen=True)
@@ -98,3 +101,20 @@ def ensure_zoo(recipe: str | Recipe | RandomRecipe = "demo", seed: int = 0, devi
 
                 build(r, root, device=device, progress=progress)
     return Zoo(root)
+
+
+def resolve_model(spec: str) -> str:
+    """`zoo:<recipe>/<tier>` -> the built model's directory; anything else unchanged."""
+    if not spec.startswith(ZOO_PREFIX):
+        return spec
+    recipe, _, tier = spec[len(ZOO_PREFIX):].partition("/")
+    if tier not in [t.value for t in MODEL_TIERS]:
+        raise SystemExit(f"error: --model {spec}: expected zoo:<recipe>/<slm|ilm|llm>")
+    try:
+        zoo = find_zoo(recipe)
+    except ValueError as e:  # an unknown recipe
+        raise SystemExit(f"error: --model {spec}: {e}") from None
+    if zoo is None:
+        raise SystemExit(f"error: --model {spec}: the {recipe!r} zoo is not built; run "
+                         f"`hilm zoo build --recipe {recipe}` first")
+    return str(zoo.model(tier))
