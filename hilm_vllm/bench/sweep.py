@@ -73,7 +73,7 @@ from pathlib import Path
 from hilm_vllm.bench import add_common_args
 from hilm_vllm.bench import demo  # stream_one, run_metrics, served_router, Tiers, ...
 from hilm_vllm.bench.sweep_points import GRID_POLICIES, point_line
-from hilm_vllm.bench.sweep_points import quality as point_quality
+from hilm_vllm.bench.sweep_points import quality as _q
 
 FIXED_POLICIES = ("llm-only", "hlm", "spec", "cascade")
 LOSSLESS = FIXED_POLICIES
@@ -310,24 +310,24 @@ def comparisons(points: list[dict]) -> dict:
         for pt in by[policy]:
             tr = pt["tr_llm"]
             out["vs_rand_at_equal_tr"].append({
-                "label": pt["label"], "tr_llm": tr, "ppl_ratio": point_quality(pt, "ppl_ratio"),
-                "tsr": point_quality(pt, "tsr"), "tokens_per_s": pt["tokens_per_s"],
+                "label": pt["label"], "tr_llm": tr, "ppl_ratio": _q(pt, "ppl_ratio"),
+                "tsr": _q(pt, "tsr"), "tokens_per_s": pt["tokens_per_s"],
                 "rand_ppl_ratio": None if tr is None else interpolate(
-                    [r["tr_llm"] for r in rand], [point_quality(r, "ppl_ratio") for r in rand], tr),
+                    [r["tr_llm"] for r in rand], [_q(r, "ppl_ratio") for r in rand], tr),
                 "rand_tsr": None if tr is None else interpolate(
-                    [r["tr_llm"] for r in rand], [point_quality(r, "tsr") for r in rand], tr),
+                    [r["tr_llm"] for r in rand], [_q(r, "tsr") for r in rand], tr),
                 "rand_tokens_per_s": None if tr is None else interpolate(
                     [r["tr_llm"] for r in rand], [r["tokens_per_s"] for r in rand], tr)})
     uhlm = by["uhlm"]
     for pt in by["hilm"]:
-        pr = point_quality(pt, "ppl_ratio")
+        pr = _q(pt, "ppl_ratio")
         out["hilm_vs_uhlm_at_equal_ppl_ratio"].append({
             "label": pt["label"], "ppl_ratio": pr, "tr_llm": pt["tr_llm"],
             "tr_ilm": pt["tr_ilm"], "tokens_per_s": pt["tokens_per_s"],
             "uhlm_tr_llm": None if pr is None else interpolate(
-                [point_quality(u, "ppl_ratio") for u in uhlm], [u["tr_llm"] for u in uhlm], pr),
+                [_q(u, "ppl_ratio") for u in uhlm], [u["tr_llm"] for u in uhlm], pr),
             "uhlm_tokens_per_s": None if pr is None else interpolate(
-                [point_quality(u, "ppl_ratio") for u in uhlm], [u["tokens_per_s"] for u in uhlm], pr)})
+                [_q(u, "ppl_ratio") for u in uhlm], [u["tokens_per_s"] for u in uhlm], pr)})
     return out
 
 
@@ -482,12 +482,12 @@ def plot(path: Path, points: list[dict], title: str = "") -> None:
             if policy == "llm-only" and key == "tr_llm":
                 continue  # one Generate stream per request: no per-token TR
             pts = [p for p in points if p["policy"] == policy and p["label"] != RESEED_LABEL
-                   and point_quality(p, "ppl_ratio") is not None and p.get(key) is not None]
+                   and _q(p, "ppl_ratio") is not None and p.get(key) is not None]
             if not pts:
                 continue
             curve = sorted((p for p in pts if not p["calibrated"]),
-                           key=lambda p: point_quality(p, "ppl_ratio"))
-            xs, ys = [point_quality(p, "ppl_ratio") for p in curve], [p[key] for p in curve]
+                           key=lambda p: _q(p, "ppl_ratio"))
+            xs, ys = [_q(p, "ppl_ratio") for p in curve], [p[key] for p in curve]
             style = "-" if policy in GRID_POLICIES else "none"
             if curve:
                 ax.plot(xs, ys, linestyle=style, marker=marker, color=color, label=policy)
@@ -496,11 +496,11 @@ def plot(path: Path, points: list[dict], title: str = "") -> None:
                     if ci:
                         ax.plot(ci, [p[key]] * 2, color=color, lw=0.8, alpha=0.5)
                     if p.get("share") is not None:
-                        ax.annotate(f"{p['share']:g}", (point_quality(p, "ppl_ratio"), p[key]),
+                        ax.annotate(f"{p['share']:g}", (_q(p, "ppl_ratio"), p[key]),
                                     fontsize=6, xytext=(3, 3), textcoords="offset points")
             for p in pts:
                 if p["calibrated"]:
-                    ax.plot([point_quality(p, "ppl_ratio")], [p[key]], marker=marker, color=color, ms=11,
+                    ax.plot([_q(p, "ppl_ratio")], [p[key]], marker=marker, color=color, ms=11,
                             mfc="none", mew=2, linestyle="none",
                             label=f"{p['policy']} calibrated")
         ax.set_xlabel("ppl_ratio (perplexity under the LLM / llm-only's; 1 = LLM quality)")

@@ -47,5 +47,6 @@ def point_line(p: dict) -> str:
     ci_text = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
     return (f"  {p['label']:<18} tr_llm {f(p.get('tr_llm'), '.3f')}  "
             f"tr_ilm {f(p.get('tr_ilm'), '.3f')}  skip {f(p.get('skip_rate_measured'), '.3f')}  "
-            f"ppl_ratio {f(quality(p, 'ppl_ratio'), '.3f')}{ci_text}  TSR {f(quality(p, 'tsr'), '.3f')}  "
+            f"ppl_ratio {f(quality(p, 'ppl_ratio'), '.3f')}{ci_text}  "
+            f"TSR {f(quality(p, 'tsr'), '.3f')}  "
             f"{f(p.get('tokens_per_s'), '.1f')} tok/s")
