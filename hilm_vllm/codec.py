@@ -26,8 +26,9 @@ import numpy as np
 
 from hilm_vllm.errors import InvalidArgument
 from hilm_vllm.proto.hilm.v1 import common_pb2
-from hilm_vllm.thresholds import Thresholds
 from hilm_vllm.sampling import ID_DTYPE, WEIGHT_DTYPE, SamplingSpec, ScoredToken, unpack_row
+from hilm_vllm.server.caps import check_client_samples
+from hilm_vllm.thresholds import Thresholds
 from hilm_vllm.uncertainty import MAX_SAMPLES, Gate, Perturbation, UncertaintyConfig
 
 Prompt = list[int] | str
@@ -104,8 +105,6 @@ def uncertainty_from_pb(pb: common_pb2.UncertaintyConfig, default: UncertaintyCo
         raise InvalidArgument(f"uncertainty.num_samples (K) must be in [1, {MAX_SAMPLES}], got "
                               f"{pb.num_samples}: send 0 for this tier's default "
                               f"({default.num_samples})")
-    from hilm_vllm.server.flags import check_client_samples
-
     check_client_samples(pb.num_samples, max_samples)  # the tier's --max-uncertainty-samples
     if pb.theta_max and not 0 < pb.theta_max <= 100:  # also NaN
         raise InvalidArgument(f"uncertainty.theta_max must be in (0, 100], got {pb.theta_max}: "

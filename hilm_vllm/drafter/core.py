@@ -39,7 +39,7 @@ from hilm_vllm.errors import (Aborted, FailedPrecondition, HilmError, InvalidArg
                               Unavailable)
 from hilm_vllm.sampling import SamplingSpec, ScoredToken, Truncation, unpack_row
 from hilm_vllm.server.engine_session import Chunk, ResidentSessions, SessionLost
-from hilm_vllm.server.flags import (DEFAULT_EXEMPT_PRINCIPALS, DEFAULT_MAX_CLIENT_SAMPLES,
+from hilm_vllm.server.caps import (DEFAULT_EXEMPT_PRINCIPALS, DEFAULT_MAX_CLIENT_SAMPLES,
                                     DEFAULT_MAX_SESSIONS_PER_CLIENT, check_caps)
 from hilm_vllm.sessions import Session, SessionLimits, SessionStore
 from hilm_vllm import codec

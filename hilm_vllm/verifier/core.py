@@ -29,7 +29,7 @@ from hilm_vllm.server.engine_session import (Chunk, EngineSession, ResidentSessi
                                              SessionLost)
 from hilm_vllm.server.gate import BatchGate
 from hilm_vllm.server.grpc_util import is_engine_client_error
-from hilm_vllm.server.flags import (DEFAULT_EXEMPT_PRINCIPALS, DEFAULT_MAX_CLIENT_SAMPLES,
+from hilm_vllm.server.caps import (DEFAULT_EXEMPT_PRINCIPALS, DEFAULT_MAX_CLIENT_SAMPLES,
                                     DEFAULT_MAX_SESSIONS_PER_CLIENT, check_caps)
 from hilm_vllm.sessions import SessionLimits as StoreLimits
 from hilm_vllm.sessions import SessionStore

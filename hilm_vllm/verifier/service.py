@@ -15,7 +15,7 @@ from hilm_vllm import codec
 from hilm_vllm.errors import HilmError, InvalidArgument
 from hilm_vllm.proto.hilm.v1 import (common_pb2, generate_pb2, generate_pb2_grpc, verifier_pb2,
                                      verifier_pb2_grpc)
-from hilm_vllm.server.flags import DEFAULT_MAX_CLIENT_SAMPLES
+from hilm_vllm.server.caps import DEFAULT_MAX_CLIENT_SAMPLES
 from hilm_vllm.server.grpc_util import client_id, is_engine_client_error, translate_errors
 from hilm_vllm.uncertainty import UncertaintyConfig
 from hilm_vllm.verifier.core import Verifier
