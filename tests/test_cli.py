@@ -50,3 +50,27 @@ def test_an_installed_wheel_has_every_benchmark_and_the_engine_configs(tmp_path)
     assert shipped == {p.name for p in (repo / "engine_configs").glob("*.yaml")}
     assert "hilm_vllm_patches/shm_busy_loop.py" in names
     assert not any(n.startswith(("bench/", "tests/")) for n in names)
+
+
+def test_dataclass_caps_are_declared_and_read_back_as_flags():
+    """server.flags.add_field_flags / fields_from_args: one --field flag per cap, its default
+    the dataclass's, read back into the dataclass (defaults when the namespace lacks a flag, the
+    dataclass's own check naming the flag)."""
+    import argparse
+
+    import pytest
+
+    from hilm_vllm.router.admission import AdmissionLimits
+    from hilm_vllm.server.flags import add_field_flags, fields_from_args
+
+    p = argparse.ArgumentParser()
+    add_field_flags(p.add_argument_group("g"), AdmissionLimits(),
+                    {"max_active_choices": "a", "max_queued_requests": "b",
+                     "max_queued_per_client": "c"})
+    assert fields_from_args(AdmissionLimits, p.parse_args([])) == AdmissionLimits()
+    got = fields_from_args(AdmissionLimits, p.parse_args(["--max-queued-per-client", "3"]))
+    assert got == AdmissionLimits(max_queued_per_client=3)
+    assert fields_from_args(AdmissionLimits, argparse.Namespace()) == AdmissionLimits()
+    with pytest.raises(ValueError, match="--max-active-choices"):
+        fields_from_args(AdmissionLimits, p.parse_args(["--max-active-choices", "0"]))
+    assert "(default: 256)" in p.format_help()

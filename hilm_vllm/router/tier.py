@@ -19,6 +19,7 @@ from hilm_vllm.router.admission import AdmissionLimits
 from hilm_vllm.router.engine import RouterConfig
 from hilm_vllm.router.openai_api import RequestLimits
 from hilm_vllm.router.policy import Policy
+from hilm_vllm.server.flags import add_field_flags, fields_from_args
 from hilm_vllm.thresholds import Thresholds
 from hilm_vllm.uncertainty import UncertaintyConfig
 from hilm_vllm.zoo import resolve_model
@@ -83,23 +84,13 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                    help="require `Authorization: Bearer KEY` (one of these keys) on /v1/* and on "
                         "gRPC Generate, as `vllm serve --api-key` does; /health stays open "
                         "(default: $VLLM_API_KEY, else no key)")
-    d = RequestLimits()
-    a.add_argument("--max-output-tokens", type=int, default=d.max_output_tokens,
-                   help="largest max_tokens (max_completion_tokens) a request may ask for "
-                        "(default: %(default)s)")
-    a.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens,
-                   help="longest prompt, in tokens after the chat template "
-                        "(default: %(default)s)")
-    a.add_argument("--max-stop-sequences", type=int, default=d.max_stop_sequences,
-                   help="most `stop` strings in one request (default: %(default)s)")
-    a.add_argument("--max-stop-length", type=int, default=d.max_stop_length,
-                   help="longest `stop` string, in characters (default: %(default)s)")
-    a.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
-                   help="largest HTTP request body, and prompt text over gRPC, in bytes "
-                        "(default: %(default)s)")
-    a.add_argument("--max-n", type=int, default=d.max_n,
-                   help="largest `n` (choices generated for one request) "
-                        "(default: %(default)s)")
+    add_field_flags(a, RequestLimits(), {
+        "max_output_tokens": "largest max_tokens (max_completion_tokens) a request may ask for",
+        "max_prompt_tokens": "longest prompt, in tokens after the chat template",
+        "max_stop_sequences": "most `stop` strings in one request",
+        "max_stop_length": "longest `stop` string, in characters",
+        "max_request_bytes": "largest HTTP request body, and prompt text over gRPC, in bytes",
+        "max_n": "largest `n` (choices generated for one request)"})
     q = parser.add_argument_group(
         "router API: fair admission",
         "Each running choice holds a session on every tier it uses. At most "
@@ -107,15 +98,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "key, else its address) and are let in round-robin across clients; a client whose queue "
         "is full, or a router whose queue is, gets HTTP 429 with Retry-After (gRPC "
         "RESOURCE_EXHAUSTED with retry-after-s metadata).")
-    ad = AdmissionLimits()
-    q.add_argument("--max-active-choices", type=int, default=ad.max_active_choices,
-                   help="choices generated at once, all clients together; keep it within the "
-                        "tiers' --max-sessions (default: %(default)s)")
-    q.add_argument("--max-queued-requests", type=int, default=ad.max_queued_requests,
-                   help="requests waiting for admission, all clients together "
-                        "(default: %(default)s)")
-    q.add_argument("--max-queued-per-client", type=int, default=ad.max_queued_per_client,
-                   help="requests one client may have waiting (default: %(default)s)")
+    add_field_flags(q, AdmissionLimits(), {
+        "max_active_choices": "choices generated at once, all clients together; keep it within "
+                              "the tiers' --max-sessions",
+        "max_queued_requests": "requests waiting for admission, all clients together",
+        "max_queued_per_client": "requests one client may have waiting"})
     g.add_argument("--disable-log-stats", action="store_true",
                    help="no periodic SpecDecoding log line (as `vllm serve`; its interval is "
                         "$VLLM_LOG_STATS_INTERVAL, default 10 s)")
@@ -127,19 +114,10 @@ def api_keys(args: argparse.Namespace) -> list[str]:
 
 
 def limits_from_args(args: argparse.Namespace) -> RequestLimits:
-    d = RequestLimits()
     try:
-        return RequestLimits(
-            max_output_tokens=getattr(args, "max_output_tokens", d.max_output_tokens),
-            max_prompt_tokens=getattr(args, "max_prompt_tokens", d.max_prompt_tokens),
-            max_stop_sequences=getattr(args, "max_stop_sequences", d.max_stop_sequences),
-            max_stop_length=getattr(args, "max_stop_length", d.max_stop_length),
-            max_request_bytes=getattr(args, "max_request_bytes", d.max_request_bytes),
-            max_n=getattr(args, "max_n", d.max_n))
+        return fields_from_args(RequestLimits, args)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-
-
 
 
 def thresholds_from_args(args: argparse.Namespace) -> tuple[Thresholds, UncertaintyConfig | None]:
@@ -168,7 +146,6 @@ def thresholds_from_args(args: argparse.Namespace) -> tuple[Thresholds, Uncertai
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
     thresholds, uncertainty = thresholds_from_args(args)
-    ad = AdmissionLimits()
     try:
         return RouterConfig(
             llm=args.llm, ilm=args.ilm, slm=args.slm, policy=Policy(args.policy),
@@ -177,12 +154,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
             uncertainty=uncertainty,
             network=network_model(args.latency, args.bandwidth, args.snr_db),
             rpc_timeout_s=args.rpc_timeout_s, down_retry_s=args.down_retry_s,
-            recover_s=args.recover_s, admission=AdmissionLimits(
-                max_active_choices=getattr(args, "max_active_choices", ad.max_active_choices),
-                max_queued_requests=getattr(args, "max_queued_requests",
-                                            ad.max_queued_requests),
-                max_queued_per_client=getattr(args, "max_queued_per_client",
-                                              ad.max_queued_per_client)))
+            recover_s=args.recover_s, admission=fields_from_args(AdmissionLimits, args))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from hilm_vllm.sampling import Truncation
 from hilm_vllm.server.caps import DEFAULT_MAX_CLIENT_SAMPLES
@@ -86,3 +87,19 @@ def truncation_from_args(args: argparse.Namespace, prefix: str, default: Truncat
     key = prefix.replace("-", "_")
     return Truncation(getattr(args, f"{key}_top_k", default.cap),
                       getattr(args, f"{key}_eps", default.eps))
+
+
+def add_field_flags(group: argparse._ArgumentGroup, defaults, helps: dict[str, str]) -> None:
+    """One `--field-name` int flag per entry of `helps` (a field of the dataclass instance
+    `defaults`, whose value is the flag's default); " (default: N)" is appended to each help."""
+    for name, text in helps.items():
+        group.add_argument(f"--{name.replace('_', '-')}", type=int,
+                           default=getattr(defaults, name), help=f"{text} (default: %(default)s)")
+
+
+def fields_from_args(cls, args: argparse.Namespace):
+    """The dataclass `cls` from the flags `add_field_flags` declared (a namespace built without
+    them keeps the defaults); its own checks raise ValueError naming the flag."""
+    defaults = cls()
+    return cls(**{f.name: getattr(args, f.name, getattr(defaults, f.name))
+                  for f in dataclasses.fields(cls)})
