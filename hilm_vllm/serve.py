@@ -19,7 +19,7 @@ from hilm_vllm.config import ServeConfig
 from hilm_vllm.server.grpc_limits import (DEFAULT_MAX_MESSAGE_MB, MAX_MESSAGE_ENV,
                                           MAX_MESSAGE_FLAG, max_message_bytes)
 from hilm_vllm.tiers import Tier
-from hilm_vllm.zoo import resolve_model
+from hilm_vllm.zoo.registry import resolve_model
 
 ALL = "all"  # --tier all: the whole system (hilm_vllm.up)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 
 from hilm_vllm.launch import TierProcess
-from hilm_vllm.zoo import resolve_model
+from hilm_vllm.zoo.registry import resolve_model
 
 ENGINE_TIERS = ("llm", "ilm", "slm")  # started in this order; the router needs them
 TIERS = ("slm", "ilm", "llm", "router")

@@ -108,9 +108,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-tokens", type=int, default=4,
                    help="tokens per request of the untimed warm-up wave (default: %(default)s)")
     p.add_argument("--block-size", type=int, default=4, help="k (default: %(default)s)")
-    p.add_argument("--optimistic", action=argparse.BooleanOptionalAction, default=True,
-                   help="optimistic drafting for the drafting policies (default: on, the "
-                        "router's default)")
+    p.add_argument("--optimistic", action=argparse.BooleanOptionalAction, default=None,
+                   help="optimistic drafting for the drafting policies: --optimistic drafts "
+                        "ahead every round, --no-optimistic never (default: the router's, on "
+                        "while a request's draft-ahead is likely kept, --optimistic-min-keep)")
     p.add_argument("--thresholds", default=None,
                    help="the router's thresholds YAML (default: the family's "
                         "engine_configs/thresholds-<zoo>.yaml when there is one)")
@@ -257,7 +258,7 @@ def router_runs(prompts: list[str], args, report) -> None:
             stack.wait_sessions_closed(SETTLE_S)
         for policy in policies:
             extra = {"policy": policy}
-            if policy in DRAFTING:
+            if policy in DRAFTING and args.optimistic is not None:
                 extra["optimistic"] = args.optimistic
             for c in args.concurrency:
                 report(measure(stack.url, policy, policy, c, roots, prompts, args, extra,

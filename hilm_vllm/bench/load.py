@@ -79,7 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--latency", default="none,hilm",
                    help="network settings, comma-separated: none, hilm (default: both)")
     p.add_argument("--optimistic", default="off,on",
-                   help="optimistic drafting for drafting policies: off, on or both (default)")
+                   help="optimistic drafting for drafting policies: off, on (every round: the "
+                        "request field `optimistic: true`) or both (default)")
     p.add_argument("--waves", type=int, default=1,
                    help="requests per run = concurrency x waves, at least --min-requests "
                         "(default: 1)")

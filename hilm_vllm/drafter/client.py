@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import grpc
 
 from hilm_vllm import codec
-from hilm_vllm.drafter.core import DraftResult
+from hilm_vllm.drafter.wire import DraftResult, draft_result
 from hilm_vllm.proto.hilm.v1 import drafter_pb2, drafter_pb2_grpc
 from hilm_vllm.sampling import SamplingSpec
 from hilm_vllm.server.client import TierClient
@@ -27,11 +27,6 @@ class OpenedDraftSession:
     prompt_token_ids: tuple[int, ...]
     eos_token_id: int  # -1 when the model names none
     vocab_size: int
-
-
-def draft_result(r: drafter_pb2.DraftResponse) -> DraftResult:
-    return DraftResult([codec.scored_from_pb(t) for t in r.tokens], r.position, r.stopped_early, queue_ms=r.timings.queue_ms,
-                       forward_ms=r.timings.forward_ms, total_ms=r.timings.total_ms)
 
 
 @dataclass

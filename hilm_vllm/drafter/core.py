@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, replace
 
 from hilm_vllm.drafter import metrics
 from hilm_vllm.drafter.processor import DRAFT_ARG, DraftOptions, readout_of
+from hilm_vllm.drafter.wire import DraftResult
 from hilm_vllm.errors import (Aborted, FailedPrecondition, HilmError, InvalidArgument,
                               Unavailable)
 from hilm_vllm.sampling import SamplingSpec, ScoredToken, Truncation, unpack_row
@@ -113,16 +114,6 @@ class DrafterSession:
     # The Draft running now (its engine part), so that a Draft that supersedes it or the
     # session's close can end it from here: the client then needs no gRPC cancel.
     running: asyncio.Task | None = field(default=None, repr=False, compare=False)
-
-
-@dataclass(frozen=True)
-class DraftResult:
-    tokens: list[ScoredToken]
-    position: int
-    early_stop: bool = False  # ended by stop_uncertainty (the forced stop token is dropped)
-    queue_ms: float = 0.0
-    forward_ms: float = 0.0
-    total_ms: float = 0.0
 
 
 def drafted_tokens(readout: dict) -> list[ScoredToken]:

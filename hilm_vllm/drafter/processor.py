@@ -44,7 +44,6 @@ import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 from vllm.exceptions import VLLMValidationError
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality

@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 from hilm_vllm import codec
-from hilm_vllm.drafter.core import Drafter, DrafterSettings, DraftResult, DraftResults, ModelInfo
+from hilm_vllm.drafter.core import Drafter, DrafterSettings, DraftResults, ModelInfo
+from hilm_vllm.drafter.wire import draft_response
 from hilm_vllm.errors import Unavailable
-from hilm_vllm.proto.hilm.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc
+from hilm_vllm.proto.hilm.v1 import drafter_pb2, drafter_pb2_grpc
 from hilm_vllm.server.grpc_util import client_id, translate_errors
 
 SERVICE_NAME = drafter_pb2.DESCRIPTOR.services_by_name["Drafter"].full_name
-
-def draft_response(result: DraftResult) -> drafter_pb2.DraftResponse:
-    tokens = [drafter_pb2.DraftedToken(
-        token_id=t.token_id, uncertainty=t.uncertainty, dist=codec.dist_to_pb(t.ids, t.probs))
-        for t in result.tokens]
-    return drafter_pb2.DraftResponse(
-        tokens=tokens, position=result.position, stopped_early=result.early_stop,
-        timings=common_pb2.Timings(queue_ms=result.queue_ms, forward_ms=result.forward_ms,
-                                   total_ms=result.total_ms))
-
 
 class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
     def __init__(self, runtime, settings: DrafterSettings):

@@ -71,6 +71,9 @@ class RouterConfig:
     uncertainty: UncertaintyConfig | None = None  # None: the drafter's own defaults
     network: NetworkModel = NetworkModel()
     optimistic: bool = True  # draft the next block while this one is verified
+    # ... when the request's estimated chance that a draft-ahead is kept is at least this
+    # (`optimistic_keep_chance`); 0 = every round
+    optimistic_min_keep: float = 0.5
     lookahead: int | None = None  # tokens drafted optimistically; None = the block size
     rpc_timeout_s: float = 60.0  # deadline of one call to a tier
     down_retry_s: float = 10.0  # a tier whose connection was lost is retried after this long
@@ -85,6 +88,9 @@ class RouterConfig:
             raise ValueError(f"--skip-rate must be in [0, 1], got {self.skip_rate}")
         if self.lookahead is not None and not 1 <= self.lookahead <= 64:
             raise ValueError(f"--lookahead must be in [1, 64], got {self.lookahead}")
+        if not 0.0 <= self.optimistic_min_keep <= 1.0:
+            raise ValueError(f"--optimistic-min-keep must be in [0, 1], got "
+                             f"{self.optimistic_min_keep}")
         for name in ("rpc_timeout_s", "down_retry_s", "recover_s"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
@@ -181,6 +187,18 @@ class RequestStats:
             "network_ms": round(sum(v.network_ms for v in t.values()), 3),
             "degraded": list(self.degraded),
         }
+
+
+def optimistic_keep_chance(blocks: int, whole: int, drafted: int, accepted: int) -> float:
+    """The chance that a draft made ahead of the next block is kept, from the request so far.
+
+    A draft-ahead becomes the next block only when the verifier accepts the whole block
+    (`whole` of `blocks` rounds so far) and its bonus token is the drafter's next token, taken
+    to be as likely as a drafted token's acceptance (`accepted` of `drafted`). Both rates are
+    Laplace estimates (a new request starts at 1/2 x 1/2), so a request whose drafter keeps
+    agreeing with the verifier turns drafting ahead on within a few rounds, and one where most
+    blocks are cut does not pay for drafts that are thrown away."""
+    return (whole + 1) / (blocks + 2) * (accepted + 1) / (drafted + 2)
 
 
 def optimistic_start(drafted: list[int], kept: list[int], ahead: list[int]) -> int | None:
@@ -388,6 +406,8 @@ class _Run:
                                  else derive_seed(seed, 0, Stream.RAND_POLICY))
         self.sessions: dict[Tier, TierSession] = {}
         self.block_cap = 64  # the tiers' max_block, once known (`negotiate`)
+        # rounds, rounds whose whole block was kept, drafted tokens, kept drafted tokens
+        self.agreement = (0, 0, 0, 0)
         # Sessions may add the request's tokens plus one round's overshoot.
         k = self.block_size
         self.session_max_tokens = min(INT32_MAX, req.max_tokens + k + 2 + (
@@ -405,6 +425,16 @@ class _Run:
     @property
     def optimistic(self) -> bool:
         return self.cfg.optimistic if self.req.optimistic is None else self.req.optimistic
+
+    def draft_ahead_now(self) -> bool:
+        """Whether this round drafts ahead: always when the request asks for it (`optimistic:
+        true`), never when it or the router turned it off, else when the request's
+        `optimistic_keep_chance` reaches `--optimistic-min-keep`."""
+        if self.req.optimistic is not None:
+            return self.req.optimistic
+        if not self.cfg.optimistic:
+            return False
+        return optimistic_keep_chance(*self.agreement) >= self.cfg.optimistic_min_keep
 
     @property
     def lookahead(self) -> int:
@@ -608,10 +638,13 @@ class _Run:
                 # draft was cut to the block), and only if more tokens will be wanted.
                 if (self.optimistic and not ready and position == base + len(drafted)
                         and self.generated + len(drafted) < self.max_tokens):
-                    ahead = asyncio.ensure_future(self._draft(position, self.lookahead,
-                                                              recover=False))
-                    self.stats.optimistic_drafts += 1
-                    metrics.OPTIMISTIC.labels("drafted").inc()
+                    if not self.draft_ahead_now():
+                        metrics.OPTIMISTIC.labels("gated").inc()
+                    else:
+                        ahead = asyncio.ensure_future(self._draft(
+                            position, self.lookahead, recover=False))
+                        self.stats.optimistic_drafts += 1
+                        metrics.OPTIMISTIC.labels("drafted").inc()
                 final = await self.execute(self.plan(tokens), tokens)
                 if self.eos is None:
                     self.eos = await self.stop_set()
@@ -621,6 +654,9 @@ class _Run:
                 if done:
                     return
                 keep = common_prefix(drafted, kept)
+                blocks, whole, n_drafted, n_kept = self.agreement
+                self.agreement = (blocks + 1, whole + (keep == len(drafted)),
+                                  n_drafted + len(drafted), n_kept + keep)
                 if ahead is not None and not ahead.done() and not (
                         kept[:len(drafted)] == drafted and len(kept) <= len(drafted) + 1):
                     # A rejection: nothing drafted ahead can be used. Do not wait for it: the

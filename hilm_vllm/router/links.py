@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from hilm_vllm import codec
-from hilm_vllm.drafter.client import draft_result
-from hilm_vllm.drafter.core import DraftResult
+from hilm_vllm.drafter.wire import DraftResult, draft_result
 from hilm_vllm.netmodel import NetworkModel, Site
 from hilm_vllm.proto.hilm.v1 import (drafter_pb2, drafter_pb2_grpc, generate_pb2,
                                      generate_pb2_grpc, verifier_pb2, verifier_pb2_grpc)

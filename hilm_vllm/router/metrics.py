@@ -29,8 +29,9 @@ QUEUED_REQUESTS = Gauge("hilm_router_admission_queued_requests",
 REFUSED_REQUESTS = Gauge("hilm_router_admission_refused_requests",
                          "Requests answered 429 / RESOURCE_EXHAUSTED by admission since start")
 OPTIMISTIC = Counter("hilm_router_optimistic_drafts_total",
-                     "Drafts made while a block was verified (drafted), and those whose tokens "
-                     "became the next block (kept)", ["outcome"])
+                     "Drafts made while a block was verified (drafted), those whose tokens "
+                     "became the next block (kept), and rounds that did not draft ahead "
+                     "because the request's keep chance was below --optimistic-min-keep (gated)", ["outcome"])
 REQUESTS = Counter("hilm_router_requests_total", "Generation requests by policy and outcome",
                    ["policy", "outcome"])
 TOKENS = Counter("hilm_router_tokens_total", "Generated tokens by policy", ["policy"])

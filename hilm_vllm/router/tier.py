@@ -22,7 +22,7 @@ from hilm_vllm.router.policy import Policy
 from hilm_vllm.server.flags import add_field_flags, fields_from_args
 from hilm_vllm.thresholds import Thresholds
 from hilm_vllm.uncertainty import UncertaintyConfig
-from hilm_vllm.zoo import resolve_model
+from hilm_vllm.zoo.registry import resolve_model
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +52,13 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                    help="draft the next block while one is being verified (kept only when the "
                         "whole block is accepted and the bonus token is the drafter's next; the "
                         "output distribution does not change). Requests may override it with "
-                        "the body field `optimistic` (default: on)")
+                        "the body field `optimistic`: true drafts ahead every round, false never "
+                        "(default: on, gated by --optimistic-min-keep)")
+    g.add_argument("--optimistic-min-keep", type=float, default=0.5, metavar="P",
+                   help="draft ahead only while the request's estimated chance that the "
+                        "draft-ahead is kept (its rate of wholly accepted blocks x its token "
+                        "acceptance so far) is at least P; 0 = every round (default: "
+                        "%(default)s: a draft-ahead more often kept than thrown away)")
     g.add_argument("--lookahead", type=int, default=None,
                    help="tokens drafted ahead while a block is verified (default: block size "
                         "+ 1, so that a kept optimistic draft is a whole block)")
@@ -150,7 +156,8 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         return RouterConfig(
             llm=args.llm, ilm=args.ilm, slm=args.slm, policy=Policy(args.policy),
             thresholds=thresholds, block_size=args.block_size, skip_rate=args.skip_rate,
-            optimistic=args.optimistic, lookahead=args.lookahead,
+            optimistic=args.optimistic, optimistic_min_keep=args.optimistic_min_keep,
+            lookahead=args.lookahead,
             uncertainty=uncertainty,
             network=network_model(args.latency, args.bandwidth, args.snr_db),
             rpc_timeout_s=args.rpc_timeout_s, down_retry_s=args.down_retry_s,

@@ -35,8 +35,9 @@ The manifest says `"random": true`; it has the held-out losses, entropies and pa
 acceptances of these weights (plumbing figures: what to expect of acceptance rates and draft
 sizes), and no `gates` section (uncertainty gates of random models mean nothing).
 
-This module imports only the standard library at load time (recipes.py imports it for the
-registry); the build imports torch and transformers when it runs.
+The recipes themselves (`RandomRecipe`, `RANDOM_RECIPES`) are in recipes.py with the trained
+ones. This module imports only the standard library at load time; the build imports torch and
+transformers when it runs.
 """
 
 from __future__ import annotations
@@ -51,14 +52,9 @@ import string
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
-from hilm_vllm.zoo.shape import check_shape
-
-# Bump when the build's output changes meaning: part of the cache key, so stale families are
-# rebuilt rather than silently reused.
-RANDOM_FORMAT = 1
+from hilm_vllm.zoo.recipes import RandomRecipe
 
 TIERS = ("slm", "ilm", "llm")
 WEIGHTS_NOTE = ("random (seeded, untrained) weights: for plumbing and cost (vocabulary size, "
@@ -68,66 +64,6 @@ WEIGHTS_NOTE = ("random (seeded, untrained) weights: for plumbing and cost (voca
 HELDOUT_BYTES = 2_000_000
 # Fill entries: ASCII letters and digits, so a sampled fill token decodes to readable text.
 FILL_ALPHABET = string.ascii_letters + string.digits
-
-
-@dataclass(frozen=True)
-class RandomRecipe:
-    """A random-weight family: its architecture, the tokenizer's corpus budget and the two
-    knobs that make random models usable for plumbing (`logit_std`, `deep_layer_scale`)."""
-
-    name: str
-    vocab_size: int
-    corpus_bytes: int  # tokenizer training text read from the stdlib, at most
-    logit_std: float  # std of each logit (i.i.d. normal): sets the entropy
-    hidden_size: int = 128
-    intermediate_size: int = 256
-    num_layers: int = 3  # the LLM's depth
-    num_heads: int = 4
-    head_dim: int = 32  # vLLM's CPU attention set: 32, 64, 80, ... (not 16)
-    slm_layers: int = 1
-    ilm_layers: int = 2
-    deep_layer_scale: float = 0.2  # o_proj/down_proj of layers >= slm_layers: tier correlation
-    init_std: float = 0.02
-    max_position_embeddings: int = 2048
-    seq_len: int = 128  # held-out window length of the manifest's measurements
-    eval_windows: int = 8
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_shape(self.head_dim, self.slm_layers, self.ilm_layers, self.num_layers)
-        if self.vocab_size < 1024:
-            raise ValueError(f"vocab_size={self.vocab_size}: a random family is for large "
-                             f"vocabularies (the trained recipes cover small ones)")
-        if self.logit_std <= 0 or self.init_std <= 0 or self.deep_layer_scale < 0:
-            raise ValueError("logit_std and init_std must be > 0, deep_layer_scale >= 0")
-
-    def with_seed(self, seed: int) -> RandomRecipe:
-        return dataclasses.replace(self, seed=seed)
-
-    def key(self) -> str:
-        """Cache key: the recipe, the format, and the Python minor version (the tokenizer's
-        corpus is the running interpreter's standard library)."""
-        blob = json.dumps(
-            {"recipe": dataclasses.asdict(self), "kind": "random", "format": RANDOM_FORMAT,
-             "python": list(sys.version_info[:2])},
-            sort_keys=True,
-        )
-        return f"{self.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
-
-
-RANDOM_RECIPES: dict[str, RandomRecipe] = {
-    # 32,000 tokens (Llama 2, Mistral): CI's large-vocabulary family. BPE reaches 32,000 on
-    # ~4 MB of the library (3 MB stops at 31,573); 8 MB leaves a margin. ~8.4-8.7M parameters
-    # per model, 98% embedding and head (35 MB each). logit_std 4.5: entropy ~3.4 nats.
-    "vocab32k": RandomRecipe(name="vocab32k", vocab_size=32_000, corpus_bytes=8_000_000,
-                             logit_std=4.5),
-    # 128,256 tokens (Llama 3): the benchmark's. The whole training split (~25 MB) reaches
-    # ~110k BPE tokens; the rest are fill entries. ~33M parameters per model (~132 MB).
-    # logit_std 5.0: entropy ~3.4 nats (a larger vocabulary needs larger logits for the same
-    # peakiness).
-    "vocab128k": RandomRecipe(name="vocab128k", vocab_size=128_256, corpus_bytes=30_000_000,
-                              logit_std=5.0),
-}
 
 
 # ---- tokenizer ----------------------------------------------------------------------------

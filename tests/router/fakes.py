@@ -9,6 +9,7 @@ grpc.StatusCode.UNAVAILABLE, times=2)`.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from hilm_vllm.drafter.core import DraftResult
+from hilm_vllm.drafter.wire import DraftResult
 from hilm_vllm.router.links import TierUsage, VerifyOutcome
 from hilm_vllm.sampling import ScoredToken
 
@@ -206,16 +207,14 @@ class SlowDrafter(FakeDrafter):
     def __init__(self, *args, delay: float = 0.05, **kw):
         super().__init__(*args, **kw)
         self.delay, self.aborted, self.cancelled = delay, 0, 0
-        self._running: dict[str, "asyncio.Event"] = {}
-        self._locks: dict[str, "asyncio.Lock"] = {}
+        self._running: dict[str, asyncio.Event] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
 
     def _supersede(self, sid: str) -> None:
         if (ev := self._running.get(sid)) is not None:
             ev.set()
 
     async def draft(self, sid, position, n, usage, rollback_to=None, append=()):
-        import asyncio
-
         if position == 0 and rollback_to is not None:
             self._supersede(sid)
         async with self._locks.setdefault(sid, asyncio.Lock()):

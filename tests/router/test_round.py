@@ -54,7 +54,7 @@ LLM_SEQ = reference(llm_model, PROMPT, N)
 @pytest.mark.parametrize("optimistic", [True, False])
 def test_lossless_policies_produce_the_llms_sequence(policy, optimistic):
     links = tiers()
-    out, stats = run(links, policy, optimistic=optimistic)
+    out, stats = run(links, policy, optimistic=optimistic, optimistic_min_keep=0.0)
     assert out == LLM_SEQ
     assert stats.tokens == N and stats.skips == 0
     if policy is not Policy.LLM_ONLY:
@@ -111,6 +111,33 @@ def test_optimistic_drafts_are_kept_when_the_block_is_accepted():
     assert out == LLM_SEQ and stats.optimistic_kept > 0
 
 
+def test_the_router_drafts_ahead_only_while_drafts_ahead_are_likely_kept():
+    """`--optimistic` with `--optimistic-min-keep 0.5` (the default): a drafter that always
+    agrees with the LLM soon drafts ahead every round; one that is cut in every block never
+    does (its drafts ahead would be thrown away); min-keep 0 drafts ahead every round; the
+    request's `optimistic: true` overrides the gate. The tokens are the LLM's every time."""
+    right = tiers()
+    right[Tier.SLM].model = llm_model
+    out, stats = run(right, Policy.SPEC, optimistic=True)
+    assert out == LLM_SEQ and stats.rounds - 3 <= stats.optimistic_drafts < stats.rounds
+    assert stats.optimistic_kept >= stats.optimistic_drafts - 1
+
+    out, stats = run(tiers(), Policy.SPEC, optimistic=True)  # slm_model: cut every block
+    assert out == LLM_SEQ and stats.optimistic_drafts == 0
+
+    out, stats = run(tiers(), Policy.SPEC, optimistic=True, optimistic_min_keep=0.0)
+    assert out == LLM_SEQ and stats.optimistic_drafts >= stats.rounds // 2
+
+    router = Router(RouterConfig(llm="fake", slm="fake", ilm="fake"), links=tiers())
+    stats = RequestStats(Policy.SPEC.value)
+
+    async def forced():
+        req = GenerationRequest(tuple(PROMPT), GREEDY, N, Policy.SPEC, optimistic=True)
+        return [i async for ids in router.generate(req, stats) for i in ids]
+
+    assert asyncio.run(forced()) == LLM_SEQ and stats.optimistic_drafts >= stats.rounds // 2
+
+
 def test_a_rejected_draft_ahead_is_superseded_not_cancelled():
     """The round does not wait for a draft-ahead the LLM made useless, and does not cancel its
     call either (grpc.aio leaks native memory per call cancelled in flight, grpc/grpc#43360):
@@ -124,7 +151,8 @@ def test_a_rejected_draft_ahead_is_superseded_not_cancelled():
     links = tiers()
     slm = links[Tier.SLM] = SlowDrafter("slm", slm_model, (), lambda ctx: 0.5, delay=0.05)
     links[Tier.LLM] = SlowVerifier("llm", llm_model, ())
-    router = Router(RouterConfig(llm="fake", slm="fake", ilm="fake", optimistic=True),
+    router = Router(RouterConfig(llm="fake", slm="fake", ilm="fake", optimistic=True,
+                                 optimistic_min_keep=0.0),
                     links=links)
     stats = RequestStats(Policy.SPEC.value)
 
