@@ -12,19 +12,19 @@ import argparse
 import importlib
 import sys
 
-from hilm_vllm import bench
+from hilm_vllm.lab import bench
 
 # Subcommand modules, in --help order.
 SUBCOMMANDS = (
     "hilm_vllm.up",
     "hilm_vllm.zoo.cli",
-    "hilm_vllm.dsi.cli",
-    "hilm_vllm.calibrate_cli",
+    "hilm_vllm.lab.dsi.cli",
+    "hilm_vllm.lab.calibrate_cli",
     "hilm_vllm.chat_cli",
 )
 
 
-# `hilm bench NAME [ARGS...]`: hilm_vllm.bench (also `python -m hilm_vllm.bench`).
+# `hilm bench NAME [ARGS...]`: hilm_vllm.lab.bench (also `python -m hilm_vllm.lab.bench`).
 BENCH_SCRIPTS = bench.BENCHMARKS
 load_bench = bench.load_benchmark
 run_bench = bench.run

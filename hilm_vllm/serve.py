@@ -15,7 +15,9 @@ import logging
 import os
 import sys
 
+from hilm_vllm import up
 from hilm_vllm.config import ServeConfig
+from hilm_vllm.server import memtrace
 from hilm_vllm.server.grpc_limits import (DEFAULT_MAX_MESSAGE_MB, MAX_MESSAGE_ENV,
                                           MAX_MESSAGE_FLAG, max_message_bytes)
 from hilm_vllm.tiers import Tier
@@ -92,7 +94,7 @@ def build_parser(tier: Tier | None):
         parser.add_argument(
             "--engine-busy-loop-ms", type=float, default=None,
             help="how long vLLM's shared-memory queue readers spin after each message before "
-                 "they sleep (patches/shm_busy_loop.py; sets HILM_ENGINE_BUSY_LOOP_MS for the "
+                 "they sleep (patches/hilm_vllm_patches/shm_busy_loop.py; sets HILM_ENGINE_BUSY_LOOP_MS for the "
                  "engine processes). Default: $HILM_ENGINE_BUSY_LOOP_MS, else 0 on CPU (engines "
                  "that share cores must not spin) and vLLM's own 1000 on GPU")
 
@@ -130,13 +132,10 @@ def _split_all(argv: list[str]) -> list[str] | None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if (rest := _split_all(argv)) is not None:
-        from hilm_vllm import up
-
         return up.main(rest, prog="hilm-serve --tier all")
     tier = _tier_from_argv(argv)
     args = build_parser(tier).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s [%(name)s] %(message)s")
-    from hilm_vllm.server import memtrace
 
     memtrace.start_from_env(args.tier)  # HILM_MEMTRACE_S: a diagnostic, off by default
     if args.grpc_max_message_mb is not None:

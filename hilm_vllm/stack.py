@@ -87,7 +87,7 @@ def flag_value(flags: list[str], name: str) -> str | None:
 def ilm_gate_flags(thresholds: str | Path | None) -> list[str]:
     """The ILM tier's own gate flags from the thresholds YAML's `ilm_uncertainty` (t_ilm was
     fitted with that gate; the router does not send the ILM one), [] when it names none."""
-    from hilm_vllm import codec
+    from hilm_vllm import codec  # loads torch (sampling): not at `hilm --help`'s import time
 
     if thresholds is None or not Path(thresholds).is_file():
         return []

@@ -20,6 +20,9 @@ import argparse
 import sys
 import time
 
+from hilm_vllm.launch import exit_on_sigterm
+from hilm_vllm.stack import Stack, family_plan
+
 TIERS = ("llm", "ilm", "slm")  # started in this order; stopped in reverse
 
 
@@ -58,7 +61,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def plan(args: argparse.Namespace, router_flags: list[str]):
     """Every process's flags (`stack.StackPlan`) from `hilm up`'s arguments."""
-    from hilm_vllm.stack import family_plan
 
     return family_plan(
         args.family, models={t: getattr(args, f"{t}_model") for t in TIERS},
@@ -67,8 +69,6 @@ def plan(args: argparse.Namespace, router_flags: list[str]):
 
 
 def run(args: argparse.Namespace, router_flags: list[str] | None = None) -> int:
-    from hilm_vllm.launch import exit_on_sigterm
-    from hilm_vllm.stack import Stack
 
     router_flags = list(router_flags or getattr(args, "unknown", []) or [])
     stack_plan = plan(args, router_flags)

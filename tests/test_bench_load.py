@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hilm_vllm.bench.load import ENTRY_KEYS, entry, parse_args
+from hilm_vllm.lab.bench.load import ENTRY_KEYS, entry, parse_args
 
 
 def metrics(**kw):

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hilm_vllm.calibration import (LinearFit, Rule, Thresholds, best_gate, binned_r2,
+from hilm_vllm.lab.calibration import (LinearFit, Rule, Thresholds, best_gate, binned_r2,
                                    binned_rates, calibrate, calibrate_pair, fit_line,
                                    isotonic_fit, pava, rejection_auc, rejection_probability,
                                    risk_budget_point, rule_point, step_edges, target_tr_point,

@@ -36,7 +36,7 @@ def test_an_installed_wheel_has_every_benchmark_and_the_engine_configs(tmp_path)
     import zipfile
     from pathlib import Path
 
-    from hilm_vllm.bench import BENCHMARKS
+    from hilm_vllm.lab.bench import BENCHMARKS
 
     repo = Path(__file__).resolve().parent.parent
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
@@ -45,7 +45,7 @@ def test_an_installed_wheel_has_every_benchmark_and_the_engine_configs(tmp_path)
     (wheel,) = tmp_path.glob("hilm_vllm-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for module, _ in BENCHMARKS.values():
-        assert f"hilm_vllm/bench/{module}.py" in names
+        assert f"hilm_vllm/lab/bench/{module}.py" in names
     shipped = {n.rsplit("/", 1)[1] for n in names if n.startswith("hilm_vllm/engine_configs/")}
     assert shipped == {p.name for p in (repo / "engine_configs").glob("*.yaml")}
     assert "hilm_vllm_patches/shm_busy_loop.py" in names

@@ -1,5 +1,5 @@
 """`hilm bench cloud-cost`: the run entries' keys and arithmetic, and the process-tree CPU
-reading (hilm_vllm.bench.cpu) on real child processes. No engines."""
+reading (hilm_vllm.lab.bench.cpu) on real child processes. No engines."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from hilm_vllm.bench import BENCHMARKS, cloud_cost, cpu
-from hilm_vllm.bench.cloud_cost import ENTRY_KEYS, RUN_KEYS, add_ratios, entry, parse_args
+from hilm_vllm.lab.bench import BENCHMARKS, cloud_cost, cpu
+from hilm_vllm.lab.bench.cloud_cost import ENTRY_KEYS, RUN_KEYS, add_ratios, entry, parse_args
 
 ISSUE_KEYS = {"policy", "concurrency", "tokens_per_s", "llm_cpu_ms_per_token",
               "ilm_cpu_ms_per_token", "slm_cpu_ms_per_token", "router_cpu_ms_per_token",
@@ -82,7 +82,7 @@ def test_ratios_are_to_llm_only_at_the_same_concurrency():
 
 
 def test_the_json_document_and_table(tmp_path, monkeypatch):
-    from hilm_vllm import benchjson
+    from hilm_vllm.lab import benchjson
 
     monkeypatch.setattr(benchjson, "machine", lambda: {"cpu_count": 2})  # no torch import
     runs = add_ratios([entry("llm-only", 1, metrics(), CPU), entry("hilm", 1, metrics(), CPU)])

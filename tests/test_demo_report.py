@@ -1,4 +1,4 @@
-"""hilm_vllm/bench/demo.py: metrics from synthetic requests, quality, table and JSON keys."""
+"""hilm_vllm/lab/bench/demo.py: metrics from synthetic requests, quality, table and JSON keys."""
 
 import json
 import math
@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from hilm_vllm.bench import demo
+from hilm_vllm.lab.bench import demo
 
 POLICY_KEYS = {"tokens", "wall_s", "tokens_per_s", "ttft_ms", "itl_ms_p50", "itl_ms_p99", "tr_llm",
                "tr_ilm", "skip_rate", "llm_forwards_per_token", "acceptance_ilm",
@@ -168,7 +168,7 @@ def test_table_has_a_row_per_policy_and_dashes_for_missing_values():
 
 
 def test_json_document_has_the_exact_keys(tmp_path, monkeypatch):
-    from hilm_vllm import benchjson
+    from hilm_vllm.lab import benchjson
 
     monkeypatch.setattr(benchjson, "machine", lambda: {"cpu_count": 2})  # no torch import
     scores = demo.quality_metrics(synthetic_runs(), ["ref0", "ref1"], fake_embed)
@@ -199,7 +199,7 @@ def test_defaults_run_every_policy_at_both_temperatures_plus_the_reseed():
 # ---- quality through bench/scoring.py -------------------------------------------------------------
 
 def _scores(nll, cos, skipped=None, t0=None):
-    from hilm_vllm.bench.scoring import RunScores, Scored
+    from hilm_vllm.lab.bench.scoring import RunScores, Scored
 
     skipped = skipped or [None] * len(nll)
     return RunScores([Scored(nll=a, n=10, skipped_p=s[0] if s else [], skipped_q=s[1] if s else [],

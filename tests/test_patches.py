@@ -1,4 +1,4 @@
-"""The CPU speculative-decoding fix (patches/cpu_spec_decode_expand.py)."""
+"""The CPU speculative-decoding fix (patches/hilm_vllm_patches/cpu_spec_decode_expand.py)."""
 
 import torch
 

@@ -1,4 +1,4 @@
-"""hilm_vllm.quality: cosine math, aggregation, exact match, TSR, perplexity under the LLM
+"""hilm_vllm.lab.quality: cosine math, aggregation, exact match, TSR, perplexity under the LLM
 (against transformers directly, on the tiny zoo), bootstrap intervals, the quality block, and the
 offline embedder."""
 
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from hilm_vllm import quality as q
+from hilm_vllm.lab import quality as q
 
 S = 1 / math.sqrt(2)
 

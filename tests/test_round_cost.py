@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from hilm_vllm.bench import round_cost as rc
+from hilm_vllm.lab.bench import round_cost as rc
 
 
 def test_a_context_has_exactly_n_ids_head_first_then_the_body_repeated():

@@ -6,9 +6,9 @@ from __future__ import annotations
 import itertools
 import time
 
-from hilm_vllm.bench import soak as soak_bench
-from hilm_vllm.soak import harness as soak_harness
-from hilm_vllm.soak.harness import RssSampler, summarize
+from hilm_vllm.lab.bench import soak as soak_bench
+from hilm_vllm.lab.soak import harness as soak_harness
+from hilm_vllm.lab.soak.harness import RssSampler, summarize
 
 
 class GrowingStack:

@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from hilm_vllm.bench import sweep, sweep_points
-from hilm_vllm.bench.demo import RequestRecord, Run
+from hilm_vllm.lab.bench import sweep, sweep_points
+from hilm_vllm.lab.bench.demo import RequestRecord, Run
 
 BLOCKS = [{"lo": 0.0, "hi": 0.0, "level": 0.05, "tokens": 20},  # 20% of tokens at u = 0
           {"lo": 0.05, "hi": 0.45, "level": 0.2, "tokens": 40},
@@ -157,8 +157,8 @@ def _run(label, temperature, texts, skipped=()):
 
 def test_points_json_and_png_from_synthetic_runs(tmp_path, monkeypatch):
     """build_points + comparisons + write_result + plot, with hand-made scores (no models)."""
-    from hilm_vllm.bench.scoring import RunScores, Scored
-    from hilm_vllm import benchjson
+    from hilm_vllm.lab.bench.scoring import RunScores, Scored
+    from hilm_vllm.lab import benchjson
 
     monkeypatch.setattr(benchjson, "machine", lambda: {"cpu_count": 2})
     args = sweep.parse_args(["--shares", "0.5"])

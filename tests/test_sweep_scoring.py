@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from hilm_vllm.bench import scoring
-from hilm_vllm.bench.scoring import Output, RunScores, Scored, acceptance_at, quality_block, tsr_details
+from hilm_vllm.lab.bench import scoring
+from hilm_vllm.lab.bench.scoring import Output, RunScores, Scored, acceptance_at, quality_block, tsr_details
 
 
 def test_tsr_terms_read_p_and_q_at_the_skipped_positions_only():

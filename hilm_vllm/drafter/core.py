@@ -59,7 +59,7 @@ class DrafterSettings:
     session_ttl_s: float = 600.0
     max_draft_tokens: int = 64  # largest block one Draft may ask for
     # The proposal's truncation (sampling.Truncation): at most draft_top_k entries (0 = no
-    # cap) holding mass >= 1 - draft_eps; chosen by measurement (README, "Proposals").
+    # cap) holding mass >= 1 - draft_eps; chosen by measurement (docs/architecture.md, "Proposals").
     draft_top_k: int = 64
     draft_eps: float = 1e-3
     uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)  # session default

@@ -31,7 +31,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-draft-tokens", type=int, default=d.max_draft_tokens,
                    help="largest block one Draft may ask for (default: %(default)s)")
     # Defaults measured on the demo family: acceptance within 1% of the untruncated
-    # proposal's (README, "Proposals")
+    # proposal's (docs/architecture.md, "Proposals")
     add_truncation_args(g, "draft", d.truncation, "the proposal q of each drafted token")
     add_uncertainty_args(g, d.uncertainty, "default gate of sessions that do not pick one")
 

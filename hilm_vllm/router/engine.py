@@ -35,12 +35,14 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from hilm_vllm import errors
 from hilm_vllm.errors import HilmError, InvalidArgument, Unavailable
 from hilm_vllm.netmodel import NetworkModel
 from hilm_vllm.router import metrics
 from hilm_vllm.router.admission import AdmissionLimits, FairAdmission
 from hilm_vllm.router.links import (CONNECTION_LOST, UNREACHABLE, DrafterLink, TierUsage,
                                     VerifierLink)
+from hilm_vllm.router.ports import DraftPort, VerifyPort
 from hilm_vllm.router.policy import (Forward, LlmDown, Policy, RoundPlan, Route, common_prefix,
                                      forward_rule, plan)
 from hilm_vllm.router.session import TierSession
@@ -223,7 +225,8 @@ class Router:
     """Owns the tier links; `generate` runs one request. `links` replaces the gRPC links (a
     test's scripted fakes)."""
 
-    def __init__(self, cfg: RouterConfig, links: Mapping[Tier, object] | None = None):
+    def __init__(self, cfg: RouterConfig,
+                 links: Mapping[Tier, DraftPort | VerifyPort] | None = None):
         self.cfg = cfg
         if links is None:
             cid = cfg.client_id or f"hilm-router-{os.getpid()}"
@@ -863,8 +866,6 @@ class _Run:
 
 def _translate(tier: Tier, e: grpc.aio.AioRpcError) -> HilmError:
     """A tier's gRPC error -> the router's domain error (HTTP status), naming the tier."""
-    from hilm_vllm import errors
-
     by_code = {grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
                grpc.StatusCode.NOT_FOUND: errors.NotFound,
                grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,

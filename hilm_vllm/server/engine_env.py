@@ -5,7 +5,7 @@ environment they inherit, so `hilm-serve` settles three things in `os.environ` b
 the engine (each left alone when the user has set it):
 
 - `HILM_ENGINE_BUSY_LOOP_MS` (`--engine-busy-loop-ms`): how long vLLM's shared-memory queue
-  readers spin after each message (`patches/shm_busy_loop.py`). On CPU the default is 0: engines
+  readers spin after each message (`patches/hilm_vllm_patches/shm_busy_loop.py`). On CPU the default is 0: engines
   there share cores with each other and with the tier's own API process, and a spinning reader
   takes the core from the engine that has work. Where the engine owns an accelerator vLLM's
   own 1 s stays (unset).
@@ -32,7 +32,7 @@ logger = logging.getLogger("hilm.serve")
 CPU_BUSY_LOOP_MS = 0.0  # engines that share cores: park at once, wake on the ZMQ notification
 ENGINE_TIERS = tuple(t.value for t in MODEL_TIERS)
 
-# The layouts `placement` knows. On 2 cores bench/round_cost.py measured them (README,
+# The layouts `placement` knows. On 2 cores bench/round_cost.py measured them (docs/serving.md,
 # "Placement"); `spread` is the default.
 LAYOUTS = ("spread", "device-alone", "vllm", "nobind")
 

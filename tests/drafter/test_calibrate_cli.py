@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import yaml
 
-from hilm_vllm import calibrate_cli, codec
+from hilm_vllm import codec
+from hilm_vllm.lab import calibrate_cli
 from hilm_vllm.cli import build_parser
 from hilm_vllm.launch import TierProcess
 from hilm_vllm.thresholds import Thresholds

@@ -206,7 +206,7 @@ def scrape(tier, name: str) -> float:
 
 
 def test_busy_loop_plugin_runs_in_every_engine_process(slm_tier):
-    """The shm window plugin (patches/shm_busy_loop.py) is active in the engine core and the
+    """The shm window plugin (patches/hilm_vllm_patches/shm_busy_loop.py) is active in the engine core and the
     worker, with the window --engine-busy-loop-ms gave."""
     found = [re.search(r"hilm: shm busy-loop window ([\d.]+) ms \(pid (\d+)\)", line)
              for line in slm_tier.head]

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from hilm_vllm.dsi.config import (ConfigError, EstimateConfig, HeatmapConfig, OfflineConfig,
+from hilm_vllm.lab.dsi.config import (ConfigError, EstimateConfig, HeatmapConfig, OfflineConfig,
                                   OnlineConfig, parse_overrides)
 
 

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from hilm_vllm.dsi.estimate import acceptance_from_matches, argmax_tokens, measure, predict
+from hilm_vllm.lab.dsi.estimate import acceptance_from_matches, argmax_tokens, measure, predict
 
 
 @pytest.mark.parametrize("matches,a", [
@@ -61,7 +61,7 @@ def test_matches_equal_a_transformers_recount(tiny_zoo, inproc_vllm):
 
     from transformers import AutoTokenizer
 
-    from hilm_vllm.dsi.estimate import _engine, _matches
+    from hilm_vllm.lab.dsi.estimate import _engine, _matches
 
     tok = AutoTokenizer.from_pretrained(tiny_zoo.slm)
     seqs = [(tok(p["prompt"])["input_ids"], tok(p["reference"], add_special_tokens=False)

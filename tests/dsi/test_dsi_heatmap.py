@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from hilm_vllm.dsi.config import HeatmapConfig
-from hilm_vllm.dsi.heatmap import PANELS, best_cell, cells, grid, panel_matrix, run_heatmap
-from hilm_vllm.dsi.model import is_valid, simulate
+from hilm_vllm.lab.dsi.config import HeatmapConfig
+from hilm_vllm.lab.dsi.heatmap import PANELS, best_cell, cells, grid, panel_matrix, run_heatmap
+from hilm_vllm.lab.dsi.model import is_valid, simulate
 
 
 @pytest.mark.parametrize("ndim", [2, 5, 20])
@@ -74,7 +74,7 @@ def test_report_has_provenance_and_ranges(report):
 
 
 def test_plots_and_json_are_written(report, tmp_path):
-    from hilm_vllm.dsi.plot import plot_panels, write_report
+    from hilm_vllm.lab.dsi.plot import plot_panels, write_report
 
     path = write_report(report, tmp_path / "out")
     assert json.loads(path.read_text())["results"] == report["results"]

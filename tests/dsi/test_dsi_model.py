@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from hilm_vllm.dsi.model import (dsi_cost, dsi_segments, is_valid, min_servers, sample_accepted,
+from hilm_vllm.lab.dsi.model import (dsi_cost, dsi_segments, is_valid, min_servers, sample_accepted,
                                  si_cost, si_expected_cost, simulate, streams)
 
 

@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from hilm_vllm.dsi.config import OnlineConfig
-from hilm_vllm.dsi.model import dsi_cost, si_cost, streams
-from hilm_vllm.dsi.online import _Timing, run_dsi, run_online, run_si
+from hilm_vllm.lab.dsi.config import OnlineConfig
+from hilm_vllm.lab.dsi.model import dsi_cost, si_cost, streams
+from hilm_vllm.lab.dsi.online import _Timing, run_dsi, run_online, run_si
 
 TARGET_S = 0.02  # short sleeps keep the suite fast; thread overhead is ~0.2 ms per wake-up
 

@@ -102,10 +102,10 @@ class Report(list):
             self.path = out / f"fuzz-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
 
     def flush(self, **extra) -> None:
-        """The standard benchmark JSON (hilm_vllm.benchjson): config, git commit, machine,
+        """The standard benchmark JSON (hilm_vllm.lab.benchjson): config, git commit, machine,
         and under `results` the services' tallies."""
         if self.path is not None:
-            from hilm_vllm.benchjson import git_commit, machine
+            from hilm_vllm.lab.benchjson import git_commit, machine
 
             self.path.write_text(json.dumps(
                 {"benchmark": "fuzz", "created_utc": self.path.stem.removeprefix("fuzz-"),

@@ -107,6 +107,9 @@ class FakeLink:
     async def close(self) -> None:
         pass
 
+    async def check_health(self, timeout_s: float = 2.0) -> str | None:
+        return None if self.available else f"the {self.name} tier is marked down"
+
     async def open(self, prompt, spec, max_tokens, *rest) -> Opened:
         self._fault("open")
         sid = f"{self.name}-{next(self._ids)}"

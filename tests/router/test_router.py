@@ -595,14 +595,14 @@ def test_min_tokens_holds_for_tokens_the_device_keeps(served, tiny_zoo):
         assert len(tokens) >= 6 and not set(tokens[:6]) & set(stops), (seed, tokens, stops)
 
 
-# ---- soak and faults (hilm_vllm/soak; bench/soak.py and bench/faults.py run them longer) ---------
+# ---- soak and faults (hilm_vllm/lab/soak; bench/soak.py and bench/faults.py run them longer) ---------
 
 @pytest.mark.slow
 def test_a_small_soak_fails_nothing_holds_memory_and_closes_every_session(served, tiers):
     """16 Locust users (OpenAI SSE completions and chat, gRPC Generate; every policy) for 60 s
     on the shared tiers: 0 failed requests, each tier's RSS grows < 5% after a 20 s warm-up,
     and every tier's session count is back to 0 at the end."""
-    from hilm_vllm.soak.harness import soak
+    from hilm_vllm.lab.soak.harness import soak
     from hilm_vllm.stack import Stack
 
     llm, ilm, slm = tiers
@@ -623,7 +623,7 @@ def test_killing_and_restarting_the_ilm_under_load_fails_no_lossy_request(tiny_z
     """SSE users on the lossy `hilm` policy (every block to the ILM) while the ILM's whole
     process tree is SIGKILLed and started again on its ports: no request fails (they complete
     through the LLM while it is down), and the router uses the restarted ILM again."""
-    from hilm_vllm.soak.harness import LocustRun, in_window, kill_and_restart
+    from hilm_vllm.lab.soak.harness import LocustRun, in_window, kill_and_restart
     from hilm_vllm.stack import Stack
 
     llm, _, slm = tiers
@@ -879,11 +879,11 @@ def test_health_is_503_with_the_reason_while_the_llm_is_down(served, tiny_zoo, t
 
 
 def test_vllm_bench_serve_runs_against_the_router(served, tiny_zoo, tmp_path):
-    """vLLM's serving benchmark, its own code (`vllm bench serve`; hilm_vllm.bench.vllm_serve
+    """vLLM's serving benchmark, its own code (`vllm bench serve`; hilm_vllm.lab.bench.vllm_serve
     runs it where the CPU wheel's `vllm` command cannot start): every request succeeds and the
     result reports the spec-decode acceptance it scraped from the router's /metrics."""
     n = 24
-    cmd = [sys.executable, "-m", "hilm_vllm.bench", "vllm-serve", "--backend", "openai",
+    cmd = [sys.executable, "-m", "hilm_vllm.lab.bench", "vllm-serve", "--backend", "openai",
            "--base-url", served.http_url, "--endpoint", "/v1/completions",
            "--model", str(tiny_zoo.llm), "--tokenizer", str(tiny_zoo.llm),
            "--dataset-name", "random", "--random-input-len", "24", "--random-output-len", "16",

@@ -122,7 +122,7 @@ def test_vocab32k_is_reachable_like_the_trained_families(vocab32k_zoo, capsys):
     """zoo:vocab32k/<tier>, find_zoo, `hilm zoo show`, `hilm up --family` and `--zoo`."""
     import argparse
 
-    from hilm_vllm.bench import add_common_args
+    from hilm_vllm.lab.bench import add_common_args
     from hilm_vllm.zoo import resolve_model
     from hilm_vllm.stack import family_plan, flag_value
     from hilm_vllm.zoo import find_zoo

@@ -1,5 +1,0 @@
-import sys
-
-from hilm_vllm.bench import main
-
-sys.exit(main())
