@@ -13,21 +13,12 @@ from dataclasses import dataclass
 
 import grpc
 
-from hilm_vllm import codec
-from hilm_vllm.drafter.wire import DraftResult, draft_result
+from hilm_vllm.drafter import wire
+from hilm_vllm.drafter.wire import DraftResult, OpenedDraftSession, draft_result
 from hilm_vllm.proto.hilm.v1 import drafter_pb2, drafter_pb2_grpc
 from hilm_vllm.sampling import SamplingSpec
 from hilm_vllm.server.client import TierClient
 from hilm_vllm.uncertainty import UncertaintyConfig
-
-@dataclass(frozen=True)
-class OpenedDraftSession:
-    session_id: str
-    position: int
-    prompt_token_ids: tuple[int, ...]
-    eos_token_id: int  # -1 when the model names none
-    vocab_size: int
-
 
 @dataclass
 class DrafterClient(TierClient):
@@ -38,14 +29,10 @@ class DrafterClient(TierClient):
                            uncertainty: UncertaintyConfig | None = None,
                            max_tokens: int = 0, min_tokens: int = 0,
                            stop_token_ids: Sequence[int] = ()) -> OpenedDraftSession:
-        request = drafter_pb2.OpenDrafterSessionRequest(
-            prompt=codec.prompt_to_pb(prompt), sampling=codec.sampling_to_pb(spec),
-            max_tokens=max_tokens, min_tokens=min_tokens, stop_token_ids=list(stop_token_ids))
-        if uncertainty is not None:
-            request.uncertainty.CopyFrom(codec.uncertainty_to_pb(uncertainty))
-        r = await self._stub.OpenSession(request, metadata=self._metadata)
-        return OpenedDraftSession(r.session_id, r.position, tuple(r.prompt_token_ids),
-                                  r.eos_token_id, r.vocab_size)
+        r = await self._stub.OpenSession(
+            wire.open_request(prompt, spec, uncertainty, max_tokens, min_tokens, stop_token_ids),
+            metadata=self._metadata)
+        return wire.opened_session(r)
 
     async def draft(self, session_id: str, position: int, max_tokens: int,
                     stop_uncertainty: float | None = None,
@@ -53,13 +40,8 @@ class DrafterClient(TierClient):
                     append: Sequence[int] = ()) -> DraftResult:
         """Draft after cutting the session to `rollback_to` and appending `append`;
         `position` is where the session is before both (as in Verify)."""
-        request = drafter_pb2.DraftRequest(session_id=session_id, position=position,
-                                           max_tokens=max_tokens,
-                                           append_token_ids=list(append))
-        if stop_uncertainty is not None:
-            request.stop_uncertainty = stop_uncertainty
-        if rollback_to is not None:
-            request.rollback_to = rollback_to
+        request = wire.draft_request(session_id, position, max_tokens, stop_uncertainty,
+                                     rollback_to, append)
         r = await self._stub.Draft(request, metadata=self._metadata, timeout=timeout)
         return draft_result(r)
 
@@ -75,5 +57,4 @@ class DrafterClient(TierClient):
         return r.position
 
     async def close_session(self, session_id: str) -> None:
-        await self._stub.CloseSession(drafter_pb2.CloseDrafterSessionRequest(
-            session_id=session_id), metadata=self._metadata)
+        await self._stub.CloseSession(wire.close_request(session_id), metadata=self._metadata)

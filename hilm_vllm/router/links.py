@@ -16,16 +16,17 @@ from dataclasses import dataclass, field
 import grpc
 
 from hilm_vllm import codec
+from hilm_vllm.drafter import wire as drafter_wire
 from hilm_vllm.drafter.wire import DraftResult, draft_result
 from hilm_vllm.netmodel import NetworkModel, Site
-from hilm_vllm.proto.hilm.v1 import (drafter_pb2, drafter_pb2_grpc, generate_pb2,
-                                     generate_pb2_grpc, verifier_pb2, verifier_pb2_grpc)
+from hilm_vllm.proto.hilm.v1 import drafter_pb2_grpc, generate_pb2_grpc, verifier_pb2_grpc
 from hilm_vllm.router import metrics
 from hilm_vllm.sampling import SamplingSpec, ScoredToken
 from hilm_vllm.server.security import make_channel
 from hilm_vllm.sessions import CLIENT_METADATA_KEY
 from hilm_vllm.tiers import Tier
 from hilm_vllm.uncertainty import UncertaintyConfig
+from hilm_vllm.verifier import messages as verifier_messages
 
 # A tier that cannot be reached: marked down for everyone for a while (routed around).
 CONNECTION_LOST = (grpc.StatusCode.UNAVAILABLE,)
@@ -141,26 +142,18 @@ class DrafterLink(TierLink):
     async def open(self, prompt: Sequence[int], spec: SamplingSpec, max_tokens: int,
                    uncertainty: UncertaintyConfig | None, usage: TierUsage,
                    min_tokens: int = 0, stop_token_ids: Sequence[int] = ()):
-        request = drafter_pb2.OpenDrafterSessionRequest(
-            prompt=codec.prompt_to_pb(prompt), sampling=codec.sampling_to_pb(spec),
-            max_tokens=max_tokens, min_tokens=min_tokens, stop_token_ids=list(stop_token_ids))
-        if uncertainty is not None:
-            request.uncertainty.CopyFrom(codec.uncertainty_to_pb(uncertainty))
-        return await self.unary(self.stub.OpenSession, request, usage)
+        return await self.unary(self.stub.OpenSession, drafter_wire.open_request(
+            prompt, spec, uncertainty, max_tokens, min_tokens, stop_token_ids), usage)
 
     async def draft(self, sid: str, position: int, n: int, usage: TierUsage,
                     rollback_to: int | None = None, append: Sequence[int] = ()) -> DraftResult:
         """One device call per round: cut back to `rollback_to`, append, then draft."""
-        request = drafter_pb2.DraftRequest(session_id=sid, position=position, max_tokens=n,
-                                           append_token_ids=list(append))
-        if rollback_to is not None:
-            request.rollback_to = rollback_to
-        r = await self.unary(self.stub.Draft, request, usage, verify=True)
-        return draft_result(r)
+        request = drafter_wire.draft_request(sid, position, n, rollback_to=rollback_to,
+                                             append=append)
+        return draft_result(await self.unary(self.stub.Draft, request, usage, verify=True))
 
     async def close_session(self, sid: str, usage: TierUsage) -> None:
-        await self.unary(self.stub.CloseSession,
-                         drafter_pb2.CloseDrafterSessionRequest(session_id=sid), usage)
+        await self.unary(self.stub.CloseSession, drafter_wire.close_request(sid), usage)
 
 
 class VerifierLink(TierLink):
@@ -171,10 +164,8 @@ class VerifierLink(TierLink):
 
     async def open(self, prompt: Sequence[int], spec: SamplingSpec, max_tokens: int,
                    usage: TierUsage, min_tokens: int = 0, stop_token_ids: Sequence[int] = ()):
-        return await self.unary(self.stub.OpenSession, verifier_pb2.OpenVerifierSessionRequest(
-            prompt=codec.prompt_to_pb(prompt), sampling=codec.sampling_to_pb(spec),
-            max_tokens=max_tokens, min_tokens=min_tokens,
-            stop_token_ids=list(stop_token_ids)), usage)
+        return await self.unary(self.stub.OpenSession, verifier_messages.open_request(
+            prompt, spec, max_tokens, min_tokens, stop_token_ids), usage)
 
     async def verify(self, sid: str, position: int, append: Sequence[int],
                      block: Sequence[ScoredToken], usage: TierUsage,
@@ -182,21 +173,15 @@ class VerifierLink(TierLink):
                      rollback_to: int | None = None) -> VerifyOutcome:
         """Verify `block` (its tokens, each with the q it was sampled from) after appending
         `append`, having first cut the session back to `rollback_to`."""
-        request = verifier_pb2.VerifyRequest(
-            session_id=sid, position=position, append_token_ids=list(append),
-            draft_token_ids=[t.token_id for t in block],
-            draft_dists=[codec.dist_to_pb(t.ids, t.probs) for t in block])
-        if want_emitted:
-            request.return_emitted = True
-        if rollback_to is not None:
-            request.rollback_to = rollback_to
+        request = verifier_messages.verify_request(
+            sid, position, [t.token_id for t in block], [(t.ids, t.probs) for t in block],
+            append, want_emitted=want_emitted, rollback_to=rollback_to)
         r = await self.unary(self.stub.Verify, request, usage, verify=True)
         return VerifyOutcome(r.num_accepted, r.next_token_id, r.position,
                              [codec.scored_from_pb(e) for e in r.emitted])
 
     async def close_session(self, sid: str, usage: TierUsage) -> None:
-        await self.unary(self.stub.CloseSession,
-                         verifier_pb2.CloseVerifierSessionRequest(session_id=sid), usage)
+        await self.unary(self.stub.CloseSession, verifier_messages.close_request(sid), usage)
 
     async def generate(self, prompt: Sequence[int], spec: SamplingSpec, max_tokens: int,
                        ignore_eos: bool, usage: TierUsage, stop_token_ids: Sequence[int] = (),
@@ -208,11 +193,8 @@ class VerifierLink(TierLink):
         reason on the last chunk, else ""). A stream that sends nothing for the link's
         timeout ends with DEADLINE_EXCEEDED (the deadline is per chunk: a long generation is
         not cut, a stalled tier is)."""
-        request = generate_pb2.GenerateRequest(prompt=codec.prompt_to_pb(prompt),
-                                               sampling=codec.sampling_to_pb(spec),
-                                               max_tokens=max_tokens, ignore_eos=ignore_eos,
-                                               stop_token_ids=list(stop_token_ids),
-                                               min_tokens=min_tokens, stop=list(stop))
+        request = verifier_messages.generate_request(prompt, spec, max_tokens, ignore_eos,
+                                                     stop_token_ids, min_tokens, stop)
         up = request.ByteSize()
         t0 = time.perf_counter()
         d_up = self.network.delay(Site.DEVICE, self.site, up)

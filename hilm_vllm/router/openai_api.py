@@ -39,66 +39,14 @@ from hilm_vllm.errors import HilmError, InvalidArgument, NotFound
 from hilm_vllm.router import metrics
 from hilm_vllm.router.admission import Slot, TooBusy
 from hilm_vllm.router.engine import GenerationRequest, RequestStats, Router
+from hilm_vllm.router.frontdoor import (RequestLimits, generation_request, prompt_ids,
+                                        text_chunks)
 from hilm_vllm.router.policy import Policy
 from hilm_vllm.thresholds import Thresholds
 from hilm_vllm.seeds import Stream, derive_seed
 from hilm_vllm.server.security import bearer_ok
 
 logger = logging.getLogger("hilm.router.api")
-# Stop token ids one request may name: every one rides to the tiers with the session (a
-# vocabulary is at most ~256k ids; nobody stops on thousands of them). One cap, codec's.
-MAX_STOP_TOKEN_IDS = codec.MAX_STOP_TOKEN_IDS
-
-
-@dataclass(frozen=True)
-class RequestLimits:
-    """Caps on what one request may ask for (router flags `--max-*`)."""
-
-    max_output_tokens: int = 4096  # --max-output-tokens
-    max_prompt_tokens: int = 8192  # --max-prompt-tokens
-    max_stop_sequences: int = 16  # --max-stop-sequences
-    max_stop_length: int = 256  # --max-stop-length (characters)
-    max_request_bytes: int = 1 << 20  # --max-request-bytes (HTTP body; gRPC prompt text)
-    max_n: int = 16  # --max-n (choices of one request)
-
-    def __post_init__(self) -> None:
-        for name, value in vars(self).items():
-            if value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-
-    def check_output(self, max_tokens: int) -> None:
-        if max_tokens > self.max_output_tokens:
-            raise InvalidArgument(f"max_tokens is {max_tokens}; this server allows at most "
-                                  f"{self.max_output_tokens} (--max-output-tokens)")
-
-    def check_n(self, n: int) -> None:
-        if n < 1:
-            raise InvalidArgument(f"n must be >= 1, got {n}")
-        if n > self.max_n:
-            raise InvalidArgument(f"n is {n}; this server allows at most {self.max_n} (--max-n)")
-
-    def check_prompt(self, n: int) -> None:
-        if n > self.max_prompt_tokens:
-            raise InvalidArgument(f"the prompt has {n} tokens; this server allows at most "
-                                  f"{self.max_prompt_tokens} (--max-prompt-tokens)")
-
-    def check_text(self, text: str, what: str = "prompt") -> None:
-        if len(text) > self.max_request_bytes:  # characters >= bytes / 4: a cheap first bound
-            raise InvalidArgument(f"the {what} has {len(text)} characters; this server allows "
-                                  f"at most {self.max_request_bytes} bytes (--max-request-bytes)")
-
-    def check_stops(self, stops: list[str], stop_token_ids=()) -> None:
-        """The stop strings and stop token ids of a request (both front doors call this)."""
-        if len(stop_token_ids) > MAX_STOP_TOKEN_IDS:
-            raise InvalidArgument(f"stop_token_ids has {len(stop_token_ids)} ids; this server "
-                                  f"allows at most {MAX_STOP_TOKEN_IDS}")
-        if len(stops) > self.max_stop_sequences:
-            raise InvalidArgument(f"stop has {len(stops)} strings; this server allows at most "
-                                  f"{self.max_stop_sequences} (--max-stop-sequences)")
-        longest = max((len(s) for s in stops), default=0)
-        if longest > self.max_stop_length:
-            raise InvalidArgument(f"a stop string has {longest} characters; this server allows "
-                                  f"at most {self.max_stop_length} (--max-stop-length)")
 
 
 class _Base(BaseModel):
@@ -246,90 +194,6 @@ class AdmittedStream(StreamingResponse):
             self.slot.release()
 
 
-class TextStream:
-    """Incremental detokenization: text appears once its bytes are complete.
-
-    vLLM's own incremental detokenizer (`IncrementalDetokenizer`: `tokenizers`' DecodeStream for
-    fast tokenizers, else vLLM's Python fallback) decodes each new token against a few tokens of
-    context, so a chunk costs O(its tokens), not O(the whole output). Not primed with the prompt:
-    the text is exactly `tokenizer.decode(output ids, skip_special_tokens=True)`, chunk by chunk.
-    `flush` (the end) decodes the whole output once to emit what an incomplete multi-byte
-    character still held back, as that decode does (U+FFFD)."""
-
-    def __init__(self, tokenizer):
-        from types import SimpleNamespace
-
-        from vllm import SamplingParams
-        from vllm.v1.engine.detokenizer import IncrementalDetokenizer
-
-        self.tokenizer, self.sent = tokenizer, 0
-        request = SimpleNamespace(request_id="router", prompt_token_ids=None, prompt_embeds=None,
-                                  sampling_params=SamplingParams(skip_special_tokens=True))
-        self._detok = IncrementalDetokenizer.from_new_request(tokenizer, request)
-
-    @property
-    def ids(self) -> list[int]:
-        return self._detok.output_token_ids
-
-    def push(self, ids: list[int]) -> str:
-        self._detok.update(list(ids), False)
-        delta = self._detok.get_next_output_text(False, True)
-        self.sent += len(delta)
-        return delta
-
-    def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        delta, self.sent = text[self.sent:], len(text)
-        return delta
-
-
-class StopScanner:
-    """OpenAI `stop` strings: text is held back while it could still be the start of one.
-    `include` (vLLM's include_stop_str_in_output) keeps the stop string that ended the text.
-    `min_tokens`: as vLLM's detokenizer, a stop string counts only if it ends after the text of
-    the first min_tokens tokens (`feed` knows where that is)."""
-
-    def __init__(self, stops: list[str], include: bool = False, min_tokens: int = 0):
-        self.stops = [s for s in stops if s]
-        self.include = include
-        self.pending = ""
-        self.hit = False
-        self.guard = 0  # chars at the start of `pending` a stop string must not end within
-        self.min_tokens, self.tokens = min_tokens, 0
-
-    def feed(self, text: TextStream, ids: list[int]) -> str:
-        """Detokenize `ids` (the next tokens) with `text` and scan them: the released text."""
-        if self.tokens >= self.min_tokens or not self.stops:
-            self.tokens += len(ids)
-            return self.push(text.push(ids))
-        cut = self.min_tokens - self.tokens
-        self.tokens += len(ids)
-        out = self.push(text.push(ids[:cut]), protected=True)
-        return out + self.push(text.push(ids[cut:])) if ids[cut:] else out
-
-    def push(self, text: str, protected: bool = False) -> str:
-        if not self.stops:
-            return text
-        self.pending += text
-        if protected:
-            self.guard = len(self.pending)
-        found = [(i, -len(s), s) for s in self.stops
-                 if (i := self.pending.find(s, max(0, self.guard - len(s) + 1))) >= 0]
-        if found:
-            cut, _, stop = min(found)  # the earliest; of those starting there, the longest
-            out, self.pending, self.hit = self.pending[:cut], "", True
-            return out + stop if self.include else out
-        hold = max(len(s) - 1 for s in self.stops)
-        safe = max(0, len(self.pending) - hold)
-        out, self.pending = self.pending[:safe], self.pending[safe:]
-        self.guard = max(0, self.guard - safe)
-        return out
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
-
-
 _warned_fields: set[str] = set()
 MAX_WARNED_FIELDS = 1024  # names remembered; past it (clients inventing names) new ones log at debug
 
@@ -398,10 +262,6 @@ class RouterAPI:
         if max_tokens is None:
             # OpenAI's (and vLLM's) default for completions is 16; chat: the rest of the context
             max_tokens = self.default_max_tokens(len(prompt_ids)) if chat else 16
-        elif max_tokens < 1:
-            raise InvalidArgument(f"max_tokens must be >= 1, got {max_tokens}")
-        else:
-            self.limits.check_output(max_tokens)
         seed = body.seed
         if seed is not None and choice:
             seed = derive_seed(seed, choice, Stream.CHOICE)  # n independent, reproducible
@@ -412,11 +272,10 @@ class RouterAPI:
             t = body.thresholds
             th = Thresholds(base.t1 if t.t1 is None else t.t1, base.t2 if t.t2 is None else t.t2,
                             base.t_ilm if t.t_ilm is None else t.t_ilm)
-        stop_ids = tuple(body.stop_token_ids or ())
-        codec.check_token_ids(stop_ids, len(self.tokenizer), "stop_token_ids")
-        return GenerationRequest(tuple(prompt_ids), spec, max_tokens, self.policy_of(body),
-                                 body.ignore_eos, body.skip_rate, body.block_size, th,
-                                 body.optimistic, stop_ids, body.min_tokens, tuple(stops(body)))
+        return generation_request(
+            self.router, self.tokenizer, self.limits, prompt_ids, spec, max_tokens,
+            self.policy_of(body), body.ignore_eos, body.skip_rate, body.block_size, th,
+            body.optimistic, tuple(body.stop_token_ids or ()), body.min_tokens, stops(body))
 
     def prompt_ids(self, body: CompletionRequest | ChatCompletionRequest) -> list[int]:
         ids = self._prompt_ids(body)
@@ -443,14 +302,7 @@ class RouterAPI:
             return self.chat_ids(body.messages)
         if body.echo or body.logprobs:
             raise InvalidArgument("echo and logprobs are not supported by the router")
-        if isinstance(body.prompt, str):
-            if not body.prompt:
-                raise InvalidArgument("prompt is empty")
-            self.limits.check_text(body.prompt)
-            return self.tokenizer.encode(body.prompt)  # BOS as `vllm serve` adds it
-        self.limits.check_prompt(len(body.prompt))  # before scanning it
-        codec.check_token_ids(body.prompt, len(self.tokenizer), "prompt")
-        return list(body.prompt)
+        return prompt_ids(body.prompt, self.tokenizer, self.limits)
 
     # -- running ---------------------------------------------------------------------------------
 
@@ -462,7 +314,6 @@ class RouterAPI:
         log_ignored(ignored)
         try:
             self.limits.check_n(body.n)
-            self.limits.check_stops(stops(body), body.stop_token_ids or ())
             ids = self.prompt_ids(body)
             reqs = [self.generation_request(body, ids, chat, i) for i in range(body.n)]
         except HilmError as e:
@@ -488,7 +339,7 @@ class RouterAPI:
         for i, req in enumerate(reqs):
             stats = RequestStats(req.policy.value)
             choices.append(_Choice(i, req, stats, self._events(
-                req, stats, list(req.stop), body.include_stop_str_in_output)))
+                req, stats, body.include_stop_str_in_output)))
         t0 = time.perf_counter()
 
         async def first(c: _Choice):
@@ -575,34 +426,14 @@ class RouterAPI:
         return {"prompt_tokens": n_prompt, "completion_tokens": completion,
                 "total_tokens": n_prompt + completion, "hilm": hilm}
 
-    async def _events(self, req: GenerationRequest, stats: RequestStats, stops: list[str],
+    async def _events(self, req: GenerationRequest, stats: RequestStats,
                       include_stop: bool = False) -> AsyncIterator[tuple[str, str]]:
         """("text", delta)... then ("finish", reason)."""
-        text = TextStream(self.tokenizer)
-        stop = StopScanner(stops, include_stop, req.min_tokens)
-        gen = self.router.generate(req, stats)
-        finish = "length"
-        try:
-            async for ids in gen:
-                delta = stop.feed(text, ids)
-                if delta:
-                    yield "text", delta
-                if stop.hit:
-                    finish = "stop"
-                    break
-            else:
-                tail = stop.push(text.flush())
-                if stop.hit:
-                    finish = "stop"
-                tail += stop.flush() if not stop.hit else ""
-                if tail:
-                    yield "text", tail
-                if not stop.hit:  # a stop token, max_tokens or the context's end
-                    finish = stats.finish_reason or (
-                        "length" if stats.tokens >= req.max_tokens else "stop")
-        finally:
-            await gen.aclose()
-        yield "finish", finish
+        async for chunk in text_chunks(self.router, req, stats, self.tokenizer, include_stop):
+            if chunk.text:
+                yield "text", chunk.text
+            if chunk.finish_reason is not None:
+                yield "finish", chunk.finish_reason
 
     @staticmethod
     async def _merged(choices: list[_Choice]) -> AsyncIterator[tuple[_Choice, tuple[str, str]]]:

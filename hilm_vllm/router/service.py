@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import hashlib
 
-import grpc
-
 from hilm_vllm import codec
-from hilm_vllm.errors import HilmError
 from hilm_vllm.proto.hilm.v1 import generate_pb2, generate_pb2_grpc
 from hilm_vllm.router.admission import TooBusy
 from hilm_vllm.router.engine import GenerationRequest, RequestStats
-from hilm_vllm.router.openai_api import RouterAPI, StopScanner, TextStream
+from hilm_vllm.router.frontdoor import generation_request, prompt_ids, text_chunks
+from hilm_vllm.router.openai_api import RouterAPI
 from hilm_vllm.router.policy import Policy
+from hilm_vllm.server.grpc_util import translate_stream_errors
 from hilm_vllm.server.security import AUTH_METADATA_KEY
 
 SERVICE_NAME = "hilm.v1.Generator"
@@ -24,63 +23,32 @@ class RouterGenerator(generate_pb2_grpc.GeneratorServicer):
         self.api = api
 
     def _request(self, request: generate_pb2.GenerateRequest) -> GenerationRequest:
-        tok, limits = self.api.tokenizer, self.api.limits
-        prompt = codec.prompt_from_pb(request.prompt)
-        if isinstance(prompt, str):
-            limits.check_text(prompt)
-            ids = tok.encode(prompt)
-        else:
-            ids = prompt
-            codec.check_token_ids(ids, len(tok), "prompt")
-        limits.check_prompt(len(ids))
-        limits.check_output(request.max_tokens)
-        spec = codec.sampling_from_pb(request.sampling)
-        policy = Policy.parse(request.policy) if request.policy else self.api.router.cfg.policy
-        self.api.router.check_policy(policy)
-        limits.check_stops(list(request.stop), request.stop_token_ids)
-        codec.check_token_ids(request.stop_token_ids, len(tok), "stop_token_ids")
-        return GenerationRequest(
-            tuple(ids), spec, request.max_tokens or 16, policy, request.ignore_eos,
+        api = self.api
+        ids = prompt_ids(codec.prompt_from_pb(request.prompt), api.tokenizer, api.limits)
+        policy = Policy.parse(request.policy) if request.policy else api.router.cfg.policy
+        return generation_request(
+            api.router, api.tokenizer, api.limits, ids, codec.sampling_from_pb(request.sampling),
+            request.max_tokens or 16, policy, request.ignore_eos,
             block_size=request.block_size if request.HasField("block_size") else None,
             optimistic=request.optimistic if request.HasField("optimistic") else None,
-            stop_token_ids=tuple(request.stop_token_ids), min_tokens=request.min_tokens,
-            stop=tuple(request.stop))
+            stop_token_ids=request.stop_token_ids, min_tokens=request.min_tokens,
+            stop=request.stop)
 
+    @translate_stream_errors
     async def Generate(self, request, context):
+        req = self._request(request)
         try:
-            req = self._request(request)
-            try:
-                slot = await self.api.router.admission.acquire(grpc_client(context))
-            except TooBusy as e:
-                await context.abort(e.code, str(e), trailing_metadata=(
-                    (RETRY_AFTER_METADATA, str(e.retry_after_s)),))
-            try:
-                async for response in self._generate(req):
-                    yield response
-            finally:
-                slot.release()
-        except HilmError as e:
-            await context.abort(e.code, str(e))
-        except ValueError as e:  # a value no message to a tier can carry
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-
-    async def _generate(self, req: GenerationRequest):
-        stats = RequestStats(req.policy.value)
-        text = TextStream(self.api.tokenizer)
-        stop = StopScanner(list(req.stop), min_tokens=req.min_tokens)
-        gen = self.api.router.generate(req, stats)
+            slot = await self.api.router.admission.acquire(grpc_client(context))
+        except TooBusy as e:
+            await context.abort(e.code, str(e), trailing_metadata=(
+                (RETRY_AFTER_METADATA, str(e.retry_after_s)),))
         try:
-            async for ids in gen:
-                yield generate_pb2.GenerateResponse(token_ids=ids, text=stop.feed(text, ids))
-                if stop.hit:  # the text ends before the stop string; so does generation
-                    break
+            stats = RequestStats(req.policy.value)
+            async for chunk in text_chunks(self.api.router, req, stats, self.api.tokenizer):
+                yield generate_pb2.GenerateResponse(token_ids=chunk.token_ids, text=chunk.text,
+                                                    finish_reason=chunk.finish_reason or "")
         finally:
-            await gen.aclose()
-        tail = "" if stop.hit else stop.push(text.flush())
-        tail += "" if stop.hit else stop.flush()
-        finish = "stop" if stop.hit else stats.finish_reason or (
-            "length" if stats.tokens >= req.max_tokens else "stop")
-        yield generate_pb2.GenerateResponse(text=tail, finish_reason=finish)
+            slot.release()
 
 
 def grpc_client(context) -> str:

@@ -17,7 +17,7 @@ from hilm_vllm import codec
 from hilm_vllm.netmodel import PRESETS, network_model
 from hilm_vllm.router.admission import AdmissionLimits
 from hilm_vllm.router.engine import RouterConfig
-from hilm_vllm.router.openai_api import RequestLimits
+from hilm_vllm.router.frontdoor import RequestLimits
 from hilm_vllm.router.policy import Policy
 from hilm_vllm.server.flags import add_field_flags, fields_from_args
 from hilm_vllm.thresholds import Thresholds

@@ -46,22 +46,47 @@ def is_engine_client_error(e: BaseException) -> bool:
                for c in type(e).__mro__)
 
 
+def status_of(e: Exception) -> tuple[grpc.StatusCode, str] | None:
+    """The gRPC status a servicer answers for `e`, or None for an error that is not the
+    client's (it propagates: grpc answers UNKNOWN and logs it): a HilmError's own code; a
+    ValueError (validation in domain constructors, e.g. SamplingSpec) or a vLLM client error (a
+    check this tier missed) is INVALID_ARGUMENT."""
+    if isinstance(e, HilmError):
+        return e.code, str(e)
+    if isinstance(e, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(e)
+    if is_engine_client_error(e):
+        return grpc.StatusCode.INVALID_ARGUMENT, f"the engine refused: {e}"
+    return None
+
+
 def translate_errors(method):
-    """Wrap an async unary servicer method: HilmError -> context.abort(code, message); a
-    ValueError or a vLLM client error (a check this tier missed) -> INVALID_ARGUMENT."""
+    """Wrap an async unary servicer method: an error `status_of` knows -> context.abort."""
 
     @functools.wraps(method)
     async def wrapper(self, request, context):
         try:
             return await method(self, request, context)
-        except HilmError as e:
-            await context.abort(e.code, str(e))
-        except ValueError as e:  # validation in domain constructors (e.g. SamplingSpec)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except Exception as e:
-            if not is_engine_client_error(e):
+            if (status := status_of(e)) is None:
                 raise
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the engine refused: {e}")
+            await context.abort(*status)
+
+    return wrapper
+
+
+def translate_stream_errors(method):
+    """`translate_errors` for a server-streaming method (an async generator)."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            async for item in method(self, request, context):
+                yield item
+        except Exception as e:
+            if (status := status_of(e)) is None:
+                raise
+            await context.abort(*status)
 
     return wrapper
 

@@ -14,18 +14,14 @@ from dataclasses import dataclass
 
 import grpc
 
-import numpy as np
-
 from hilm_vllm import codec
-from hilm_vllm.proto.hilm.v1 import (common_pb2, generate_pb2, generate_pb2_grpc, verifier_pb2,
-                                     verifier_pb2_grpc)
+from hilm_vllm.proto.hilm.v1 import generate_pb2_grpc, verifier_pb2_grpc
 from hilm_vllm.sampling import SamplingSpec
 from hilm_vllm.server.client import TierClient
 from hilm_vllm.uncertainty import UncertaintyConfig
-from hilm_vllm.verifier.core import GenerateChunk, OpenedSession, Prompt
+from hilm_vllm.verifier import messages
+from hilm_vllm.verifier.messages import Dist, GenerateChunk, OpenedSession, Prompt
 from hilm_vllm.verifier.session import Timings, VerifyReply
-
-Dist = tuple[Sequence[int], Sequence[float]]
 
 
 @dataclass
@@ -37,13 +33,10 @@ class VerifierClient(TierClient):
     async def open_session(self, prompt: Prompt, spec: SamplingSpec, max_tokens: int = 0,
                            min_tokens: int = 0,
                            stop_token_ids: Sequence[int] = ()) -> OpenedSession:
-        r = await self._verifier.OpenSession(verifier_pb2.OpenVerifierSessionRequest(
-            prompt=codec.prompt_to_pb(prompt), sampling=codec.sampling_to_pb(spec),
-            max_tokens=max_tokens, min_tokens=min_tokens, stop_token_ids=list(stop_token_ids)),
+        r = await self._verifier.OpenSession(
+            messages.open_request(prompt, spec, max_tokens, min_tokens, stop_token_ids),
             metadata=self._metadata)
-        return OpenedSession(r.session_id, r.position, tuple(r.prompt_token_ids),
-                             r.eos_token_id, r.vocab_size, r.max_block, tuple(r.eos_token_ids),
-                             r.max_model_len)
+        return messages.opened_session(r)
 
     async def verify(self, session_id: str, position: int, draft: Sequence[int] = (),
                      dists: Sequence[Dist] = (), append: Sequence[int] = (),
@@ -53,15 +46,9 @@ class VerifierClient(TierClient):
         """One round. `want_emitted`: fill `reply.emitted` with the m + 1 emitted tokens, each
         with this tier's sparse p at its position (send them to the next tier as a draft with
         q = p) and its uncertainty, measured as `uncertainty` says (None: the tier's flags)."""
-        request = verifier_pb2.VerifyRequest(
-            session_id=session_id, position=position, append_token_ids=list(append),
-            draft_token_ids=list(draft), return_target_probs=want_target_probs,
-            draft_dists=[codec.dist_to_pb(np.asarray(i), np.asarray(p)) for i, p in dists],
-            return_emitted=want_emitted)
-        if uncertainty is not None:
-            request.uncertainty.CopyFrom(codec.uncertainty_to_pb(uncertainty))
-        if rollback_to is not None:  # cut the session back first (then `position` is after it)
-            request.rollback_to = rollback_to
+        request = messages.verify_request(session_id, position, draft, dists, append,
+                                          want_target_probs, want_emitted, uncertainty,
+                                          rollback_to)
         r = await self._verifier.Verify(request, metadata=self._metadata, timeout=timeout)
         t = r.timings
         return VerifyReply(r.num_accepted, r.next_token_id, r.position, tuple(r.target_probs),
@@ -69,18 +56,16 @@ class VerifierClient(TierClient):
                            tuple(codec.scored_from_pb(e) for e in r.emitted))
 
     async def close_session(self, session_id: str) -> None:
-        await self._verifier.CloseSession(
-            verifier_pb2.CloseVerifierSessionRequest(session_id=session_id),
-            metadata=self._metadata)
+        await self._verifier.CloseSession(messages.close_request(session_id),
+                                          metadata=self._metadata)
 
     async def generate(self, prompt: Prompt, spec: SamplingSpec, max_tokens: int = 0,
                        ignore_eos: bool = False, stop_token_ids: Sequence[int] = (),
                        min_tokens: int = 0,
                        stop: Sequence[str] = ()) -> AsyncIterator[GenerateChunk]:
-        call = self._generator.Generate(generate_pb2.GenerateRequest(
-            prompt=codec.prompt_to_pb(prompt), sampling=codec.sampling_to_pb(spec),
-            max_tokens=max_tokens, ignore_eos=ignore_eos, stop_token_ids=list(stop_token_ids),
-            min_tokens=min_tokens, stop=list(stop)), metadata=self._metadata)
+        call = self._generator.Generate(
+            messages.generate_request(prompt, spec, max_tokens, ignore_eos, stop_token_ids,
+                                      min_tokens, stop), metadata=self._metadata)
         try:
             async for r in call:
                 yield GenerateChunk(tuple(r.token_ids), r.text, r.finish_reason or None)

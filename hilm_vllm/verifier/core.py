@@ -36,6 +36,7 @@ from hilm_vllm.sessions import SessionStore
 from hilm_vllm.uncertainty import UncertaintyConfig
 from hilm_vllm.verifier import metrics
 from hilm_vllm.verifier.channel import ResultChannel
+from hilm_vllm.verifier.messages import GenerateChunk, OpenedSession, Prompt
 from hilm_vllm.verifier.session import (SessionLimits, Timings, VerifierSession, VerifyCall,
                                         VerifyReply, check_block)
 from hilm_vllm.verifier.wire import ROWS_CACHED, EmitArgs, VerifyArgs, VerifyResult, unpack
@@ -89,26 +90,6 @@ class EngineFacts:
                    codec.eos_token_ids(config, engine.tokenizer))
 
 
-@dataclass(frozen=True)
-class OpenedSession:
-    session_id: str
-    position: int
-    prompt_token_ids: tuple[int, ...]
-    eos_token_id: int
-    vocab_size: int
-    max_block: int
-    eos_token_ids: tuple[int, ...] = ()  # every id the model stops on
-    max_model_len: int = 0
-
-
-@dataclass(frozen=True)
-class GenerateChunk:
-    token_ids: tuple[int, ...]  # new since the previous chunk
-    text: str
-    finish_reason: str | None  # set on the last chunk
-
-
-Prompt = list[int] | str
 
 
 # How long a round waits for its pushed result once the engine's output is in; it is normally

@@ -6,17 +6,16 @@ LLM-only baseline). Domain errors leave as status codes through `translate_error
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import grpc
 
 from hilm_vllm import codec
-from hilm_vllm.errors import HilmError, InvalidArgument
+from hilm_vllm.errors import InvalidArgument
 from hilm_vllm.proto.hilm.v1 import (common_pb2, generate_pb2, generate_pb2_grpc, verifier_pb2,
                                      verifier_pb2_grpc)
 from hilm_vllm.server.caps import DEFAULT_MAX_CLIENT_SAMPLES
-from hilm_vllm.server.grpc_util import client_id, is_engine_client_error, translate_errors
+from hilm_vllm.server.grpc_util import client_id, translate_errors, translate_stream_errors
 from hilm_vllm.uncertainty import UncertaintyConfig
 from hilm_vllm.verifier.core import Verifier
 from hilm_vllm.verifier.session import VerifyCall, VerifyReply
@@ -88,26 +87,6 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
     async def CloseSession(self, request, context):
         await self._verifier().close_session(client_id(context), request.session_id)
         return verifier_pb2.CloseVerifierSessionResponse()
-
-
-def translate_stream_errors(method):
-    """`translate_errors` for a server-streaming method (an async generator)."""
-
-    @functools.wraps(method)
-    async def wrapper(self, request, context):
-        try:
-            async for item in method(self, request, context):
-                yield item
-        except HilmError as e:
-            await context.abort(e.code, str(e))
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except Exception as e:
-            if not is_engine_client_error(e):
-                raise
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the engine refused: {e}")
-
-    return wrapper
 
 
 class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):

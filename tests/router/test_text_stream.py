@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from hilm_vllm.router.openai_api import TextStream
+from hilm_vllm.router.frontdoor import TextStream
 
 TEXTS = ["héllo wörld 日本語 🙂 done", "def f(x):\n    return x ** 2  # ünïcödé ✓✓✓",
          "🙂🙂🙂 emoji only 🙃", "plain ascii, nothing else"]
@@ -72,7 +72,7 @@ def test_each_chunk_costs_its_own_tokens_not_the_whole_output(tokenizer, monkeyp
 
 
 def _stop_text(tokenizer, ids: list[int], stops: list[str], min_tokens: int, chunk: int):
-    from hilm_vllm.router.openai_api import StopScanner
+    from hilm_vllm.router.frontdoor import StopScanner
 
     text, stop, out = TextStream(tokenizer), StopScanner(stops, min_tokens=min_tokens), ""
     for i in range(0, len(ids), chunk):
