@@ -17,9 +17,12 @@ import sys
 
 from hilm_vllm import up
 from hilm_vllm.config import ServeConfig
-from hilm_vllm.server import memtrace
+from hilm_vllm.server import engine_env, memtrace
 from hilm_vllm.server.grpc_limits import (DEFAULT_MAX_MESSAGE_MB, MAX_MESSAGE_ENV,
                                           MAX_MESSAGE_FLAG, max_message_bytes)
+from hilm_vllm.server.runtime import TierRuntime
+from hilm_vllm.server.security import (add_security_args, security_from_args,
+                                       set_process_security)
 from hilm_vllm.tiers import Tier
 from hilm_vllm.zoo.registry import resolve_model
 
@@ -85,7 +88,6 @@ def build_parser(tier: Tier | None):
                              f"${MAX_MESSAGE_ENV}; default: it, else {DEFAULT_MAX_MESSAGE_MB})")
     parser.add_argument("--metrics-port", type=int, default=0,
                         help="Prometheus /metrics HTTP port; 0 picks a free one (default: %(default)s)")
-    from hilm_vllm.server.security import add_security_args
 
     add_security_args(parser)
     if tier is not None and tier.runs_engine:
@@ -144,8 +146,6 @@ def main(argv: list[str] | None = None) -> int:
         max_message_bytes()
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    from hilm_vllm.server.runtime import TierRuntime
-    from hilm_vllm.server.security import security_from_args, set_process_security
 
     try:  # the router's gRPC Generate takes its HTTP API keys too
         api_keys = (_tier_module(Tier.ROUTER).api_keys(args) if Tier(args.tier) is Tier.ROUTER
@@ -166,8 +166,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cfg = ServeConfig(tier=Tier(args.tier), host=args.host, port=args.port,
                       metrics_port=args.metrics_port, security=security)
-    from hilm_vllm.server import engine_env
-
     try:  # before the engine exists: its processes inherit this environment
         engine_env.prepare(args.engine_busy_loop_ms)
     except ValueError as e:

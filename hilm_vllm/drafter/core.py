@@ -45,6 +45,7 @@ from hilm_vllm.server.caps import (DEFAULT_EXEMPT_PRINCIPALS, DEFAULT_MAX_CLIENT
 from hilm_vllm.sessions import Session, SessionLimits, SessionStore
 from hilm_vllm import codec
 from hilm_vllm.uncertainty import UncertaintyConfig
+from hilm_vllm.server.push import PullChannel
 
 logger = logging.getLogger("hilm.drafter")
 
@@ -160,7 +161,6 @@ class DraftResults:
     """API side of the drafter's push channel: entries by draft key, for the keys awaited."""
 
     def __init__(self):
-        from hilm_vllm.server.push import PullChannel
 
         self.channel = PullChannel(self._on_entries)
         self._waiting: dict[str, _Gather] = {}

@@ -52,6 +52,7 @@ from hilm_vllm import codec
 from hilm_vllm.sampling import (SamplingSpec, Truncation, draw, pack_row, processed_probs_batch,
                                 seed_uniform, truncate)
 from hilm_vllm.seeds import Stream, derive_seed
+from hilm_vllm.server import memtrace
 from hilm_vllm.uncertainty import (TOKEN_FREE_GATES, UncertaintyConfig, noise,
                                    perturbed_disagreement)
 
@@ -363,7 +364,6 @@ class UncertaintyProcessor(LogitsProcessor):
                 raise VLLMValidationError(f"drafter request ({DRAFT_ARG}): {why}")
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
-        from hilm_vllm.server import memtrace
 
         memtrace.start_from_env("drafter-engine")
         self.rows: dict[int, Draft] = {}  # batch row -> draft

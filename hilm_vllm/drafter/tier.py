@@ -10,7 +10,10 @@ from __future__ import annotations
 import argparse
 import weakref
 
-from hilm_vllm.drafter.core import DrafterSettings
+from hilm_vllm.drafter.core import DrafterSettings, DraftResults
+from hilm_vllm.drafter.service import SERVICE_NAME, DrafterServicer
+from hilm_vllm.proto.hilm.v1 import drafter_pb2_grpc
+from hilm_vllm.server import busy
 from hilm_vllm.server.flags import (add_session_args, add_truncation_args, add_uncertainty_args,
                                     truncation_from_args, uncertainty_from_args)
 
@@ -72,8 +75,6 @@ _SERVICERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def install(grpc_server, runtime, args: argparse.Namespace | None = None) -> list[str]:
-    from hilm_vllm.drafter.service import SERVICE_NAME, DrafterServicer
-    from hilm_vllm.proto.hilm.v1 import drafter_pb2_grpc
 
     check_vllm()
     settings = settings_from_args(args) if args is not None else DrafterSettings()
@@ -85,7 +86,6 @@ def install(grpc_server, runtime, args: argparse.Namespace | None = None) -> lis
 async def on_engine_ready(runtime) -> None:
     """Open the push channel, install the worker's step hook on it, and fail fast when the
     engine runs without the hooks (e.g. overridden engine flags)."""
-    from hilm_vllm.drafter.core import DraftResults
 
     results = DraftResults()
     try:
@@ -99,7 +99,6 @@ async def on_engine_ready(runtime) -> None:
                          f"{ENGINE_DEFAULTS['worker_extension_cls']}") from e
     if runtime in _SERVICERS:
         _SERVICERS[runtime].results = results
-    from hilm_vllm.server import busy
 
     await busy.start(runtime, "slm")
     if not info["installed"] or ".worker.gpu." in info["runner"]:

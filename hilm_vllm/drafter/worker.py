@@ -17,7 +17,9 @@ import time
 
 from hilm_vllm.drafter import processor
 from hilm_vllm.server.busy import BusyWorkerExtension
-from hilm_vllm.server.runner import pushes_results
+from hilm_vllm.server.push import PushSink
+from hilm_vllm.server.runner import check_v1_runner, pushes_results
+from hilm_vllm_patches import shm_busy_loop
 
 
 class DraftHook:
@@ -54,7 +56,6 @@ class DraftHook:
 
 
 def check_runner(runner) -> None:
-    from hilm_vllm.server.runner import check_v1_runner
 
     check_v1_runner(runner, "drafter hook")
 
@@ -73,7 +74,6 @@ class DrafterWorkerExtension(BusyWorkerExtension):
         if channel is not None:
             processor.STORE.keep_finished = False
             if first:
-                from hilm_vllm.server.push import PushSink
 
                 hook.sink = PushSink(channel, token)
         state = "already installed" if installed else "installed"
@@ -88,7 +88,6 @@ class DrafterWorkerExtension(BusyWorkerExtension):
     def hilm_drafter_info(self) -> dict:
         """Which runner and processors this worker has, the hook, the records it holds, and
         the shm busy-loop window (checked once the engine is ready, and by the tests)."""
-        from hilm_vllm_patches import shm_busy_loop
 
         runner = self.model_runner
         batch = getattr(runner, "input_batch", None)

@@ -9,16 +9,21 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 from pathlib import Path
 
 from hilm_vllm import codec
 from hilm_vllm.netmodel import PRESETS, network_model
+from hilm_vllm.proto.hilm.v1 import generate_pb2_grpc
+from hilm_vllm.router import metrics
 from hilm_vllm.router.admission import AdmissionLimits
-from hilm_vllm.router.engine import RouterConfig
+from hilm_vllm.router.engine import Router, RouterConfig
 from hilm_vllm.router.frontdoor import RequestLimits
+from hilm_vllm.router.openai_api import RouterAPI, build_app
 from hilm_vllm.router.policy import Policy
+from hilm_vllm.router.service import SERVICE_NAME, RouterGenerator
 from hilm_vllm.server.flags import add_field_flags, fields_from_args
 from hilm_vllm.thresholds import Thresholds
 from hilm_vllm.uncertainty import UncertaintyConfig
@@ -167,22 +172,12 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
 
 
 def load_tokenizer(model: str):
-    from transformers import AutoTokenizer
-
+    from transformers import AutoTokenizer  # heavy: loaded when the router starts
 
     return AutoTokenizer.from_pretrained(resolve_model(model))
 
 
 def install(grpc_server, runtime, args: argparse.Namespace | None = None) -> list[str]:
-    from hilm_vllm.proto.hilm.v1 import generate_pb2_grpc
-    from hilm_vllm.router.engine import Router
-    from hilm_vllm.router.openai_api import RouterAPI, build_app
-    from hilm_vllm.router.service import SERVICE_NAME, RouterGenerator
-
-    import asyncio
-
-    from hilm_vllm.router import metrics
-
     cfg = config_from_args(args)
     router = Router(cfg)
     tokenizer = load_tokenizer(args.model)

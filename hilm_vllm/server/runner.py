@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from hilm_vllm_patches import session_cut
+
 PINNED_VLLM = "0.32.0"  # the hooks wrap private methods of this version's V1 runner
 
 
@@ -29,7 +31,6 @@ def check_v1_runner(runner, hook: str) -> None:
         raise RuntimeError(f"hilm {hook} needs vLLM's V1 model runner, found "
                            f"{type(runner).__module__}.{type(runner).__name__}: set "
                            f"VLLM_USE_V2_MODEL_RUNNER=0 in the tier's environment")
-    from hilm_vllm_patches import session_cut
 
     if not session_cut.installed():
         raise RuntimeError(

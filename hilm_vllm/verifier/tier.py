@@ -9,6 +9,7 @@ import weakref
 import grpc
 
 from hilm_vllm.errors import Unavailable
+from hilm_vllm.server import busy
 from hilm_vllm.server.flags import (add_session_args, add_truncation_args, add_uncertainty_args,
                                     truncation_from_args, uncertainty_from_args)
 from hilm_vllm.verifier.core import Verifier, VerifierSettings
@@ -87,7 +88,6 @@ def install(server: grpc.aio.Server, runtime, args: argparse.Namespace | None = 
 
 
 async def on_engine_ready(runtime) -> None:
-    from hilm_vllm.server import busy
 
     state = _TIERS[runtime]
     state.verifier = await Verifier.start(runtime.engine, state.settings)

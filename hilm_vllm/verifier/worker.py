@@ -46,8 +46,10 @@ import torch
 from hilm_vllm.rejection import BlockOutcome, verify_block
 from hilm_vllm.sampling import pack_row, processed_probs_batch, truncated_probs
 from hilm_vllm.seeds import Stream, derive_seed
-from hilm_vllm.server.runner import pushes_results
+from hilm_vllm.server import memtrace
+from hilm_vllm.server.runner import check_v1_runner, pushes_results
 from hilm_vllm.uncertainty import TOKEN_FREE_GATES, perturbed_u
+from hilm_vllm.verifier.channel import ResultSink
 from hilm_vllm.verifier.wire import (EXTRA_ARGS_KEY, ROWS_CACHED, EmittedRow, VerifyArgs,
                                      VerifyResult)
 
@@ -70,7 +72,6 @@ class VerifierWorkerExtension:
         first = pushes_results()
         runner._hilm_verify_hook.keep_results = first
         if channel is not None and first:
-            from hilm_vllm.verifier.channel import ResultSink
 
             runner._hilm_verify_hook.sink = ResultSink(channel, token)
         state = "already installed" if installed else "installed"
@@ -89,7 +90,6 @@ class VerifierWorkerExtension:
 
 def check_runner(runner) -> None:
     """Refuse, with the fix in the message, anything the hook was not written for."""
-    from hilm_vllm.server.runner import check_v1_runner
 
     check_v1_runner(runner, "verifier hook")
     if runner.speculative_config is not None:
@@ -136,7 +136,6 @@ class VerifyHook:
     """Wraps `execute_model` (to time steps) and `_bookkeeping_sync` of one V1 runner."""
 
     def __init__(self, runner):
-        from hilm_vllm.server import memtrace
 
         memtrace.start_from_env("verifier-engine")
         self.runner = runner
