@@ -58,6 +58,13 @@ import shlex
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from hilm_vllm.launch import TierProcess, exit_on_sigterm
+from hilm_vllm.lab.calibration import (best_gate, binned_rates, calibrate_pair,
+                                       rejection_probability, step_edges)
+from hilm_vllm.thresholds import Thresholds
+from hilm_vllm.lab.benchjson import git_commit, write_result
+from hilm_vllm.zoo import find_zoo
+
 # CPU-friendly engine flags for the tiers this command launches.
 DEFAULT_ENGINE_ARGS = ("--dtype float32 --block-size 32 --kv-cache-memory-bytes 128M "
                        "--enforce-eager --max-model-len 1024")
@@ -267,7 +274,6 @@ ROLES = {"slm_drafter": ("slm", "slm"), "ilm_drafter": ("slm", "ilm"),
 @contextlib.contextmanager
 def tiers(args):
     """Addresses of the four roles: the given ones, else tiers launched for the family."""
-    from hilm_vllm.launch import TierProcess, exit_on_sigterm
 
     exit_on_sigterm()
     launched = {}
@@ -347,8 +353,6 @@ def plot_edges(gate: str, num_samples: int):
     """Bins of the plot: u's 1/K steps for the perturbed gate, 20 equal bins otherwise."""
     import numpy as np
 
-    from hilm_vllm.lab.calibration import step_edges
-
     return step_edges(num_samples) if gate == "perturbed" else np.linspace(0, 1, 21)
 
 
@@ -356,8 +360,6 @@ def fit_pair(rec: Records, num_samples: int, gate: str = "perturbed",
              pair: str = "") -> PairResult:
     """A gate's records on a pair -> line, monotone model, AUC, bins, counts."""
     import numpy as np
-
-    from hilm_vllm.lab.calibration import binned_rates, calibrate_pair, rejection_probability
 
     if not rec.u:
         raise ValueError("no records")
@@ -377,7 +379,6 @@ def _auc(r: PairResult) -> float:
 def choose_gates(results: dict[str, dict[str, PairResult]]) -> dict[str, dict]:
     """results[gate][pair] -> {"slm": {gate, why}, "ilm": {gate, why}}: the SLM's gate by the
     mean AUC over its two pairs (t1 and t2 both compare its u), the ILM's by ILM -> LLM."""
-    from hilm_vllm.lab.calibration import best_gate
 
     out = {}
     for model, names in (("slm", ("slm->ilm", "slm->llm")), ("ilm", ("ilm->llm",))):
@@ -438,7 +439,6 @@ def thresholds_doc(args, results: dict[str, dict[str, PairResult]], json_path: P
 def thresholds_file(args, results: dict[str, dict[str, PairResult]], json_path: Path):
     """The YAML: t1, t2, t_ilm (in [0, 1]), the gates and why, operating points, fits."""
     from hilm_vllm.codec import ThresholdsFile
-    from hilm_vllm.thresholds import Thresholds
 
     choice = choose_gates(results)
     points = operating_points(args, results, choice)
@@ -512,7 +512,6 @@ def threshold_warnings(doc: dict) -> list[str]:
 
 def write_yaml(path: Path, tf) -> None:
     """Write a `codec.ThresholdsFile` with its header (`codec.read_thresholds` reads it)."""
-    from hilm_vllm.lab.benchjson import git_commit
     from hilm_vllm.codec import write_thresholds
 
     doc = tf.to_doc()
@@ -613,7 +612,6 @@ def fit_all(records: dict[str, dict[str, Records]], args) -> dict[str, dict[str,
 
 
 async def calibrate_family(args) -> int:
-    from hilm_vllm.lab.benchjson import write_result
 
     zoo_root = None
     if args.from_records is not None:
@@ -623,7 +621,6 @@ async def calibrate_family(args) -> int:
         if not records:
             raise SystemExit(f"error: {args.from_records} holds no records of gate {args.gate}")
     else:
-        from hilm_vllm.zoo import find_zoo
 
         zoo = find_zoo(args.family)
         if zoo is None:

@@ -2,8 +2,10 @@
 
 `/v1/completions`, `/v1/chat/completions` (the model's chat template), SSE streaming, `/v1/models`,
 `/health`, `/ping`, `/version`, `/tokenize`, `/detokenize` and `/metrics` (Prometheus, as
-`vllm serve` serves them on its API port). As in vLLM, request fields the router does not
-know are accepted, logged, and ignored; the response lists them in
+`vllm serve` serves them on its API port). Each of vLLM's request fields is applied, refused
+with a 400 when set to a value that would change the output (no policy applies it yet), or
+ignored when it cannot change the output (`fields.py`, docs/api-fields.md); fields vLLM does not
+know are accepted, logged and ignored, as in vLLM; the response lists what was ignored in
 `usage.hilm.ignored_fields`. The policy is chosen per request by the `model` field (the served model name for the
 router's default policy, or a policy name: `hilm`, `llm-only`, ...) or the extra body field
 `policy`. `usage` carries the OpenAI counts plus `usage.hilm`, the round's statistics
@@ -36,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hilm_vllm import codec
 from hilm_vllm.errors import HilmError, InvalidArgument, NotFound
-from hilm_vllm.router import metrics
+from hilm_vllm.router import fields, metrics
 from hilm_vllm.router.admission import Slot, TooBusy
 from hilm_vllm.router.engine import GenerationRequest, RequestStats, Router
 from hilm_vllm.router.frontdoor import (RequestLimits, generation_request, prompt_ids,
@@ -146,6 +148,7 @@ class ChatMessage(_Base):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage]
     logprobs: bool = False
+    add_generation_prompt: bool = True
 
 
 def stops(body: _Sampling) -> list[str]:
@@ -299,7 +302,7 @@ class RouterAPI:
         if isinstance(body, ChatCompletionRequest):
             if body.logprobs:
                 raise InvalidArgument("logprobs are not supported by the router")
-            return self.chat_ids(body.messages)
+            return self.chat_ids(body.messages, body.add_generation_prompt)
         if body.echo or body.logprobs:
             raise InvalidArgument("echo and logprobs are not supported by the router")
         return prompt_ids(body.prompt, self.tokenizer, self.limits)
@@ -313,6 +316,7 @@ class RouterAPI:
         ignored = body.ignored_fields()
         log_ignored(ignored)
         try:
+            fields.check(body.model_extra or {})  # what would change the output: refused
             self.limits.check_n(body.n)
             ids = self.prompt_ids(body)
             reqs = [self.generation_request(body, ids, chat, i) for i in range(body.n)]

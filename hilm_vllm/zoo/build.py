@@ -14,6 +14,7 @@ import numpy as np
 
 from hilm_vllm.zoo.corpus import iter_texts
 from hilm_vllm.zoo.recipes import Recipe
+from hilm_vllm.zoo.tokenizer import train_tokenizer
 
 HELDOUT_PROMPTS = 64  # prompt/reference pairs written for benchmarks and the demo
 PROMPT_TOKENS, REFERENCE_TOKENS = 64, 64  # the demo trains on 128-token windows
@@ -91,7 +92,6 @@ def build(recipe: Recipe, out: Path, device: str = "cpu", progress: bool = True)
     from transformers import LlamaForCausalLM
 
     from hilm_vllm.zoo.gates import evaluate_gates
-    from hilm_vllm.zoo.tokenizer import train_tokenizer
     from hilm_vllm.zoo.train import evaluate, llama_config, train
 
     torch.manual_seed(recipe.seed)

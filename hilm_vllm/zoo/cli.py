@@ -6,9 +6,11 @@ import argparse
 import json
 import sys
 
+from hilm_vllm.zoo.recipes import recipe_names
+from hilm_vllm.zoo import ensure_zoo, find_zoo
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from hilm_vllm.zoo.recipes import recipe_names
 
     p = sub.add_parser("zoo", help="build and inspect the demo model family (SLM < ILM < LLM)")
     zsub = p.add_subparsers(dest="zoo_command", metavar="ACTION", required=True)
@@ -59,7 +61,6 @@ def _device(choice: str) -> str:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from hilm_vllm.zoo import ensure_zoo
 
     zoo = ensure_zoo(args.recipe, seed=args.seed, device=_device(args.device),
                      progress=not args.quiet, force=args.force)
@@ -69,7 +70,6 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _found(args: argparse.Namespace):
-    from hilm_vllm.zoo import find_zoo
 
     zoo = find_zoo(args.recipe, seed=args.seed)
     if zoo is None:

@@ -41,6 +41,7 @@ from hilm_vllm.uncertainty import (
 )
 
 from hilm_vllm.seeds import Stream, derive_seed
+from hilm_vllm.zoo.train import exit_logits, sample_windows
 
 PAIRS = ("slm->ilm", "slm->llm", "ilm->llm")
 GATES = (Gate.PERTURBED.value, Gate.ENTROPY.value, Gate.VAR_ENTROPY.value, Gate.MAX_PROB.value,
@@ -146,7 +147,6 @@ def evaluate_gates(model, heldout: np.ndarray, recipe,
                    cfg: UncertaintyConfig | None = None) -> dict:
     """The manifest's "gates" section: every pair and gate on `recipe.eval_windows` held-out
     windows (other windows than the losses'), drafts and perturbations seeded from the recipe."""
-    from hilm_vllm.zoo.train import exit_logits, sample_windows
 
     cfg = cfg or UncertaintyConfig()
     rng = np.random.default_rng(recipe.seed + 2)

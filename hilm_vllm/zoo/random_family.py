@@ -55,6 +55,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from hilm_vllm.zoo.recipes import RandomRecipe
+from hilm_vllm.zoo.tokenizer import as_transformers, train_bpe
+from hilm_vllm.zoo.build import (build_threads, encode_stream, heldout_pairs, save_tier,
+                                 HELDOUT_PROMPTS)
+from hilm_vllm.zoo.corpus import iter_texts
 
 TIERS = ("slm", "ilm", "llm")
 WEIGHTS_NOTE = ("random (seeded, untrained) weights: for plumbing and cost (vocabulary size, "
@@ -104,7 +108,6 @@ def fill_vocab(tok, size: int):
 def family_tokenizer(recipe: RandomRecipe, texts: list[str]):
     """The family's transformers tokenizer of exactly `recipe.vocab_size` tokens, and
     (BPE tokens, fill tokens)."""
-    from hilm_vllm.zoo.tokenizer import as_transformers, train_bpe
 
     bpe = train_bpe(texts, recipe.vocab_size)
     trained = bpe.get_vocab_size(with_added_tokens=True)
@@ -165,7 +168,6 @@ def tier_state(state: Mapping, depth: int) -> dict:
 def export_tier(state: Mapping, depth: int, recipe: RandomRecipe, tokenizer, out: Path) -> int:
     """Save one tier as a Hugging Face Llama directory (safetensors, tokenizer, generation
     config with eos). Returns its parameter count."""
-    from hilm_vllm.zoo.build import save_tier
 
     return save_tier(random_config(recipe, tokenizer, depth), tier_state(state, depth),
                      tokenizer, out)
@@ -224,9 +226,6 @@ def build_random(recipe: RandomRecipe, out: Path, progress: bool = True) -> dict
 
     import torch
     from transformers import LlamaForCausalLM
-
-    from hilm_vllm.zoo.build import HELDOUT_PROMPTS, build_threads, encode_stream, heldout_pairs
-    from hilm_vllm.zoo.corpus import iter_texts
 
     torch.set_num_threads(build_threads())
     t0 = time.perf_counter()

@@ -13,6 +13,9 @@ import argparse
 import importlib
 import sys
 
+from hilm_vllm.lab.benchjson import RESULTS_DIR
+from hilm_vllm.zoo.recipes import recipe_names
+
 # name -> (module of this package, what it measures)
 BENCHMARKS = {
     "vllm-serve": ("vllm_serve",
@@ -40,9 +43,6 @@ def add_common_args(p: argparse.ArgumentParser, zoo_help: str = "model family") 
     """The flags every benchmark shares, declared once: `--zoo` (a recipe of the zoo, built
     first when missing) and `--out` (the results folder; `--out-dir` is the same flag)."""
     from pathlib import Path
-
-    from hilm_vllm.lab.benchjson import RESULTS_DIR
-    from hilm_vllm.zoo.recipes import recipe_names
 
     p.add_argument("--zoo", default="demo", choices=recipe_names(),
                    help=f"{zoo_help} (default: demo)")

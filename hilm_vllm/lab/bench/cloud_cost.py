@@ -73,6 +73,13 @@ from pathlib import Path
 
 from hilm_vllm.lab.bench import add_common_args
 from hilm_vllm.lab.bench.cpu import TreeCPU, ms_per
+from hilm_vllm.lab.quality import ratio
+from hilm_vllm.lab.bench.load import run_once, vllm_spec_server
+from hilm_vllm.lab.bench.demo import run_metrics
+from hilm_vllm.stack import config_path, family_plan, Stack
+from hilm_vllm.lab.benchjson import write_result
+from hilm_vllm.launch import exit_on_sigterm
+from hilm_vllm.zoo import ensure_zoo
 
 ROUTER_POLICIES = ("llm-only", "hlm", "spec", "uhlm", "hilm", "cascade", "rand")
 VLLM_SPEC = "vllm-spec"
@@ -148,7 +155,6 @@ def entry(policy: str, concurrency: int, metrics: dict, cpu_s: dict[str, float |
     """One element of `runs` (ENTRY_KEYS, in that order) from demo.run_metrics of the timed
     waves and the CPU seconds of each tier's tree over them (tier -> seconds; a tier that is
     absent or None is not measured: null)."""
-    from hilm_vllm.lab.quality import ratio
 
     tokens = metrics.get("tokens") or 0
     usage = metrics.get("usage") or {}
@@ -183,7 +189,6 @@ def _round(x: float | None) -> float | None:
 
 def add_ratios(runs: list[dict]) -> list[dict]:
     """llm_cpu_ratio and total_cpu_ratio of every run: / llm-only's at the same concurrency."""
-    from hilm_vllm.lab.quality import ratio
 
     base = {r["concurrency"]: r for r in runs if r["policy"] == BASELINE}
     for r in runs:
@@ -200,7 +205,6 @@ def waves(url: str, model: str, prompts: list[str], concurrency: int, n_waves: i
           max_tokens: int, args, extra: dict):
     """`concurrency` x `n_waves` requests through the OpenAI API (hilm_vllm.lab.bench.load's
     client): (records, wall seconds)."""
-    from hilm_vllm.lab.bench.load import run_once
 
     opts = argparse.Namespace(**(vars(args) | {"waves": n_waves, "min_requests": 0,
                                                "max_tokens": max_tokens}))
@@ -213,7 +217,6 @@ def measure(url: str, model: str, policy: str, concurrency: int, roots: dict[str
     `settle()` waits until the tiers have closed the requests' sessions (closing is
     asynchronous): after the warm-up, so that its closing is not counted, and before the last
     reading, so that the timed requests' is."""
-    from hilm_vllm.lab.bench.demo import run_metrics
 
     settle = settle or (lambda: None)
     waves(url, model, prompts, concurrency, 1, args.warmup_tokens, args, extra)
@@ -232,7 +235,6 @@ def measure(url: str, model: str, policy: str, concurrency: int, roots: dict[str
 
 def router_flags(args) -> list[str]:
     """The router's flags besides the tiers' addresses and its ports: network model off."""
-    from hilm_vllm.stack import config_path
 
     flags = ["--policy", "hilm", "--block-size", str(args.block_size), "--latency", "none"]
     if args.thresholds:
@@ -242,7 +244,6 @@ def router_flags(args) -> list[str]:
 
 def router_runs(prompts: list[str], args, report) -> None:
     """The router policies on the family's four tiers (hilm_vllm.stack, as `hilm up`)."""
-    from hilm_vllm.stack import Stack, family_plan
 
     policies = [p for p in args.policies if p in ROUTER_POLICIES]
     if not policies:
@@ -267,7 +268,6 @@ def router_runs(prompts: list[str], args, report) -> None:
 
 def vllm_spec_runs(zoo, prompts: list[str], args, report) -> None:
     """vLLM's own speculative decoding of the same pair: its whole tree is the LLM."""
-    from hilm_vllm.lab.bench.load import vllm_spec_server
 
     if VLLM_SPEC not in args.policies:
         return
@@ -358,9 +358,6 @@ def main(argv: list[str] | None = None) -> int:
         doc = json.loads(args.replot.read_text())
         plot(doc["results"]["runs"], args.replot.with_suffix(".png"))
         return 0
-    from hilm_vllm.lab.benchjson import write_result
-    from hilm_vllm.launch import exit_on_sigterm
-    from hilm_vllm.zoo import ensure_zoo
 
     exit_on_sigterm()
     zoo = ensure_zoo(args.zoo)

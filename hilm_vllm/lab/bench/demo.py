@@ -111,8 +111,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hilm_vllm.lab.bench import add_common_args
-from hilm_vllm.lab.bench.cpu import ms_per
+from hilm_vllm.lab.bench.cpu import ms_per, TreeCPU
 from hilm_vllm.lab.bench.sweep_points import latest_sweep, nearest_points, point_line
+from hilm_vllm.lab.quality import cosine, exact_match_rate, mean_or_none, ratio, Embedder
+from hilm_vllm import codec
+from hilm_vllm.stack import config_path, family_plan, Stack
+from hilm_vllm.lab.bench.scoring import (embed_all, output_from_record, per_prompt_cosines,
+                                         quality_block, Output, RunScores, ShadowScorer)
+from hilm_vllm.lab.benchjson import write_result
+from hilm_vllm.zoo import ensure_zoo
 
 
 POLICIES = ("llm-only", "hlm", "spec", "uhlm", "hilm", "cascade", "rand")
@@ -269,7 +276,6 @@ def accept_len(accepted: int, drafts: int | None) -> float | None:
 
 def run_metrics(records: list[RequestRecord], wall_s: float) -> dict:
     """The speed and routing metrics of one run (see the module docstring)."""
-    from hilm_vllm.lab.quality import mean_or_none, ratio
 
     ok = [r for r in records if r.ok]
     tokens = sum(r.tokens for r in ok)
@@ -310,7 +316,6 @@ def quality_metrics(runs: list[Run], references: list[str], embed) -> dict[tuple
     """(policy, temperature) -> cosine_to_reference, accuracy_ratio, cosine_vs_llm, exact_match.
 
     `embed(texts) -> [n, d]` array; every distinct text is embedded once."""
-    from hilm_vllm.lab.quality import cosine, exact_match_rate, mean_or_none, ratio
 
     outputs = {(run.policy, run.temperature): texts_by_prompt(run, len(references))
                for run in runs}
@@ -380,7 +385,6 @@ def build_policies(runs: list[Run], quality: dict[tuple, dict] | None,
 
 def add_cpu_ratios(policies: dict[str, dict]) -> None:
     """Each run's llm_cpu_ratio: its llm_cpu_ms_per_token / llm-only's at the same T."""
-    from hilm_vllm.lab.quality import ratio
 
     base = policies.get(BASELINE, {}).get("by_temperature", {})
     for entry in policies.values():
@@ -491,8 +495,6 @@ async def run_all(url: str, prompts: list[str], args, llm_pid: int | None = None
     (waits until the tiers have closed the requests' sessions: closing is asynchronous)."""
     from openai import AsyncOpenAI
 
-    from hilm_vllm.lab.bench.cpu import TreeCPU
-
     client = AsyncOpenAI(base_url=f"{url.rstrip('/')}/v1", api_key="hilm", max_retries=0,
                          timeout=args.request_timeout)
     runs, order, warm = [], run_order(args), set()
@@ -531,9 +533,6 @@ def progress_line(n: int, total: int, run: Run) -> str:
 
 def thresholds_file(path: str | Path):
     """The thresholds YAML (`codec.ThresholdsFile`), None when there is none."""
-    from hilm_vllm import codec
-
-    from hilm_vllm.stack import config_path
 
     path = config_path(path)
     return codec.read_thresholds(path) if path.is_file() else None
@@ -541,7 +540,6 @@ def thresholds_file(path: str | Path):
 
 def router_flags(args) -> list[str]:
     """The router's flags besides the tiers' addresses and its ports (hilm_vllm.stack)."""
-    from hilm_vllm.stack import config_path
 
     return ["--policy", "hilm", "--thresholds", str(config_path(args.thresholds)),
             "--block-size", str(args.block_size), "--latency", args.latency]
@@ -565,7 +563,6 @@ def served_router(args, zoo):
     if args.router:
         yield Tiers(args.router)
         return
-    from hilm_vllm.stack import Stack, family_plan
 
     plan = family_plan(args.zoo, router_flags=router_flags(args))
     with Stack.launch(plan, timeout=args.startup_timeout,
@@ -599,7 +596,6 @@ def load_prompts(zoo, args) -> tuple[list[str], list[str]]:
 
 def outputs_of(run: Run, prompts: list[str], args) -> list:
     """bench.scoring.Output per prompt index (failed or missing requests: text None)."""
-    from hilm_vllm.lab.bench.scoring import Output, output_from_record
 
     out = [Output(p, None) for p in prompts]
     for r in run.records:
@@ -615,9 +611,6 @@ def score(runs: list[Run], prompts: list[str], references: list[str], args,
     if not args.quality:
         return None
     import numpy as np
-
-    from hilm_vllm.lab.bench.scoring import RunScores, ShadowScorer, embed_all, per_prompt_cosines
-    from hilm_vllm.lab.quality import Embedder
 
     t0 = time.monotonic()
     n = len(references)
@@ -642,8 +635,6 @@ def quality_dicts(scores: dict[tuple, object], per_run: dict[tuple, dict]) -> tu
     dict of each run (against llm-only and llm-only-reseed at the same T) and each policy's
     headline quality (its primary-temperature run with exact_match_t0 from its T = 0 run)."""
     from dataclasses import replace
-
-    from hilm_vllm.lab.bench.scoring import quality_block
 
     out = {}
     for (policy, t), rs in scores.items():
@@ -677,7 +668,6 @@ def config_of(args, zoo, prompts: list[str]) -> dict:
 
 
 def report(runs: list[Run], references: list[str], args, zoo, prompts) -> int:
-    from hilm_vllm.lab.benchjson import write_result
 
     scores = score(runs, prompts, references, args, zoo)
     policies = build_policies(runs, *(scores or (None,)))
@@ -760,7 +750,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> int:
-        from hilm_vllm.zoo import ensure_zoo
 
         zoo = ensure_zoo(args.zoo, progress=True)
         prompts, references = load_prompts(zoo, args)

@@ -24,6 +24,8 @@ import time
 import uuid
 
 from hilm_vllm.lab.bench import add_common_args
+from hilm_vllm.lab.benchjson import write_result
+from hilm_vllm.zoo import ensure_zoo
 
 CONDITIONS = [  # (name, extra "uncertainty" dict or None for the hook off)
     ("no-processor", None),  # a second engine without the drafter's processor at all
@@ -120,8 +122,6 @@ def measure(llm, plain, contexts, args) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from hilm_vllm.lab.benchjson import write_result
-    from hilm_vllm.zoo import ensure_zoo
 
     zoo = ensure_zoo(args.zoo)
     llm = make_engine(zoo.slm)

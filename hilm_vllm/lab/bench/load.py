@@ -58,6 +58,8 @@ from hilm_vllm.lab.bench.demo import RequestRecord, run_metrics
 from hilm_vllm.lab.benchjson import write_result
 from hilm_vllm.launch import exit_on_sigterm
 from hilm_vllm.lab.bench import add_common_args
+from hilm_vllm.stack import config_path, family_plan, Stack
+from hilm_vllm.zoo import ensure_zoo
 
 POLICIES = ("llm-only", "hlm", "spec", "uhlm", "hilm", "cascade", "rand")
 DRAFTING = {"hlm", "spec", "uhlm", "hilm", "cascade", "rand"}
@@ -214,7 +216,6 @@ def engine_args(args) -> list[str]:
 def router_flags(latency: str, args) -> list[str]:
     """The router's flags besides the tiers' addresses and its ports (hilm_vllm.stack)."""
     flags = ["--policy", "hilm", "--block-size", str(args.block_size), "--latency", latency]
-    from hilm_vllm.stack import config_path
 
     if args.thresholds and config_path(args.thresholds).exists():
         flags += ["--thresholds", str(config_path(args.thresholds))]
@@ -223,7 +224,6 @@ def router_flags(latency: str, args) -> list[str]:
 
 def run_tiers(zoo, prompts: list[str], args) -> list[dict]:
     """The family's tiers launched as `hilm up` launches them, one router per network model."""
-    from hilm_vllm.stack import Stack, family_plan
 
     runs = []
     first, *others = args.latency
@@ -373,7 +373,6 @@ def main(argv=None) -> int:
         plot(json.loads(args.replot.read_text())["results"]["runs"], args.replot.with_suffix(".png"))
         return 0
     exit_on_sigterm()
-    from hilm_vllm.zoo import ensure_zoo
 
     zoo = ensure_zoo(args.zoo)
     prompts = [p["prompt"] for p in zoo.heldout_prompts(64)]

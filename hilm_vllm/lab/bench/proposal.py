@@ -30,6 +30,7 @@ from pathlib import Path
 
 from hilm_vllm.lab.bench import add_common_args
 from hilm_vllm.lab.benchjson import write_result
+from hilm_vllm.zoo import ensure_zoo
 
 BYTES_PER_ENTRY = 6  # int32 id + float16 weight (sampling.pack_row)
 
@@ -106,7 +107,6 @@ def rows_of(zoo, windows: int, tokens: int, temperature: float):
 
 def measure_family(name: str, args) -> dict:
     from hilm_vllm.drafter.core import DrafterSettings
-    from hilm_vllm.zoo import ensure_zoo
 
     zoo = ensure_zoo(name)
     p, q = rows_of(zoo, args.windows, args.tokens, args.temperature)

@@ -79,6 +79,8 @@ from hilm_vllm.launch import TierProcess, exit_on_sigterm
 from hilm_vllm.sampling import SamplingSpec
 from hilm_vllm.verifier.client import VerifierClient
 from hilm_vllm.lab.bench import add_common_args
+from hilm_vllm.stack import config_path, find_config
+from hilm_vllm.zoo import ensure_zoo, recipe_names
 
 # name -> (placement layout, --engine-busy-loop-ms or None for hilm-serve's default)
 SETTINGS = {
@@ -153,7 +155,6 @@ def parts_to_run(only: str) -> list[str]:
 
 def engine_config(family: str, tier: str) -> Path:
     """The family's `engine_configs/<family>-<tier>.yaml` (`find_config`), else the demo's."""
-    from hilm_vllm.stack import config_path, find_config
 
     return find_config(f"{family}-{tier}.yaml") or config_path(f"engine_configs/demo-{tier}.yaml")
 
@@ -321,7 +322,6 @@ class Pair:
                                   rollback_to=self.base if self.v_at > self.base else None)
         self.v_at = r.position
         return r
-
 
     async def close(self) -> None:
         await self.slm.close_session(self.d.session_id)
@@ -546,7 +546,6 @@ def vocab_results(runs: dict[str, dict], skipped: dict[str, str]) -> dict:
 def run_vocab(args, reuse: dict[str, dict]) -> dict:
     """Every family of --vocab-families in turn (`reuse`: runs already made, by family); a
     family that cannot be measured is skipped, saying why."""
-    from hilm_vllm.zoo import ensure_zoo, recipe_names
 
     runs: dict[str, dict] = {}
     skipped: dict[str, str] = {}
@@ -656,7 +655,6 @@ def plot_scaling(results: dict, block: int, path: Path) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     exit_on_sigterm()
-    from hilm_vllm.zoo import ensure_zoo
 
     parts = parts_to_run(args.only)
     if "context" in parts:

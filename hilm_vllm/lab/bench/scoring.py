@@ -46,8 +46,9 @@ from pathlib import Path
 
 import numpy as np
 
-from hilm_vllm.lab.quality import PerplexityScorer, SampleScores, quality_summary
+from hilm_vllm.lab.quality import cosine, quality_summary, PerplexityScorer, SampleScores
 from hilm_vllm.zoo import resolve_model
+from hilm_vllm.stack import config_path
 
 DRAFTER_CONFIG = "engine_configs/demo-slm.yaml"
 IDS_KEY = "token_ids"  # usage.hilm key of the completion's token ids, when the router sends them
@@ -96,7 +97,6 @@ def drafter_truncation(config: str | Path = DRAFTER_CONFIG):
 
     from hilm_vllm.drafter.core import DrafterSettings
     from hilm_vllm.sampling import Truncation
-    from hilm_vllm.stack import config_path
 
     d = DrafterSettings()
     path = config_path(config)
@@ -234,7 +234,6 @@ def quality_block(run: RunScores, reference: RunScores | None = None,
 def per_prompt_cosines(texts: Sequence[str | None], references: Sequence[str],
                        vectors: dict[str, np.ndarray]) -> list[float | None]:
     """cos(text_i, reference_i) from precomputed embeddings (None where the request failed)."""
-    from hilm_vllm.lab.quality import cosine
 
     return [None if t is None else cosine(vectors[t], vectors[r])
             for t, r in zip(texts, references)]

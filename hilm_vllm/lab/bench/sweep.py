@@ -72,8 +72,12 @@ from pathlib import Path
 
 from hilm_vllm.lab.bench import add_common_args
 from hilm_vllm.lab.bench import demo  # stream_one, run_metrics, served_router, Tiers, ...
-from hilm_vllm.lab.bench.sweep_points import GRID_POLICIES, point_line
-from hilm_vllm.lab.bench.sweep_points import quality as _q
+from hilm_vllm.lab.bench.sweep_points import point_line, quality as _q, GRID_POLICIES
+from hilm_vllm.lab.bench.scoring import (embed_all, per_prompt_cosines, quality_block, RunScores,
+                                         ShadowScorer)
+from hilm_vllm.lab.quality import Embedder
+from hilm_vllm.lab.benchjson import write_result
+from hilm_vllm.zoo import ensure_zoo
 
 FIXED_POLICIES = ("llm-only", "hlm", "spec", "cascade")
 LOSSLESS = FIXED_POLICIES
@@ -390,13 +394,11 @@ async def run_all(url: str, prompts: list[str], specs: list[PointSpec], args) ->
 def score_runs(runs: list[PointRun], prompts: list[str], references: list[str], args,
                zoo) -> dict[tuple, object]:
     """RunScores per (label, T) (bench/scoring.py)."""
-    from hilm_vllm.lab.bench.scoring import RunScores, ShadowScorer, embed_all, per_prompt_cosines
 
     n = len(prompts)
     texts = {(r.spec.label, r.temperature): demo.texts_by_prompt(r.run, n) for r in runs}
     vectors = {}
     if args.cosine:
-        from hilm_vllm.lab.quality import Embedder
 
         vectors = embed_all([t for ts in texts.values() for t in ts] + list(references),
                             Embedder().encode)
@@ -419,7 +421,6 @@ def score_runs(runs: list[PointRun], prompts: list[str], references: list[str], 
 
 def build_points(runs: list[PointRun], scores: dict | None, temperature: float) -> list[dict]:
     """The `points` list: one per point at the main temperature."""
-    from hilm_vllm.lab.bench.scoring import quality_block
 
     ref = (scores or {}).get(("llm-only", temperature))
     reseed = (scores or {}).get((RESEED_LABEL, temperature))
@@ -517,7 +518,6 @@ def plot(path: Path, points: list[dict], title: str = "") -> None:
 # ---- main ---------------------------------------------------------------------------------------
 
 def report(runs, prompts, references, args, zoo, doc, grid_source, specs) -> tuple[Path, int]:
-    from hilm_vllm.lab.benchjson import write_result
 
     t0 = time.monotonic()
     scores = score_runs(runs, prompts, references, args, zoo)
@@ -546,7 +546,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> int:
-        from hilm_vllm.zoo import ensure_zoo
 
         zoo = ensure_zoo(args.zoo, progress=True)
         doc = load_yaml(args.thresholds)

@@ -38,6 +38,9 @@ import time
 import uuid
 
 from hilm_vllm.lab.bench import add_common_args
+from hilm_vllm.launch import TierProcess
+from hilm_vllm.lab.benchjson import write_result
+from hilm_vllm.zoo import find_zoo
 
 CONTEXTS = (128, 256, 512, 1024)
 BLOCKS = (1, 2, 4, 8)
@@ -306,7 +309,6 @@ async def cell_grpc(client, drafter, stream, c, k, rounds) -> dict:
 
 
 def phase_grpc(zoo, drafter, stream, grid, rounds) -> dict:
-    from hilm_vllm.launch import TierProcess
     from hilm_vllm.verifier.client import VerifierClient
 
     flags = ["--model", str(zoo.llm), "--port", "0", "--metrics-port", "0", "--dtype", "float32",
@@ -367,8 +369,6 @@ def table(cells: dict, tg: dict, grid) -> str:
 
 
 def main(argv=None) -> int:
-    from hilm_vllm.lab.benchjson import write_result
-    from hilm_vllm.zoo import find_zoo
 
     args = parse_args(argv)
     zoo = find_zoo(args.zoo)

@@ -20,6 +20,12 @@ from pathlib import Path
 
 from hilm_vllm.lab.dsi.config import (ConfigError, EstimateConfig, HeatmapConfig, OfflineConfig,
                                   OnlineConfig, describe, parse_overrides)
+from hilm_vllm.lab.dsi.offline import format_costs, run_offline
+from hilm_vllm.lab.dsi.online import run_online
+from hilm_vllm.lab.dsi.heatmap import PANELS, run_heatmap
+from hilm_vllm.lab.dsi.plot import plot_panels, write_report
+from hilm_vllm.lab.dsi.estimate import add_predictions, measure
+from hilm_vllm.zoo import ensure_zoo
 
 _MODES = {
     "offline": (OfflineConfig, "mean cost in target forwards of non-SI, SI and DSI (simulated)"),
@@ -90,7 +96,6 @@ def _header(cfg) -> str:
 
 
 def _offline(cfg: OfflineConfig, args: argparse.Namespace) -> int:
-    from hilm_vllm.lab.dsi.offline import format_costs, run_offline
 
     result = run_offline(cfg)
     text = (f"DSI offline: {_header(cfg)}\n{format_costs(result, 'target forwards')}\n"
@@ -100,8 +105,6 @@ def _offline(cfg: OfflineConfig, args: argparse.Namespace) -> int:
 
 
 def _online(cfg: OnlineConfig, args: argparse.Namespace) -> int:
-    from hilm_vllm.lab.dsi.offline import format_costs
-    from hilm_vllm.lab.dsi.online import run_online
 
     result = run_online(cfg) | {"config": dataclasses.asdict(cfg)}
     units, off = result["units"], result["offline"]
@@ -115,8 +118,6 @@ def _online(cfg: OnlineConfig, args: argparse.Namespace) -> int:
 
 
 def _heatmap(cfg: HeatmapConfig, args: argparse.Namespace) -> int:
-    from hilm_vllm.lab.dsi.heatmap import PANELS, run_heatmap
-    from hilm_vllm.lab.dsi.plot import plot_panels, write_report
 
     out = args.out or Path("bench/results") / (
         "dsi-heatmap-" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
@@ -141,7 +142,6 @@ def _num(x: float | None) -> str:
 
 
 def _estimate(cfg: EstimateConfig, args: argparse.Namespace) -> int:
-    from hilm_vllm.lab.dsi.estimate import add_predictions, measure
 
     with _stdout_to_stderr():
         models, prompts = _estimate_inputs(cfg)
@@ -164,7 +164,6 @@ def _estimate(cfg: EstimateConfig, args: argparse.Namespace) -> int:
 def _estimate_inputs(cfg: EstimateConfig) -> tuple[dict[str, Path], list]:
     """Model directories from the keys, else from the zoo (built when missing); prompts from
     the zoo's held-out set."""
-    from hilm_vllm.zoo import ensure_zoo
 
     zoo = ensure_zoo(cfg.recipe)
     models = {t: Path(getattr(cfg, t)) if getattr(cfg, t) else zoo.model(t)

@@ -28,6 +28,8 @@ import psutil
 
 from hilm_vllm.launch import TierProcess
 from hilm_vllm.stack import Stack, family_plan
+from hilm_vllm.zoo import ensure_zoo
+from hilm_vllm.router.policy import Policy
 
 LOCUSTFILE = Path(__file__).resolve().parents[2] / "locustfiles" / "soak.py"  # the checkout's
 USERS_IMPORT = "from hilm_vllm.lab.soak.users import GrpcGenerateUser, SseUser  # noqa: F401\n"
@@ -275,7 +277,6 @@ DEMO_ROUTER_FLAGS = ["--block-size", "4"]
 def launch_family(recipe: str, what: str):
     """(zoo, Stack) of `recipe`'s four tiers (built first if missing) as `hilm up --family
     recipe` starts them, the router on the `hilm` policy; announced as `what`."""
-    from hilm_vllm.zoo import ensure_zoo
 
     zoo = ensure_zoo(recipe)
     flags = ["--policy", "hilm", *(TINY_ROUTER_FLAGS if recipe == "tiny" else DEMO_ROUTER_FLAGS)]
@@ -365,7 +366,6 @@ class Fault:
 
 
 def _lossless(policy: str) -> bool:
-    from hilm_vllm.router.policy import Policy
 
     try:
         return Policy(policy).lossless

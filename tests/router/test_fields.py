@@ -1,0 +1,126 @@
+"""The request-field inventory (hilm_vllm/router/fields.py) against vLLM's own request models,
+the docs page generated from it, and the router's HTTP door refusing a field that would change
+the output (with the router's pure request handling over a scripted router)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from pydantic_core import PydanticUndefined
+
+from hilm_vllm.router import fields
+from hilm_vllm.router.admission import FairAdmission
+from hilm_vllm.router.engine import RouterConfig
+from hilm_vllm.router.openai_api import (ChatCompletionRequest, CompletionRequest, RouterAPI,
+                                         build_app)
+from hilm_vllm.router.policy import Policy
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def vllm_models():
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as Chat
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest as Completion
+
+    return Completion, Chat
+
+
+def test_every_field_of_vllms_request_models_is_classified():
+    vllm_fields = set().union(*(m.model_fields for m in vllm_models()))
+    unclassified = sorted(vllm_fields - fields.FIELDS.keys())
+    assert not unclassified, f"classify in router/fields.py: {unclassified}"
+    stale = sorted(fields.FIELDS.keys() - vllm_fields)
+    assert not stale, f"router/fields.py classifies fields vLLM no longer has: {stale}"
+
+
+def test_vllms_default_of_every_refused_field_is_accepted():
+    """A client that sends vLLM's defaults (some do, for every field) is never refused."""
+    for model in vllm_models():
+        for name, info in model.model_fields.items():
+            f = fields.FIELDS[name]
+            if f.status != fields.REFUSED or info.default is PydanticUndefined:
+                continue
+            assert fields.is_neutral(info.default, f.neutral), (model.__name__, name,
+                                                                info.default)
+
+
+def test_applied_fields_are_the_routers_own_request_fields():
+    """What the table calls applied is a field the router's request models declare."""
+    declared = set(CompletionRequest.model_fields) | set(ChatCompletionRequest.model_fields)
+    applied = {n for n, f in fields.FIELDS.items() if f.status == fields.APPLIED}
+    assert applied <= declared, applied - declared
+    assert set(fields.HILM_FIELDS) <= declared
+
+
+def test_the_docs_page_is_the_table():
+    page = (REPO / "docs" / "api-fields.md").read_text()
+    assert page == fields.markdown(), "regenerate docs/api-fields.md from router/fields.py"
+
+
+def test_a_neutral_value_passes_and_anything_else_is_refused():
+    fields.check({"presence_penalty": 0, "repetition_penalty": 1.0, "logit_bias": {},
+                  "user": "u", "frobnicate": 3, "response_format": {"type": "text"}})
+    for bad in ({"presence_penalty": 0.5}, {"repetition_penalty": 1.1}, {"logit_bias": {"5": 1}},
+                {"min_p": 0.1}, {"response_format": {"type": "json_object"}},
+                {"repetition_penalty": True}, {"use_beam_search": True}):
+        with pytest.raises(fields.InvalidArgument, match=f"`{next(iter(bad))}`"):
+            fields.check(bad)
+
+
+class _Llm:
+    limits = None
+
+
+class OneTokenRouter:
+    def __init__(self):
+        self.cfg = RouterConfig("llm:1", policy=Policy.LLM_ONLY)
+        self.llm, self.slm, self.ilm = _Llm(), None, None
+        self.admission = FairAdmission()
+        self.requests = []
+
+    def check_policy(self, policy) -> None:
+        pass
+
+    async def generate(self, req, stats):
+        self.requests.append(req)
+        stats.tokens += 1
+        yield [65]
+
+
+@pytest.fixture
+def served(tiny_zoo):
+    from transformers import AutoTokenizer
+
+    router = OneTokenRouter()
+    api = RouterAPI(router, AutoTokenizer.from_pretrained(tiny_zoo.llm), "m")
+    with TestClient(build_app(api)) as client:
+        yield router, client
+
+
+def test_the_http_door_refuses_an_output_changing_field_and_keeps_serving(served):
+    router, client = served
+    r = client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 1,
+                                             "presence_penalty": 0.7})
+    assert r.status_code == 400, r.text
+    assert "`presence_penalty`" in r.json()["error"]["message"] and not router.requests
+    r = client.post("/v1/chat/completions", json={
+        "model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}})
+    assert r.status_code == 400 and "`response_format`" in r.json()["error"]["message"]
+    r = client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 1,
+                                             "presence_penalty": 0, "priority": 3})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["hilm"]["ignored_fields"] == ["presence_penalty", "priority"]
+
+
+def test_add_generation_prompt_is_applied(served):
+    router, client = served
+    for flag in (True, False):
+        r = client.post("/v1/chat/completions", json={
+            "model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
+            "add_generation_prompt": flag})
+        assert r.status_code == 200, r.text
+    with_prompt, without = (len(r.prompt_ids) for r in router.requests)
+    assert with_prompt > without
