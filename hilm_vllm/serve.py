@@ -94,9 +94,16 @@ def build_parser(tier: Tier | None):
         from vllm.engine.arg_utils import AsyncEngineArgs
 
         parser.add_argument(
+            "--drain-timeout-s", type=float, default=30.0,
+            help="on SIGTERM the tier first drains: OpenSession answers UNAVAILABLE "
+                 "(\"draining\"; a router with replicas opens the session on another), the open "
+                 "sessions are served until they close or this many seconds pass, then it "
+                 "stops (default: %(default)s)")
+        parser.add_argument(
             "--engine-busy-loop-ms", type=float, default=None,
             help="how long vLLM's shared-memory queue readers spin after each message before "
-                 "they sleep (patches/hilm_vllm_patches/shm_busy_loop.py; sets HILM_ENGINE_BUSY_LOOP_MS for the "
+                 "they sleep (patches/hilm_vllm_patches/shm_busy_loop.py; sets "
+                 "HILM_ENGINE_BUSY_LOOP_MS for the "
                  "engine processes). Default: $HILM_ENGINE_BUSY_LOOP_MS, else 0 on CPU (engines "
                  "that share cores must not spin) and vLLM's own 1000 on GPU")
 
@@ -165,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(runtime.run())
         return 0
     cfg = ServeConfig(tier=Tier(args.tier), host=args.host, port=args.port,
-                      metrics_port=args.metrics_port, security=security)
+                      metrics_port=args.metrics_port, security=security,
+                      drain_timeout_s=args.drain_timeout_s)
     try:  # before the engine exists: its processes inherit this environment
         engine_env.prepare(args.engine_busy_loop_ms)
     except ValueError as e:

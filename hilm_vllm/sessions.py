@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from hilm_vllm.errors import NotFound, PermissionDenied, ResourceExhausted
+from hilm_vllm.errors import NotFound, PermissionDenied, ResourceExhausted, Unavailable
 
 T = TypeVar("T")
 
@@ -75,9 +76,15 @@ class SessionLimits:
         return min(self.max_sessions_per_client or self.max_sessions, self.max_sessions)
 
 
+# Every session store of this process: a tier that drains (SIGTERM) stops them all opening.
+STORES: weakref.WeakSet = weakref.WeakSet()
+
+
 class SessionStore(Generic[T]):
     def __init__(self, limits: SessionLimits, clock: Callable[[], float] = time.monotonic,
                  on_drop: Callable[[Session[T]], None] | None = None):
+        STORES.add(self)
+        self.draining = False  # set when the tier shuts down: no new sessions
         self.limits = limits
         self._clock = clock
         self.on_drop = on_drop  # called for every session closed or expired (to release it)
@@ -88,6 +95,9 @@ class SessionStore(Generic[T]):
         return len(self._sessions)
 
     def open(self, owner: str, state: T) -> Session[T]:
+        if self.draining:
+            raise Unavailable("this tier is draining (shutting down): open the session on "
+                              "another replica")
         self.sweep()
         if len(self._sessions) >= self.limits.max_sessions:
             raise ResourceExhausted(

@@ -43,6 +43,7 @@ from hilm_vllm.router.admission import AdmissionLimits, FairAdmission
 from hilm_vllm.router.links import (CONNECTION_LOST, UNREACHABLE, DrafterLink, TierUsage,
                                     VerifierLink)
 from hilm_vllm.router.ports import DraftPort, VerifyPort
+from hilm_vllm.router.replicas import ReplicaSet, addresses
 from hilm_vllm.router.policy import (Forward, LlmDown, Policy, RoundPlan, Route, common_prefix,
                                      forward_rule, plan)
 from hilm_vllm.router.session import TierSession
@@ -90,6 +91,8 @@ class RouterConfig:
             raise ValueError(f"--skip-rate must be in [0, 1], got {self.skip_rate}")
         if self.lookahead is not None and not 1 <= self.lookahead <= 64:
             raise ValueError(f"--lookahead must be in [1, 64], got {self.lookahead}")
+        for spec in (self.llm, self.ilm, self.slm):
+            addresses(spec)  # a replica named twice is an error
         if not 0.0 <= self.optimistic_min_keep <= 1.0:
             raise ValueError(f"--optimistic-min-keep must be in [0, 1], got "
                              f"{self.optimistic_min_keep}")
@@ -143,6 +146,7 @@ class RequestStats:
     token_ids: list[int] = field(default_factory=list)  # the completion's token ids
     optimistic_drafts: int = 0  # Drafts made while a block was being verified
     optimistic_kept: int = 0  # of which the tokens became the next block
+    failovers: int = 0  # sessions reopened on another replica after theirs was lost
     degraded: list[str] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (a stop token) or "length" (max_tokens, context)
     tiers: dict[Tier, TierUsage] = field(default_factory=lambda: {
@@ -177,6 +181,7 @@ class RequestStats:
                                   for k, v in t.items() if k != Tier.SLM.value},
             "optimistic_drafts": self.optimistic_drafts,
             "optimistic_kept": self.optimistic_kept,
+            "failovers": self.failovers,
             # which completion tokens were kept unverified (for TSR, scored off the critical
             # path by the benchmarks); only tokens actually returned
             "skipped_at": [i for i in self.skipped_at if i < self.tokens],
@@ -219,6 +224,7 @@ def optimistic_start(drafted: list[int], kept: list[int], ahead: list[int]) -> i
 
 HEALTH_CACHE_S = 1.0  # one health check of the tiers answers /health and /ping this long
 PROBE_RETRY_S = 5.0  # after a failed limits probe of the LLM, none for this long
+MAX_FAILOVERS = 3  # a request's session moved to another replica at most this often per call
 
 
 class Router:
@@ -231,15 +237,21 @@ class Router:
         if links is None:
             cid = cfg.client_id or f"hilm-router-{os.getpid()}"
             args = (cfg.network, cid, cfg.rpc_timeout_s)
-            links = {Tier.LLM: VerifierLink(Tier.LLM, cfg.llm, *args)}
-            if cfg.ilm:
-                links[Tier.ILM] = VerifierLink(Tier.ILM, cfg.ilm, *args)
-            if cfg.slm:
-                links[Tier.SLM] = DrafterLink(Tier.SLM, cfg.slm, *args)
+            links = {}
+            for tier, spec, kind in ((Tier.LLM, cfg.llm, VerifierLink),
+                                     (Tier.ILM, cfg.ilm, VerifierLink),
+                                     (Tier.SLM, cfg.slm, DrafterLink)):
+                replicas = [kind(tier, a, *args) for a in addresses(spec)]
+                if len(replicas) == 1:
+                    links[tier] = replicas[0]
+                elif replicas:  # --llm A,B: sessions placed and failed over (replicas.py)
+                    links[tier] = ReplicaSet(tier, replicas, down_s=cfg.down_retry_s)
         self.links = dict(links)
         self._health: tuple[float, asyncio.Future] | None = None  # (when, the check's result)
         self._probe: asyncio.Future | None = None  # the LLM limits probe in flight
         self._probe_failed_at = -math.inf
+        # tier -> replica address -> state, for tiers with several (as of the last check)
+        self.replica_states: dict[str, dict[str, str]] = {}
         self.admission = adm = FairAdmission(cfg.admission)
         metrics.ADMITTED_CHOICES.set_function(lambda: adm.active)
         metrics.QUEUED_REQUESTS.set_function(lambda: adm.queued)
@@ -311,6 +323,8 @@ class Router:
         tiers = [t for t in MODEL_TIERS if t in self.links]
         reasons = await asyncio.gather(*(self.links[t].check_health() for t in tiers))
         states = {t.value: (r or "serving") for t, r in zip(tiers, reasons)}
+        self.replica_states = {t.value: await self.links[t].replica_health() for t in tiers
+                               if hasattr(self.links[t], "replica_health")}
         down = reasons[tiers.index(Tier.LLM)] if Tier.LLM in tiers else "no LLM tier"
         return down, states
 
@@ -490,6 +504,14 @@ class _Run:
     def usable(self, tier: Tier) -> bool:
         link = self.r.links.get(tier)
         return link is not None and link.available
+
+    def fails_over(self, tier: Tier, e: BaseException) -> bool:
+        """A tier with several replicas lost the one this request's session was on, and
+        another answers: open the session there from the history (exact; `replicas.py`)."""
+        lost = (isinstance(e, Unavailable) or  # its opening could not connect
+                isinstance(e, grpc.aio.AioRpcError) and e.code() in CONNECTION_LOST)
+        return (lost and len(getattr(self.r.links.get(tier), "replicas", ())) > 1
+                and self.usable(tier))
 
     def start_open(self, tier: Tier) -> TierSession:
         link, usage = self.r.links[tier], self.stats.tiers[tier]
@@ -780,7 +802,7 @@ class _Run:
         the tier lost (restart, expiry) is reopened and the call re-sent once; under
         `LlmDown.FAIL` an LLM that does not answer is retried until `recover_s`, then 503."""
         deadline = time.monotonic() + self.cfg.recover_s
-        reopened, wait = False, 0.25
+        reopened, wait, failovers = False, 0.25, 0
         while True:
             if not self.usable(tier) and llm_down is LlmDown.KEEP:
                 self.stats.degrade(f"{tier.value}-unreachable")
@@ -793,10 +815,17 @@ class _Run:
                 if e.code() is grpc.StatusCode.NOT_FOUND and not reopened:
                     reopened = True  # the tier restarted or expired it: re-send the history
                     continue
+                if failovers < MAX_FAILOVERS and self.fails_over(tier, e):
+                    failovers += 1
+                    self.stats.failovers += 1
+                    continue
                 if e.code() not in UNREACHABLE:
                     raise _translate(tier, e) from None
-            except Unavailable:  # its opening failed to connect (session() translated it)
-                pass
+            except Unavailable as e:  # its opening failed to connect (session() translated it)
+                if failovers < MAX_FAILOVERS and self.fails_over(tier, e):
+                    failovers += 1
+                    self.stats.failovers += 1
+                    continue
             else:
                 self.stats.verified(tier, len(block), out.num_accepted)
                 return out
@@ -858,6 +887,10 @@ class _Run:
                 self.abandon(Tier.SLM, e if code is not None else None)
                 if code is grpc.StatusCode.NOT_FOUND and attempt == 0 and recover:
                     continue  # the next session() opens one with the history
+                if attempt == 0 and self.fails_over(Tier.SLM, e):
+                    self.stats.failovers += 1
+                    position, rollback_to, append = 0, None, ()  # a new session: from its end
+                    continue
                 if code is None or code in UNREACHABLE:
                     raise _TierDown(Tier.SLM) from None
                 raise _translate(Tier.SLM, e) from None

@@ -28,6 +28,12 @@ QUEUED_REQUESTS = Gauge("hilm_router_admission_queued_requests",
                         "Requests waiting for admission, all clients")
 REFUSED_REQUESTS = Gauge("hilm_router_admission_refused_requests",
                          "Requests answered 429 / RESOURCE_EXHAUSTED by admission since start")
+REPLICA_SESSIONS = Gauge("hilm_router_replica_sessions",
+                         "Sessions (and llm-only streams) this router holds open on each replica "
+                         "of a tier with several (--llm A,B)", ["tier", "replica"])
+REPLICA_OPENED = Counter("hilm_router_replica_sessions_opened",
+                         "Sessions (and llm-only streams) this router opened on each replica of "
+                         "a tier with several", ["tier", "replica"])
 OPTIMISTIC = Counter("hilm_router_optimistic_drafts_total",
                      "Drafts made while a block was verified (drafted), those whose tokens "
                      "became the next block (kept), and rounds that did not draft ahead "

@@ -791,10 +791,12 @@ def build_app(api: RouterAPI, api_keys: Sequence[str] = ()) -> FastAPI:
 
     async def _health():
         down, tiers = await api.router.health()
+        extra = {"replicas": api.router.replica_states} if getattr(
+            api.router, "replica_states", None) else {}
         if down is not None:
-            return JSONResponse({"status": "unhealthy", "reason": down, "tiers": tiers},
-                                status_code=503)
-        return JSONResponse({"status": "ok", "tiers": tiers})
+            return JSONResponse({"status": "unhealthy", "reason": down, "tiers": tiers,
+                                 **extra}, status_code=503)
+        return JSONResponse({"status": "ok", "tiers": tiers, **extra})
 
     @app.get("/health")
     async def health():

@@ -37,10 +37,15 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         "directory or name, or zoo:<recipe>/<tier>)")
     g.add_argument("--served-model-name", default=None,
                    help="the `model` name clients use for the default policy (default: --model)")
-    g.add_argument("--llm", required=True, metavar="HOST:PORT", help="the LLM tier (gRPC)")
-    g.add_argument("--ilm", metavar="HOST:PORT", help="the ILM tier (needed by hilm, cascade)")
-    g.add_argument("--slm", metavar="HOST:PORT",
-                   help="the drafter tier (needed by every policy but llm-only)")
+    g.add_argument("--llm", required=True, metavar="HOST:PORT[,HOST:PORT...]",
+                   help="the LLM tier (gRPC); several addresses are replicas: each session "
+                        "stays on one, new ones go to the less loaded of two picked at random, "
+                        "a lost replica's sessions reopen on another")
+    g.add_argument("--ilm", metavar="HOST:PORT[,...]",
+                   help="the ILM tier (needed by hilm, cascade); replicas as --llm")
+    g.add_argument("--slm", metavar="HOST:PORT[,...]",
+                   help="the drafter tier (needed by every policy but llm-only); replicas as "
+                        "--llm")
     g.add_argument("--policy", default=Policy.HILM.value, choices=[p.value for p in Policy],
                    help="default policy of requests that name none (default: %(default)s)")
     g.add_argument("--thresholds", type=Path, default=None,

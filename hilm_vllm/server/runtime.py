@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -20,6 +21,7 @@ from hilm_vllm.server import metrics
 from hilm_vllm.server.grpc_limits import PUBLIC_MAX_RECEIVE_BYTES, grpc_options
 from hilm_vllm.server.grpc_util import MalformedRequestInterceptor
 from hilm_vllm.server.security import INSECURE, server_interceptors
+from hilm_vllm.sessions import STORES
 from hilm_vllm.tiers import Tier
 
 logger = logging.getLogger("hilm.serve")
@@ -140,11 +142,32 @@ class TierRuntime:
         for name in ("", *self._service_names):
             await self._health.set(name, status)
 
+    async def _drain(self) -> None:
+        """No new sessions (OpenSession answers UNAVAILABLE, "draining": the router opens
+        them on another replica); the open ones are served until they close or
+        `drain_timeout_s` passes."""
+        stores = list(STORES)
+        for store in stores:
+            store.draining = True
+        deadline = time.monotonic() + self.cfg.drain_timeout_s
+        open_now = sum(len(s) for s in stores)
+        if open_now:
+            logger.info("draining: %d sessions open; serving them for up to %g s", open_now,
+                        self.cfg.drain_timeout_s)
+        while time.monotonic() < deadline:
+            for s in stores:
+                s.sweep()  # sessions that expire meanwhile count as closed
+            if not sum(len(s) for s in stores):
+                break
+            await asyncio.sleep(0.1)
+
     async def _shutdown(self) -> None:
         logger.info("shutting down %s tier", self.cfg.tier.value)
         metrics.ENGINE_READY.set(0)
         if self._server is not None:
             await self._health.enter_graceful_shutdown()
+        if self.engine is not None and self._stop.is_set():
+            await self._drain()
         if self._http_server is not None:
             self._http_server.should_exit = True
             await self._http_task

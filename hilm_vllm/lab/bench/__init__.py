@@ -34,6 +34,8 @@ BENCHMARKS = {
                              "(exact expectations, per family)"),
     "gpu-check": ("gpu_check", "on a CUDA machine: install, device tests, bf16 tiers with the "
                                "exactness tests, vLLM's serving benchmark (a dry run elsewhere)"),
+    "replicas": ("replicas", "LLM replicas behind one router: sessions per replica, tokens/s, "
+                             "and one replica SIGKILLed under load (failover)"),
     "drafter-overhead": ("drafter_overhead", "drafter throughput with and without the "
                                              "uncertainty hook"),
 }

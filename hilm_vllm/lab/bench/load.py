@@ -57,7 +57,7 @@ from pathlib import Path
 from hilm_vllm.lab.bench.demo import RequestRecord, run_metrics
 from hilm_vllm.lab.benchjson import write_result
 from hilm_vllm.launch import exit_on_sigterm
-from hilm_vllm.lab.bench import add_common_args
+from hilm_vllm.lab.bench import add_common_args, load_benchmark
 from hilm_vllm.stack import config_path, family_plan, Stack
 from hilm_vllm.zoo import ensure_zoo
 
@@ -76,6 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_common_args(p)
     p.add_argument("--policies", default=",".join(POLICIES),
                    help="comma-separated (default: all seven)")
+    p.add_argument("--llm-replicas", metavar="N,M",
+                   help="instead: LLM replicas behind one router, balance and failover "
+                        "(`hilm bench replicas`, which takes the rest of the flags)")
     p.add_argument("--concurrency", default="1,4,8,16,32",
                    help="concurrent streams, comma-separated (default: 1,4,8,16,32)")
     p.add_argument("--latency", default="none,hilm",
@@ -368,6 +371,9 @@ def plot(runs: list[dict], path: Path) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--llm-replicas" or a.startswith("--llm-replicas=") for a in argv):
+        return load_benchmark("replicas").main(argv)
     args = parse_args(argv)
     if args.replot is not None:
         plot(json.loads(args.replot.read_text())["results"]["runs"], args.replot.with_suffix(".png"))
