@@ -144,10 +144,13 @@ class TierProcess:
         except psutil.NoSuchProcess:
             return []
 
-    def stop(self, timeout: float = 60.0) -> int:
-        """SIGTERM and wait; SIGKILL the whole process group if it does not exit in time."""
+    def stop(self, timeout: float = 60.0, drain: bool = False) -> int:
+        """SIGINT (stop now), or SIGTERM with `drain` (an engine tier first serves its open
+        sessions, `--drain-timeout-s`), and wait; SIGKILL the whole process group if it does
+        not exit in time. This launcher stops whole systems (tests, benchmarks, `hilm up`),
+        where nothing is left to drain to."""
         if self.proc.poll() is None:
-            self.proc.terminate()
+            self.proc.send_signal(signal.SIGTERM if drain else signal.SIGINT)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -42,6 +42,7 @@ class TierRuntime:
     def __init__(self, cfg: ServeConfig, engine_args, installers: list[ServiceInstaller],
                  on_ready: list[ReadyHook] | None = None, on_shutdown: list[ReadyHook] | None = None):
         self.cfg = cfg
+        self._no_drain = False  # SIGINT: stop without draining
         self._on_shutdown = on_shutdown or []
         self.http_app = None  # an ASGI app an installer may set (the router's OpenAI API)
         self._http_server = self._http_task = None
@@ -59,8 +60,8 @@ class TierRuntime:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)  # drain, then stop
+        loop.add_signal_handler(signal.SIGINT, self._stop_now)
         try:
             await self._start_servers()
             await self._start_engine()
@@ -142,6 +143,11 @@ class TierRuntime:
         for name in ("", *self._service_names):
             await self._health.set(name, status)
 
+    def _stop_now(self) -> None:
+        """SIGINT (Ctrl-C): stop without draining."""
+        self._no_drain = True
+        self._stop.set()
+
     async def _drain(self) -> None:
         """No new sessions (OpenSession answers UNAVAILABLE, "draining": the router opens
         them on another replica); the open ones are served until they close or
@@ -166,7 +172,7 @@ class TierRuntime:
         metrics.ENGINE_READY.set(0)
         if self._server is not None:
             await self._health.enter_graceful_shutdown()
-        if self.engine is not None and self._stop.is_set():
+        if self.engine is not None and self._stop.is_set() and not self._no_drain:
             await self._drain()
         if self._http_server is not None:
             self._http_server.should_exit = True
