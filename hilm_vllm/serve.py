@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                       metrics_port=args.metrics_port, security=security,
                       drain_timeout_s=args.drain_timeout_s)
     try:  # before the engine exists: its processes inherit this environment
-        engine_env.prepare(args.engine_busy_loop_ms)
+        engine_env.prepare(args.engine_busy_loop_ms,
+                           tensor_parallel_size=args.tensor_parallel_size)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 

@@ -49,12 +49,48 @@ def busy_loop_ms(flag: float | None, is_cpu: bool, environ=os.environ) -> float 
     return CPU_BUSY_LOOP_MS if is_cpu else None
 
 
-def prepare(busy_loop_flag: float | None, environ=os.environ) -> dict[str, str]:
+BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+
+
+def rank_binding(binding: str | None, ranks: int, cpus: list[int]) -> str | None:
+    """`VLLM_CPU_OMP_THREADS_BIND` for an engine of `ranks` CPU workers (tensor parallelism):
+    vLLM's CPU backend wants one core list per rank, separated by `|` ("0|1"); its `auto` refuses
+    to bind two workers on one NUMA node. The tier's cores (`binding`, else every core) are split
+    into `ranks` contiguous groups; with fewer cores than ranks, ranks share them in turn. A
+    binding that already names ranks, `nobind`, or one rank: unchanged (None)."""
+    if ranks <= 1 or binding == "nobind" or (binding and "|" in binding):
+        return None
+    cores = cpus if not binding or binding == "auto" else [
+        int(c) for part in binding.split(",") for c in _span(part)]
+    if not cores:
+        return None
+    if len(cores) < ranks:
+        return "|".join(str(cores[i % len(cores)]) for i in range(ranks))
+    size, extra = divmod(len(cores), ranks)
+    groups, start = [], 0
+    for r in range(ranks):
+        n = size + (1 if r < extra else 0)
+        groups.append(",".join(map(str, cores[start:start + n])))
+        start += n
+    return "|".join(groups)
+
+
+def _span(part: str) -> range:
+    lo, _, hi = part.strip().partition("-")
+    return range(int(lo), int(hi or lo) + 1)
+
+
+def prepare(busy_loop_flag: float | None, environ=os.environ,
+            tensor_parallel_size: int = 1) -> dict[str, str]:
     """Set what the engine processes must inherit; returns what was set (for the log)."""
     from vllm.platforms import current_platform
 
     is_cpu = current_platform.is_cpu()
     changed = {}
+    if is_cpu:
+        bind = rank_binding(environ.get(BIND_ENV), tensor_parallel_size, available_cpus())
+        if bind is not None:
+            changed[BIND_ENV] = bind
     window = busy_loop_ms(busy_loop_flag, is_cpu, environ)
     if window is not None:
         changed[BUSY_LOOP_ENV] = f"{window:g}"
