@@ -98,9 +98,13 @@ class ReplicaSet:
 
     async def open(self, *args, **kw):
         i = self._place()
-        reply = await self._call(i, self.replicas[i].open(*args, **kw))
+        self._count(i, +1)  # counted from the placement: concurrent opens see each other
+        try:
+            reply = await self._call(i, self.replicas[i].open(*args, **kw))
+        except BaseException:
+            self._count(i, -1)
+            raise
         self._where[reply.session_id] = i
-        self._count(i, +1)
         metrics.REPLICA_OPENED.labels(self.name, self.replicas[i].address).inc()
         return reply
 
