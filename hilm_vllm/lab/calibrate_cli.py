@@ -233,8 +233,8 @@ async def record_prompt(drafter, verifier, prompt: str, spec, uncertainty, token
 
 async def record_pair(drafter_address: str, verifier_address: str, prompts: list[str], args,
                       progress, gate: str) -> Records:
-    from hilm_vllm.drafter.client import DrafterClient
-    from hilm_vllm.verifier.client import VerifierClient
+    from hilm_vllm.drafter.client import DrafterClient  # loads torch / vLLM: only when it runs
+    from hilm_vllm.verifier.client import VerifierClient  # loads torch / vLLM: only when it runs
 
     limit = asyncio.Semaphore(args.concurrency)
     uncertainty = uncertainty_config(args, gate)
@@ -254,13 +254,13 @@ async def record_pair(drafter_address: str, verifier_address: str, prompts: list
 
 
 def sampling_spec(args, i: int):
-    from hilm_vllm.sampling import SamplingSpec
+    from hilm_vllm.sampling import SamplingSpec  # loads torch / vLLM: only when it runs
 
     return SamplingSpec(args.temperature, args.top_k, args.top_p, seed=args.seed + i)
 
 
 def uncertainty_config(args, gate: str):
-    from hilm_vllm.uncertainty import UncertaintyConfig
+    from hilm_vllm.uncertainty import UncertaintyConfig  # loads torch / vLLM: only when it runs
 
     return UncertaintyConfig(gate, args.uncertainty_samples, args.theta_max, args.perturbation)
 
@@ -438,7 +438,7 @@ def thresholds_doc(args, results: dict[str, dict[str, PairResult]], json_path: P
 
 def thresholds_file(args, results: dict[str, dict[str, PairResult]], json_path: Path):
     """The YAML: t1, t2, t_ilm (in [0, 1]), the gates and why, operating points, fits."""
-    from hilm_vllm.codec import ThresholdsFile
+    from hilm_vllm.codec import ThresholdsFile  # loads torch / vLLM: only when it runs
 
     choice = choose_gates(results)
     points = operating_points(args, results, choice)
@@ -512,7 +512,7 @@ def threshold_warnings(doc: dict) -> list[str]:
 
 def write_yaml(path: Path, tf) -> None:
     """Write a `codec.ThresholdsFile` with its header (`codec.read_thresholds` reads it)."""
-    from hilm_vllm.codec import write_thresholds
+    from hilm_vllm.codec import write_thresholds  # loads torch / vLLM: only when it runs
 
     doc = tf.to_doc()
 

@@ -44,11 +44,12 @@ def ensure_zoo(recipe: str | Recipe | RandomRecipe = "demo", seed: int = 0, devi
         if force or not (root / "manifest.json").is_file():
             # the builders load torch and transformers: imported only to build
             if isinstance(r, RandomRecipe):
+                # loads torch / vLLM: only when it runs
                 from hilm_vllm.zoo.random_family import build_random
 
                 build_random(r, root, progress=progress)
             else:
-                from hilm_vllm.zoo.build import build
+                from hilm_vllm.zoo.build import build  # loads torch / vLLM: only when it runs
 
                 build(r, root, device=device, progress=progress)
     return Zoo(root)

@@ -32,7 +32,7 @@ def export_model(model, depth: int, recipe: Recipe, tokenizer, out: Path) -> int
     """Save the first `depth` layers (plus embeddings, final norm, head) as a Llama.
 
     Returns its parameter count."""
-    from hilm_vllm.zoo.train import llama_config
+    from hilm_vllm.zoo.train import llama_config  # loads torch / vLLM: only when it runs
 
     keep = {k: v for k, v in model.state_dict().items()
             if not k.startswith("model.layers.") or int(k.split(".")[2]) < depth}
@@ -91,7 +91,8 @@ def build(recipe: Recipe, out: Path, device: str = "cpu", progress: bool = True)
     from tqdm import tqdm
     from transformers import LlamaForCausalLM
 
-    from hilm_vllm.zoo.gates import evaluate_gates
+    from hilm_vllm.zoo.gates import evaluate_gates  # loads torch / vLLM: only when it runs
+    # loads torch / vLLM: only when it runs
     from hilm_vllm.zoo.train import evaluate, llama_config, train
 
     torch.manual_seed(recipe.seed)

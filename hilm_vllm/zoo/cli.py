@@ -87,7 +87,7 @@ def _path(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from hilm_vllm.zoo.gates import format_gates
+    from hilm_vllm.zoo.gates import format_gates  # loads torch / vLLM: only when it runs
 
     zoo = _found(args)
     if zoo is None:

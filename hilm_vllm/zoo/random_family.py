@@ -128,7 +128,7 @@ def norm_scale(recipe: RandomRecipe) -> float:
 
 def random_config(recipe: RandomRecipe, tokenizer, num_layers: int):
     """The Llama config of one tier (`num_layers` deep), untied head, float32."""
-    from hilm_vllm.zoo.train import llama_config
+    from hilm_vllm.zoo.train import llama_config  # loads torch / vLLM: only when it runs
 
     return llama_config(recipe, tokenizer, num_layers, tied=False)
 
@@ -183,6 +183,7 @@ def measure(model, heldout, recipe: RandomRecipe) -> dict:
     import torch
     import torch.nn.functional as F
 
+    # loads torch / vLLM: only when it runs
     from hilm_vllm.zoo.train import exit_logits, sample_windows
 
     rng = np.random.default_rng(recipe.seed + 1)

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import psutil
 
+from hilm_vllm.stack import _title as process_title
+
 ROOT_ROLE = "api"  # the tree's root: the tier's API process (hilm-serve, vllm serve)
 
 Key = tuple[int, float]  # (pid, create_time)
@@ -63,9 +65,7 @@ def snapshot(root_pid: int | None) -> TreeSnapshot | None:
 
 
 def _title(p: psutil.Process) -> str:
-    from hilm_vllm.stack import _title
-
-    return _title(p)
+    return process_title(p)
 
 
 def delta_by_role(before: TreeSnapshot, after: TreeSnapshot) -> dict[str, float]:

@@ -67,9 +67,10 @@ def draft_once(llm, contexts, uncertainty, args) -> tuple[float, int]:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
+    # loads torch / vLLM: only when it runs
     from hilm_vllm.drafter.processor import DRAFT_ARG, DraftOptions
-    from hilm_vllm.sampling import SamplingSpec
-    from hilm_vllm.uncertainty import UncertaintyConfig
+    from hilm_vllm.sampling import SamplingSpec  # loads torch / vLLM: only when it runs
+    from hilm_vllm.uncertainty import UncertaintyConfig  # loads torch / vLLM: only when it runs
 
     keys = [uuid.uuid4().hex for _ in contexts]
     params = []

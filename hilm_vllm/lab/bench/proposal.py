@@ -59,6 +59,7 @@ def alpha(p, q) -> float:
 
 def grid_rows(p, q, caps: list[int], eps_list: list[float]) -> list[dict]:
     """alpha of every truncation of q in the grid, against p (both [N, V] processed rows)."""
+    # loads torch / vLLM: only when it runs
     from hilm_vllm.sampling import Truncation, truncated_probs
 
     base = alpha(p, q)
@@ -85,6 +86,7 @@ def rows_of(zoo, windows: int, tokens: int, temperature: float):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # loads torch / vLLM: only when it runs
     from hilm_vllm.sampling import SamplingSpec, processed_probs
 
     tok = AutoTokenizer.from_pretrained(zoo.llm)
@@ -106,7 +108,7 @@ def rows_of(zoo, windows: int, tokens: int, temperature: float):
 
 
 def measure_family(name: str, args) -> dict:
-    from hilm_vllm.drafter.core import DrafterSettings
+    from hilm_vllm.drafter.core import DrafterSettings  # loads torch / vLLM: only when it runs
 
     zoo = ensure_zoo(name)
     p, q = rows_of(zoo, args.windows, args.tokens, args.temperature)

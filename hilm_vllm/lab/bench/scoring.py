@@ -95,8 +95,8 @@ def drafter_truncation(config: str | Path = DRAFTER_CONFIG):
     else the drafter tier's default)."""
     import yaml
 
-    from hilm_vllm.drafter.core import DrafterSettings
-    from hilm_vllm.sampling import Truncation
+    from hilm_vllm.drafter.core import DrafterSettings  # loads torch / vLLM: only when it runs
+    from hilm_vllm.sampling import Truncation  # loads torch / vLLM: only when it runs
 
     d = DrafterSettings()
     path = config_path(config)
@@ -136,7 +136,7 @@ class ShadowScorer:
                                                         dtype=torch.float32).to(device)
         self.slm.eval()
         self.device = device
-        from hilm_vllm.sampling import NO_TRUNCATION
+        from hilm_vllm.sampling import NO_TRUNCATION  # loads torch / vLLM: only when it runs
 
         self.truncation = truncation or NO_TRUNCATION  # the drafter's (drafter_truncation)
 
@@ -176,6 +176,7 @@ class ShadowScorer:
     def _tsr_terms(self, out: Output, ids: list[int]):
         import torch
 
+        # loads torch / vLLM: only when it runs
         from hilm_vllm.sampling import SamplingSpec, processed_probs, truncated_probs
 
         prompt = self.tokenizer(out.prompt, add_special_tokens=True)["input_ids"]

@@ -85,7 +85,7 @@ class Drafter:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from hilm_vllm.sampling import SamplingSpec
+        from hilm_vllm.sampling import SamplingSpec  # loads torch / vLLM: only when it runs
 
         # One thread: the bench process must not take the engine worker's cores.
         torch.set_num_threads(1)
@@ -96,6 +96,7 @@ class Drafter:
     def draft(self, history: list[int], k: int) -> tuple[list[int], list[tuple]]:
         import torch
 
+        # loads torch / vLLM: only when it runs
         from hilm_vllm.sampling import processed_probs, to_sparse
 
         tokens, dists, past, feed = [], [], None, history
@@ -122,7 +123,7 @@ async def start_engine(zoo):
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from hilm_vllm.verifier.tier import WORKER_EXTENSION
+    from hilm_vllm.verifier.tier import WORKER_EXTENSION  # loads torch / vLLM: only when it runs
 
     args = AsyncEngineArgs(model=str(zoo.llm), worker_extension_cls=WORKER_EXTENSION,
                            max_logprobs=-1, **ENGINE)  # -1: the prompt_logprobs route's full rows
@@ -140,7 +141,7 @@ async def final_output(engine, ids, salt, params):
 
 
 def spec(seed=None):
-    from hilm_vllm.sampling import SamplingSpec
+    from hilm_vllm.sampling import SamplingSpec  # loads torch / vLLM: only when it runs
 
     return SamplingSpec(TEMPERATURE, TOP_K, seed=seed)
 
@@ -162,8 +163,9 @@ async def logprobs_round(engine, ids, salt, dists) -> float:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
+    # loads torch / vLLM: only when it runs
     from hilm_vllm.rejection import SparseRows, verify_block
-    from hilm_vllm.sampling import processed_probs
+    from hilm_vllm.sampling import processed_probs  # loads torch / vLLM: only when it runs
 
     params = SamplingParams(**spec().vllm_kwargs(), max_tokens=1, detokenize=False,
                             prompt_logprobs=-1, flat_logprobs=True,
@@ -187,7 +189,7 @@ async def hooked_round(verifier, ids, salt, dists) -> float:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    from hilm_vllm.verifier.wire import VerifyArgs
+    from hilm_vllm.verifier.wire import VerifyArgs  # loads torch / vLLM: only when it runs
 
     args = VerifyArgs.build(uuid.uuid4().hex, spec(), 0, dists)
     params = SamplingParams(**spec(seed=0).vllm_kwargs(), max_tokens=1, detokenize=False,
@@ -235,7 +237,7 @@ class Cell:
 
 
 async def cell_in_process(engine, verifier, drafter, stream, c, k, rounds) -> dict:
-    from hilm_vllm.verifier.session import VerifyCall
+    from hilm_vllm.verifier.session import VerifyCall  # loads torch / vLLM: only when it runs
 
     opened = await verifier.open_session("bench", stream[:c], spec(seed=c))
     cell = Cell(stream, c, k)
@@ -273,6 +275,7 @@ async def cell_in_process(engine, verifier, drafter, stream, c, k, rounds) -> di
 
 
 async def phase_in_process(zoo, drafter, stream, grid, rounds) -> dict:
+    # loads torch / vLLM: only when it runs
     from hilm_vllm.verifier.core import Verifier, VerifierSettings
 
     engine = await start_engine(zoo)
@@ -309,7 +312,7 @@ async def cell_grpc(client, drafter, stream, c, k, rounds) -> dict:
 
 
 def phase_grpc(zoo, drafter, stream, grid, rounds) -> dict:
-    from hilm_vllm.verifier.client import VerifierClient
+    from hilm_vllm.verifier.client import VerifierClient  # loads torch / vLLM: only when it runs
 
     flags = ["--model", str(zoo.llm), "--port", "0", "--metrics-port", "0", "--dtype", "float32",
              "--block-size", "32", "--kv-cache-memory-bytes", "256M", "--enforce-eager",
