@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from hilm_vllm.errors import InvalidArgument
-from hilm_vllm.proto.hilm.v1 import common_pb2
+from hilm_vllm.proto.hilm.v1 import common_pb2, generate_pb2
 from hilm_vllm.sampling import ID_DTYPE, WEIGHT_DTYPE, SamplingSpec, ScoredToken, unpack_row
 from hilm_vllm.server.caps import check_client_samples
 from hilm_vllm.thresholds import Thresholds
@@ -162,6 +162,82 @@ def check_stop_token_ids(ids: Sequence[int], vocab_size: int) -> None:
         raise InvalidArgument(f"stop_token_ids has {len(ids)} ids; at most "
                               f"{MAX_STOP_TOKEN_IDS} are allowed")
     check_token_ids(ids, vocab_size, "stop_token_ids")
+
+
+# vLLM's sampler transforms the generating model applies itself (GenerateRequest.penalties):
+# the `llm-only` policy on the LLM tier. Each list or map holds at most MAX_PENALTY_ITEMS.
+PENALTY_FIELDS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p",
+                  "logit_bias", "allowed_token_ids", "bad_words")
+MAX_PENALTY_ITEMS = 1024
+MAX_BAD_WORD_CHARS = 256
+
+
+def penalties(values: Mapping[str, object]) -> dict:
+    """Request fields (JSON values) -> vLLM `SamplingParams` keyword arguments, checked:
+    numbers for the penalties and min_p, {token id: bias}, token ids, strings; InvalidArgument
+    naming what is wrong. Fields not in PENALTY_FIELDS are not taken."""
+    out: dict = {}
+    for name in PENALTY_FIELDS:
+        if name not in values or values[name] is None:
+            continue
+        v = values[name]
+        try:
+            if name == "logit_bias":
+                out[name] = {int(k): float(b) for k, b in dict(v).items()}
+            elif name == "allowed_token_ids":
+                out[name] = [int(t) for t in v]
+            elif name == "bad_words":
+                if isinstance(v, str) or not all(isinstance(w, str) for w in v):
+                    raise TypeError
+                out[name] = list(v)
+            else:
+                if isinstance(v, bool):
+                    raise TypeError
+                out[name] = float(v)
+        except (TypeError, ValueError):
+            raise InvalidArgument(f"{name}: expected {_PENALTY_TYPES[name]}, got {v!r}") from None
+        if not isinstance(out[name], float) and len(out[name]) > MAX_PENALTY_ITEMS:
+            raise InvalidArgument(f"{name} has {len(out[name])} entries; at most "
+                                  f"{MAX_PENALTY_ITEMS}")
+    if any(len(w) > MAX_BAD_WORD_CHARS for w in out.get("bad_words", ())):
+        raise InvalidArgument(f"a bad_words entry is longer than {MAX_BAD_WORD_CHARS} characters")
+    return out
+
+
+_PENALTY_TYPES = {"logit_bias": "an object of token id -> bias",
+                  "allowed_token_ids": "a list of token ids", "bad_words": "a list of strings",
+                  **{n: "a number" for n in ("presence_penalty", "frequency_penalty",
+                                             "repetition_penalty", "min_p")}}
+
+
+def penalties_to_pb(p: Mapping) -> generate_pb2.Penalties:
+    out = generate_pb2.Penalties(allowed_token_ids=p.get("allowed_token_ids", ()),
+                                 bad_words=p.get("bad_words", ()))
+    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
+        if name in p:
+            setattr(out, name, p[name])
+    for k, b in p.get("logit_bias", {}).items():
+        out.logit_bias[k] = b
+    return out
+
+
+def penalties_from_pb(pb: generate_pb2.Penalties, vocab_size: int) -> dict:
+    """GenerateRequest.penalties -> vLLM keyword arguments; token ids checked."""
+    out: dict = {n: getattr(pb, n) for n in ("presence_penalty", "frequency_penalty",
+                                             "repetition_penalty", "min_p") if pb.HasField(n)}
+    if pb.logit_bias:
+        check_token_ids(list(pb.logit_bias), vocab_size, "logit_bias")
+        out["logit_bias"] = dict(pb.logit_bias)
+    if pb.allowed_token_ids:
+        check_token_ids(pb.allowed_token_ids, vocab_size, "allowed_token_ids")
+        out["allowed_token_ids"] = list(pb.allowed_token_ids)
+    if pb.bad_words:
+        out["bad_words"] = list(pb.bad_words)
+    for name in ("logit_bias", "allowed_token_ids", "bad_words"):
+        if len(out.get(name, ())) > MAX_PENALTY_ITEMS:
+            raise InvalidArgument(f"{name} has {len(out[name])} entries; at most "
+                                  f"{MAX_PENALTY_ITEMS}")
+    return out
 
 
 def check_token_ids(ids: Sequence[int], vocab_size: int, what: str) -> None:

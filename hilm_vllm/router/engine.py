@@ -115,6 +115,8 @@ class GenerationRequest:
     stop_token_ids: tuple[int, ...] = ()  # also stop after any of these (vLLM's meaning)
     min_tokens: int = 0  # no stop token before this many (vLLM masks them; so do verifiers)
     stop: tuple[str, ...] = ()  # stop strings: llm-only passes them to the tier
+    # vLLM's sampler transforms (codec.PENALTY_FIELDS): llm-only only, the LLM applies them
+    penalties: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -125,6 +127,11 @@ class GenerationRequest:
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise InvalidArgument(f"min_tokens must be in [0, max_tokens], got "
                                   f"{self.min_tokens}")
+        if self.penalties and self.policy is not Policy.LLM_ONLY:
+            raise InvalidArgument(
+                f"{', '.join(sorted(self.penalties))}: applied only by the llm-only policy (the "
+                f"LLM's own sampler); the drafter and verifiers of {self.policy.value!r} do not "
+                f"apply them yet: send model 'llm-only', or leave them unset")
 
         if self.skip_rate is not None and not 0.0 <= self.skip_rate <= 1.0:
             raise InvalidArgument(f"skip_rate must be in [0, 1], got {self.skip_rate}")
@@ -581,7 +588,7 @@ class _Run:
                                          self.max_tokens - self.generated, self.req.ignore_eos,
                                          usage, self.req.stop_token_ids,
                                          max(0, self.req.min_tokens - self.generated),
-                                         self.req.stop)
+                                         self.req.stop, self.req.penalties or None)
             t0 = time.perf_counter()
             try:
                 async for ids, finish in stream:

@@ -17,22 +17,27 @@ from typing import Any
 
 from hilm_vllm.errors import InvalidArgument
 
-APPLIED, REFUSED, IGNORED = "applied", "refused", "ignored"
+APPLIED, LLM_ONLY, REFUSED, IGNORED = "applied", "llm-only", "refused", "ignored"
 NO_POLICY = "no policy applies it yet"
 
 
 @dataclass(frozen=True)
 class Field:
-    status: str  # APPLIED, REFUSED or IGNORED
+    status: str  # APPLIED, LLM_ONLY, REFUSED or IGNORED
     note: str = ""
-    neutral: tuple = (None,)  # REFUSED: the values that change nothing (accepted, ignored)
+    neutral: tuple = (None,)  # REFUSED, LLM_ONLY: the values that change nothing (ignored)
 
 
 def _refused(note: str, *neutral) -> Field:
     return Field(REFUSED, note, (None, *neutral))
 
 
-_SAMPLER = "a sampling transform: the drafter's q and every verifier's p would need it per row"
+def _llm_only(*neutral) -> Field:
+    return Field(LLM_ONLY, "the LLM's own sampler applies it under llm-only; refused under the "
+                 "speculative policies (their drafter and verifiers do not apply it yet)",
+                 (None, *neutral))
+
+
 _FORMAT = "asks for data the router does not return"
 
 FIELDS: dict[str, Field] = {
@@ -56,13 +61,13 @@ FIELDS: dict[str, Field] = {
     "include_stop_str_in_output": Field(APPLIED),
     "ignore_eos": Field(APPLIED),
     # -- refused unless neutral: they change the output ------------------------------------------
-    "frequency_penalty": _refused(_SAMPLER, 0, 0.0),
-    "presence_penalty": _refused(_SAMPLER, 0, 0.0),
-    "repetition_penalty": _refused(_SAMPLER, 1, 1.0),
-    "logit_bias": _refused(_SAMPLER, {}),
-    "min_p": _refused(_SAMPLER, 0, 0.0),
-    "allowed_token_ids": _refused(_SAMPLER, ),
-    "bad_words": _refused(_SAMPLER, []),
+    "frequency_penalty": _llm_only(0, 0.0),
+    "presence_penalty": _llm_only(0, 0.0),
+    "repetition_penalty": _llm_only(1, 1.0),
+    "logit_bias": _llm_only({}),
+    "min_p": _llm_only(0, 0.0),
+    "allowed_token_ids": _llm_only(),
+    "bad_words": _llm_only([]),
     "response_format": _refused("structured output: a grammar on every tier", {"type": "text"}),
     "structured_outputs": _refused("structured output: a grammar on every tier"),
     "logprobs": _refused(_FORMAT + " (per-token logprobs)", False),
@@ -116,6 +121,13 @@ FIELDS: dict[str, Field] = {
 HILM_FIELDS = ("policy", "skip_rate", "block_size", "thresholds", "optimistic")
 
 
+def llm_only_values(extra: Mapping[str, Any]) -> dict[str, Any]:
+    """The LLM_ONLY fields `extra` sets to a value that changes the output."""
+    return {name: value for name, value in extra.items()
+            if (f := FIELDS.get(name)) is not None and f.status == LLM_ONLY
+            and not is_neutral(value, f.neutral)}
+
+
 def check(extra: Mapping[str, Any]) -> None:
     """Refuse a request that sets, to anything but a neutral value, a field that would change
     its output and that no policy applies (400, naming the field)."""
@@ -147,17 +159,19 @@ def markdown() -> str:
     out = ["# Request fields (`/v1/completions`, `/v1/chat/completions`)", "",
            "Every field of vLLM 0.32's request models and what the router does with it "
            "(`hilm_vllm/router/fields.py`; `tests/router/test_fields.py` checks this page and "
-           "the table against vLLM). **applied**: in every policy. **refused**: a 400 naming "
+           "the table against vLLM). **applied**: in every policy. **llm-only**: applied by the "
+           "LLM's own vLLM sampler under the `llm-only` policy, a 400 under the others. "
+           "**refused**: a 400 naming "
            "the field when it is set to anything but a value that changes nothing (those are "
            "accepted and listed in `usage.hilm.ignored_fields`). **ignored**: it cannot change "
            "the output; accepted and listed in `usage.hilm.ignored_fields`. A field vLLM does "
            "not know is ignored the same way, as vLLM does. The router's own fields: "
            + ", ".join(f"`{n}`" for n in HILM_FIELDS) + ".", "",
-           "| field | status | accepted values when refused | note |", "| --- | --- | --- | --- |"]
-    for status in (APPLIED, REFUSED, IGNORED):
+           "| field | status | values that change nothing | note |", "| --- | --- | --- | --- |"]
+    for status in (APPLIED, LLM_ONLY, REFUSED, IGNORED):
         for name, f in sorted(FIELDS.items()):
             if f.status == status:
                 ok = ("unset" + (", " + _neutral_text(f) if len(f.neutral) > 1 else "")
-                      if status == REFUSED else "")
+                      if status in (REFUSED, LLM_ONLY) else "")
                 out.append(f"| `{name}` | {status} | {ok} | {f.note} |")
     return "\n".join(out) + "\n"

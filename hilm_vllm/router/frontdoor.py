@@ -11,7 +11,7 @@ are thin adapters over it: they parse their own wire format and write their own 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from hilm_vllm import codec
@@ -98,7 +98,8 @@ def generation_request(router: Router, tokenizer, limits: RequestLimits, ids: Se
                        ignore_eos: bool = False, skip_rate: float | None = None,
                        block_size: int | None = None, thresholds: Thresholds | None = None,
                        optimistic: bool | None = None, stop_token_ids: Sequence[int] = (),
-                       min_tokens: int = 0, stop: Sequence[str] = ()) -> GenerationRequest:
+                       min_tokens: int = 0, stop: Sequence[str] = (),
+                       penalties: Mapping | None = None) -> GenerationRequest:
     """The checks every request passes, whichever door it came in by: the output cap, the
     policy this router can serve, the stop strings and stop ids (caps, vocabulary)."""
     if max_tokens < 1:
@@ -107,9 +108,12 @@ def generation_request(router: Router, tokenizer, limits: RequestLimits, ids: Se
     router.check_policy(policy)
     limits.check_stops(list(stop), stop_token_ids)
     codec.check_token_ids(stop_token_ids, len(tokenizer), "stop_token_ids")
+    penalties = dict(penalties or {})
+    for name in ("logit_bias", "allowed_token_ids"):
+        codec.check_token_ids(list(penalties.get(name, ())), len(tokenizer), name)
     return GenerationRequest(tuple(ids), spec, max_tokens, policy, ignore_eos, skip_rate,
                              block_size, thresholds, optimistic, tuple(stop_token_ids),
-                             min_tokens, tuple(stop))
+                             min_tokens, tuple(stop), penalties)
 
 
 class TextStream:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -185,8 +185,8 @@ class VerifierLink(TierLink):
 
     async def generate(self, prompt: Sequence[int], spec: SamplingSpec, max_tokens: int,
                        ignore_eos: bool, usage: TierUsage, stop_token_ids: Sequence[int] = (),
-                       min_tokens: int = 0,
-                       stop: Sequence[str] = ()) -> AsyncIterator[tuple[list[int], str]]:
+                       min_tokens: int = 0, stop: Sequence[str] = (),
+                       penalties: Mapping | None = None) -> AsyncIterator[tuple[list[int], str]]:
         """The LLM-only baseline: the tier's own streaming generation. The request pays the
         uplink delay; streamed chunks each arrive one downlink delay after they were sent
         (pipelined: delays overlap, order is kept). Yields (token ids, the tier's finish
@@ -194,7 +194,8 @@ class VerifierLink(TierLink):
         timeout ends with DEADLINE_EXCEEDED (the deadline is per chunk: a long generation is
         not cut, a stalled tier is)."""
         request = verifier_messages.generate_request(prompt, spec, max_tokens, ignore_eos,
-                                                     stop_token_ids, min_tokens, stop)
+                                                     stop_token_ids, min_tokens, stop,
+                                                     penalties)
         up = request.ByteSize()
         t0 = time.perf_counter()
         d_up = self.network.delay(Site.DEVICE, self.site, up)

@@ -9,7 +9,7 @@ mapping of tiers to them.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from hilm_vllm.drafter.wire import DraftResult
@@ -65,5 +65,5 @@ class VerifyPort(TierPort, Protocol):
 
     def generate(self, prompt: Sequence[int], spec: SamplingSpec, max_tokens: int,
                  ignore_eos: bool, usage: TierUsage, stop_token_ids: Sequence[int] = (),
-                 min_tokens: int = 0,
-                 stop: Sequence[str] = ()) -> AsyncIterator[tuple[list[int], str]]: ...
+                 min_tokens: int = 0, stop: Sequence[str] = (),
+                 penalties: Mapping | None = None) -> AsyncIterator[tuple[list[int], str]]: ...

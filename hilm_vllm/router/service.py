@@ -32,7 +32,8 @@ class RouterGenerator(generate_pb2_grpc.GeneratorServicer):
             block_size=request.block_size if request.HasField("block_size") else None,
             optimistic=request.optimistic if request.HasField("optimistic") else None,
             stop_token_ids=request.stop_token_ids, min_tokens=request.min_tokens,
-            stop=request.stop)
+            stop=request.stop,
+            penalties=codec.penalties_from_pb(request.penalties, len(api.tokenizer)))
 
     @translate_stream_errors
     async def Generate(self, request, context):

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -61,11 +61,11 @@ class VerifierClient(TierClient):
 
     async def generate(self, prompt: Prompt, spec: SamplingSpec, max_tokens: int = 0,
                        ignore_eos: bool = False, stop_token_ids: Sequence[int] = (),
-                       min_tokens: int = 0,
-                       stop: Sequence[str] = ()) -> AsyncIterator[GenerateChunk]:
+                       min_tokens: int = 0, stop: Sequence[str] = (),
+                       penalties: Mapping | None = None) -> AsyncIterator[GenerateChunk]:
         call = self._generator.Generate(
             messages.generate_request(prompt, spec, max_tokens, ignore_eos, stop_token_ids,
-                                      min_tokens, stop), metadata=self._metadata)
+                                      min_tokens, stop, penalties), metadata=self._metadata)
         try:
             async for r in call:
                 yield GenerateChunk(tuple(r.token_ids), r.text, r.finish_reason or None)

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, field
 
@@ -324,10 +324,11 @@ class Verifier:
 
     async def generate(self, prompt: Prompt, spec: SamplingSpec, max_tokens: int = 0,
                        ignore_eos: bool = False, stop_token_ids: Sequence[int] = (),
-                       min_tokens: int = 0,
-                       stop: Sequence[str] = ()) -> AsyncIterator[GenerateChunk]:
+                       min_tokens: int = 0, stop: Sequence[str] = (),
+                       penalties: Mapping | None = None) -> AsyncIterator[GenerateChunk]:
         """Plain streaming generation (the LLM-only baseline), with vLLM's own stop rules
-        (EOS of the model's generation config, `stop_token_ids`, `min_tokens`, `stop`).
+        (EOS of the model's generation config, `stop_token_ids`, `min_tokens`, `stop`) and
+        sampler transforms (`penalties`: codec.PENALTY_FIELDS as SamplingParams takes them).
         Cancelling the consumer aborts the vLLM request (AsyncLLM.generate aborts on
         CancelledError / GeneratorExit)."""
         from vllm import SamplingParams
@@ -350,7 +351,7 @@ class Verifier:
                                 ignore_eos=ignore_eos, output_kind=RequestOutputKind.DELTA,
                                 detokenize=self.engine.tokenizer is not None,
                                 stop_token_ids=list(stop_token_ids), min_tokens=min_tokens,
-                                stop=list(stop) or None)
+                                stop=list(stop) or None, **dict(penalties or {}))
         async for out in self._engine_generate(tokens_input(ids), params):
             c = out.outputs[0]
             yield GenerateChunk(tuple(c.token_ids), c.text or "",

@@ -6,7 +6,7 @@ messages). No engine code: the router imports this."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,9 +77,14 @@ def close_request(session_id: str) -> verifier_pb2.CloseVerifierSessionRequest:
 
 def generate_request(prompt: Prompt | Sequence[int], spec: SamplingSpec, max_tokens: int = 0,
                      ignore_eos: bool = False, stop_token_ids: Sequence[int] = (),
-                     min_tokens: int = 0,
-                     stop: Sequence[str] = ()) -> generate_pb2.GenerateRequest:
-    return generate_pb2.GenerateRequest(
+                     min_tokens: int = 0, stop: Sequence[str] = (),
+                     penalties: Mapping | None = None) -> generate_pb2.GenerateRequest:
+    """`penalties`: vLLM's sampler transforms (codec.PENALTY_FIELDS), which the tier's own
+    sampler applies."""
+    request = generate_pb2.GenerateRequest(
         prompt=codec.prompt_to_pb(prompt), sampling=codec.sampling_to_pb(spec),
         max_tokens=max_tokens, ignore_eos=ignore_eos, stop_token_ids=list(stop_token_ids),
         min_tokens=min_tokens, stop=list(stop))
+    if penalties:
+        request.penalties.CopyFrom(codec.penalties_to_pb(penalties))
+    return request

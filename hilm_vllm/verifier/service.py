@@ -98,11 +98,13 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
         if request.policy not in ENGINE_TIER_POLICIES:
             raise InvalidArgument(f"policy {request.policy!r} is a router option; this tier "
                                   f"generates with its own model only (policy '' or 'llm-only')")
-        chunks = self._verifier().generate(codec.prompt_from_pb(request.prompt),
-                                           codec.sampling_from_pb(request.sampling),
-                                           request.max_tokens, request.ignore_eos,
-                                           request.stop_token_ids, request.min_tokens,
-                                           request.stop)
+        verifier = self._verifier()
+        chunks = verifier.generate(codec.prompt_from_pb(request.prompt),
+                                   codec.sampling_from_pb(request.sampling),
+                                   request.max_tokens, request.ignore_eos,
+                                   request.stop_token_ids, request.min_tokens, request.stop,
+                                   codec.penalties_from_pb(request.penalties,
+                                                           verifier.facts.vocab_size))
         async for chunk in chunks:
             yield generate_pb2.GenerateResponse(token_ids=chunk.token_ids, text=chunk.text,
                                                 finish_reason=chunk.finish_reason or "")

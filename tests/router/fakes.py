@@ -186,7 +186,7 @@ class FakeVerifier(FakeLink):
         return VerifyOutcome(m, nxt, len(held), emitted if want_emitted else [])
 
     async def generate(self, prompt, spec, max_tokens, ignore_eos, usage, stop_token_ids=(),
-                       min_tokens=0, stop=()):
+                       min_tokens=0, stop=(), penalties=None):
         self.calls.append({"generate": len(prompt), "stop_token_ids": list(stop_token_ids),
                            "seed": spec.seed})
         self._fault("generate")

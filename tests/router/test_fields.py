@@ -60,13 +60,19 @@ def test_the_docs_page_is_the_table():
 
 
 def test_a_neutral_value_passes_and_anything_else_is_refused():
-    fields.check({"presence_penalty": 0, "repetition_penalty": 1.0, "logit_bias": {},
-                  "user": "u", "frobnicate": 3, "response_format": {"type": "text"}})
-    for bad in ({"presence_penalty": 0.5}, {"repetition_penalty": 1.1}, {"logit_bias": {"5": 1}},
-                {"min_p": 0.1}, {"response_format": {"type": "json_object"}},
-                {"repetition_penalty": True}, {"use_beam_search": True}):
+    fields.check({"presence_penalty": 0.5, "response_format": {"type": "text"}, "user": "u",
+                  "frobnicate": 3, "echo": False})
+    for bad in ({"response_format": {"type": "json_object"}}, {"use_beam_search": True},
+                {"echo": True}, {"top_logprobs": 2}, {"tools": [{"type": "function"}]}):
         with pytest.raises(fields.InvalidArgument, match=f"`{next(iter(bad))}`"):
             fields.check(bad)
+    # the LLM's own sampler applies these under llm-only: only non-neutral values are taken
+    assert fields.llm_only_values({"presence_penalty": 0, "repetition_penalty": 1.0,
+                                   "logit_bias": {}, "user": "u"}) == {}
+    assert fields.llm_only_values({"repetition_penalty": 1.3, "min_p": 0.0,
+                                   "logit_bias": {"5": 1}}) == {"repetition_penalty": 1.3,
+                                                                 "logit_bias": {"5": 1}}
+    assert fields.llm_only_values({"repetition_penalty": True}) == {"repetition_penalty": True}
 
 
 class _Llm:
@@ -101,10 +107,23 @@ def served(tiny_zoo):
 
 def test_the_http_door_refuses_an_output_changing_field_and_keeps_serving(served):
     router, client = served
-    r = client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 1,
+    r = client.post("/v1/completions", json={"model": "spec", "prompt": "x", "max_tokens": 1,
                                              "presence_penalty": 0.7})
     assert r.status_code == 400, r.text
-    assert "`presence_penalty`" in r.json()["error"]["message"] and not router.requests
+    assert "presence_penalty" in r.json()["error"]["message"] and "llm-only" in \
+        r.json()["error"]["message"] and not router.requests
+    r = client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 1,
+                                             "presence_penalty": 0.7, "logit_bias": {"5": -2},
+                                             "bad_words": "no"})
+    assert r.status_code == 400 and "bad_words" in r.json()["error"]["message"]  # a type
+    r = client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 1,
+                                             "presence_penalty": 0.7, "logit_bias": {"5": -2}})
+    assert r.status_code == 200, r.text  # the served model's policy is llm-only
+    assert router.requests[-1].penalties == {"presence_penalty": 0.7, "logit_bias": {5: -2.0}}
+    assert r.json()["usage"]["hilm"]["ignored_fields"] == []
+    r = client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 1,
+                                             "logit_bias": {"99999": 1}})
+    assert r.status_code == 400 and "logit_bias" in r.json()["error"]["message"]
     r = client.post("/v1/chat/completions", json={
         "model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
         "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}})

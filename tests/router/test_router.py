@@ -960,3 +960,36 @@ def test_admission_queues_per_client_and_answers_429_with_retry_after_when_full(
             assert waiting_b.result(timeout=60).choices[0].text
         assert scrape(r, "hilm_router_admission_refused_requests") == 2
         assert scrape(r, "hilm_router_admission_active_choices") == 0
+
+
+def test_llm_only_applies_vllms_penalties_through_the_llms_own_sampler(served, tiers, tiny_zoo):
+    """Penalties, logit bias, min_p and banned words ride to the LLM tier under llm-only and
+    its vLLM sampler applies them: the router's tokens (HTTP and gRPC) equal the tier's own
+    Generate with the same fields, and differ from the tokens without them; a speculative
+    policy refuses them with a 400 naming them."""
+    from hilm_vllm.verifier.client import VerifierClient
+
+    llm = tiers[0]
+    prompt = _prompts(tiny_zoo, 1)[0]
+    greedy = SamplingSpec(temperature=0.0)
+    plain = asyncio.run(generate(served.grpc_address, prompt, greedy, 24, "llm-only"))
+    pen = {"repetition_penalty": 1.8, "presence_penalty": 0.5, "logit_bias": {plain[0]: -100.0}}
+
+    async def tier_own():
+        async with VerifierClient(llm.grpc_address) as v:
+            return [t async for c in v.generate(prompt, greedy, 24, ignore_eos=True,
+                                                 penalties=pen) for t in c.token_ids]
+
+    expected = asyncio.run(tier_own())
+    assert expected != plain and expected[0] != plain[0]
+    got = asyncio.run(generate(served.grpc_address, prompt, greedy, 24, "llm-only",
+                               penalties=codec.penalties_to_pb(pen)))
+    assert got == expected
+    body = {"model": "llm-only", "prompt": prompt, "max_tokens": 24, "temperature": 0,
+            "ignore_eos": True, "repetition_penalty": 1.8, "presence_penalty": 0.5,
+            "logit_bias": {str(plain[0]): -100}}
+    code, out = _post(served.http_url + "/v1/completions", body)
+    assert code == 200, out
+    assert out["usage"]["hilm"]["token_ids"] == expected
+    code, out = _post(served.http_url + "/v1/completions", {**body, "model": "spec"})
+    assert code == 400 and "llm-only" in out["error"]["message"], out
