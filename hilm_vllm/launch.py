@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import re
 import signal
@@ -156,6 +157,9 @@ class TierProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, 9)
                 self.proc.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            # whatever is left of its group (the engine of a tier that was SIGKILLed)
+            os.killpg(self.proc.pid, signal.SIGKILL)
         return self.proc.returncode
 
     def __enter__(self) -> TierProcess:

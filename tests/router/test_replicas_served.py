@@ -100,7 +100,7 @@ def test_two_llm_replicas_balance_fail_over_exactly_and_serve_two_routers(tiny_z
             # failover: one replica SIGKILLed under load; every lossless request still exact
             async def kill():
                 await asyncio.sleep(0.5)
-                os.kill(llm_a.proc.pid, signal.SIGKILL)
+                os.killpg(llm_a.proc.pid, signal.SIGKILL)  # the replica and its engine
 
             got = asyncio.run(many(r1.grpc_address, "spec", PROMPTS * 2, during=kill))
             failed = [x for x in got if not isinstance(x, list)]

@@ -179,7 +179,7 @@ def failover_run(prompts: list[str], args) -> dict:
         async def kill():
             await asyncio.sleep(args.kill_after_s)
             killed["t"] = time.perf_counter()
-            os.kill(victim.proc.pid, signal.SIGKILL)
+            os.killpg(victim.proc.pid, signal.SIGKILL)  # the replica and its engine
             print(f"  SIGKILL {victim.grpc_address} at {args.kill_after_s:g} s", flush=True)
 
         records, policies, wall = asyncio.run(run_load(
