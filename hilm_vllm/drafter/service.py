@@ -42,7 +42,8 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
             session_id=session.id, position=len(session.state.tokens),
             eos_token_id=-1 if info.eos_token_id is None else info.eos_token_id,
             vocab_size=info.vocab_size, prompt_token_ids=session.state.tokens,
-            eos_token_ids=info.eos_token_ids, max_model_len=info.max_model_len)
+            eos_token_ids=info.eos_token_ids, max_model_len=info.max_model_len,
+            open_sessions=len(core.sessions))
 
     @translate_errors
     async def Draft(self, request, context):

@@ -5,9 +5,10 @@
   answered names it, and every call of that session goes there.
 - **Placement.** A new session goes to the replica with the fewest open sessions of two picked
   at random among those that answer (the power of two choices, as Ray Serve's LLM router
-  places requests), counted from what this router opened and closed. A router holds nothing
-  between requests, so several routers may share the same replicas; each balances its own
-  sessions.
+  places requests): the sessions this router holds there (counted from the placement), or more
+  when the replica reported more on its last OpenSession (`open_sessions`: other routers' and
+  clients' sessions), less the ones this router closed since. A router holds nothing between
+  requests, so several routers may share the same replicas.
 - **Failover.** A call that finds its replica gone (the connection lost, or the replica
   draining) marks that replica down for everyone and fails as it would with one replica; the
   round's recovery (`engine._Run`) then opens the session again from the history the router
@@ -58,7 +59,8 @@ class ReplicaSet:
         self.tier, self.name = tier, tier.value
         self.replicas = list(links)
         self.down_s = down_s
-        self.open_sessions = [0] * len(self.replicas)
+        self.open_sessions = [0] * len(self.replicas)  # this router's, open now
+        self.others = [0] * len(self.replicas)  # other clients', as last reported
         self._where: dict[str, int] = {}  # session id -> replica index
         self._rng = random.Random(seed)
         self.limits = None  # (max_block, max_model_len), as a link's (replicas serve one model)
@@ -105,6 +107,9 @@ class ReplicaSet:
             self._count(i, -1)
             raise
         self._where[reply.session_id] = i
+        reported = getattr(reply, "open_sessions", 0)
+        if reported:  # the replica's load, this router's sessions included
+            self.others[i] = max(0, reported - self.open_sessions[i])
         metrics.REPLICA_OPENED.labels(self.name, self.replicas[i].address).inc()
         return reply
 
@@ -143,7 +148,7 @@ class ReplicaSet:
         up = [i for i, link in enumerate(self.replicas) if link.available]
         if not up:  # every replica is down: try them anyway (the call reports the error)
             up = list(range(len(self.replicas)))
-        return up[pick([self.open_sessions[i] for i in up], self._rng)]
+        return up[pick([self.open_sessions[i] + self.others[i] for i in up], self._rng)]
 
     def _replica_of(self, sid: str) -> int:
         i = self._where.get(sid)

@@ -65,7 +65,8 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
 
     @translate_errors
     async def OpenSession(self, request, context):
-        opened = await self._verifier().open_session(
+        verifier = self._verifier()
+        opened = await verifier.open_session(
             client_id(context), codec.prompt_from_pb(request.prompt),
             codec.sampling_from_pb(request.sampling),
             request.max_tokens, request.min_tokens, request.stop_token_ids)
@@ -73,7 +74,8 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
             session_id=opened.session_id, position=opened.position,
             eos_token_id=opened.eos_token_id, vocab_size=opened.vocab_size,
             max_block=opened.max_block, prompt_token_ids=opened.prompt_token_ids,
-            eos_token_ids=opened.eos_token_ids, max_model_len=opened.max_model_len)
+            eos_token_ids=opened.eos_token_ids, max_model_len=opened.max_model_len,
+            open_sessions=len(verifier.sessions))
 
     @translate_errors
     async def Verify(self, request, context):

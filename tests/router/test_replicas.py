@@ -126,3 +126,25 @@ def test_a_draining_store_refuses_new_sessions_and_the_set_places_them_elsewhere
 
     asyncio.run(main())
     assert not a.available and len(b.sids) >= 5 and not a.sids
+
+
+def test_a_replica_that_reports_other_clients_sessions_gets_fewer_new_ones():
+    """Replica a reports (OpenSession.open_sessions) 20 sessions this router did not open
+    (another router's): new sessions go to b until the loads meet."""
+    from dataclasses import replace
+
+    a, b = replica("llm", "a:1"), replica("llm", "b:2")
+    real_open = a.open
+
+    async def busy_open(*args, **kw):
+        return replace(await real_open(*args, **kw), open_sessions=len(a.sessions) + 20)
+
+    a.open = busy_open
+    rs = ReplicaSet(Tier.LLM, [a, b], seed=3)
+
+    async def main():
+        for _ in range(24):
+            await rs.open(PROMPT, SamplingSpec(), 8, TierUsage())
+
+    asyncio.run(main())
+    assert rs.others[0] >= 19 and len(b.sids) >= 20 and 1 <= len(a.sids) <= 4
