@@ -158,6 +158,10 @@ def _scalar(f) -> st.SearchStrategy:
     raise TypeError(f"unhandled field type {t}")
 
 
+def _is_map(f) -> bool:
+    return f.type == F.TYPE_MESSAGE and f.message_type.GetOptions().map_entry
+
+
 def messages(cls, depth: int = 0, fixed: dict | None = None) -> st.SearchStrategy:
     """Messages of `cls` with any subset of fields set; `fixed` maps field names to strategies
     that replace the generic ones (to steer towards live sessions)."""
@@ -166,6 +170,14 @@ def messages(cls, depth: int = 0, fixed: dict | None = None) -> st.SearchStrateg
     for f in cls.DESCRIPTOR.fields:
         if f.name in fixed:
             s = fixed[f.name]
+        elif _is_map(f):  # map<K, V>: a dict of any size, small or large
+            key, value = (f.message_type.fields_by_name[n] for n in ("key", "value"))
+            vs = (messages(value.message_type._concrete_class, depth + 1)
+                  if value.type == F.TYPE_MESSAGE else _scalar(value))
+            fields[f.name] = st.one_of(st.dictionaries(_scalar(key), vs, max_size=6),
+                                       st.dictionaries(_scalar(key), vs, min_size=60,
+                                                       max_size=300))
+            continue
         elif f.type == F.TYPE_MESSAGE:
             if depth >= 3:
                 continue
@@ -180,7 +192,14 @@ def messages(cls, depth: int = 0, fixed: dict | None = None) -> st.SearchStrateg
         msg = cls()
         for name, value in values.items():
             field = cls.DESCRIPTOR.fields_by_name[name]
-            if field.is_repeated:
+            if _is_map(field):
+                target = getattr(msg, name)
+                for k, v in value.items():
+                    if field.message_type.fields_by_name["value"].type == F.TYPE_MESSAGE:
+                        target[k].CopyFrom(v)
+                    else:
+                        target[k] = v
+            elif field.is_repeated:
                 getattr(msg, name).extend(value)
             elif field.type == F.TYPE_MESSAGE:
                 getattr(msg, name).CopyFrom(value)
