@@ -43,7 +43,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
             eos_token_id=-1 if info.eos_token_id is None else info.eos_token_id,
             vocab_size=info.vocab_size, prompt_token_ids=session.state.tokens,
             eos_token_ids=info.eos_token_ids, max_model_len=info.max_model_len,
-            open_sessions=len(core.sessions))
+            other_sessions=len(core.sessions) - core.sessions.held_by(client_id(context)))
 
     @translate_errors
     async def Draft(self, request, context):

@@ -5,9 +5,9 @@
   answered names it, and every call of that session goes there.
 - **Placement.** A new session goes to the replica with the fewest open sessions of two picked
   at random among those that answer (the power of two choices, as Ray Serve's LLM router
-  places requests): the sessions this router holds there (counted from the placement), or more
-  when the replica reported more on its last OpenSession (`open_sessions`: other routers' and
-  clients' sessions), less the ones this router closed since. A router holds nothing between
+  places requests): the sessions this router holds there (counted from the placement) plus the
+  sessions other clients (other routers) held there when it last answered an OpenSession
+  (`other_sessions`). A router holds nothing between
   requests, so several routers may share the same replicas.
 - **Failover.** A call that finds its replica gone (the connection lost, or the replica
   draining) marks that replica down for everyone and fails as it would with one replica; the
@@ -107,9 +107,7 @@ class ReplicaSet:
             self._count(i, -1)
             raise
         self._where[reply.session_id] = i
-        reported = getattr(reply, "open_sessions", 0)
-        if reported:  # the replica's load, this router's sessions included
-            self.others[i] = max(0, reported - self.open_sessions[i])
+        self.others[i] = max(0, getattr(reply, "other_sessions", 0))  # other clients' load
         metrics.REPLICA_OPENED.labels(self.name, self.replicas[i].address).inc()
         return reply
 

@@ -75,7 +75,8 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
             eos_token_id=opened.eos_token_id, vocab_size=opened.vocab_size,
             max_block=opened.max_block, prompt_token_ids=opened.prompt_token_ids,
             eos_token_ids=opened.eos_token_ids, max_model_len=opened.max_model_len,
-            open_sessions=len(verifier.sessions))
+            other_sessions=len(verifier.sessions) - verifier.sessions.held_by(
+                client_id(context)))
 
     @translate_errors
     async def Verify(self, request, context):

@@ -69,7 +69,7 @@ class Opened:
     eos_token_ids: tuple[int, ...]
     max_block: int = 16
     max_model_len: int = 0
-    open_sessions: int = 0  # the tier's load it reports (0: none reported)
+    other_sessions: int = 0  # sessions other clients hold on the tier, as it reports them
 
 
 @dataclass

@@ -22,7 +22,7 @@ class OpenVerifierSessionRequest(_message.Message):
     def __init__(self, prompt: _Optional[_Union[_common_pb2.Prompt, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., min_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class OpenVerifierSessionResponse(_message.Message):
-    __slots__ = ("session_id", "position", "eos_token_id", "vocab_size", "max_block", "prompt_token_ids", "eos_token_ids", "max_model_len", "open_sessions")
+    __slots__ = ("session_id", "position", "eos_token_id", "vocab_size", "max_block", "prompt_token_ids", "eos_token_ids", "max_model_len", "other_sessions")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -31,7 +31,7 @@ class OpenVerifierSessionResponse(_message.Message):
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
-    OPEN_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    OTHER_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     position: int
     eos_token_id: int
@@ -40,8 +40,8 @@ class OpenVerifierSessionResponse(_message.Message):
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     max_model_len: int
-    open_sessions: int
-    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_block: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_model_len: _Optional[int] = ..., open_sessions: _Optional[int] = ...) -> None: ...
+    other_sessions: int
+    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_block: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_model_len: _Optional[int] = ..., other_sessions: _Optional[int] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("session_id", "position", "append_token_ids", "draft_token_ids", "draft_dists", "return_target_probs", "return_emitted", "uncertainty", "rollback_to")
