@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from hilm_vllm.errors import InvalidArgument
-from hilm_vllm.proto.hilm.v1 import common_pb2, generate_pb2
-from hilm_vllm.sampling import ID_DTYPE, WEIGHT_DTYPE, SamplingSpec, ScoredToken, unpack_row
+from hilm_vllm.proto.hilm.v1 import common_pb2
+from hilm_vllm.sampling import (ID_DTYPE, LOGIT_BIAS_LIMIT, WEIGHT_DTYPE, Penalties,
+                                SamplingSpec, ScoredToken, unpack_row)
 from hilm_vllm.server.caps import check_client_samples
 from hilm_vllm.thresholds import Thresholds
 from hilm_vllm.uncertainty import MAX_SAMPLES, Gate, Perturbation, UncertaintyConfig
@@ -51,22 +52,71 @@ def sampling_to_pb(spec: SamplingSpec) -> common_pb2.SamplingParams:
                                    top_p=spec.top_p)
     if spec.seed is not None:
         pb.seed = spec.seed
+    if spec.penalties is not None:
+        pb.penalties.CopyFrom(penalties_to_pb(_penalty_kwargs(spec.penalties)))
+        pb.penalties.output_start = spec.penalties.output_start
     return pb
 
 
-def sampling_from_pb(pb: common_pb2.SamplingParams) -> SamplingSpec:
-    """top_p 0 (unset) is 1 (off); a negative one is an error, as over HTTP."""
-    return sampling(pb.temperature, pb.top_k, pb.top_p if pb.top_p != 0 else 1.0,
+def sampling_from_pb(pb: common_pb2.SamplingParams, vocab_size: int | None = None
+                     ) -> SamplingSpec:
+    """top_p 0 (unset) is 1 (off); a negative one is an error, as over HTTP. `penalties` are
+    checked (token ids against `vocab_size` when given); bad_words have no place here."""
+    spec = sampling(pb.temperature, pb.top_k, pb.top_p if pb.top_p != 0 else 1.0,
                     pb.seed if pb.HasField("seed") else None)
+    if not pb.HasField("penalties"):
+        return spec
+    if pb.penalties.bad_words:
+        raise InvalidArgument("sampling.penalties.bad_words: a session's tier does not apply "
+                              "bad words (only the LLM's own generation does: Generate)")
+    d = penalties_from_pb(pb.penalties, vocab_size)
+    return _with_penalties(spec, d, pb.penalties.output_start)
+
+
+def generate_sampling_from_pb(pb: common_pb2.SamplingParams) -> SamplingSpec:
+    """GenerateRequest.sampling: the transforms travel as GenerateRequest.penalties there."""
+    if pb.HasField("penalties"):
+        raise InvalidArgument("GenerateRequest.sampling.penalties: send the sampler transforms "
+                              "as GenerateRequest.penalties")
+    return sampling_from_pb(pb)
 
 
 def sampling_to_dict(spec: SamplingSpec) -> dict:
-    return {"temperature": spec.temperature, "top_k": spec.top_k, "top_p": spec.top_p,
-            "seed": spec.seed}
+    d = {"temperature": spec.temperature, "top_k": spec.top_k, "top_p": spec.top_p,
+         "seed": spec.seed}
+    if spec.penalties is not None:
+        d["penalties"] = _penalty_kwargs(spec.penalties) | {
+            "logit_bias": [list(b) for b in spec.penalties.logit_bias],
+            "output_start": spec.penalties.output_start}
+    return d
 
 
 def sampling_from_dict(d: Mapping) -> SamplingSpec:
-    return SamplingSpec(d["temperature"], d["top_k"], d["top_p"], d.get("seed"))
+    spec = SamplingSpec(d["temperature"], d["top_k"], d["top_p"], d.get("seed"))
+    if (p := d.get("penalties")) is None:
+        return spec
+    return _with_penalties(spec, dict(p) | {"logit_bias": {int(t): b for t, b in
+                                                           p.get("logit_bias", ())}},
+                           int(p.get("output_start", 0)))
+
+
+def _penalty_kwargs(p: Penalties) -> dict:
+    """Penalties -> vLLM SamplingParams keyword arguments (output_start aside)."""
+    return {"presence_penalty": p.presence_penalty, "frequency_penalty": p.frequency_penalty,
+            "repetition_penalty": p.repetition_penalty, "min_p": p.min_p,
+            "logit_bias": dict(p.logit_bias), "allowed_token_ids": list(p.allowed_token_ids)}
+
+
+def _with_penalties(spec: SamplingSpec, d: Mapping, output_start: int) -> SamplingSpec:
+    try:
+        pen = Penalties(float(d.get("presence_penalty", 0.0)),
+                        float(d.get("frequency_penalty", 0.0)),
+                        float(d.get("repetition_penalty", 1.0)), float(d.get("min_p", 0.0)),
+                        tuple(dict(d.get("logit_bias") or {}).items()),
+                        tuple(d.get("allowed_token_ids") or ()), output_start)
+        return SamplingSpec(spec.temperature, spec.top_k, spec.top_p, spec.seed, pen)
+    except (TypeError, ValueError) as e:
+        raise InvalidArgument(f"sampling.penalties: {e}") from None
 
 
 def sampling_from_vllm(params) -> SamplingSpec:
@@ -182,8 +232,9 @@ def penalties(values: Mapping[str, object]) -> dict:
             continue
         v = values[name]
         try:
-            if name == "logit_bias":
-                out[name] = {int(k): float(b) for k, b in dict(v).items()}
+            if name == "logit_bias":  # clamped as vLLM's SamplingParams.from_optional does
+                out[name] = {int(k): min(LOGIT_BIAS_LIMIT, max(-LOGIT_BIAS_LIMIT, float(b)))
+                             for k, b in dict(v).items()}
             elif name == "allowed_token_ids":
                 out[name] = [int(t) for t in v]
             elif name == "bad_words":
@@ -210,9 +261,9 @@ _PENALTY_TYPES = {"logit_bias": "an object of token id -> bias",
                                              "repetition_penalty", "min_p")}}
 
 
-def penalties_to_pb(p: Mapping) -> generate_pb2.Penalties:
-    out = generate_pb2.Penalties(allowed_token_ids=p.get("allowed_token_ids", ()),
-                                 bad_words=p.get("bad_words", ()))
+def penalties_to_pb(p: Mapping) -> common_pb2.Penalties:
+    out = common_pb2.Penalties(allowed_token_ids=p.get("allowed_token_ids", ()),
+                               bad_words=p.get("bad_words", ()))
     for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
         if name in p:
             setattr(out, name, p[name])
@@ -221,15 +272,19 @@ def penalties_to_pb(p: Mapping) -> generate_pb2.Penalties:
     return out
 
 
-def penalties_from_pb(pb: generate_pb2.Penalties, vocab_size: int) -> dict:
-    """GenerateRequest.penalties -> vLLM keyword arguments; token ids checked."""
+def penalties_from_pb(pb: common_pb2.Penalties, vocab_size: int | None) -> dict:
+    """Penalties -> vLLM keyword arguments; token ids checked (against `vocab_size` when
+    given), logit biases clamped as over HTTP."""
     out: dict = {n: getattr(pb, n) for n in ("presence_penalty", "frequency_penalty",
                                              "repetition_penalty", "min_p") if pb.HasField(n)}
     if pb.logit_bias:
-        check_token_ids(list(pb.logit_bias), vocab_size, "logit_bias")
-        out["logit_bias"] = dict(pb.logit_bias)
+        if vocab_size is not None:
+            check_token_ids(list(pb.logit_bias), vocab_size, "logit_bias")
+        out["logit_bias"] = {t: min(LOGIT_BIAS_LIMIT, max(-LOGIT_BIAS_LIMIT, b))
+                             for t, b in pb.logit_bias.items()}
     if pb.allowed_token_ids:
-        check_token_ids(pb.allowed_token_ids, vocab_size, "allowed_token_ids")
+        if vocab_size is not None:
+            check_token_ids(pb.allowed_token_ids, vocab_size, "allowed_token_ids")
         out["allowed_token_ids"] = list(pb.allowed_token_ids)
     if pb.bad_words:
         out["bad_words"] = list(pb.bad_words)

@@ -1,14 +1,21 @@
 """The per-request sampling transform, identical on every tier.
 
 Exactness needs the drafter's q and the verifiers' p to be the distributions the engines really
-sample from. vLLM's sampler applies temperature, then top-k/top-p (its own masks), then softmax;
-`processed_probs` calls the same vLLM mask function, so q and p are bit-for-bit what the sampler
-uses. Pure functions of tensors; no I/O.
+sample from. vLLM 0.32's sampler (`vllm/v1/sample/sampler.py`) applies, in this order: the
+allowed-token mask, bad words, the logit bias, the presence / frequency / repetition penalties
+(counting the request's prompt and its output so far), temperature, min-p, then top-k/top-p
+(its own masks), then softmax. `processed_probs_batch` does the same with the same vLLM
+functions (`apply_penalties`, `apply_top_k_top_p`), so q and p are what the sampler uses; a
+draft row's output counts the draft tokens before it, as vLLM's own speculative decoding counts
+them (`Sampler._combine_outputs_with_spec_tokens`). Bad words stay with the LLM's own sampler
+(llm-only). Pure functions of tensors; no I/O.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -21,6 +28,59 @@ FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32 (proto `float`
 INT32_MAX = (1 << 31) - 1  # proto `int32`
 
 
+LOGIT_BIAS_LIMIT = 100.0  # vLLM clamps each bias to [-100, 100] (SamplingParams.from_optional)
+
+
+@dataclass(frozen=True)
+class Penalties:
+    """vLLM's sampler transforms besides temperature and top-k/top-p, as its SamplingParams
+    names them, validated as vLLM validates them. `output_start` is the absolute position of the
+    completion's first token: the tokens before it are the prompt (the repetition penalty counts
+    them), those from it on are the output (all three penalties count them), which is how
+    vLLM's sampler sees a request that generates the completion itself."""
+
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), sorted by id
+    allowed_token_ids: tuple[int, ...] = ()  # empty = every token
+    output_start: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:  # also NaN
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got "
+                             f"{self.repetition_penalty}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if any(not math.isfinite(b) for _, b in self.logit_bias):
+            raise ValueError("logit_bias values must be finite numbers")
+        bias = tuple(sorted((int(t), min(LOGIT_BIAS_LIMIT, max(-LOGIT_BIAS_LIMIT, float(b))))
+                            for t, b in dict(self.logit_bias).items()))
+        object.__setattr__(self, "logit_bias", bias)
+        object.__setattr__(self, "allowed_token_ids",
+                           tuple(sorted({int(t) for t in self.allowed_token_ids})))
+        if any(t < 0 for t, _ in bias) or any(t < 0 for t in self.allowed_token_ids):
+            raise ValueError("token ids in logit_bias and allowed_token_ids must be >= 0")
+        if self.output_start < 0:
+            raise ValueError(f"output_start must be >= 0, got {self.output_start}")
+
+    @property
+    def counts_history(self) -> bool:
+        """Do the rows depend on the tokens before them (the three penalties)?"""
+        return bool(self.presence_penalty or self.frequency_penalty
+                    or self.repetition_penalty != 1.0)
+
+    @property
+    def neutral(self) -> bool:
+        """Would vLLM's sampler do nothing with these?"""
+        return not (self.counts_history or self.min_p or self.logit_bias
+                    or self.allowed_token_ids)
+
+
 @dataclass(frozen=True)
 class SamplingSpec:
     """A request's sampling parameters, validated once."""
@@ -29,6 +89,7 @@ class SamplingSpec:
     top_k: int = 0  # 0 = off (vLLM's -1 is taken as 0)
     top_p: float = 1.0  # 1 = off
     seed: int | None = None
+    penalties: Penalties | None = field(default=None)  # None = none
 
     def __post_init__(self) -> None:
         # Finite as a float32 too: the wire carries it as one, and a larger double arrives as
@@ -46,13 +107,16 @@ class SamplingSpec:
                              f"{self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if self.penalties is not None and self.penalties.neutral:
+            object.__setattr__(self, "penalties", None)  # one spelling of "none"
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_EPS
 
     def vllm_kwargs(self) -> dict:
-        """Keyword arguments for `vllm.SamplingParams` with the same meaning."""
+        """Keyword arguments for `vllm.SamplingParams` with the same meaning (the penalties
+        aside: the tiers that take them apply them themselves, `processed_probs_batch`)."""
         return {"temperature": self.temperature, "top_k": self.top_k or 0,
                 "top_p": self.top_p, "seed": self.seed}
 
@@ -86,7 +150,11 @@ def processed_probs(logits: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:
     """logits [N, V] (raw, float32) -> probabilities [N, V] the sampler draws from, on the
     logits' device (vLLM's mask function runs a Triton kernel on GPU: its k and p must be there).
 
-    Greedy is one-hot on the argmax (vLLM's greedy sampler takes the argmax)."""
+    Greedy is one-hot on the argmax (vLLM's greedy sampler takes the argmax). A spec with
+    penalties goes through `processed_probs_batch` (the ones that count the history need each
+    row's context: an error here)."""
+    if spec.penalties is not None:
+        return processed_probs_batch(logits, [spec] * logits.shape[0])
     logits = logits.float()
     if spec.greedy:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
@@ -106,29 +174,108 @@ def processed_probs(logits: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:
     return torch.softmax(scaled, dim=-1)
 
 
-def processed_probs_batch(logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.Tensor:
+def processed_probs_batch(logits: torch.Tensor, specs: Sequence[SamplingSpec],
+                          contexts: Sequence[Sequence[int] | None] | None = None
+                          ) -> torch.Tensor:
     """logits [N, V] raw, one spec per row -> the processed probabilities [N, V] of every row in
-    one pass, as vLLM's sampler treats a batch: temperature as a per-row tensor divisor, one
-    top-k/top-p call with per-row k and p, greedy rows one-hot on their argmax. On the logits'
-    device."""
-    if len({(s.temperature, s.top_k, s.top_p) for s in specs}) == 1:
+    one pass, as vLLM's sampler treats a batch: the allowed-token mask, logit bias and penalties
+    (`penalised_logits`), temperature as a per-row tensor divisor, min-p, one top-k/top-p call
+    with per-row k and p, greedy rows one-hot on their argmax (after the penalties, as vLLM's
+    greedy sampler sees them). `contexts[i]`: every token up to and including row i's position
+    (the row predicts the next one), needed by rows whose penalties count the history. On the
+    logits' device; the input is not modified."""
+    if all(s.penalties is None for s in specs) and len(
+            {(s.temperature, s.top_k, s.top_p) for s in specs}) == 1:
         return processed_probs(logits, specs[0])
     from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 
-    logits = logits.float()
+    logits = penalised_logits(logits.float(), specs, contexts)
     n, vocab = logits.shape
     device = logits.device
     greedy = torch.tensor([s.greedy for s in specs], device=device)
     temps = torch.tensor([1.0 if s.greedy else s.temperature for s in specs],
                          dtype=torch.float32, device=device)
+    scaled = logits / temps[:, None]
+    if any(s.penalties is not None and s.penalties.min_p for s in specs):
+        scaled = apply_min_p(scaled, torch.tensor(
+            [0.0 if s.penalties is None else s.penalties.min_p for s in specs],
+            dtype=torch.float32, device=device))
     k = (torch.tensor([s.top_k if 0 < s.top_k < vocab else vocab for s in specs],
                       dtype=torch.long, device=device)
          if any(0 < s.top_k < vocab for s in specs) else None)
     p = (torch.tensor([s.top_p for s in specs], dtype=torch.float32, device=device)
          if any(s.top_p < 1 for s in specs) else None)
-    probs = torch.softmax(apply_top_k_top_p(logits / temps[:, None], k, p), dim=-1)
+    probs = torch.softmax(apply_top_k_top_p(scaled, k, p), dim=-1)
     one_hot = torch.nn.functional.one_hot(logits.argmax(-1), vocab).float()
     return torch.where(greedy[:, None], one_hot, probs)
+
+
+def penalised_logits(logits: torch.Tensor, specs: Sequence[SamplingSpec],
+                     contexts: Sequence[Sequence[int] | None] | None = None) -> torch.Tensor:
+    """logits [N, V] float32 -> a copy with each row's allowed-token mask, logit bias and
+    presence / frequency / repetition penalties applied in vLLM's order and with vLLM's own
+    `apply_penalties` (row i's prompt: contexts[i][:output_start], its output: the rest). Rows
+    without penalties are unchanged; the input is returned as is when no row has any. On the
+    logits' device."""
+    rows = [i for i, s in enumerate(specs) if s.penalties is not None]
+    if not rows:
+        return logits
+    out = logits.clone()
+    n, vocab = out.shape
+    device = out.device
+    for i in rows:
+        pen = specs[i].penalties
+        if any(t >= vocab for t in pen.allowed_token_ids) or any(
+                t >= vocab for t, _ in pen.logit_bias):
+            raise ValueError(f"a token id of allowed_token_ids or logit_bias is outside the "
+                             f"vocabulary of {vocab} tokens")
+        if pen.allowed_token_ids:
+            banned = torch.ones(vocab, dtype=torch.bool, device=device)
+            banned[torch.tensor(pen.allowed_token_ids, dtype=torch.long, device=device)] = False
+            out[i].masked_fill_(banned, float("-inf"))
+        if pen.logit_bias:
+            ids = torch.tensor([t for t, _ in pen.logit_bias], dtype=torch.long, device=device)
+            out[i, ids] += torch.tensor([b for _, b in pen.logit_bias], dtype=torch.float32,
+                                        device=device)
+    counted = [i for i in rows if specs[i].penalties.counts_history]
+    if counted:
+        if contexts is None or any(contexts[i] is None for i in counted):
+            raise ValueError("presence/frequency/repetition penalties need each row's context "
+                             "(the tokens before the position it predicts)")
+        from vllm.model_executor.layers.utils import apply_penalties
+
+        prompts, outputs = [], []
+        for i in counted:
+            ctx, start = contexts[i], specs[i].penalties.output_start
+            prompts.append(list(ctx[:start]))
+            outputs.append(list(ctx[start:]))
+        index = torch.tensor(counted, dtype=torch.long, device=device)
+        sub = apply_penalties(
+            out.index_select(0, index), _padded(prompts, vocab, device),
+            _padded(outputs, vocab, device),
+            *(torch.tensor([getattr(specs[i].penalties, name) for i in counted],
+                           dtype=torch.float32, device=device)
+              for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")))
+        out.index_copy_(0, index, sub)
+    return out
+
+
+def _padded(rows: list[list[int]], vocab: int, device) -> torch.Tensor:
+    """Token lists -> [N, max(len, 1)] int64 padded with `vocab` (vLLM's padding id)."""
+    width = max(1, max(len(r) for r in rows))
+    out = torch.full((len(rows), width), vocab, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            out[i, :len(r)] = torch.as_tensor(r, dtype=torch.long)
+    return out.to(device)
+
+
+def apply_min_p(scaled: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """vLLM's min-p (`MinPLogitsProcessor.apply`) on temperature-scaled logits [N, V]: tokens
+    whose probability is below min_p[i] x the row's largest are masked; a copy."""
+    probs = torch.softmax(scaled, dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True).mul_(min_p[:, None])
+    return scaled.masked_fill(probs < threshold, float("-inf"))
 
 
 def mask_tokens(logits: torch.Tensor, ids, rows: int) -> torch.Tensor:

@@ -26,8 +26,11 @@ Early stop. With `stop_uncertainty` set, a position whose previous token's u exc
 is forced to the stop token instead, vLLM finishes the request, and the reader drops that forced
 token. Cost: the one forward pass of that step, and no extra round trips.
 
-Penalties and min-p (applied by vLLM's sampler after this processor, so q would not include
-them) are refused for drafter requests, and so is n > 1 (rows are keyed by request).
+vLLM's own penalties and min-p (its sampler applies them after this processor, so q would not
+include them) are refused for drafter requests, and so is n > 1 (rows are keyed by request).
+The request's sampler transforms travel in `DraftOptions.spec.penalties` instead and are part of
+q (`sampling.processed_probs_batch`, with each row's context: the request's tokens before the
+position, earlier draft tokens included).
 
 All state lives in the worker process (`STORE`). A record lives while its request is in the
 batch and not finished: it is dropped when its last token is pushed, or when vLLM removes the
@@ -176,6 +179,7 @@ class Draft:
     forced_stop: int | None = None  # index of the forced (dropped) token
     done: bool = False
     kept: list[Entry] | None = None  # entries, when kept for hilm_pop_draft (no push channel)
+    prompt_ids: list[int] = field(default_factory=list)  # the context before the first draft
 
     def readout(self) -> dict:
         """The kept entries as plain types (what `collective_rpc("hilm_pop_draft")` returns)."""
@@ -202,7 +206,8 @@ class DraftStore:
         self._lock = threading.Lock()  # rpc reader and sampler may be different threads
         self.keep_finished = True  # False once a push channel delivers the results
 
-    def attach(self, options: DraftOptions, output_ids: list[int], stops: Stops) -> Draft:
+    def attach(self, options: DraftOptions, output_ids: list[int], stops: Stops,
+               prompt_ids: list[int] | None = None) -> Draft:
         """Start a draft, or re-attach one whose request was re-added (preemption)."""
         with self._lock:
             draft = self._drafts.get(options.key)
@@ -212,6 +217,8 @@ class DraftStore:
                 while len(self._drafts) > self.capacity:
                     self._drafts.popitem(last=False)
             draft.output_ids = output_ids
+            if prompt_ids is not None:  # vLLM's list (replaced, not changed, by a new chunk)
+                draft.prompt_ids = prompt_ids
             return draft
 
     def drop(self, draft: Draft | None) -> None:
@@ -253,7 +260,11 @@ def observe_rows(logits: torch.Tensor, active: list[tuple[int, Draft, int]]
               if d.options.ban and d.options.base + index < d.options.ban_until]
     if banned:  # min_tokens: the stop ids cannot be drawn yet (q and u see them masked)
         raw = ban_rows(raw, banned)
-    probs = processed_probs_batch(raw, [d.options.spec for d in drafts])
+    contexts = [list(d.prompt_ids[:d.options.base]) + list(d.output_ids[:index])
+                if d.options.spec.penalties is not None
+                and d.options.spec.penalties.counts_history else None
+                for _, d, index in active]
+    probs = processed_probs_batch(raw, [d.options.spec for d in drafts], contexts)
     by_trunc: dict[Truncation, list[int]] = {}
     for i, d in enumerate(drafts):
         by_trunc.setdefault(d.options.truncation, []).append(i)
@@ -379,10 +390,10 @@ class UncertaintyProcessor(LogitsProcessor):
         rows = self.rows
         for index in batch_update.removed:
             STORE.drop(rows.pop(index, None))
-        for index, params, _prompt_ids, output_ids in batch_update.added:
+        for index, params, prompt_ids, output_ids in batch_update.added:
             STORE.drop(rows.pop(index, None))
             if (options := draft_options(params)) is not None:
-                rows[index] = STORE.attach(options, output_ids, Stops.of(params))
+                rows[index] = STORE.attach(options, output_ids, Stops.of(params), prompt_ids)
         for a, b, direction in batch_update.moved:
             a_draft, b_draft = rows.pop(a, None), rows.pop(b, None)
             if a_draft is not None:

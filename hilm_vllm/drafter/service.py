@@ -35,7 +35,8 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
                                         self._settings.max_client_samples)
               if request.HasField("uncertainty") else None)
         session = core.open(client_id(context), codec.prompt_from_pb(request.prompt),
-                            codec.sampling_from_pb(request.sampling), uq, request.max_tokens,
+                            codec.sampling_from_pb(request.sampling, core.info.vocab_size), uq,
+                            request.max_tokens,
                             request.min_tokens, tuple(request.stop_token_ids))
         info = core.info
         return drafter_pb2.OpenDrafterSessionResponse(

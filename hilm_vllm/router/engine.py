@@ -28,6 +28,7 @@ import asyncio
 import logging
 import math
 import os
+import dataclasses
 import random
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -47,7 +48,7 @@ from hilm_vllm.router.replicas import ReplicaSet, addresses
 from hilm_vllm.router.policy import (Forward, LlmDown, Policy, RoundPlan, Route, common_prefix,
                                      forward_rule, plan)
 from hilm_vllm.router.session import TierSession
-from hilm_vllm.sampling import INT32_MAX, SamplingSpec, ScoredToken
+from hilm_vllm.sampling import INT32_MAX, Penalties, SamplingSpec, ScoredToken
 from hilm_vllm.seeds import Stream, derive_seed
 from hilm_vllm.server.grpc_util import too_large, too_large_message
 from hilm_vllm.thresholds import Thresholds
@@ -115,7 +116,9 @@ class GenerationRequest:
     stop_token_ids: tuple[int, ...] = ()  # also stop after any of these (vLLM's meaning)
     min_tokens: int = 0  # no stop token before this many (vLLM masks them; so do verifiers)
     stop: tuple[str, ...] = ()  # stop strings: llm-only passes them to the tier
-    # vLLM's sampler transforms (codec.PENALTY_FIELDS): llm-only only, the LLM applies them
+    # vLLM's sampler transforms (codec.PENALTY_FIELDS as SamplingParams takes them): the LLM's
+    # own sampler applies them under llm-only, the drafter and verifiers under the others
+    # (`sampling_spec`); bad_words only under llm-only
     penalties: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -127,16 +130,32 @@ class GenerationRequest:
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise InvalidArgument(f"min_tokens must be in [0, max_tokens], got "
                                   f"{self.min_tokens}")
-        if self.penalties and self.policy is not Policy.LLM_ONLY:
+        if self.penalties.get("bad_words") and self.policy is not Policy.LLM_ONLY:
             raise InvalidArgument(
-                f"{', '.join(sorted(self.penalties))}: applied only by the llm-only policy (the "
-                f"LLM's own sampler); the drafter and verifiers of {self.policy.value!r} do not "
-                f"apply them yet: send model 'llm-only', or leave them unset")
-
+                f"bad_words: applied only by the llm-only policy (the LLM's own sampler); the "
+                f"drafter and verifiers of {self.policy.value!r} do not apply it: send model "
+                f"'llm-only', or leave it unset")
+        self.sampling_spec(0)  # the transforms' values are checked here, whatever the policy
         if self.skip_rate is not None and not 0.0 <= self.skip_rate <= 1.0:
             raise InvalidArgument(f"skip_rate must be in [0, 1], got {self.skip_rate}")
         if self.block_size is not None and not 1 <= self.block_size <= 64:
             raise InvalidArgument(f"block_size must be in [1, 64], got {self.block_size}")
+
+    def sampling_spec(self, output_start: int) -> SamplingSpec:
+        """`spec` with the sampler transforms the tiers apply themselves (every policy but
+        llm-only, whose LLM gets them as vLLM's SamplingParams), the completion's output
+        counted from absolute position `output_start`."""
+        p = self.penalties
+        try:
+            pen = Penalties(p.get("presence_penalty", 0.0), p.get("frequency_penalty", 0.0),
+                            p.get("repetition_penalty", 1.0), p.get("min_p", 0.0),
+                            tuple(p.get("logit_bias", {}).items()),
+                            tuple(p.get("allowed_token_ids", ())), output_start)
+        except (TypeError, ValueError) as e:
+            raise InvalidArgument(str(e)) from None
+        if self.policy is Policy.LLM_ONLY:
+            return self.spec
+        return dataclasses.replace(self.spec, penalties=pen)
 
 
 @dataclass
@@ -473,11 +492,10 @@ class _Run:
         """The request's spec with the tier's own seed for a session (or stream) that starts
         `position` tokens into the completion: a stream resumed after a restart must not draw
         its tokens with the noise of the first ones."""
-        s = self.req.spec
+        s = self.req.sampling_spec(self.n_prompt)
         if s.seed is None:
             return s
-        return SamplingSpec(s.temperature, s.top_k, s.top_p,
-                            derive_seed(s.seed, position, _SESSION_STREAM[tier]))
+        return dataclasses.replace(s, seed=derive_seed(s.seed, position, _SESSION_STREAM[tier]))
 
     @property
     def generated(self) -> int:

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from hilm_vllm import codec
 from hilm_vllm.errors import InvalidArgument
 
 APPLIED, LLM_ONLY, REFUSED, IGNORED = "applied", "llm-only", "refused", "ignored"
@@ -35,6 +36,13 @@ def _refused(note: str, *neutral) -> Field:
 def _llm_only(*neutral) -> Field:
     return Field(LLM_ONLY, "the LLM's own sampler applies it under llm-only; refused under the "
                  "speculative policies (their drafter and verifiers do not apply it yet)",
+                 (None, *neutral))
+
+
+def _transform(*neutral) -> Field:
+    return Field(APPLIED, "a sampler transform: the LLM's own sampler under llm-only; the "
+                 "drafter's q and every verifier's p under the others, each draft row counting "
+                 "the draft tokens before it, as vLLM's speculative decoding does",
                  (None, *neutral))
 
 
@@ -61,12 +69,13 @@ FIELDS: dict[str, Field] = {
     "include_stop_str_in_output": Field(APPLIED),
     "ignore_eos": Field(APPLIED),
     # -- refused unless neutral: they change the output ------------------------------------------
-    "frequency_penalty": _llm_only(0, 0.0),
-    "presence_penalty": _llm_only(0, 0.0),
-    "repetition_penalty": _llm_only(1, 1.0),
-    "logit_bias": _llm_only({}),
-    "min_p": _llm_only(0, 0.0),
-    "allowed_token_ids": _llm_only(),
+    "frequency_penalty": _transform(0, 0.0),
+    "presence_penalty": _transform(0, 0.0),
+    "repetition_penalty": _transform(1, 1.0),
+    "logit_bias": _transform({}),
+    "min_p": _transform(0, 0.0),
+    "allowed_token_ids": _transform(),
+    # -- applied by llm-only, refused under the others ------------------------------------------
     "bad_words": _llm_only([]),
     "response_format": _refused("structured output: a grammar on every tier", {"type": "text"}),
     "structured_outputs": _refused("structured output: a grammar on every tier"),
@@ -121,11 +130,11 @@ FIELDS: dict[str, Field] = {
 HILM_FIELDS = ("policy", "skip_rate", "block_size", "thresholds", "optimistic")
 
 
-def llm_only_values(extra: Mapping[str, Any]) -> dict[str, Any]:
-    """The LLM_ONLY fields `extra` sets to a value that changes the output."""
+def transform_values(extra: Mapping[str, Any]) -> dict[str, Any]:
+    """The sampler transforms (the penalties, logit bias, min_p, allowed and bad tokens) that
+    `extra` sets to a value that changes the output."""
     return {name: value for name, value in extra.items()
-            if (f := FIELDS.get(name)) is not None and f.status == LLM_ONLY
-            and not is_neutral(value, f.neutral)}
+            if name in codec.PENALTY_FIELDS and not is_neutral(value, FIELDS[name].neutral)}
 
 
 def check(extra: Mapping[str, Any]) -> None:
@@ -172,6 +181,6 @@ def markdown() -> str:
         for name, f in sorted(FIELDS.items()):
             if f.status == status:
                 ok = ("unset" + (", " + _neutral_text(f) if len(f.neutral) > 1 else "")
-                      if status in (REFUSED, LLM_ONLY) else "")
+                      if status in (REFUSED, LLM_ONLY) or len(f.neutral) > 1 else "")
                 out.append(f"| `{name}` | {status} | {ok} | {f.note} |")
     return "\n".join(out) + "\n"

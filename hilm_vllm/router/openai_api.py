@@ -279,7 +279,7 @@ class RouterAPI:
             self.router, self.tokenizer, self.limits, prompt_ids, spec, max_tokens,
             self.policy_of(body), body.ignore_eos, body.skip_rate, body.block_size, th,
             body.optimistic, tuple(body.stop_token_ids or ()), body.min_tokens, stops(body),
-            codec.penalties(fields.llm_only_values(body.model_extra or {})))
+            codec.penalties(fields.transform_values(body.model_extra or {})))
 
     def prompt_ids(self, body: CompletionRequest | ChatCompletionRequest) -> list[int]:
         ids = self._prompt_ids(body)
@@ -314,7 +314,7 @@ class RouterAPI:
                   client: str = ""):
         """One completion or chat request of `client` (its API key, else its address: whom
         the fair queue serves in turn)."""
-        applied = fields.llm_only_values(body.model_extra or {})  # llm-only: the LLM applies them
+        applied = fields.transform_values(body.model_extra or {})  # the tiers apply them
         ignored = [f for f in body.ignored_fields() if f not in applied]
         log_ignored(ignored)
         try:

@@ -27,8 +27,8 @@ class RouterGenerator(generate_pb2_grpc.GeneratorServicer):
         ids = prompt_ids(codec.prompt_from_pb(request.prompt), api.tokenizer, api.limits)
         policy = Policy.parse(request.policy) if request.policy else api.router.cfg.policy
         return generation_request(
-            api.router, api.tokenizer, api.limits, ids, codec.sampling_from_pb(request.sampling),
-            request.max_tokens or 16, policy, request.ignore_eos,
+            api.router, api.tokenizer, api.limits, ids,
+            codec.generate_sampling_from_pb(request.sampling), request.max_tokens or 16, policy, request.ignore_eos,
             block_size=request.block_size if request.HasField("block_size") else None,
             optimistic=request.optimistic if request.HasField("optimistic") else None,
             stop_token_ids=request.stop_token_ids, min_tokens=request.min_tokens,

@@ -68,7 +68,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         verifier = self._verifier()
         opened = await verifier.open_session(
             client_id(context), codec.prompt_from_pb(request.prompt),
-            codec.sampling_from_pb(request.sampling),
+            codec.sampling_from_pb(request.sampling, verifier.facts.vocab_size),
             request.max_tokens, request.min_tokens, request.stop_token_ids)
         return verifier_pb2.OpenVerifierSessionResponse(
             session_id=opened.session_id, position=opened.position,
@@ -103,7 +103,7 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
                                   f"generates with its own model only (policy '' or 'llm-only')")
         verifier = self._verifier()
         chunks = verifier.generate(codec.prompt_from_pb(request.prompt),
-                                   codec.sampling_from_pb(request.sampling),
+                                   codec.generate_sampling_from_pb(request.sampling),
                                    request.max_tokens, request.ignore_eos,
                                    request.stop_token_ids, request.min_tokens, request.stop,
                                    codec.penalties_from_pb(request.penalties,

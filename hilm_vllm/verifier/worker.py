@@ -204,17 +204,22 @@ class VerifyHook:
             self.logits_calls += 1
             if logits is None:  # a tensor-parallel rank that does not hold gathered logits
                 return
-            specs, banned, at = [], [], 0
+            specs, banned, contexts, at = [], [], [], 0
             for st in with_rows:
                 args = st.pending.args
                 specs += [args.spec] * (st.hi - st.lo)
+                # the row at position a predicts token a + 1: its penalties count tokens 0..a
+                # (the draft tokens before it included, as vLLM's spec decoding counts them)
+                counts = args.spec.penalties is not None and args.spec.penalties.counts_history
+                tokens = st.state.prompt_token_ids if counts else None
+                contexts += [tokens[:a + 1] if counts else None for a in range(st.lo, st.hi)]
                 # vLLM's min_tokens: the stop tokens have p = 0 in the rows before it
                 ban_rows = min(st.hi - st.lo, args.ban_rows - (st.lo - st.first))
                 banned += [(at + i, args.ban) for i in range(ban_rows)] if args.ban else []
                 at += st.hi - st.lo
             if banned:
                 logits = ban_rows_of(logits, banned)
-            probs = processed_probs_batch(logits, specs)  # [rows, V]
+            probs = processed_probs_batch(logits, specs, contexts)  # [rows, V]
             at = 0
             for st in with_rows:
                 k, args = st.hi - st.lo, st.pending.args

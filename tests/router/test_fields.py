@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic_core import PydanticUndefined
 
+from hilm_vllm import codec
 from hilm_vllm.router import fields
 from hilm_vllm.router.admission import FairAdmission
 from hilm_vllm.router.engine import RouterConfig
@@ -47,10 +48,11 @@ def test_vllms_default_of_every_refused_field_is_accepted():
 
 
 def test_applied_fields_are_the_routers_own_request_fields():
-    """What the table calls applied is a field the router's request models declare."""
+    """What the table calls applied is a field the router's request models declare, or a
+    sampler transform read from the body's other fields (`fields.transform_values`)."""
     declared = set(CompletionRequest.model_fields) | set(ChatCompletionRequest.model_fields)
     applied = {n for n, f in fields.FIELDS.items() if f.status == fields.APPLIED}
-    assert applied <= declared, applied - declared
+    assert applied - set(codec.PENALTY_FIELDS) <= declared, applied - declared
     assert set(fields.HILM_FIELDS) <= declared
 
 
@@ -66,13 +68,13 @@ def test_a_neutral_value_passes_and_anything_else_is_refused():
                 {"echo": True}, {"top_logprobs": 2}, {"tools": [{"type": "function"}]}):
         with pytest.raises(fields.InvalidArgument, match=f"`{next(iter(bad))}`"):
             fields.check(bad)
-    # the LLM's own sampler applies these under llm-only: only non-neutral values are taken
-    assert fields.llm_only_values({"presence_penalty": 0, "repetition_penalty": 1.0,
-                                   "logit_bias": {}, "user": "u"}) == {}
-    assert fields.llm_only_values({"repetition_penalty": 1.3, "min_p": 0.0,
-                                   "logit_bias": {"5": 1}}) == {"repetition_penalty": 1.3,
-                                                                 "logit_bias": {"5": 1}}
-    assert fields.llm_only_values({"repetition_penalty": True}) == {"repetition_penalty": True}
+    # the sampler transforms: only non-neutral values are taken
+    assert fields.transform_values({"presence_penalty": 0, "repetition_penalty": 1.0,
+                                    "logit_bias": {}, "bad_words": [], "user": "u"}) == {}
+    assert fields.transform_values({"repetition_penalty": 1.3, "min_p": 0.0,
+                                    "logit_bias": {"5": 1}}) == {"repetition_penalty": 1.3,
+                                                                  "logit_bias": {"5": 1}}
+    assert fields.transform_values({"repetition_penalty": True}) == {"repetition_penalty": True}
 
 
 class _Llm:
@@ -108,10 +110,19 @@ def served(tiny_zoo):
 def test_the_http_door_refuses_an_output_changing_field_and_keeps_serving(served):
     router, client = served
     r = client.post("/v1/completions", json={"model": "spec", "prompt": "x", "max_tokens": 1,
-                                             "presence_penalty": 0.7})
+                                             "bad_words": ["y"]})
     assert r.status_code == 400, r.text
-    assert "presence_penalty" in r.json()["error"]["message"] and "llm-only" in \
+    assert "bad_words" in r.json()["error"]["message"] and "llm-only" in \
         r.json()["error"]["message"] and not router.requests
+    r = client.post("/v1/completions", json={"model": "spec", "prompt": "x", "max_tokens": 1,
+                                             "presence_penalty": 2.5})
+    assert r.status_code == 400 and "presence_penalty must be in [-2, 2]" in \
+        r.json()["error"]["message"] and not router.requests
+    r = client.post("/v1/completions", json={"model": "spec", "prompt": "x", "max_tokens": 1,
+                                             "presence_penalty": 0.7, "logit_bias": {"5": 300}})
+    assert r.status_code == 200, r.text  # applied under every policy; biases clamped to 100
+    assert router.requests[-1].penalties == {"presence_penalty": 0.7, "logit_bias": {5: 100.0}}
+    assert router.requests[-1].sampling_spec(4).penalties.output_start == 4
     r = client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 1,
                                              "presence_penalty": 0.7, "logit_bias": {"5": -2},
                                              "bad_words": "no"})

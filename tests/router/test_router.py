@@ -962,11 +962,12 @@ def test_admission_queues_per_client_and_answers_429_with_retry_after_when_full(
         assert scrape(r, "hilm_router_admission_active_choices") == 0
 
 
-def test_llm_only_applies_vllms_penalties_through_the_llms_own_sampler(served, tiers, tiny_zoo):
-    """Penalties, logit bias, min_p and banned words ride to the LLM tier under llm-only and
-    its vLLM sampler applies them: the router's tokens (HTTP and gRPC) equal the tier's own
-    Generate with the same fields, and differ from the tokens without them; a speculative
-    policy refuses them with a 400 naming them."""
+def test_penalties_give_the_llms_own_tokens_in_every_lossless_policy(served, tiers, tiny_zoo):
+    """Penalties and logit bias ride to the LLM tier under llm-only and its vLLM sampler
+    applies them: the router's tokens (HTTP and gRPC) equal the tier's own Generate with the
+    same fields, and differ from the tokens without them. The lossless policies give the same
+    tokens at T = 0 (the drafter and verifiers apply them to q and p); bad_words, which only
+    the LLM's own sampler applies, is refused under them with a 400 naming it."""
     from hilm_vllm.verifier.client import VerifierClient
 
     llm = tiers[0]
@@ -991,5 +992,80 @@ def test_llm_only_applies_vllms_penalties_through_the_llms_own_sampler(served, t
     code, out = _post(served.http_url + "/v1/completions", body)
     assert code == 200, out
     assert out["usage"]["hilm"]["token_ids"] == expected
-    code, out = _post(served.http_url + "/v1/completions", {**body, "model": "spec"})
-    assert code == 400 and "llm-only" in out["error"]["message"], out
+    for policy in LOSSLESS[1:]:  # the drafter's q and each verifier's p are penalised alike
+        code, out = _post(served.http_url + "/v1/completions", {**body, "model": policy})
+        assert code == 200, (policy, out)
+        assert out["usage"]["hilm"]["token_ids"] == expected, policy
+    code, out = _post(served.http_url + "/v1/completions",
+                      {**body, "model": "spec", "bad_words": ["x"]})
+    assert code == 400 and "bad_words" in out["error"]["message"] and \
+        "llm-only" in out["error"]["message"], out
+
+
+# Strong enough that the penalised law is far (total variation 0.53) from the plain one and
+# (0.33) from one whose second row does not count the first token (the power checks below).
+PENALTIES = {"repetition_penalty": 1.3, "presence_penalty": 2.0, "frequency_penalty": 2.0}
+
+
+def penalised_next(model_dir, prompt: list[int], output: list[int], spec: SamplingSpec,
+                   pen: dict) -> np.ndarray:
+    """The next-token law after prompt + output with vLLM's penalties applied by their
+    definition (independent of hilm_vllm.sampling): the repetition penalty divides a positive
+    logit and multiplies a negative one of every token seen in the prompt or the output; the
+    frequency penalty subtracts per occurrence in the output, the presence penalty once."""
+    import torch
+
+    from hilm_vllm.sampling import processed_probs
+    from tests.verifier.helpers import hf_model
+
+    with torch.no_grad():
+        logits = hf_model(model_dir)(torch.tensor([prompt + output])).logits[0, -1].double()
+    seen = set(prompt) | set(output)
+    r = pen.get("repetition_penalty", 1.0)
+    for t in seen:
+        logits[t] = logits[t] / r if logits[t] > 0 else logits[t] * r
+    for t in set(output):
+        logits[t] -= pen.get("frequency_penalty", 0.0) * output.count(t)
+        logits[t] -= pen.get("presence_penalty", 0.0)
+    p = processed_probs(logits.float()[None, :], spec)[0].numpy().astype(np.float64)
+    return p / p.sum()
+
+
+def test_lossless_policies_sample_the_llms_penalised_law(served, tiny_zoo):
+    """Presence, frequency and repetition penalties at T = 1 under spec and cascade with k = 2:
+    the pair (x0, x1) of N seeded requests against the LLM's penalised joint law (x1's row
+    counts x0, a draft token when both were drafted), chi-square p > 1e-3; power: the same
+    pairs reject the unpenalised law and the law of a verifier that would not count the draft
+    token before a row (p < 1e-3)."""
+    prompt = _prompts(tiny_zoo, 1)[0]
+    spec = SamplingSpec(temperature=1.0, top_k=3)
+
+    def joint(pen: dict, count_draft: bool = True) -> dict:
+        out = {}
+        p0 = penalised_next(tiny_zoo.llm, prompt, [], spec, pen)
+        for x0 in np.nonzero(p0)[0].tolist():
+            p1 = (penalised_next(tiny_zoo.llm, prompt, [x0], spec, pen) if count_draft else
+                  penalised_next(tiny_zoo.llm, prompt + [x0], [], spec, pen))
+            for x1 in np.nonzero(p1)[0].tolist():
+                out[(x0, x1)] = float(p0[x0] * p1[x1])
+        return out
+
+    target, plain, stale = joint(PENALTIES), joint({}), joint(PENALTIES, count_draft=False)
+    for policy in ("spec", "cascade"):
+        async def pairs() -> list[tuple]:
+            sem = asyncio.Semaphore(8)
+
+            async def one(seed: int) -> tuple:
+                async with sem:
+                    ids = await generate(served.grpc_address, prompt,
+                                         SamplingSpec(1.0, 3, 1.0, 9000 + seed), 2, policy,
+                                         block_size=2,
+                                         penalties=codec.penalties_to_pb(PENALTIES))
+                    return tuple(ids[:2])
+
+            return await asyncio.gather(*(one(s) for s in range(N_SEEDS)))
+
+        got = asyncio.run(pairs())
+        assert law_pvalue(got, target) > 1e-3, (policy, sorted(target.items()))
+        assert law_pvalue(got, plain) < POWER_P_VALUE, f"power: {policy} vs the plain law"
+        assert law_pvalue(got, stale) < POWER_P_VALUE, f"power: {policy} vs uncounted drafts"

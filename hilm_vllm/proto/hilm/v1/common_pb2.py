@@ -24,27 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$hilm_vllm/proto/hilm/v1/common.proto\x12\x07hilm.v1\"_\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"H\n\x06Prompt\x12&\n\ttoken_ids\x18\x01 \x01(\x0b\x32\x11.hilm.v1.TokenIdsH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"h\n\x12SparseDistribution\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x03(\x02\x12\x18\n\x10packed_token_ids\x18\x03 \x01(\x0c\x12\x16\n\x0epacked_weights\x18\x04 \x01(\x0c\"A\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nforward_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\x90\x01\n\x11UncertaintyConfig\x12&\n\x04gate\x18\x01 \x01(\x0e\x32\x18.hilm.v1.UncertaintyGate\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x05\x12\x11\n\ttheta_max\x18\x03 \x01(\x02\x12+\n\x0cperturbation\x18\x04 \x01(\x0e\x32\x15.hilm.v1.Perturbation*z\n\x0fUncertaintyGate\x12 \n\x1cUNCERTAINTY_GATE_UNSPECIFIED\x10\x00\x12\x19\n\x15PERTURBED_TEMPERATURE\x10\x01\x12\x0b\n\x07\x45NTROPY\x10\x02\x12\x0f\n\x0bVAR_ENTROPY\x10\x03\x12\x0c\n\x08MAX_PROB\x10\x04*C\n\x0cPerturbation\x12\x1c\n\x18PERTURBATION_UNSPECIFIED\x10\x00\x12\x0b\n\x07UNIFORM\x10\x01\x12\x08\n\x04GRID\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$hilm_vllm/proto/hilm/v1/common.proto\x12\x07hilm.v1\"\x86\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12%\n\tpenalties\x18\x05 \x01(\x0b\x32\x12.hilm.v1.PenaltiesB\x07\n\x05_seed\"\xf8\x02\n\tPenalties\x12\x1d\n\x10presence_penalty\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x35\n\nlogit_bias\x18\x05 \x03(\x0b\x32!.hilm.v1.Penalties.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x06 \x03(\x05\x12\x11\n\tbad_words\x18\x07 \x03(\t\x12\x14\n\x0coutput_start\x18\x08 \x01(\r\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x08\n\x06_min_p\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"H\n\x06Prompt\x12&\n\ttoken_ids\x18\x01 \x01(\x0b\x32\x11.hilm.v1.TokenIdsH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"h\n\x12SparseDistribution\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x03(\x02\x12\x18\n\x10packed_token_ids\x18\x03 \x01(\x0c\x12\x16\n\x0epacked_weights\x18\x04 \x01(\x0c\"A\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nforward_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\x90\x01\n\x11UncertaintyConfig\x12&\n\x04gate\x18\x01 \x01(\x0e\x32\x18.hilm.v1.UncertaintyGate\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x05\x12\x11\n\ttheta_max\x18\x03 \x01(\x02\x12+\n\x0cperturbation\x18\x04 \x01(\x0e\x32\x15.hilm.v1.Perturbation*z\n\x0fUncertaintyGate\x12 \n\x1cUNCERTAINTY_GATE_UNSPECIFIED\x10\x00\x12\x19\n\x15PERTURBED_TEMPERATURE\x10\x01\x12\x0b\n\x07\x45NTROPY\x10\x02\x12\x0f\n\x0bVAR_ENTROPY\x10\x03\x12\x0c\n\x08MAX_PROB\x10\x04*C\n\x0cPerturbation\x12\x1c\n\x18PERTURBATION_UNSPECIFIED\x10\x00\x12\x0b\n\x07UNIFORM\x10\x01\x12\x08\n\x04GRID\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hilm_vllm.proto.hilm.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_UNCERTAINTYGATE']._serialized_start=565
-  _globals['_UNCERTAINTYGATE']._serialized_end=687
-  _globals['_PERTURBATION']._serialized_start=689
-  _globals['_PERTURBATION']._serialized_end=756
-  _globals['_SAMPLINGPARAMS']._serialized_start=49
-  _globals['_SAMPLINGPARAMS']._serialized_end=144
-  _globals['_TOKENIDS']._serialized_start=146
-  _globals['_TOKENIDS']._serialized_end=169
-  _globals['_PROMPT']._serialized_start=171
-  _globals['_PROMPT']._serialized_end=243
-  _globals['_SPARSEDISTRIBUTION']._serialized_start=245
-  _globals['_SPARSEDISTRIBUTION']._serialized_end=349
-  _globals['_TIMINGS']._serialized_start=351
-  _globals['_TIMINGS']._serialized_end=416
-  _globals['_UNCERTAINTYCONFIG']._serialized_start=419
-  _globals['_UNCERTAINTYCONFIG']._serialized_end=563
+  _globals['_PENALTIES_LOGITBIASENTRY']._loaded_options = None
+  _globals['_PENALTIES_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_UNCERTAINTYGATE']._serialized_start=984
+  _globals['_UNCERTAINTYGATE']._serialized_end=1106
+  _globals['_PERTURBATION']._serialized_start=1108
+  _globals['_PERTURBATION']._serialized_end=1175
+  _globals['_SAMPLINGPARAMS']._serialized_start=50
+  _globals['_SAMPLINGPARAMS']._serialized_end=184
+  _globals['_PENALTIES']._serialized_start=187
+  _globals['_PENALTIES']._serialized_end=563
+  _globals['_PENALTIES_LOGITBIASENTRY']._serialized_start=439
+  _globals['_PENALTIES_LOGITBIASENTRY']._serialized_end=487
+  _globals['_TOKENIDS']._serialized_start=565
+  _globals['_TOKENIDS']._serialized_end=588
+  _globals['_PROMPT']._serialized_start=590
+  _globals['_PROMPT']._serialized_end=662
+  _globals['_SPARSEDISTRIBUTION']._serialized_start=664
+  _globals['_SPARSEDISTRIBUTION']._serialized_end=768
+  _globals['_TIMINGS']._serialized_start=770
+  _globals['_TIMINGS']._serialized_end=835
+  _globals['_UNCERTAINTYCONFIG']._serialized_start=838
+  _globals['_UNCERTAINTYCONFIG']._serialized_end=982
 # @@protoc_insertion_point(module_scope)

@@ -25,23 +25,17 @@ _sym_db = _symbol_database.Default()
 from hilm_vllm.proto.hilm.v1 import common_pb2 as hilm__vllm_dot_proto_dot_hilm_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&hilm_vllm/proto/hilm/v1/generate.proto\x12\x07hilm.v1\x1a$hilm_vllm/proto/hilm/v1/common.proto\"\xc6\x02\n\x0fGenerateRequest\x12\x1f\n\x06prompt\x18\x01 \x01(\x0b\x32\x0f.hilm.v1.Prompt\x12)\n\x08sampling\x18\x02 \x01(\x0b\x32\x17.hilm.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x12\n\nignore_eos\x18\x04 \x01(\x08\x12\x0e\n\x06policy\x18\x05 \x01(\t\x12\x17\n\nblock_size\x18\x06 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\noptimistic\x18\x07 \x01(\x08H\x01\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nmin_tokens\x18\t \x01(\x05\x12\x0c\n\x04stop\x18\n \x03(\t\x12%\n\tpenalties\x18\x0b \x01(\x0b\x32\x12.hilm.v1.PenaltiesB\r\n\x0b_block_sizeB\r\n\x0b_optimistic\"\xe2\x02\n\tPenalties\x12\x1d\n\x10presence_penalty\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x35\n\nlogit_bias\x18\x05 \x03(\x0b\x32!.hilm.v1.Penalties.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x06 \x03(\x05\x12\x11\n\tbad_words\x18\x07 \x03(\t\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x08\n\x06_min_p\"J\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t2N\n\tGenerator\x12\x41\n\x08Generate\x12\x18.hilm.v1.GenerateRequest\x1a\x19.hilm.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&hilm_vllm/proto/hilm/v1/generate.proto\x12\x07hilm.v1\x1a$hilm_vllm/proto/hilm/v1/common.proto\"\xc6\x02\n\x0fGenerateRequest\x12\x1f\n\x06prompt\x18\x01 \x01(\x0b\x32\x0f.hilm.v1.Prompt\x12)\n\x08sampling\x18\x02 \x01(\x0b\x32\x17.hilm.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x12\n\nignore_eos\x18\x04 \x01(\x08\x12\x0e\n\x06policy\x18\x05 \x01(\t\x12\x17\n\nblock_size\x18\x06 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\noptimistic\x18\x07 \x01(\x08H\x01\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nmin_tokens\x18\t \x01(\x05\x12\x0c\n\x04stop\x18\n \x03(\t\x12%\n\tpenalties\x18\x0b \x01(\x0b\x32\x12.hilm.v1.PenaltiesB\r\n\x0b_block_sizeB\r\n\x0b_optimistic\"J\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t2N\n\tGenerator\x12\x41\n\x08Generate\x12\x18.hilm.v1.GenerateRequest\x1a\x19.hilm.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hilm_vllm.proto.hilm.v1.generate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PENALTIES_LOGITBIASENTRY']._loaded_options = None
-  _globals['_PENALTIES_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_GENERATEREQUEST']._serialized_start=90
   _globals['_GENERATEREQUEST']._serialized_end=416
-  _globals['_PENALTIES']._serialized_start=419
-  _globals['_PENALTIES']._serialized_end=773
-  _globals['_PENALTIES_LOGITBIASENTRY']._serialized_start=649
-  _globals['_PENALTIES_LOGITBIASENTRY']._serialized_end=697
-  _globals['_GENERATERESPONSE']._serialized_start=775
-  _globals['_GENERATERESPONSE']._serialized_end=849
-  _globals['_GENERATOR']._serialized_start=851
-  _globals['_GENERATOR']._serialized_end=929
+  _globals['_GENERATERESPONSE']._serialized_start=418
+  _globals['_GENERATERESPONSE']._serialized_end=492
+  _globals['_GENERATOR']._serialized_start=494
+  _globals['_GENERATOR']._serialized_end=572
 # @@protoc_insertion_point(module_scope)
