@@ -595,6 +595,29 @@ def test_min_tokens_holds_for_tokens_the_device_keeps(served, tiny_zoo):
         assert len(tokens) >= 6 and not set(tokens[:6]) & set(stops), (seed, tokens, stops)
 
 
+def test_the_drafter_applies_the_penalties_to_the_tokens_the_device_keeps(served, tiny_zoo):
+    """Every token kept on the device (uhlm, t1 = t2 = 2) at T = 0 with penalties and a logit
+    bias: the drafter's greedy tokens are the SLM's penalised argmax, step by step (each counts
+    the earlier draft tokens), computed here by the penalties' definition."""
+    prompt = _prompts(tiny_zoo, 1)[0]
+    pen = {"repetition_penalty": 1.3, "presence_penalty": 2.0, "frequency_penalty": 2.0}
+    c = client(served)
+
+    def run(**extra):
+        out = c.completions.create(model="uhlm", prompt=prompt, max_tokens=8, temperature=0.0,
+                                   extra_body={"block_size": 3, "ignore_eos": True,
+                                               "thresholds": {"t1": 2.0, "t2": 2.0}, **extra})
+        return hilm_usage(out.usage)
+
+    usage = run(**pen)
+    assert len(usage["skipped_at"]) == 8, usage  # every token kept on the device
+    want, greedy = [], SamplingSpec(temperature=0.0)
+    for _ in range(8):
+        want.append(int(penalised_next(tiny_zoo.slm, prompt, want, greedy, pen).argmax()))
+    assert usage["token_ids"] == want
+    assert run()["token_ids"] != want  # the penalties changed the device's tokens
+
+
 # ---- soak and faults (hilm_vllm/lab/soak; bench/soak.py and bench/faults.py run them longer) ---------
 
 @pytest.mark.slow
