@@ -26,8 +26,8 @@ import numpy as np
 
 from hilm_vllm.errors import InvalidArgument
 from hilm_vllm.proto.hilm.v1 import common_pb2
-from hilm_vllm.sampling import (ID_DTYPE, LOGIT_BIAS_LIMIT, WEIGHT_DTYPE, Penalties,
-                                SamplingSpec, ScoredToken, unpack_row)
+from hilm_vllm.sampling import (ID_DTYPE, LOGIT_BIAS_LIMIT, MAX_LOGPROBS, WEIGHT_DTYPE,
+                                Penalties, SamplingSpec, ScoredToken, TokenLogprob, unpack_row)
 from hilm_vllm.server.caps import check_client_samples
 from hilm_vllm.thresholds import Thresholds
 from hilm_vllm.uncertainty import MAX_SAMPLES, Gate, Perturbation, UncertaintyConfig
@@ -122,6 +122,36 @@ def _with_penalties(spec: SamplingSpec, d: Mapping, output_start: int) -> Sampli
 def sampling_from_vllm(params) -> SamplingSpec:
     """The transform vLLM's sampler applies for these `vllm.SamplingParams` (its seed aside)."""
     return SamplingSpec(params.temperature, params.top_k, params.top_p)
+
+
+# ---- logprobs ---------------------------------------------------------------------------------
+
+
+def check_logprobs(n: int | None, field: str = "logprobs") -> int | None:
+    """A request's number of top logprobs (None = none wanted), bounded as vLLM bounds it."""
+    if n is None:
+        return None
+    if isinstance(n, bool) or not 0 <= int(n) <= MAX_LOGPROBS:
+        raise InvalidArgument(f"{field} must be in [0, {MAX_LOGPROBS}], got {n!r}")
+    return int(n)
+
+
+def logprob_to_pb(t: TokenLogprob) -> common_pb2.TokenLogprob:
+    return common_pb2.TokenLogprob(logprob=t.logprob, top_token_ids=t.top_ids,
+                                   top_logprobs=t.top_logprobs)
+
+
+def logprob_from_pb(pb: common_pb2.TokenLogprob) -> TokenLogprob:
+    return TokenLogprob(pb.logprob, tuple(pb.top_token_ids), tuple(pb.top_logprobs))
+
+
+def logprob_to_dict(t: TokenLogprob) -> list:
+    return [t.logprob, list(t.top_ids), list(t.top_logprobs)]
+
+
+def logprob_from_dict(d: Sequence) -> TokenLogprob:
+    return TokenLogprob(float(d[0]), tuple(int(i) for i in d[1]),
+                        tuple(float(v) for v in d[2]))
 
 
 # ---- uncertainty ------------------------------------------------------------------------------

@@ -278,6 +278,34 @@ def apply_min_p(scaled: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return scaled.masked_fill(probs < threshold, float("-inf"))
 
 
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs: the most top tokens a request may ask for
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's logprob under the distribution that decided it (vLLM's default
+    `raw_logprobs`: the model's log-softmax before any transform) and the top tokens there."""
+
+    logprob: float
+    top_ids: tuple[int, ...] = ()
+    top_logprobs: tuple[float, ...] = ()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int
+                   ) -> list[TokenLogprob]:
+    """Raw logits [K, V] (row i decided tokens[i]) -> each token's logprob and the `top` most
+    likely tokens of its row, as vLLM's sampler reports them (log-softmax in float32 of the
+    raw logits). On the logits' device; K floats and K x top entries come to the host."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    index = torch.as_tensor(list(tokens), dtype=torch.long).to(logp.device)
+    own = logp.gather(1, index[:, None]).squeeze(1).tolist()
+    if top <= 0:
+        return [TokenLogprob(v) for v in own]
+    vals, ids = logp.topk(min(top, logp.shape[-1]), dim=-1)
+    return [TokenLogprob(v, tuple(i), tuple(t))
+            for v, i, t in zip(own, ids.tolist(), vals.tolist())]
+
+
 def mask_tokens(logits: torch.Tensor, ids, rows: int) -> torch.Tensor:
     """logits [N, V] with `ids` set to -inf in the first `rows` rows (vLLM's min_tokens mask of
     the stop tokens), on the logits' device; the input is not modified."""

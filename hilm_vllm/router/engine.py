@@ -48,7 +48,7 @@ from hilm_vllm.router.replicas import ReplicaSet, addresses
 from hilm_vllm.router.policy import (Forward, LlmDown, Policy, RoundPlan, Route, common_prefix,
                                      forward_rule, plan)
 from hilm_vllm.router.session import TierSession
-from hilm_vllm.sampling import INT32_MAX, Penalties, SamplingSpec, ScoredToken
+from hilm_vllm.sampling import INT32_MAX, Penalties, SamplingSpec, ScoredToken, TokenLogprob
 from hilm_vllm.seeds import Stream, derive_seed
 from hilm_vllm.server.grpc_util import too_large, too_large_message
 from hilm_vllm.thresholds import Thresholds
@@ -120,6 +120,8 @@ class GenerationRequest:
     # own sampler applies them under llm-only, the drafter and verifiers under the others
     # (`sampling_spec`); bad_words only under llm-only
     penalties: dict = field(default_factory=dict)
+    # each token's logprob and this many top tokens (None: none); lossless policies only
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -136,6 +138,12 @@ class GenerationRequest:
                 f"drafter and verifiers of {self.policy.value!r} do not apply it: send model "
                 f"'llm-only', or leave it unset")
         self.sampling_spec(0)  # the transforms' values are checked here, whatever the policy
+        if self.logprobs is not None and not self.policy.lossless:
+            raise InvalidArgument(
+                f"logprobs: reported under the lossless policies ("
+                f"{', '.join(p.value for p in Policy if p.lossless)}), where the LLM decides "
+                f"every token; under {self.policy.value!r} the drafter keeps tokens and does "
+                f"not report logprobs")
         if self.skip_rate is not None and not 0.0 <= self.skip_rate <= 1.0:
             raise InvalidArgument(f"skip_rate must be in [0, 1], got {self.skip_rate}")
         if self.block_size is not None and not 1 <= self.block_size <= 64:
@@ -158,6 +166,9 @@ class GenerationRequest:
         return dataclasses.replace(self.spec, penalties=pen)
 
 
+Note = tuple[str, "TokenLogprob | None"]  # a final token's deciding tier and its logprob there
+
+
 @dataclass
 class RequestStats:
     """The round's statistics of one request (the `usage.hilm` object of the API). What each
@@ -173,6 +184,10 @@ class RequestStats:
     optimistic_drafts: int = 0  # Drafts made while a block was being verified
     optimistic_kept: int = 0  # of which the tokens became the next block
     failovers: int = 0  # sessions reopened on another replica after theirs was lost
+    # per completion token: the tier whose distribution decided it, and (when the request
+    # asked for logprobs) its logprob there
+    deciders: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob | None] = field(default_factory=list)
     degraded: list[str] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (a stop token) or "length" (max_tokens, context)
     tiers: dict[Tier, TierUsage] = field(default_factory=lambda: {
@@ -212,6 +227,7 @@ class RequestStats:
             # path by the benchmarks); only tokens actually returned
             "skipped_at": [i for i in self.skipped_at if i < self.tokens],
             "token_ids": list(self.token_ids),  # what skipped_at indexes (no re-tokenizing)
+            "deciders": list(self.deciders),  # per token: slm, ilm or llm
             "messages": {k: v.messages for k, v in t.items()},
             "uplink_bytes": {k: v.uplink_bytes for k, v in t.items()},
             "downlink_bytes": {k: v.downlink_bytes for k, v in t.items()},
@@ -501,8 +517,11 @@ class _Run:
     def generated(self) -> int:
         return len(self.history) - self.n_prompt
 
-    def accept(self, tokens: list[int]) -> tuple[list[int], bool]:
-        """Make `tokens` final (cut at max_tokens and after a stop token): (kept, done)."""
+    def accept(self, tokens: list[int], notes: list[Note] | None = None
+               ) -> tuple[list[int], bool]:
+        """Make `tokens` final (cut at max_tokens and after a stop token): (kept, done).
+        `notes`: per token, the tier that decided it and its logprob there (None: the LLM's
+        own generation without logprobs)."""
         room = self.max_tokens - self.generated
         kept = tokens[:room]
         done = len(kept) >= room
@@ -522,6 +541,11 @@ class _Run:
         self.history += kept
         self.stats.tokens += len(kept)
         self.stats.token_ids += kept
+        notes = (notes or [])[:len(kept)]
+        notes += [(Tier.LLM.value, None)] * (len(kept) - len(notes))
+        self.stats.deciders += [tier for tier, _ in notes]
+        if self.req.logprobs is not None:
+            self.stats.logprobs += [lp for _, lp in notes]
         return kept, done
 
     # -- sessions ---------------------------------------------------------------------------
@@ -602,17 +626,20 @@ class _Run:
         deadline, wait = None, 0.25
         while True:
             self.stats.rounds += 1
-            stream = self.r.llm.generate(self.history, self.spec_for(Tier.LLM, self.generated),
+            # the LLM's own sampler applies the transforms (req.penalties), not the spec's copy
+            spec = dataclasses.replace(self.spec_for(Tier.LLM, self.generated), penalties=None)
+            stream = self.r.llm.generate(self.history, spec,
                                          self.max_tokens - self.generated, self.req.ignore_eos,
                                          usage, self.req.stop_token_ids,
                                          max(0, self.req.min_tokens - self.generated),
-                                         self.req.stop, self.req.penalties or None)
+                                         self.req.stop, self.req.penalties or None,
+                                         self.req.logprobs)
             t0 = time.perf_counter()
             try:
-                async for ids, finish in stream:
+                async for ids, finish, logprobs in stream:
                     deadline, wait = None, 0.25  # it answers
                     usage.forwards += len(ids)
-                    kept, done = self.accept(ids)
+                    kept, done = self.accept(ids, [(Tier.LLM.value, lp) for lp in logprobs])
                     if kept:
                         yield kept
                     if finish and not done:  # the tier's own stop (EOS, stop string, context)
@@ -695,10 +722,10 @@ class _Run:
                             position, self.lookahead, recover=False))
                         self.stats.optimistic_drafts += 1
                         metrics.OPTIMISTIC.labels("drafted").inc()
-                final = await self.execute(self.plan(tokens), tokens)
+                final, notes = await self.execute(self.plan(tokens), tokens)
                 if self.eos is None:
                     self.eos = await self.stop_set()
-                kept, done = self.accept(final)
+                kept, done = self.accept(final, notes)
                 if kept:
                     yield kept
                 if done:
@@ -776,49 +803,57 @@ class _Run:
         self.stats.skipped_at += range(first, min(first + p.skips, self.max_tokens))
         return p
 
-    async def execute(self, p: RoundPlan, tokens: list[ScoredToken]) -> list[int]:
+    async def execute(self, p: RoundPlan, tokens: list[ScoredToken]
+                      ) -> tuple[list[int], list[Note]]:
         """One round's verification: the tokens it makes final (before cutting at max_tokens
-        or EOS). The skipped head is final; the rest goes to the plan's tier, an unreachable
-        ILM's to the LLM; the ILM's unsure tokens go on to the LLM."""
+        or EOS), each with its note (the tier that decided it, its logprob there). The skipped
+        head is final; the rest goes to the plan's tier, an unreachable ILM's to the LLM; the
+        ILM's unsure tokens go on to the LLM."""
         final = [t.token_id for t in tokens[:p.skips]]
+        notes: list[Note] = [(Tier.SLM.value, None)] * len(final)
         block = tokens[p.skips:]
         if not block:
-            return final
+            return final, notes
         if p.target is Tier.ILM:
             out = await self._verify(Tier.ILM, final, block, p.want_emitted)
             if out is not None:
-                return final + await self._after_ilm(p, final, block, out)
+                ids, more = await self._after_ilm(p, final, block, out)
+                return final + ids, notes + more
             self.stats.degrade("ilm-unreachable")
         out = await self._verify(Tier.LLM, final, block, False, p.llm_down)
         if out is not None:
-            return final + out.tokens([t.token_id for t in block])
-        return final + await self._without_llm(final, block)
+            return final + out.tokens([t.token_id for t in block]), notes + out.notes(Tier.LLM)
+        ids, more = await self._without_llm(final, block)
+        return final + ids, notes + more
 
     async def _after_ilm(self, p: RoundPlan, final: list[int], block: list[ScoredToken],
-                         out) -> list[int]:
+                         out) -> tuple[list[int], list[Note]]:
         """The ILM's emitted tokens: final, or (from the first it is unsure of) the LLM's draft
         with the ILM's p as q."""
         ids = ([e.token_id for e in out.emitted] if out.emitted
                else out.tokens([t.token_id for t in block]))
+        notes = out.notes(Tier.ILM)
         start = p.forward_from([e.uncertainty for e in out.emitted])
         if start is None:
-            return ids
+            return ids, notes
         head, tail = ids[:start], out.emitted[start:]
         self.stats.ilm_forwarded += len(tail)
         out2 = await self._verify(Tier.LLM, final + head, tail, False, p.llm_down)
         if out2 is None:  # lossy, LLM unreachable: the ILM's tokens stand
-            return ids
-        return head + out2.tokens([e.token_id for e in tail])
+            return ids, notes
+        return head + out2.tokens([e.token_id for e in tail]), notes[:start] + out2.notes(
+            Tier.LLM)
 
-    async def _without_llm(self, final: list[int], block: list[ScoredToken]) -> list[int]:
+    async def _without_llm(self, final: list[int], block: list[ScoredToken]
+                           ) -> tuple[list[int], list[Note]]:
         """A lossy round whose LLM did not answer: the ILM verifies the block if it can, else
         the drafter's tokens stand."""
         if self.usable(Tier.ILM):
             out = await self._verify(Tier.ILM, final, block, False)
             if out is not None:
-                return out.tokens([t.token_id for t in block])
+                return out.tokens([t.token_id for t in block]), out.notes(Tier.ILM)
             self.stats.degrade("ilm-unreachable")
-        return [t.token_id for t in block]
+        return [t.token_id for t in block], [(Tier.SLM.value, None)] * len(block)
 
     async def _verify(self, tier: Tier, pending: list[int], block: list[ScoredToken],
                       want_emitted: bool, llm_down: LlmDown = LlmDown.KEEP):
@@ -834,7 +869,8 @@ class _Run:
                 return None
             try:
                 s = await self.session(tier)
-                out = await s.verify(self.history + pending, block, want_emitted)
+                out = await s.verify(self.history + pending, block, want_emitted,
+                                     self.req.logprobs)
             except grpc.aio.AioRpcError as e:
                 self.abandon(tier, e)
                 if e.code() is grpc.StatusCode.NOT_FOUND and not reopened:

@@ -47,6 +47,9 @@ def _transform(*neutral) -> Field:
 
 
 _FORMAT = "asks for data the router does not return"
+_LOGPROBS = ("under the lossless policies (llm-only, hlm, spec, cascade), where the LLM decides "
+             "every token: its raw logprobs, as vLLM reports them, each token's tier in "
+             "`hilm_tier(s)`; a 400 under the others (the drafter does not report them)")
 
 FIELDS: dict[str, Field] = {
     # -- applied in every policy ---------------------------------------------------------------
@@ -75,12 +78,12 @@ FIELDS: dict[str, Field] = {
     "logit_bias": _transform({}),
     "min_p": _transform(0, 0.0),
     "allowed_token_ids": _transform(),
+    "logprobs": Field(APPLIED, _LOGPROBS),
+    "top_logprobs": Field(APPLIED, _LOGPROBS + " (chat, with logprobs: true)"),
     # -- applied by llm-only, refused under the others ------------------------------------------
     "bad_words": _llm_only([]),
     "response_format": _refused("structured output: a grammar on every tier", {"type": "text"}),
     "structured_outputs": _refused("structured output: a grammar on every tier"),
-    "logprobs": _refused(_FORMAT + " (per-token logprobs)", False),
-    "top_logprobs": _refused(_FORMAT + " (per-token logprobs)", 0),
     "prompt_logprobs": _refused(_FORMAT + " (prompt logprobs)"),
     "logprob_token_ids": _refused(_FORMAT + " (per-token logprobs)"),
     "echo": _refused(_FORMAT + " (the prompt in the text)", False),

@@ -12,7 +12,7 @@ are thin adapters over it: they parse their own wire format and write their own 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hilm_vllm import codec
 from hilm_vllm.errors import InvalidArgument
@@ -99,7 +99,8 @@ def generation_request(router: Router, tokenizer, limits: RequestLimits, ids: Se
                        block_size: int | None = None, thresholds: Thresholds | None = None,
                        optimistic: bool | None = None, stop_token_ids: Sequence[int] = (),
                        min_tokens: int = 0, stop: Sequence[str] = (),
-                       penalties: Mapping | None = None) -> GenerationRequest:
+                       penalties: Mapping | None = None,
+                       logprobs: int | None = None) -> GenerationRequest:
     """The checks every request passes, whichever door it came in by: the output cap, the
     policy this router can serve, the stop strings and stop ids (caps, vocabulary)."""
     if max_tokens < 1:
@@ -113,7 +114,8 @@ def generation_request(router: Router, tokenizer, limits: RequestLimits, ids: Se
         codec.check_token_ids(list(penalties.get(name, ())), len(tokenizer), name)
     return GenerationRequest(tuple(ids), spec, max_tokens, policy, ignore_eos, skip_rate,
                              block_size, thresholds, optimistic, tuple(stop_token_ids),
-                             min_tokens, tuple(stop), penalties)
+                             min_tokens, tuple(stop), penalties,
+                             codec.check_logprobs(logprobs))
 
 
 class TextStream:
@@ -205,6 +207,9 @@ class TextChunk:
     token_ids: list[int]  # the tokens this chunk adds (none on the last)
     text: str  # the text they release (stop strings held back, then cut)
     finish_reason: str | None = None  # on the last chunk: "stop" or "length"
+    # per token of token_ids: the tier that decided it, and its logprob when asked
+    deciders: list[str] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
 
 
 async def text_chunks(router: Router, req: GenerationRequest, stats: RequestStats, tokenizer,
@@ -215,9 +220,13 @@ async def text_chunks(router: Router, req: GenerationRequest, stats: RequestStat
     text = TextStream(tokenizer)
     stop = StopScanner(list(req.stop), include_stop, req.min_tokens)
     gen = router.generate(req, stats)
+    at = 0  # tokens delivered so far (stats holds one decider, and logprob, per token)
     try:
         async for ids in gen:
-            yield TextChunk(ids, stop.feed(text, ids))
+            end = at + len(ids)
+            yield TextChunk(ids, stop.feed(text, ids), None, stats.deciders[at:end],
+                            stats.logprobs[at:end])
+            at = end
             if stop.hit:  # the text ends at the stop string; so does generation
                 break
     finally:

@@ -21,7 +21,7 @@ from hilm_vllm.drafter.wire import DraftResult, draft_result
 from hilm_vllm.netmodel import NetworkModel, Site
 from hilm_vllm.proto.hilm.v1 import drafter_pb2_grpc, generate_pb2_grpc, verifier_pb2_grpc
 from hilm_vllm.router import metrics
-from hilm_vllm.sampling import SamplingSpec, ScoredToken
+from hilm_vllm.sampling import SamplingSpec, ScoredToken, TokenLogprob
 from hilm_vllm.server.security import make_channel
 from hilm_vllm.sessions import CLIENT_METADATA_KEY
 from hilm_vllm.tiers import Tier
@@ -60,10 +60,16 @@ class VerifyOutcome:
     next_token_id: int
     position: int
     emitted: list[ScoredToken] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # m + 1, when asked
 
     def tokens(self, draft: Sequence[int]) -> list[int]:
         """What the verification makes final: the accepted drafts, then the next token."""
         return [*draft[:self.num_accepted], self.next_token_id]
+
+    def notes(self, tier: Tier) -> list[tuple[str, TokenLogprob | None]]:
+        """Per token of `tokens`: the tier that decided it and its logprob there."""
+        lps = self.logprobs or [None] * (self.num_accepted + 1)
+        return [(tier.value, lp) for lp in lps]
 
 
 class TierLink:
@@ -169,16 +175,17 @@ class VerifierLink(TierLink):
 
     async def verify(self, sid: str, position: int, append: Sequence[int],
                      block: Sequence[ScoredToken], usage: TierUsage,
-                     want_emitted: bool = False,
-                     rollback_to: int | None = None) -> VerifyOutcome:
+                     want_emitted: bool = False, rollback_to: int | None = None,
+                     logprobs: int | None = None) -> VerifyOutcome:
         """Verify `block` (its tokens, each with the q it was sampled from) after appending
         `append`, having first cut the session back to `rollback_to`."""
         request = verifier_messages.verify_request(
             sid, position, [t.token_id for t in block], [(t.ids, t.probs) for t in block],
-            append, want_emitted=want_emitted, rollback_to=rollback_to)
+            append, want_emitted=want_emitted, rollback_to=rollback_to, logprobs=logprobs)
         r = await self.unary(self.stub.Verify, request, usage, verify=True)
         return VerifyOutcome(r.num_accepted, r.next_token_id, r.position,
-                             [codec.scored_from_pb(e) for e in r.emitted])
+                             [codec.scored_from_pb(e) for e in r.emitted],
+                             [codec.logprob_from_pb(t) for t in r.logprobs])
 
     async def close_session(self, sid: str, usage: TierUsage) -> None:
         await self.unary(self.stub.CloseSession, verifier_messages.close_request(sid), usage)
@@ -186,7 +193,8 @@ class VerifierLink(TierLink):
     async def generate(self, prompt: Sequence[int], spec: SamplingSpec, max_tokens: int,
                        ignore_eos: bool, usage: TierUsage, stop_token_ids: Sequence[int] = (),
                        min_tokens: int = 0, stop: Sequence[str] = (),
-                       penalties: Mapping | None = None) -> AsyncIterator[tuple[list[int], str]]:
+                       penalties: Mapping | None = None, logprobs: int | None = None
+                       ) -> AsyncIterator[tuple[list[int], str, list[TokenLogprob]]]:
         """The LLM-only baseline: the tier's own streaming generation. The request pays the
         uplink delay; streamed chunks each arrive one downlink delay after they were sent
         (pipelined: delays overlap, order is kept). Yields (token ids, the tier's finish
@@ -195,7 +203,7 @@ class VerifierLink(TierLink):
         not cut, a stalled tier is)."""
         request = verifier_messages.generate_request(prompt, spec, max_tokens, ignore_eos,
                                                      stop_token_ids, min_tokens, stop,
-                                                     penalties)
+                                                     penalties, logprobs)
         up = request.ByteSize()
         t0 = time.perf_counter()
         d_up = self.network.delay(Site.DEVICE, self.site, up)
@@ -236,7 +244,8 @@ class VerifierLink(TierLink):
                     usage.network_ms += wait * 1e3
                 finished = finished or bool(chunk.finish_reason)
                 if chunk.token_ids or chunk.finish_reason:
-                    yield list(chunk.token_ids), chunk.finish_reason
+                    yield (list(chunk.token_ids), chunk.finish_reason,
+                           [codec.logprob_from_pb(t) for t in chunk.logprobs])
         finally:
             if finished and not reader.done():
                 # The tier ends its stream right after the finish: read that end rather than

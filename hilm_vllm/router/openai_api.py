@@ -41,8 +41,8 @@ from hilm_vllm.errors import HilmError, InvalidArgument, NotFound
 from hilm_vllm.router import fields, metrics
 from hilm_vllm.router.admission import Slot, TooBusy
 from hilm_vllm.router.engine import GenerationRequest, RequestStats, Router
-from hilm_vllm.router.frontdoor import (RequestLimits, generation_request, prompt_ids,
-                                        text_chunks)
+from hilm_vllm.router.frontdoor import (RequestLimits, TextChunk, generation_request,
+                                        prompt_ids, text_chunks)
 from hilm_vllm.router.policy import Policy
 from hilm_vllm.thresholds import Thresholds
 from hilm_vllm.seeds import Stream, derive_seed
@@ -148,7 +148,13 @@ class ChatMessage(_Base):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage]
     logprobs: bool = False
+    top_logprobs: int | None = None
     add_generation_prompt: bool = True
+
+
+def _lp(lp) -> float | None:
+    """A logprob as JSON: -inf (a masked token) as vLLM writes it, -9999.0."""
+    return None if lp is None else max(lp.logprob, -9999.0)
 
 
 def stops(body: _Sampling) -> list[str]:
@@ -222,8 +228,8 @@ class _Choice:
     index: int
     req: GenerationRequest
     stats: RequestStats
-    events: AsyncIterator[tuple[str, str]]
-    first: tuple[str, str] | None = None
+    events: AsyncIterator[tuple[str, Any]]  # ("text", TextChunk)..., ("finish", reason)
+    first: tuple[str, Any] | None = None
 
 
 class RouterAPI:
@@ -279,7 +285,8 @@ class RouterAPI:
             self.router, self.tokenizer, self.limits, prompt_ids, spec, max_tokens,
             self.policy_of(body), body.ignore_eos, body.skip_rate, body.block_size, th,
             body.optimistic, tuple(body.stop_token_ids or ()), body.min_tokens, stops(body),
-            codec.penalties(fields.transform_values(body.model_extra or {})))
+            codec.penalties(fields.transform_values(body.model_extra or {})),
+            self.logprobs_wanted(body))
 
     def prompt_ids(self, body: CompletionRequest | ChatCompletionRequest) -> list[int]:
         ids = self._prompt_ids(body)
@@ -301,12 +308,53 @@ class RouterAPI:
 
     def _prompt_ids(self, body: CompletionRequest | ChatCompletionRequest) -> list[int]:
         if isinstance(body, ChatCompletionRequest):
-            if body.logprobs:
-                raise InvalidArgument("logprobs are not supported by the router")
             return self.chat_ids(body.messages, body.add_generation_prompt)
-        if body.echo or body.logprobs:
-            raise InvalidArgument("echo and logprobs are not supported by the router")
+        if body.echo:
+            raise InvalidArgument("echo is not supported by the router (the prompt's logprobs "
+                                  "are not computed): leave it unset or false")
         return prompt_ids(body.prompt, self.tokenizer, self.limits)
+
+    @staticmethod
+    def logprobs_wanted(body: CompletionRequest | ChatCompletionRequest) -> int | None:
+        """How many top logprobs per token the request asks for (None: no logprobs)."""
+        if isinstance(body, ChatCompletionRequest):
+            if body.top_logprobs is not None and not body.logprobs:
+                raise InvalidArgument("top_logprobs needs logprobs: true")
+            if not body.logprobs:
+                return None
+            return codec.check_logprobs(body.top_logprobs or 0, "top_logprobs")
+        return codec.check_logprobs(body.logprobs)
+
+    def logprobs_object(self, chat: bool, tokens: list[int], logprobs: list,
+                        deciders: list[str], offset: int = 0) -> dict | None:
+        """OpenAI's logprobs object for these tokens (vLLM's shapes), with each token's
+        deciding tier (`hilm_tiers` / `hilm_tier`, an extension). None without logprobs."""
+        if not logprobs:
+            return None
+        decode = self._token_text
+        if chat:
+            return {"content": [
+                {"token": decode(t), "logprob": _lp(lp), "bytes": list(decode(t).encode()),
+                 "hilm_tier": tier,
+                 "top_logprobs": [] if lp is None else [
+                     {"token": decode(i), "logprob": max(v, -9999.0),
+                      "bytes": list(decode(i).encode())}
+                     for i, v in zip(lp.top_ids, lp.top_logprobs)]}
+                for t, lp, tier in zip(tokens, logprobs, deciders)], "refusal": None}
+        texts = [decode(t) for t in tokens]
+        offsets = []
+        for s in texts:
+            offsets.append(offset)
+            offset += len(s)
+        return {"tokens": texts, "token_logprobs": [_lp(lp) for lp in logprobs],
+                "top_logprobs": [None if lp is None else {
+                    decode(i): max(v, -9999.0) for i, v in zip(
+                        (*lp.top_ids, t), (*lp.top_logprobs, lp.logprob))}
+                    for t, lp in zip(tokens, logprobs)],
+                "text_offset": offsets, "hilm_tiers": list(deciders)}
+
+    def _token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
 
     # -- running ---------------------------------------------------------------------------------
 
@@ -381,17 +429,20 @@ class RouterAPI:
                           opts.include_usage and opts.continuous_usage_stats, ignored),
                 slot=slot, media_type="text/event-stream")
 
-        async def collect(c: _Choice) -> tuple[str, str]:
-            text, finish = "", "length"
+        async def collect(c: _Choice) -> tuple[str, str, dict | None]:
+            text, finish, toks, lps, tiers = "", "length", [], [], []
             ev = c.first
             while ev is not None:
                 kind, value = ev
                 if kind == "text":
-                    text += value
+                    text += value.text
+                    toks += value.token_ids
+                    lps += value.logprobs
+                    tiers += value.deciders
                 else:
                     finish = value
                 ev = await anext(c.events, None)
-            return text, finish
+            return text, finish, self.logprobs_object(chat, toks, lps, tiers)
 
         tasks = [asyncio.ensure_future(collect(c)) for c in choices]
         try:
@@ -403,14 +454,14 @@ class RouterAPI:
             logger.exception("a choice failed")
             return error_body(500, f"generation failed: {e!r}")
         out_choices = []
-        for c, (text, finish) in zip(choices, outs):
+        for c, (text, finish, logprobs) in zip(choices, outs):
             if chat:
                 out_choices.append({"index": c.index,
                                     "message": {"role": "assistant", "content": text},
-                                    "finish_reason": finish, "logprobs": None})
+                                    "finish_reason": finish, "logprobs": logprobs})
             else:
                 out_choices.append({"index": c.index, "text": text, "finish_reason": finish,
-                                    "logprobs": None})
+                                    "logprobs": logprobs})
         obj = "chat.completion" if chat else "text_completion"
         degraded = sorted({d for c in choices for d in c.stats.degraded})
         headers = {"x-hilm-degraded": ",".join(degraded)} if degraded else None
@@ -433,11 +484,11 @@ class RouterAPI:
                 "total_tokens": n_prompt + completion, "hilm": hilm}
 
     async def _events(self, req: GenerationRequest, stats: RequestStats,
-                      include_stop: bool = False) -> AsyncIterator[tuple[str, str]]:
-        """("text", delta)... then ("finish", reason)."""
+                      include_stop: bool = False) -> AsyncIterator[tuple[str, Any]]:
+        """("text", TextChunk)... then ("finish", reason)."""
         async for chunk in text_chunks(self.router, req, stats, self.tokenizer, include_stop):
-            if chunk.text:
-                yield "text", chunk.text
+            if chunk.text or chunk.logprobs:
+                yield "text", chunk
             if chunk.finish_reason is not None:
                 yield "finish", chunk.finish_reason
 
@@ -483,16 +534,26 @@ class RouterAPI:
         obj = "chat.completion.chunk" if chat else "text_completion"
         n_prompt = len(choices[0].req.prompt_ids)
 
-        def chunk(c: _Choice, text: str | None, finish: str | None, role: bool = False) -> str:
+        offsets: dict[int, int] = {}  # completions: each choice's text_offset so far
+
+        def chunk(c: _Choice, text: Any, finish: str | None, role: bool = False) -> str:
+            logprobs = None
+            if isinstance(text, TextChunk):
+                logprobs = self.logprobs_object(chat, text.token_ids, text.logprobs,
+                                                text.deciders, offsets.get(c.index, 0))
+                if logprobs is not None and not chat:
+                    offsets[c.index] = offsets.get(c.index, 0) + sum(
+                        len(s) for s in logprobs["tokens"])
+                text = text.text
             if chat:
                 delta: dict[str, Any] = {"role": "assistant"} if role else {}
                 if text:
                     delta["content"] = text
                 choice = {"index": c.index, "delta": delta, "finish_reason": finish,
-                          "logprobs": None}
+                          "logprobs": logprobs}
             else:
                 choice = {"index": c.index, "text": text or "", "finish_reason": finish,
-                          "logprobs": None}
+                          "logprobs": logprobs}
             payload = {"id": rid, "object": obj, "created": created, "model": model,
                        "choices": [choice]}
             if continuous:  # vLLM: this choice's tokens so far

@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from hilm_vllm.drafter.wire import DraftResult
 from hilm_vllm.router.links import TierUsage, VerifyOutcome
-from hilm_vllm.sampling import SamplingSpec, ScoredToken
+from hilm_vllm.sampling import SamplingSpec, ScoredToken, TokenLogprob
 from hilm_vllm.uncertainty import UncertaintyConfig
 
 
@@ -60,10 +60,11 @@ class VerifyPort(TierPort, Protocol):
 
     async def verify(self, sid: str, position: int, append: Sequence[int],
                      block: Sequence[ScoredToken], usage: TierUsage,
-                     want_emitted: bool = False,
-                     rollback_to: int | None = None) -> VerifyOutcome: ...
+                     want_emitted: bool = False, rollback_to: int | None = None,
+                     logprobs: int | None = None) -> VerifyOutcome: ...
 
     def generate(self, prompt: Sequence[int], spec: SamplingSpec, max_tokens: int,
                  ignore_eos: bool, usage: TierUsage, stop_token_ids: Sequence[int] = (),
                  min_tokens: int = 0, stop: Sequence[str] = (),
-                 penalties: Mapping | None = None) -> AsyncIterator[tuple[list[int], str]]: ...
+                 penalties: Mapping | None = None, logprobs: int | None = None
+                 ) -> AsyncIterator[tuple[list[int], str, list[TokenLogprob]]]: ...

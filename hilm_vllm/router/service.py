@@ -33,7 +33,8 @@ class RouterGenerator(generate_pb2_grpc.GeneratorServicer):
             optimistic=request.optimistic if request.HasField("optimistic") else None,
             stop_token_ids=request.stop_token_ids, min_tokens=request.min_tokens,
             stop=request.stop,
-            penalties=codec.penalties_from_pb(request.penalties, len(api.tokenizer)))
+            penalties=codec.penalties_from_pb(request.penalties, len(api.tokenizer)),
+            logprobs=request.logprobs if request.HasField("logprobs") else None)
 
     @translate_stream_errors
     async def Generate(self, request, context):
@@ -46,8 +47,10 @@ class RouterGenerator(generate_pb2_grpc.GeneratorServicer):
         try:
             stats = RequestStats(req.policy.value)
             async for chunk in text_chunks(self.api.router, req, stats, self.api.tokenizer):
-                yield generate_pb2.GenerateResponse(token_ids=chunk.token_ids, text=chunk.text,
-                                                    finish_reason=chunk.finish_reason or "")
+                yield generate_pb2.GenerateResponse(
+                    token_ids=chunk.token_ids, text=chunk.text,
+                    finish_reason=chunk.finish_reason or "", deciders=chunk.deciders,
+                    logprobs=[codec.logprob_to_pb(t) for t in chunk.logprobs if t is not None])
         finally:
             slot.release()
 

@@ -71,11 +71,12 @@ class TierSession:
         return self
 
     async def verify(self, context: list[int], block: Sequence[ScoredToken],
-                     want_emitted: bool) -> VerifyOutcome:
+                     want_emitted: bool, logprobs: int | None = None) -> VerifyOutcome:
         """Verify `block` after `context` (the history and this round's tokens so far)."""
         s = sync(self.held, context)
         out = await self.link.verify(self.sid, s.position, s.append, block, self.usage,
-                                     want_emitted=want_emitted, rollback_to=s.rollback_to)
+                                     want_emitted=want_emitted, rollback_to=s.rollback_to,
+                                     logprobs=logprobs)
         self.held = list(context) + out.tokens([t.token_id for t in block])
         self.fresh = False
         return out

@@ -42,18 +42,20 @@ class VerifierClient(TierClient):
                      dists: Sequence[Dist] = (), append: Sequence[int] = (),
                      want_target_probs: bool = False, timeout: float | None = None,
                      want_emitted: bool = False, uncertainty: UncertaintyConfig | None = None,
-                     rollback_to: int | None = None) -> VerifyReply:
+                     rollback_to: int | None = None, logprobs: int | None = None
+                     ) -> VerifyReply:
         """One round. `want_emitted`: fill `reply.emitted` with the m + 1 emitted tokens, each
         with this tier's sparse p at its position (send them to the next tier as a draft with
         q = p) and its uncertainty, measured as `uncertainty` says (None: the tier's flags)."""
         request = messages.verify_request(session_id, position, draft, dists, append,
                                           want_target_probs, want_emitted, uncertainty,
-                                          rollback_to)
+                                          rollback_to, logprobs)
         r = await self._verifier.Verify(request, metadata=self._metadata, timeout=timeout)
         t = r.timings
         return VerifyReply(r.num_accepted, r.next_token_id, r.position, tuple(r.target_probs),
                            Timings(t.queue_ms, t.forward_ms, t.total_ms),
-                           tuple(codec.scored_from_pb(e) for e in r.emitted))
+                           tuple(codec.scored_from_pb(e) for e in r.emitted),
+                           tuple(codec.logprob_from_pb(t) for t in r.logprobs))
 
     async def close_session(self, session_id: str) -> None:
         await self._verifier.CloseSession(messages.close_request(session_id),
@@ -62,12 +64,15 @@ class VerifierClient(TierClient):
     async def generate(self, prompt: Prompt, spec: SamplingSpec, max_tokens: int = 0,
                        ignore_eos: bool = False, stop_token_ids: Sequence[int] = (),
                        min_tokens: int = 0, stop: Sequence[str] = (),
-                       penalties: Mapping | None = None) -> AsyncIterator[GenerateChunk]:
+                       penalties: Mapping | None = None, logprobs: int | None = None
+                       ) -> AsyncIterator[GenerateChunk]:
         call = self._generator.Generate(
             messages.generate_request(prompt, spec, max_tokens, ignore_eos, stop_token_ids,
-                                      min_tokens, stop, penalties), metadata=self._metadata)
+                                      min_tokens, stop, penalties, logprobs),
+            metadata=self._metadata)
         try:
             async for r in call:
-                yield GenerateChunk(tuple(r.token_ids), r.text, r.finish_reason or None)
+                yield GenerateChunk(tuple(r.token_ids), r.text, r.finish_reason or None,
+                                    tuple(codec.logprob_from_pb(t) for t in r.logprobs))
         finally:
             call.cancel()  # no-op once finished; stops the server's stream if we stop early

@@ -24,7 +24,7 @@ import numpy as np
 
 from hilm_vllm.errors import HilmError, InvalidArgument, Unavailable
 from hilm_vllm import codec
-from hilm_vllm.sampling import SamplingSpec, ScoredToken, Truncation
+from hilm_vllm.sampling import SamplingSpec, ScoredToken, TokenLogprob, Truncation
 from hilm_vllm.server.engine_session import (Chunk, EngineSession, ResidentSessions,
                                              SessionLost)
 from hilm_vllm.server.gate import BatchGate
@@ -230,7 +230,8 @@ class Verifier:
                 if call.want_emitted else None)
         ban_rows = state.ban_rows(call)  # the stop ids ride along only when they are masked
         ban = (state.limits.stop_ids, ban_rows) if ban_rows else ((), 0)
-        args = VerifyArgs.build(uuid.uuid4().hex, state.spec, draw_seed, call.dists, emit, *ban)
+        args = VerifyArgs.build(uuid.uuid4().hex, state.spec, draw_seed, call.dists, emit, *ban,
+                                logprobs=call.logprobs)
         started = time.perf_counter()
         token, result = await self._verify_request(sid, prompt, state, args, sample_seed)
         if result.error == ROWS_CACHED:
@@ -238,7 +239,7 @@ class Verifier:
             # session with the same content, or a request preempted mid-chunk): a new request
             # that does not read the cache.
             args = VerifyArgs.build(uuid.uuid4().hex, state.spec, draw_seed, call.dists, emit,
-                                    *ban)
+                                    *ban, logprobs=call.logprobs)
             token, result = await self._verify_request(sid, prompt, state, args, sample_seed,
                                                        fresh=True)
         if result.error is not None:
@@ -251,7 +252,7 @@ class Verifier:
         emitted = emitted_tokens(result, [*call.draft[:m], token]) if call.want_emitted else ()
         return VerifyReply(m, token, base + len(call.append) + m + 1,
                            result.target_probs if call.want_target_probs else (), timings,
-                           emitted)
+                           emitted, result.logprobs)
 
     async def _verify_request(self, sid: str, prompt: list[int], state: VerifierSession,
                               args: VerifyArgs, sample_seed: int, fresh: bool = False
@@ -325,7 +326,8 @@ class Verifier:
     async def generate(self, prompt: Prompt, spec: SamplingSpec, max_tokens: int = 0,
                        ignore_eos: bool = False, stop_token_ids: Sequence[int] = (),
                        min_tokens: int = 0, stop: Sequence[str] = (),
-                       penalties: Mapping | None = None) -> AsyncIterator[GenerateChunk]:
+                       penalties: Mapping | None = None, logprobs: int | None = None
+                       ) -> AsyncIterator[GenerateChunk]:
         """Plain streaming generation (the LLM-only baseline), with vLLM's own stop rules
         (EOS of the model's generation config, `stop_token_ids`, `min_tokens`, `stop`) and
         sampler transforms (`penalties`: codec.PENALTY_FIELDS as SamplingParams takes them).
@@ -351,11 +353,13 @@ class Verifier:
                                 ignore_eos=ignore_eos, output_kind=RequestOutputKind.DELTA,
                                 detokenize=self.engine.tokenizer is not None,
                                 stop_token_ids=list(stop_token_ids), min_tokens=min_tokens,
-                                stop=list(stop) or None, **dict(penalties or {}))
+                                stop=list(stop) or None, logprobs=logprobs,
+                                **dict(penalties or {}))
         async for out in self._engine_generate(tokens_input(ids), params):
             c = out.outputs[0]
             yield GenerateChunk(tuple(c.token_ids), c.text or "",
-                                c.finish_reason if out.finished else None)
+                                c.finish_reason if out.finished else None,
+                                () if logprobs is None else vllm_logprobs(c, logprobs))
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -373,3 +377,15 @@ class Verifier:
                                   f"fit max-model-len {self.facts.max_model_len}: shorten it")
         return ids
 
+
+def vllm_logprobs(completion, top: int) -> tuple[TokenLogprob, ...]:
+    """vLLM's per-token logprobs of a (delta) CompletionOutput asked with `logprobs=top` -> one
+    TokenLogprob per token: the sampled token's, and the `top` tokens of ranks 1..top (vLLM
+    lists them, and the sampled token with its own rank)."""
+    out = []
+    for token, entry in zip(completion.token_ids, completion.logprobs or ()):
+        ranked = sorted((lp.rank, t, lp.logprob) for t, lp in entry.items()
+                        if lp.rank is not None and 1 <= lp.rank <= top)
+        out.append(TokenLogprob(entry[token].logprob, tuple(t for _, t, _ in ranked),
+                                tuple(v for _, _, v in ranked)))
+    return tuple(out)

@@ -13,7 +13,7 @@ import numpy as np
 
 from hilm_vllm import codec
 from hilm_vllm.proto.hilm.v1 import generate_pb2, verifier_pb2
-from hilm_vllm.sampling import SamplingSpec
+from hilm_vllm.sampling import SamplingSpec, TokenLogprob
 from hilm_vllm.uncertainty import UncertaintyConfig
 
 Prompt = list[int] | str
@@ -37,6 +37,7 @@ class GenerateChunk:
     token_ids: tuple[int, ...]  # new since the previous chunk
     text: str
     finish_reason: str | None  # set on the last chunk
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when asked
 
 
 def open_request(prompt: Prompt | Sequence[int], spec: SamplingSpec, max_tokens: int = 0,
@@ -56,7 +57,8 @@ def verify_request(session_id: str, position: int, draft: Sequence[int] = (),
                    dists: Sequence[Dist] = (), append: Sequence[int] = (),
                    want_target_probs: bool = False, want_emitted: bool = False,
                    uncertainty: UncertaintyConfig | None = None,
-                   rollback_to: int | None = None) -> verifier_pb2.VerifyRequest:
+                   rollback_to: int | None = None,
+                   logprobs: int | None = None) -> verifier_pb2.VerifyRequest:
     """One round: cut back to `rollback_to` (then `position` is after it), append `append`,
     verify `draft`, each token with the sparse q it was drawn from (`dists`)."""
     request = verifier_pb2.VerifyRequest(
@@ -68,6 +70,8 @@ def verify_request(session_id: str, position: int, draft: Sequence[int] = (),
         request.uncertainty.CopyFrom(codec.uncertainty_to_pb(uncertainty))
     if rollback_to is not None:
         request.rollback_to = rollback_to
+    if logprobs is not None:
+        request.logprobs = logprobs
     return request
 
 
@@ -78,7 +82,8 @@ def close_request(session_id: str) -> verifier_pb2.CloseVerifierSessionRequest:
 def generate_request(prompt: Prompt | Sequence[int], spec: SamplingSpec, max_tokens: int = 0,
                      ignore_eos: bool = False, stop_token_ids: Sequence[int] = (),
                      min_tokens: int = 0, stop: Sequence[str] = (),
-                     penalties: Mapping | None = None) -> generate_pb2.GenerateRequest:
+                     penalties: Mapping | None = None, logprobs: int | None = None
+                     ) -> generate_pb2.GenerateRequest:
     """`penalties`: vLLM's sampler transforms (codec.PENALTY_FIELDS), which the tier's own
     sampler applies."""
     request = generate_pb2.GenerateRequest(
@@ -87,4 +92,6 @@ def generate_request(prompt: Prompt | Sequence[int], spec: SamplingSpec, max_tok
         min_tokens=min_tokens, stop=list(stop))
     if penalties:
         request.penalties.CopyFrom(codec.penalties_to_pb(penalties))
+    if logprobs is not None:
+        request.logprobs = logprobs
     return request

@@ -39,7 +39,9 @@ def call_from(pb: verifier_pb2.VerifyRequest,
                       want_target_probs=pb.return_target_probs,
                       want_emitted=pb.return_emitted,
                       uncertainty=uncertainty if pb.return_emitted else None,
-                      rollback_to=pb.rollback_to if pb.HasField("rollback_to") else None)
+                      rollback_to=pb.rollback_to if pb.HasField("rollback_to") else None,
+                      logprobs=codec.check_logprobs(
+                          pb.logprobs if pb.HasField("logprobs") else None))
 
 
 # ---- domain -> protobuf -----------------------------------------------------------------------
@@ -54,7 +56,8 @@ def reply_to(reply: VerifyReply) -> verifier_pb2.VerifyResponse:
         emitted=[verifier_pb2.EmittedToken(
             token_id=e.token_id, uncertainty=e.uncertainty,
             dist=codec.dist_to_pb(e.ids, e.probs))
-            for e in reply.emitted])
+            for e in reply.emitted],
+        logprobs=[codec.logprob_to_pb(t) for t in reply.logprobs])
 
 
 # ---- servicers --------------------------------------------------------------------------------
@@ -107,10 +110,14 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
                                    request.max_tokens, request.ignore_eos,
                                    request.stop_token_ids, request.min_tokens, request.stop,
                                    codec.penalties_from_pb(request.penalties,
-                                                           verifier.facts.vocab_size))
+                                                           verifier.facts.vocab_size),
+                                   codec.check_logprobs(request.logprobs if request.HasField(
+                                       "logprobs") else None))
         async for chunk in chunks:
-            yield generate_pb2.GenerateResponse(token_ids=chunk.token_ids, text=chunk.text,
-                                                finish_reason=chunk.finish_reason or "")
+            yield generate_pb2.GenerateResponse(
+                token_ids=chunk.token_ids, text=chunk.text,
+                finish_reason=chunk.finish_reason or "",
+                logprobs=[codec.logprob_to_pb(t) for t in chunk.logprobs])
 
 
 def add_services(server: grpc.aio.Server, verifier: VerifierGetter) -> list[str]:

@@ -20,7 +20,7 @@ import numpy as np
 
 from hilm_vllm.codec import check_token_ids
 from hilm_vllm.errors import FailedPrecondition, InvalidArgument
-from hilm_vllm.sampling import SamplingSpec, ScoredToken
+from hilm_vllm.sampling import SamplingSpec, ScoredToken, TokenLogprob
 from hilm_vllm.seeds import Stream, derive_seed
 from hilm_vllm.uncertainty import UncertaintyConfig
 
@@ -40,13 +40,14 @@ class VerifyCall:
     # How emitted uncertainties are measured; None = the tier's default (VerifierSettings).
     uncertainty: UncertaintyConfig | None = None
     rollback_to: int | None = None  # cut the context to this length first (overruled tokens)
+    logprobs: int | None = None  # fill VerifyReply.logprobs with this many top tokens each
 
     @functools.cached_property
     def digest(self) -> bytes:
         """A 16-byte digest of every field: equal calls (retries) have equal digests."""
         h = hashlib.blake2b(digest_size=16)
         u = self.uncertainty
-        h.update(repr((self.position, self.rollback_to, self.want_target_probs,
+        h.update(repr((self.position, self.rollback_to, self.logprobs, self.want_target_probs,
                        self.want_emitted, None if u is None else (
                            u.gate.value, u.num_samples, u.theta_max, u.perturbation.value),
                        len(self.append), len(self.draft), len(self.dists))).encode())
@@ -82,6 +83,7 @@ class VerifyReply:
     # verifier's sparse p at its position and its uncertainty; a next tier can verify them as
     # a draft with q = p and stay exact.
     emitted: tuple[ScoredToken, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()  # m + 1 entries, when asked (VerifyCall.logprobs)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import torch
 
 from hilm_vllm import codec
 from hilm_vllm.rejection import SparseRows
-from hilm_vllm.sampling import SamplingSpec, Truncation
+from hilm_vllm.sampling import SamplingSpec, TokenLogprob, Truncation
 from hilm_vllm.uncertainty import UncertaintyConfig
 
 EXTRA_ARGS_KEY = "hilm_verify"
@@ -65,6 +65,7 @@ class VerifyArgs:
     # vLLM's min_tokens: these ids get probability 0 in the first `ban_rows` of the n + 1 rows
     ban: tuple[int, ...] = ()
     ban_rows: int = 0
+    logprobs: int = -1  # >= 0: each emitted token's logprob and this many top tokens
 
     def to_extra_args(self) -> dict:
         lengths = self.q.offsets.diff().numpy().astype("<i4")
@@ -75,7 +76,7 @@ class VerifyArgs:
             "q_probs": self.q.probs.numpy().astype("<f4").tobytes(),
             "q_lengths": lengths.tobytes(),
             "emit": None if self.emit is None else self.emit.to_dict(),
-            "ban": list(self.ban), "ban_rows": self.ban_rows,
+            "ban": list(self.ban), "ban_rows": self.ban_rows, "logprobs": self.logprobs,
         }}
 
     @classmethod
@@ -90,15 +91,15 @@ class VerifyArgs:
         spec = codec.sampling_from_dict(raw["spec"])
         return cls(raw["key"], raw["n"], spec, raw["draw_seed"], q.normalised(),
                    EmitArgs.from_dict(raw.get("emit")), tuple(raw.get("ban", ())),
-                   int(raw.get("ban_rows", 0)))
+                   int(raw.get("ban_rows", 0)), int(raw.get("logprobs", -1)))
 
     @classmethod
     def build(cls, key: str, spec: SamplingSpec, draw_seed: int,
               dists: Sequence[tuple[Sequence[int], Sequence[float]]],
               emit: EmitArgs | None = None, ban: tuple[int, ...] = (),
-              ban_rows: int = 0) -> VerifyArgs:
+              ban_rows: int = 0, logprobs: int | None = None) -> VerifyArgs:
         return cls(key, len(dists), spec, draw_seed, SparseRows.from_lists(dists), emit, ban,
-                   ban_rows)
+                   ban_rows, -1 if logprobs is None else logprobs)
 
 
 # Why a result has no outcome: the rows that predict the draft were not computed in this
@@ -135,11 +136,14 @@ class VerifyResult:
     hook_ms: float = 0.0  # of which this hook's own work for the request (rows, p, the math)
     error: str | None = None
     emitted: tuple[EmittedRow, ...] = ()  # m + 1 tokens, when VerifyArgs.emit asked for them
+    logprobs: tuple[TokenLogprob, ...] = ()  # m + 1 entries, when VerifyArgs.logprobs >= 0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return asdict(self) | {"logprobs": [codec.logprob_to_dict(t) for t in self.logprobs]}
 
     @classmethod
     def from_dict(cls, d: dict) -> VerifyResult:
         return cls(**(d | {"target_probs": tuple(d.get("target_probs", ())),
-                           "emitted": tuple(EmittedRow(**e) for e in d.get("emitted", ()))}))
+                           "emitted": tuple(EmittedRow(**e) for e in d.get("emitted", ())),
+                           "logprobs": tuple(codec.logprob_from_dict(t)
+                                             for t in d.get("logprobs", ()))}))

@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 import torch
 
 from hilm_vllm.rejection import BlockOutcome, verify_block
-from hilm_vllm.sampling import pack_row, processed_probs_batch, truncated_probs
+from hilm_vllm.sampling import (pack_row, processed_probs_batch, token_logprobs,
+                                truncated_probs)
 from hilm_vllm.seeds import Stream, derive_seed
 from hilm_vllm.server import memtrace
 from hilm_vllm.server.runner import check_v1_runner, pushes_results
@@ -107,6 +108,8 @@ class _Pending:
     raw: dict[int, torch.Tensor] = field(default_factory=dict)  # raw logits rows (emit only)
     # row index j -> (ids [c], float16 weights [c]) of its truncated p (emit only)
     kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # row index j -> raw logits row, before any mask (logprobs only: vLLM's raw_logprobs)
+    unmasked: dict[int, torch.Tensor] = field(default_factory=dict)
     forward_s: float = 0.0
     hook_s: float = 0.0
 
@@ -217,13 +220,14 @@ class VerifyHook:
                 ban_rows = min(st.hi - st.lo, args.ban_rows - (st.lo - st.first))
                 banned += [(at + i, args.ban) for i in range(ban_rows)] if args.ban else []
                 at += st.hi - st.lo
+            unmasked = logits
             if banned:
                 logits = ban_rows_of(logits, banned)
             probs = processed_probs_batch(logits, specs, contexts)  # [rows, V]
             at = 0
             for st in with_rows:
                 k, args = st.hi - st.lo, st.pending.args
-                p, raw = probs[at:at + k], logits[at:at + k]
+                p, raw, bare = probs[at:at + k], logits[at:at + k], unmasked[at:at + k]
                 at += k
                 if args.emit is not None:
                     # Emitted rows travel: verify against the truncated p, and emit exactly it.
@@ -234,6 +238,8 @@ class VerifyHook:
                     if args.emit is not None:
                         st.pending.raw[j] = raw[i]
                         st.pending.kept[j] = (ids[i], weights[i])
+                    if args.logprobs >= 0:
+                        st.pending.unmasked[j] = bare[i]
         shared = (time.perf_counter() - t0) / len(steps)  # the batched part, split evenly
         for st in steps:
             t1 = time.perf_counter()
@@ -280,6 +286,13 @@ class VerifyHook:
         sampler_output.sampled_token_ids[row, 0] = outcome.next_token
         result = VerifyResult(args.key, outcome.num_accepted, outcome.recovered,
                               tuple(outcome.target_probs.cpu().tolist()))
+        if args.logprobs >= 0:  # the rows that decided the m accepted drafts and the next token
+            m = outcome.num_accepted
+            base = len(state.prompt_token_ids) - args.n
+            tokens = [*state.prompt_token_ids[base:base + m], outcome.next_token]
+            result = dataclasses.replace(result, logprobs=tuple(token_logprobs(
+                torch.stack([pending.unmasked[j] for j in range(m + 1)]), tokens,
+                args.logprobs)))
         if args.emit is None:
             return result
         return dataclasses.replace(result, emitted=self._emitted(

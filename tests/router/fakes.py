@@ -20,7 +20,7 @@ import numpy as np
 
 from hilm_vllm.drafter.wire import DraftResult
 from hilm_vllm.router.links import TierUsage, VerifyOutcome
-from hilm_vllm.sampling import ScoredToken
+from hilm_vllm.sampling import ScoredToken, TokenLogprob
 
 VOCAB = 50
 Model = Callable[[list[int]], int]
@@ -161,7 +161,7 @@ class FakeDrafter(FakeLink):
 
 class FakeVerifier(FakeLink):
     async def verify(self, sid, position, append, block, usage, want_emitted=False,
-                     rollback_to=None) -> VerifyOutcome:
+                     rollback_to=None, logprobs=None) -> VerifyOutcome:
         self.calls.append({"position": position, "rollback_to": rollback_to,
                            "append": list(append), "draft": [t.token_id for t in block]})
         self._fault("verify")
@@ -184,10 +184,12 @@ class FakeVerifier(FakeLink):
         held.append(nxt)
         usage.verifies += 1
         usage.messages += 1
-        return VerifyOutcome(m, nxt, len(held), emitted if want_emitted else [])
+        # the fake's model is deterministic: every token it decides has logprob 0
+        return VerifyOutcome(m, nxt, len(held), emitted if want_emitted else [],
+                             [] if logprobs is None else [TokenLogprob(0.0)] * (m + 1))
 
     async def generate(self, prompt, spec, max_tokens, ignore_eos, usage, stop_token_ids=(),
-                       min_tokens=0, stop=(), penalties=None):
+                       min_tokens=0, stop=(), penalties=None, logprobs=None):
         self.calls.append({"generate": len(prompt), "stop_token_ids": list(stop_token_ids),
                            "seed": spec.seed})
         self._fault("generate")
@@ -196,10 +198,11 @@ class FakeVerifier(FakeLink):
         for _ in range(max_tokens):
             t = self.model(ctx)
             ctx.append(t)
+            lps = [] if logprobs is None else [TokenLogprob(0.0)]
             if t in stops:
-                yield [t], "stop"
+                yield [t], "stop", lps
                 return
-            yield [t], ""
+            yield [t], "", lps
 
 
 class SlowDrafter(FakeDrafter):

@@ -65,7 +65,7 @@ def test_a_neutral_value_passes_and_anything_else_is_refused():
     fields.check({"presence_penalty": 0.5, "response_format": {"type": "text"}, "user": "u",
                   "frobnicate": 3, "echo": False})
     for bad in ({"response_format": {"type": "json_object"}}, {"use_beam_search": True},
-                {"echo": True}, {"top_logprobs": 2}, {"tools": [{"type": "function"}]}):
+                {"echo": True}, {"prompt_logprobs": 2}, {"tools": [{"type": "function"}]}):
         with pytest.raises(fields.InvalidArgument, match=f"`{next(iter(bad))}`"):
             fields.check(bad)
     # the sampler transforms: only non-neutral values are taken

@@ -246,8 +246,8 @@ class DroppingLLM(FakeVerifier):
 
     async def generate(self, prompt, *args, **kw):
         n = 0
-        async for ids, finish in super().generate(prompt, *args, **kw):
-            yield ids, finish
+        async for ids, finish, logprobs in super().generate(prompt, *args, **kw):
+            yield ids, finish, logprobs
             n += 1
             if n == 5 and self.drops:
                 self.drops -= 1

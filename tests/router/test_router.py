@@ -618,6 +618,104 @@ def test_the_drafter_applies_the_penalties_to_the_tokens_the_device_keeps(served
     assert run()["token_ids"] != want  # the penalties changed the device's tokens
 
 
+def test_logprobs_are_the_llms_own_in_every_lossless_policy(served, tiny_zoo):
+    """Completions `logprobs: 3` at T = 1 (seeded) and T = 0: every lossless policy reports,
+    for each token, the LLM's raw logprob (as vLLM reports it: the model's log-softmax, before
+    temperature and top-k) and its top 3, marked as decided by the LLM; at T = 0 the values
+    equal llm-only's (vLLM's own logprobs) within float tolerance, and every value equals the
+    LLM's log-softmax computed here with transformers. Chat `top_logprobs`, streaming (the
+    chunks' logprobs add up to the whole) and gRPC agree; a lossy policy refuses with a 400."""
+    import torch
+
+    from tests.verifier.helpers import hf_model
+
+    prompt = _prompts(tiny_zoo, 1)[0]
+    url = served.http_url + "/v1/completions"
+    base = {"prompt": prompt, "max_tokens": 10, "ignore_eos": True, "logprobs": 3,
+            "block_size": 3}
+
+    def completion(policy: str, **extra) -> dict:
+        code, out = _post(url, {**base, "model": policy, **extra})
+        assert code == 200, (policy, out)
+        return out
+
+    def reference(tokens: list[int]) -> list[float]:
+        with torch.no_grad():
+            logits = hf_model(tiny_zoo.llm)(torch.tensor([prompt + tokens])).logits[0].float()
+        logp = torch.log_softmax(logits, -1)
+        return [float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(tokens)]
+
+    greedy = {}
+    for policy in LOSSLESS:
+        for extra in ({"temperature": 0.0}, {"temperature": 1.0, "seed": 5, "top_k": 8}):
+            out = completion(policy, **extra)
+            tokens = hilm_usage_json(out)["token_ids"]
+            lp = out["choices"][0]["logprobs"]
+            assert len(lp["token_logprobs"]) == len(lp["tokens"]) == len(tokens) == 10
+            assert lp["hilm_tiers"] == ["llm"] * 10, (policy, lp["hilm_tiers"])
+            assert all(len(top) >= 3 for top in lp["top_logprobs"])
+            np.testing.assert_allclose(lp["token_logprobs"], reference(tokens), atol=2e-3)
+            assert lp["text_offset"][0] == 0
+            if extra["temperature"] == 0.0:
+                greedy[policy] = (tokens, lp["token_logprobs"])
+    for policy in LOSSLESS[1:]:
+        assert greedy[policy][0] == greedy["llm-only"][0], policy
+        np.testing.assert_allclose(greedy[policy][1], greedy["llm-only"][1], atol=1e-3)
+
+    # streaming: the chunks carry the logprobs of their tokens
+    req = urllib.request.Request(url, json.dumps({**base, "model": "spec", "temperature": 0.0,
+                                                  "stream": True}).encode(),
+                                 {"Content-Type": "application/json"})
+    streamed = []
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith("data: {"):
+                lp = json.loads(line[6:])["choices"][0]["logprobs"]
+                streamed += lp["token_logprobs"] if lp else []
+    np.testing.assert_allclose(streamed, greedy["spec"][1], atol=1e-6)
+
+    # chat: the OpenAI shape, with each token's tier
+    code, out = _post(served.http_url + "/v1/chat/completions", {
+        "model": "cascade", "messages": [{"role": "user", "content": "def f(x):"}],
+        "max_tokens": 5, "temperature": 0.0, "logprobs": True, "top_logprobs": 2})
+    assert code == 200, out
+    content = out["choices"][0]["logprobs"]["content"]
+    assert len(content) == 5 and all(len(e["top_logprobs"]) == 2 and e["hilm_tier"] == "llm"
+                                      and e["logprob"] <= 0 for e in content)
+    code, out = _post(served.http_url + "/v1/chat/completions", {
+        "model": "spec", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
+        "top_logprobs": 2})
+    assert code == 400 and "top_logprobs needs logprobs" in out["error"]["message"]
+
+    # gRPC: one logprob and one decider per token
+    async def grpc_run():
+        async with grpc.aio.insecure_channel(served.grpc_address) as ch:
+            stub = generate_pb2_grpc.GeneratorStub(ch)
+            ids, lps, tiers = [], [], []
+            async for r in stub.Generate(generate_pb2.GenerateRequest(
+                    prompt=codec.prompt_to_pb(prompt),
+                    sampling=codec.sampling_to_pb(SamplingSpec(0.0)), max_tokens=10,
+                    ignore_eos=True, policy="spec", logprobs=0)):
+                ids += r.token_ids
+                lps += [t.logprob for t in r.logprobs]
+                tiers += r.deciders
+            return ids, lps, tiers
+
+    ids, lps, tiers = asyncio.run(grpc_run())
+    assert ids == greedy["spec"][0] and tiers == ["llm"] * 10
+    np.testing.assert_allclose(lps, greedy["spec"][1], atol=1e-5)
+
+    for policy in ("hilm", "uhlm", "rand"):  # the drafter keeps tokens: refused, named
+        code, out = _post(url, {**base, "model": policy})
+        assert code == 400 and "logprobs" in out["error"]["message"], (policy, out)
+    code, out = _post(url, {**base, "model": "spec", "logprobs": 21})
+    assert code == 400 and "logprobs must be in [0, 20]" in out["error"]["message"]
+
+
+def hilm_usage_json(out: dict) -> dict:
+    return out["usage"]["hilm"]
+
+
 # ---- soak and faults (hilm_vllm/lab/soak; bench/soak.py and bench/faults.py run them longer) ---------
 
 @pytest.mark.slow

@@ -117,3 +117,13 @@ class UncertaintyConfig(_message.Message):
     theta_max: float
     perturbation: Perturbation
     def __init__(self, gate: _Optional[_Union[UncertaintyGate, str]] = ..., num_samples: _Optional[int] = ..., theta_max: _Optional[float] = ..., perturbation: _Optional[_Union[Perturbation, str]] = ...) -> None: ...
+
+class TokenLogprob(_message.Message):
+    __slots__ = ("logprob", "top_token_ids", "top_logprobs")
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    logprob: float
+    top_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    top_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, logprob: _Optional[float] = ..., top_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...

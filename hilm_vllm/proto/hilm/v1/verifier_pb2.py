@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from hilm_vllm.proto.hilm.v1 import common_pb2 as hilm__vllm_dot_proto_dot_hilm_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&hilm_vllm/proto/hilm/v1/verifier.proto\x12\x07hilm.v1\x1a$hilm_vllm/proto/hilm/v1/common.proto\"\xa8\x01\n\x1aOpenVerifierSessionRequest\x12\x1f\n\x06prompt\x18\x01 \x01(\x0b\x32\x0f.hilm.v1.Prompt\x12)\n\x08sampling\x18\x02 \x01(\x0b\x32\x17.hilm.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x12\n\nmin_tokens\x18\x04 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x05\"\xe0\x01\n\x1bOpenVerifierSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x03\x12\x14\n\x0c\x65os_token_id\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x11\n\tmax_block\x18\x05 \x01(\x05\x12\x18\n\x10prompt_token_ids\x18\x06 \x03(\x05\x12\x15\n\reos_token_ids\x18\x07 \x03(\x05\x12\x15\n\rmax_model_len\x18\x08 \x01(\x05\x12\x16\n\x0eother_sessions\x18\t \x01(\x05\"\xaa\x02\n\rVerifyRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x03\x12\x18\n\x10\x61ppend_token_ids\x18\x03 \x03(\x05\x12\x17\n\x0f\x64raft_token_ids\x18\x04 \x03(\x05\x12\x30\n\x0b\x64raft_dists\x18\x05 \x03(\x0b\x32\x1b.hilm.v1.SparseDistribution\x12\x1b\n\x13return_target_probs\x18\x06 \x01(\x08\x12\x16\n\x0ereturn_emitted\x18\x07 \x01(\x08\x12/\n\x0buncertainty\x18\x08 \x01(\x0b\x32\x1a.hilm.v1.UncertaintyConfig\x12\x18\n\x0brollback_to\x18\t \x01(\x03H\x00\x88\x01\x01\x42\x0e\n\x0c_rollback_to\"`\n\x0c\x45mittedToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x13\n\x0buncertainty\x18\x02 \x01(\x02\x12)\n\x04\x64ist\x18\x03 \x01(\x0b\x32\x1b.hilm.v1.SparseDistribution\"\xb0\x01\n\x0eVerifyResponse\x12\x14\n\x0cnum_accepted\x18\x01 \x01(\x05\x12\x15\n\rnext_token_id\x18\x02 \x01(\x05\x12\x10\n\x08position\x18\x03 \x01(\x03\x12\x14\n\x0ctarget_probs\x18\x04 \x03(\x02\x12!\n\x07timings\x18\x05 \x01(\x0b\x32\x10.hilm.v1.Timings\x12&\n\x07\x65mitted\x18\x06 \x03(\x0b\x32\x15.hilm.v1.EmittedToken\"1\n\x1b\x43loseVerifierSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x1e\n\x1c\x43loseVerifierSessionResponse2\xfc\x01\n\x08Verifier\x12X\n\x0bOpenSession\x12#.hilm.v1.OpenVerifierSessionRequest\x1a$.hilm.v1.OpenVerifierSessionResponse\x12\x39\n\x06Verify\x12\x16.hilm.v1.VerifyRequest\x1a\x17.hilm.v1.VerifyResponse\x12[\n\x0c\x43loseSession\x12$.hilm.v1.CloseVerifierSessionRequest\x1a%.hilm.v1.CloseVerifierSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&hilm_vllm/proto/hilm/v1/verifier.proto\x12\x07hilm.v1\x1a$hilm_vllm/proto/hilm/v1/common.proto\"\xa8\x01\n\x1aOpenVerifierSessionRequest\x12\x1f\n\x06prompt\x18\x01 \x01(\x0b\x32\x0f.hilm.v1.Prompt\x12)\n\x08sampling\x18\x02 \x01(\x0b\x32\x17.hilm.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x12\n\nmin_tokens\x18\x04 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x05\"\xe0\x01\n\x1bOpenVerifierSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x03\x12\x14\n\x0c\x65os_token_id\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x11\n\tmax_block\x18\x05 \x01(\x05\x12\x18\n\x10prompt_token_ids\x18\x06 \x03(\x05\x12\x15\n\reos_token_ids\x18\x07 \x03(\x05\x12\x15\n\rmax_model_len\x18\x08 \x01(\x05\x12\x16\n\x0eother_sessions\x18\t \x01(\x05\"\xce\x02\n\rVerifyRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x03\x12\x18\n\x10\x61ppend_token_ids\x18\x03 \x03(\x05\x12\x17\n\x0f\x64raft_token_ids\x18\x04 \x03(\x05\x12\x30\n\x0b\x64raft_dists\x18\x05 \x03(\x0b\x32\x1b.hilm.v1.SparseDistribution\x12\x1b\n\x13return_target_probs\x18\x06 \x01(\x08\x12\x16\n\x0ereturn_emitted\x18\x07 \x01(\x08\x12/\n\x0buncertainty\x18\x08 \x01(\x0b\x32\x1a.hilm.v1.UncertaintyConfig\x12\x18\n\x0brollback_to\x18\t \x01(\x03H\x00\x88\x01\x01\x12\x15\n\x08logprobs\x18\n \x01(\x05H\x01\x88\x01\x01\x42\x0e\n\x0c_rollback_toB\x0b\n\t_logprobs\"`\n\x0c\x45mittedToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x13\n\x0buncertainty\x18\x02 \x01(\x02\x12)\n\x04\x64ist\x18\x03 \x01(\x0b\x32\x1b.hilm.v1.SparseDistribution\"\xd9\x01\n\x0eVerifyResponse\x12\x14\n\x0cnum_accepted\x18\x01 \x01(\x05\x12\x15\n\rnext_token_id\x18\x02 \x01(\x05\x12\x10\n\x08position\x18\x03 \x01(\x03\x12\x14\n\x0ctarget_probs\x18\x04 \x03(\x02\x12!\n\x07timings\x18\x05 \x01(\x0b\x32\x10.hilm.v1.Timings\x12&\n\x07\x65mitted\x18\x06 \x03(\x0b\x32\x15.hilm.v1.EmittedToken\x12\'\n\x08logprobs\x18\x07 \x03(\x0b\x32\x15.hilm.v1.TokenLogprob\"1\n\x1b\x43loseVerifierSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x1e\n\x1c\x43loseVerifierSessionResponse2\xfc\x01\n\x08Verifier\x12X\n\x0bOpenSession\x12#.hilm.v1.OpenVerifierSessionRequest\x1a$.hilm.v1.OpenVerifierSessionResponse\x12\x39\n\x06Verify\x12\x16.hilm.v1.VerifyRequest\x1a\x17.hilm.v1.VerifyResponse\x12[\n\x0c\x43loseSession\x12$.hilm.v1.CloseVerifierSessionRequest\x1a%.hilm.v1.CloseVerifierSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,15 +37,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OPENVERIFIERSESSIONRESPONSE']._serialized_start=261
   _globals['_OPENVERIFIERSESSIONRESPONSE']._serialized_end=485
   _globals['_VERIFYREQUEST']._serialized_start=488
-  _globals['_VERIFYREQUEST']._serialized_end=786
-  _globals['_EMITTEDTOKEN']._serialized_start=788
-  _globals['_EMITTEDTOKEN']._serialized_end=884
-  _globals['_VERIFYRESPONSE']._serialized_start=887
-  _globals['_VERIFYRESPONSE']._serialized_end=1063
-  _globals['_CLOSEVERIFIERSESSIONREQUEST']._serialized_start=1065
-  _globals['_CLOSEVERIFIERSESSIONREQUEST']._serialized_end=1114
-  _globals['_CLOSEVERIFIERSESSIONRESPONSE']._serialized_start=1116
-  _globals['_CLOSEVERIFIERSESSIONRESPONSE']._serialized_end=1146
-  _globals['_VERIFIER']._serialized_start=1149
-  _globals['_VERIFIER']._serialized_end=1401
+  _globals['_VERIFYREQUEST']._serialized_end=822
+  _globals['_EMITTEDTOKEN']._serialized_start=824
+  _globals['_EMITTEDTOKEN']._serialized_end=920
+  _globals['_VERIFYRESPONSE']._serialized_start=923
+  _globals['_VERIFYRESPONSE']._serialized_end=1140
+  _globals['_CLOSEVERIFIERSESSIONREQUEST']._serialized_start=1142
+  _globals['_CLOSEVERIFIERSESSIONREQUEST']._serialized_end=1191
+  _globals['_CLOSEVERIFIERSESSIONRESPONSE']._serialized_start=1193
+  _globals['_CLOSEVERIFIERSESSIONRESPONSE']._serialized_end=1223
+  _globals['_VERIFIER']._serialized_start=1226
+  _globals['_VERIFIER']._serialized_end=1478
 # @@protoc_insertion_point(module_scope)

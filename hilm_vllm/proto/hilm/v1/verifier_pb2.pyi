@@ -44,7 +44,7 @@ class OpenVerifierSessionResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_block: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_model_len: _Optional[int] = ..., other_sessions: _Optional[int] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
-    __slots__ = ("session_id", "position", "append_token_ids", "draft_token_ids", "draft_dists", "return_target_probs", "return_emitted", "uncertainty", "rollback_to")
+    __slots__ = ("session_id", "position", "append_token_ids", "draft_token_ids", "draft_dists", "return_target_probs", "return_emitted", "uncertainty", "rollback_to", "logprobs")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     APPEND_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class VerifyRequest(_message.Message):
     RETURN_EMITTED_FIELD_NUMBER: _ClassVar[int]
     UNCERTAINTY_FIELD_NUMBER: _ClassVar[int]
     ROLLBACK_TO_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     position: int
     append_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -63,7 +64,8 @@ class VerifyRequest(_message.Message):
     return_emitted: bool
     uncertainty: _common_pb2.UncertaintyConfig
     rollback_to: int
-    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., append_token_ids: _Optional[_Iterable[int]] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., draft_dists: _Optional[_Iterable[_Union[_common_pb2.SparseDistribution, _Mapping]]] = ..., return_target_probs: _Optional[bool] = ..., return_emitted: _Optional[bool] = ..., uncertainty: _Optional[_Union[_common_pb2.UncertaintyConfig, _Mapping]] = ..., rollback_to: _Optional[int] = ...) -> None: ...
+    logprobs: int
+    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., append_token_ids: _Optional[_Iterable[int]] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., draft_dists: _Optional[_Iterable[_Union[_common_pb2.SparseDistribution, _Mapping]]] = ..., return_target_probs: _Optional[bool] = ..., return_emitted: _Optional[bool] = ..., uncertainty: _Optional[_Union[_common_pb2.UncertaintyConfig, _Mapping]] = ..., rollback_to: _Optional[int] = ..., logprobs: _Optional[int] = ...) -> None: ...
 
 class EmittedToken(_message.Message):
     __slots__ = ("token_id", "uncertainty", "dist")
@@ -76,20 +78,22 @@ class EmittedToken(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., uncertainty: _Optional[float] = ..., dist: _Optional[_Union[_common_pb2.SparseDistribution, _Mapping]] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
-    __slots__ = ("num_accepted", "next_token_id", "position", "target_probs", "timings", "emitted")
+    __slots__ = ("num_accepted", "next_token_id", "position", "target_probs", "timings", "emitted", "logprobs")
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     TARGET_PROBS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     EMITTED_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     num_accepted: int
     next_token_id: int
     position: int
     target_probs: _containers.RepeatedScalarFieldContainer[float]
     timings: _common_pb2.Timings
     emitted: _containers.RepeatedCompositeFieldContainer[EmittedToken]
-    def __init__(self, num_accepted: _Optional[int] = ..., next_token_id: _Optional[int] = ..., position: _Optional[int] = ..., target_probs: _Optional[_Iterable[float]] = ..., timings: _Optional[_Union[_common_pb2.Timings, _Mapping]] = ..., emitted: _Optional[_Iterable[_Union[EmittedToken, _Mapping]]] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]
+    def __init__(self, num_accepted: _Optional[int] = ..., next_token_id: _Optional[int] = ..., position: _Optional[int] = ..., target_probs: _Optional[_Iterable[float]] = ..., timings: _Optional[_Union[_common_pb2.Timings, _Mapping]] = ..., emitted: _Optional[_Iterable[_Union[EmittedToken, _Mapping]]] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class CloseVerifierSessionRequest(_message.Message):
     __slots__ = ("session_id",)
