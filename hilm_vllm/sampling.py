@@ -121,6 +121,19 @@ class SamplingSpec:
                 "top_p": self.top_p, "seed": self.seed}
 
 
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs: the most top tokens a request may ask for
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's logprob under the distribution that decided it (vLLM's default
+    `raw_logprobs`: the model's log-softmax before any transform) and the top tokens there."""
+
+    logprob: float
+    top_ids: tuple[int, ...] = ()
+    top_logprobs: tuple[float, ...] = ()
+
+
 @dataclass(frozen=True, eq=False)
 class ScoredToken:
     """A token with its uncertainty and the sparse distribution it is an exact sample of: what
@@ -140,6 +153,7 @@ class ScoredToken:
     # [S] float32: the weights there; the law is probs / probs.sum() (a drafter's row holds
     # float16 values summing to 1 within 1e-3; see `Truncation`, `pack_row`)
     probs: np.ndarray
+    logprob: TokenLogprob | None = None  # the drafter's raw logprob, when its session asks
 
     @property
     def dist(self) -> tuple[np.ndarray, np.ndarray]:
@@ -276,19 +290,6 @@ def apply_min_p(scaled: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     probs = torch.softmax(scaled, dim=-1)
     threshold = probs.amax(dim=-1, keepdim=True).mul_(min_p[:, None])
     return scaled.masked_fill(probs < threshold, float("-inf"))
-
-
-MAX_LOGPROBS = 20  # vLLM's default max_logprobs: the most top tokens a request may ask for
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """A token's logprob under the distribution that decided it (vLLM's default
-    `raw_logprobs`: the model's log-softmax before any transform) and the top tokens there."""
-
-    logprob: float
-    top_ids: tuple[int, ...] = ()
-    top_logprobs: tuple[float, ...] = ()
 
 
 def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int

@@ -111,6 +111,7 @@ class DrafterSession:
     # position before ban_until (absolute: prompt length + min_tokens)
     ban: tuple[int, ...] = ()
     ban_until: int = 0
+    logprobs: int = -1  # >= 0: each drafted token's raw logprob and this many top tokens
     drafts: int = 0  # Draft calls so far (unique request keys)
     # The Draft running now (its engine part), so that a Draft that supersedes it or the
     # session's close can end it from here: the client then needs no gRPC cancel.
@@ -119,9 +120,11 @@ class DrafterSession:
 
 def drafted_tokens(readout: dict) -> list[ScoredToken]:
     """The worker's readout (see processor.Draft.readout) -> ScoredTokens."""
-    return [ScoredToken(t, u, *unpack_row(i, w))
-            for t, u, i, w in zip(readout["tokens"], readout["u"], readout["ids"],
-                                  readout["probs"])]
+    return [ScoredToken(t, u, *unpack_row(i, w),
+                        None if lp is None else codec.logprob_from_dict(lp))
+            for t, u, i, w, lp in zip(readout["tokens"], readout["u"], readout["ids"],
+                                      readout["probs"],
+                                      readout.get("logprobs") or [None] * len(readout["tokens"]))]
 
 
 def engine_timings(output) -> tuple[float, float]:
@@ -179,12 +182,13 @@ class DraftResults:
         """One step of the worker: [records it holds, entries]."""
         records, entries = frame
         metrics.WORKER_RECORDS.set(int(records))
-        for key, index, token, u, ids, probs in entries:
+        for key, index, token, u, ids, probs, logprob in entries:
             if not (isinstance(key, str) and isinstance(ids, bytes) and isinstance(probs, bytes)
-                    and isinstance(index, int) and isinstance(token, int)):
+                    and isinstance(index, int) and isinstance(token, int)
+                    and (logprob is None or isinstance(logprob, list))):
                 raise ValueError("malformed draft entry")
             if (gather := self._waiting.get(key)) is not None:
-                gather.add((key, index, token, float(u), ids, probs))
+                gather.add((key, index, token, float(u), ids, probs, logprob))
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -228,7 +232,8 @@ class Drafter:
     # ---- RPCs -------------------------------------------------------------------------------
     def open(self, owner: str, prompt: list[int] | str, spec: SamplingSpec,
              uncertainty: UncertaintyConfig | None, max_tokens: int, min_tokens: int = 0,
-             stop_token_ids: Sequence[int] = ()) -> Session[DrafterSession]:
+             stop_token_ids: Sequence[int] = (), logprobs: int | None = None
+             ) -> Session[DrafterSession]:
         """A session on `prompt`. With `min_tokens`, as vLLM: the model's EOS ids and
         `stop_token_ids` are never drafted before the session holds prompt + min_tokens
         tokens (they are masked in q, which is what the verifiers compare with)."""
@@ -257,7 +262,8 @@ class Drafter:
         seeded = spec.seed is not None
         seed = spec.seed if seeded else secrets.randbits(63)
         state = DrafterSession(list(ids), len(ids), spec, seed, seeded,
-                               uncertainty or self.settings.uncertainty, limit, ban, ban_until)
+                               uncertainty or self.settings.uncertainty, limit, ban, ban_until,
+                               -1 if logprobs is None else logprobs)
         session = self.sessions.open(owner, state)
         metrics.SESSIONS.set(len(self.sessions))
         return session
@@ -388,7 +394,8 @@ class Drafter:
                                stop_token=-1 if stop_uncertainty is None else stop_token,
                                spec=state.spec, truncation=self.settings.truncation,
                                ban=state.ban if position < state.ban_until else (),
-                               ban_until=state.ban_until if position < state.ban_until else 0)
+                               ban_until=state.ban_until if position < state.ban_until else 0,
+                               logprobs=state.logprobs)
         # The processor draws every token from q (seeded by the session and the position) and
         # forces it: vLLM's sampler only has to keep greedy rows greedy, so it gets no top-k,
         # top-p or seed to work on.

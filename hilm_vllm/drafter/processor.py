@@ -53,7 +53,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 from hilm_vllm import codec
 from hilm_vllm.sampling import (SamplingSpec, Truncation, draw, pack_row, processed_probs_batch,
-                                seed_uniform, truncate)
+                                seed_uniform, token_logprobs, truncate)
 from hilm_vllm.seeds import Stream, derive_seed
 from hilm_vllm.server import memtrace
 from hilm_vllm.uncertainty import (TOKEN_FREE_GATES, UncertaintyConfig, noise,
@@ -82,6 +82,7 @@ class DraftOptions:
     # before `ban_until` (absolute), as vLLM's min-tokens processor does before the sampler
     ban: tuple[int, ...] = ()
     ban_until: int = 0
+    logprobs: int = -1  # >= 0: each token's raw logprob (before any mask) and this many top
 
     def __post_init__(self) -> None:
         if not isinstance(self.key, str) or not self.key:
@@ -110,7 +111,8 @@ class DraftOptions:
                        spec=codec.sampling_from_dict(d["spec"]) if "spec" in d else SamplingSpec(),
                        truncation=Truncation(int(cap), float(eps)),
                        ban=tuple(int(t) for t in d.get("ban", ())),
-                       ban_until=int(d.get("ban_until", 0)))
+                       ban_until=int(d.get("ban_until", 0)),
+                       logprobs=int(d.get("logprobs", -1)))
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed extra_args[{DRAFT_ARG!r}]: {e!r}") from e
 
@@ -141,6 +143,7 @@ class Position:
     u: float
     ids: bytes  # <i4
     weights: bytes  # <f2
+    logprob: list | None = None  # codec.logprob_to_dict of its TokenLogprob, when asked
 
 
 @dataclass(frozen=True)
@@ -165,9 +168,10 @@ class Stops:
         return n >= self.max_tokens or (n >= self.min_tokens and token in self.token_ids)
 
 
-# One finished position, as pushed: (key, index, token, u, ids <i4 bytes, weights <f2 bytes);
-# a forced stop is (key, index, FORCED_STOP, 0.0, b"", b"").
-Entry = tuple[str, int, int, float, bytes, bytes]
+# One finished position, as pushed: (key, index, token, u, ids <i4 bytes, weights <f2 bytes,
+# logprob [logprob, top ids, top logprobs] or None); a forced stop is
+# (key, index, FORCED_STOP, 0.0, b"", b"", None).
+Entry = tuple[str, int, int, float, bytes, bytes, list | None]
 
 
 @dataclass
@@ -192,7 +196,8 @@ def readout_of(entries: list[Entry]) -> dict:
     forced = next((e[1] for e in entries if e[2] == FORCED_STOP), None)
     done = [e for e in entries if e[2] != FORCED_STOP]
     return {"tokens": [e[2] for e in done], "forced_stop": forced, "u": [e[3] for e in done],
-            "ids": [e[4] for e in done], "probs": [e[5] for e in done]}
+            "ids": [e[4] for e in done], "probs": [e[5] for e in done],
+            "logprobs": [e[6] if len(e) > 6 else None for e in done]}
 
 
 class DraftStore:
@@ -256,6 +261,10 @@ def observe_rows(logits: torch.Tensor, active: list[tuple[int, Draft, int]]
     rows = torch.tensor([r for r, _, _ in active], dtype=torch.long, device=logits.device)
     raw = logits.index_select(0, rows).float()  # [B, V]
     drafts = [d for _, d, _ in active]
+    wants_lp = [i for i, d in enumerate(drafts) if d.options.logprobs >= 0]
+    # vLLM's raw logprobs are of the logits before any mask: keep those rows as they are
+    bare = raw.index_select(0, torch.tensor(wants_lp, dtype=torch.long, device=raw.device)
+                            ) if wants_lp else None
     banned = [(i, d.options.ban) for i, (_, d, index) in enumerate(active)
               if d.options.ban and d.options.base + index < d.options.ban_until]
     if banned:  # min_tokens: the stop ids cannot be drawn yet (q and u see them masked)
@@ -286,10 +295,18 @@ def observe_rows(logits: torch.Tensor, active: list[tuple[int, Draft, int]]
     logits[rows, tokens] = 0.0
     u = gate_values(raw, tokens, active)
     tokens_host = tokens.tolist()
+    lps: dict[int, list] = {}
+    for top in {drafts[i].options.logprobs for i in wants_lp}:
+        members = [j for j, i in enumerate(wants_lp) if drafts[i].options.logprobs == top]
+        index = torch.tensor(members, dtype=torch.long, device=raw.device)
+        found = token_logprobs(bare.index_select(0, index),
+                               [tokens_host[wants_lp[j]] for j in members], top)
+        for j, t in zip(members, found):
+            lps[wants_lp[j]] = codec.logprob_to_dict(t)
     out = []
     for i, (ids, weights) in enumerate(zip(ids_all, w_all)):
         packed = pack_row(ids.cpu().numpy(), weights.cpu().numpy())
-        out.append(Position(tokens_host[i], u[i], *packed))
+        out.append(Position(tokens_host[i], u[i], *packed, lps.get(i)))
     return out
 
 
@@ -340,7 +357,7 @@ def collect_step(rows: dict[int, Draft], sampled: list[int], skip: set[int]) -> 
             continue
         index = len(draft.output_ids)  # this step's token is appended after this hook
         if draft.forced_stop == index:
-            out.append((draft, (draft.options.key, index, FORCED_STOP, 0.0, b"", b"")))
+            out.append((draft, (draft.options.key, index, FORCED_STOP, 0.0, b"", b"", None)))
             draft.done = True
         elif (pos := draft.positions.get(index)) is not None:
             if sampled[row] != pos.token:
@@ -348,7 +365,7 @@ def collect_step(rows: dict[int, Draft], sampled: list[int], skip: set[int]) -> 
                                    f"processor drew and forced {pos.token}: the processor no "
                                    f"longer matches this vLLM's sampler")
             out.append((draft, (draft.options.key, index, pos.token, pos.u, pos.ids,
-                                pos.weights)))
+                                pos.weights, pos.logprob)))
             draft.done = draft.stops.last(index, pos.token)
     for draft, entry in out:
         if draft.kept is not None:

@@ -37,7 +37,9 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         session = core.open(client_id(context), codec.prompt_from_pb(request.prompt),
                             codec.sampling_from_pb(request.sampling, core.info.vocab_size), uq,
                             request.max_tokens,
-                            request.min_tokens, tuple(request.stop_token_ids))
+                            request.min_tokens, tuple(request.stop_token_ids),
+                            codec.check_logprobs(request.logprobs if request.HasField(
+                                "logprobs") else None))
         info = core.info
         return drafter_pb2.OpenDrafterSessionResponse(
             session_id=session.id, position=len(session.state.tokens),

@@ -6,6 +6,7 @@ imports this, not the drafter's logits processor."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,7 +37,8 @@ class DraftResult:
 
 def draft_response(result: DraftResult) -> drafter_pb2.DraftResponse:
     tokens = [drafter_pb2.DraftedToken(
-        token_id=t.token_id, uncertainty=t.uncertainty, dist=codec.dist_to_pb(t.ids, t.probs))
+        token_id=t.token_id, uncertainty=t.uncertainty, dist=codec.dist_to_pb(t.ids, t.probs),
+        logprob=None if t.logprob is None else codec.logprob_to_pb(t.logprob))
         for t in result.tokens]
     return drafter_pb2.DraftResponse(
         tokens=tokens, position=result.position, stopped_early=result.early_stop,
@@ -45,18 +47,22 @@ def draft_response(result: DraftResult) -> drafter_pb2.DraftResponse:
 
 
 def draft_result(r: drafter_pb2.DraftResponse) -> DraftResult:
-    return DraftResult([codec.scored_from_pb(t) for t in r.tokens], r.position, r.stopped_early,
+    return DraftResult([dataclasses.replace(codec.scored_from_pb(t), logprob=codec.logprob_from_pb(
+        t.logprob)) if t.HasField("logprob") else codec.scored_from_pb(t) for t in r.tokens],
+                       r.position, r.stopped_early,
                        queue_ms=r.timings.queue_ms, forward_ms=r.timings.forward_ms,
                        total_ms=r.timings.total_ms)
 
 
 def open_request(prompt: Sequence[int] | str, spec: SamplingSpec,
                  uncertainty: UncertaintyConfig | None = None, max_tokens: int = 0,
-                 min_tokens: int = 0, stop_token_ids: Sequence[int] = ()
-                 ) -> drafter_pb2.OpenDrafterSessionRequest:
+                 min_tokens: int = 0, stop_token_ids: Sequence[int] = (),
+                 logprobs: int | None = None) -> drafter_pb2.OpenDrafterSessionRequest:
     request = drafter_pb2.OpenDrafterSessionRequest(
         prompt=codec.prompt_to_pb(prompt), sampling=codec.sampling_to_pb(spec),
         max_tokens=max_tokens, min_tokens=min_tokens, stop_token_ids=list(stop_token_ids))
+    if logprobs is not None:
+        request.logprobs = logprobs
     if uncertainty is not None:
         request.uncertainty.CopyFrom(codec.uncertainty_to_pb(uncertainty))
     return request

@@ -120,7 +120,8 @@ class GenerationRequest:
     # own sampler applies them under llm-only, the drafter and verifiers under the others
     # (`sampling_spec`); bad_words only under llm-only
     penalties: dict = field(default_factory=dict)
-    # each token's logprob and this many top tokens (None: none); lossless policies only
+    # each token's logprob under the distribution that decided it and this many top tokens
+    # there (None: none)
     logprobs: int | None = None
 
     def __post_init__(self) -> None:
@@ -138,12 +139,6 @@ class GenerationRequest:
                 f"drafter and verifiers of {self.policy.value!r} do not apply it: send model "
                 f"'llm-only', or leave it unset")
         self.sampling_spec(0)  # the transforms' values are checked here, whatever the policy
-        if self.logprobs is not None and not self.policy.lossless:
-            raise InvalidArgument(
-                f"logprobs: reported under the lossless policies ("
-                f"{', '.join(p.value for p in Policy if p.lossless)}), where the LLM decides "
-                f"every token; under {self.policy.value!r} the drafter keeps tokens and does "
-                f"not report logprobs")
         if self.skip_rate is not None and not 0.0 <= self.skip_rate <= 1.0:
             raise InvalidArgument(f"skip_rate must be in [0, 1], got {self.skip_rate}")
         if self.block_size is not None and not 1 <= self.block_size <= 64:
@@ -572,7 +567,7 @@ class _Run:
             def opener():
                 return link.open(prompt, self.spec_for(tier), self.session_max_tokens,
                                  self.cfg.uncertainty, usage, min_tokens,
-                                 self.req.stop_token_ids)
+                                 self.req.stop_token_ids, self.req.logprobs)
         else:
             def opener():
                 return link.open(prompt, self.spec_for(tier), self.session_max_tokens, usage,
@@ -810,7 +805,7 @@ class _Run:
         head is final; the rest goes to the plan's tier, an unreachable ILM's to the LLM; the
         ILM's unsure tokens go on to the LLM."""
         final = [t.token_id for t in tokens[:p.skips]]
-        notes: list[Note] = [(Tier.SLM.value, None)] * len(final)
+        notes: list[Note] = [(Tier.SLM.value, t.logprob) for t in tokens[:p.skips]]
         block = tokens[p.skips:]
         if not block:
             return final, notes
@@ -853,7 +848,7 @@ class _Run:
             if out is not None:
                 return out.tokens([t.token_id for t in block]), out.notes(Tier.ILM)
             self.stats.degrade("ilm-unreachable")
-        return [t.token_id for t in block], [(Tier.SLM.value, None)] * len(block)
+        return [t.token_id for t in block], [(Tier.SLM.value, t.logprob) for t in block]
 
     async def _verify(self, tier: Tier, pending: list[int], block: list[ScoredToken],
                       want_emitted: bool, llm_down: LlmDown = LlmDown.KEEP):

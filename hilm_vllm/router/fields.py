@@ -47,9 +47,9 @@ def _transform(*neutral) -> Field:
 
 
 _FORMAT = "asks for data the router does not return"
-_LOGPROBS = ("under the lossless policies (llm-only, hlm, spec, cascade), where the LLM decides "
-             "every token: its raw logprobs, as vLLM reports them, each token's tier in "
-             "`hilm_tier(s)`; a 400 under the others (the drafter does not report them)")
+_LOGPROBS = ("each token's raw logprob (as vLLM reports them) under the distribution that "
+             "decided it: the LLM's (every token of the lossless policies), the ILM's or the "
+             "drafter's for tokens they kept; the deciding tier in `hilm_tier(s)`")
 
 FIELDS: dict[str, Field] = {
     # -- applied in every policy ---------------------------------------------------------------

@@ -147,9 +147,11 @@ class DrafterLink(TierLink):
 
     async def open(self, prompt: Sequence[int], spec: SamplingSpec, max_tokens: int,
                    uncertainty: UncertaintyConfig | None, usage: TierUsage,
-                   min_tokens: int = 0, stop_token_ids: Sequence[int] = ()):
+                   min_tokens: int = 0, stop_token_ids: Sequence[int] = (),
+                   logprobs: int | None = None):
         return await self.unary(self.stub.OpenSession, drafter_wire.open_request(
-            prompt, spec, uncertainty, max_tokens, min_tokens, stop_token_ids), usage)
+            prompt, spec, uncertainty, max_tokens, min_tokens, stop_token_ids, logprobs),
+            usage)
 
     async def draft(self, sid: str, position: int, n: int, usage: TierUsage,
                     rollback_to: int | None = None, append: Sequence[int] = ()) -> DraftResult:

@@ -42,7 +42,8 @@ class DraftPort(TierPort, Protocol):
 
     async def open(self, prompt: Sequence[int], spec: SamplingSpec, max_tokens: int,
                    uncertainty: UncertaintyConfig | None, usage: TierUsage,
-                   min_tokens: int = 0, stop_token_ids: Sequence[int] = ()) -> Any: ...
+                   min_tokens: int = 0, stop_token_ids: Sequence[int] = (),
+                   logprobs: int | None = None) -> Any: ...
 
     async def draft(self, sid: str, position: int, n: int, usage: TierUsage,
                     rollback_to: int | None = None,

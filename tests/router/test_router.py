@@ -624,7 +624,8 @@ def test_logprobs_are_the_llms_own_in_every_lossless_policy(served, tiny_zoo):
     temperature and top-k) and its top 3, marked as decided by the LLM; at T = 0 the values
     equal llm-only's (vLLM's own logprobs) within float tolerance, and every value equals the
     LLM's log-softmax computed here with transformers. Chat `top_logprobs`, streaming (the
-    chunks' logprobs add up to the whole) and gRPC agree; a lossy policy refuses with a 400."""
+    chunks' logprobs add up to the whole) and gRPC agree. Lossy policies report each token
+    under the tier that decided it: the drafter's own raw logprob for the tokens it kept."""
     import torch
 
     from tests.verifier.helpers import hf_model
@@ -639,11 +640,14 @@ def test_logprobs_are_the_llms_own_in_every_lossless_policy(served, tiny_zoo):
         assert code == 200, (policy, out)
         return out
 
-    def reference(tokens: list[int]) -> list[float]:
-        with torch.no_grad():
-            logits = hf_model(tiny_zoo.llm)(torch.tensor([prompt + tokens])).logits[0].float()
-        logp = torch.log_softmax(logits, -1)
-        return [float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(tokens)]
+    def reference(tokens: list[int], tiers: list[str] | None = None) -> list[float]:
+        out = []
+        for i, t in enumerate(tokens):
+            model = getattr(tiny_zoo, tiers[i] if tiers else "llm")
+            with torch.no_grad():
+                logits = hf_model(model)(torch.tensor([prompt + tokens[:i]])).logits[0, -1]
+            out.append(float(torch.log_softmax(logits.float(), -1)[t]))
+        return out
 
     greedy = {}
     for policy in LOSSLESS:
@@ -705,9 +709,21 @@ def test_logprobs_are_the_llms_own_in_every_lossless_policy(served, tiny_zoo):
     assert ids == greedy["spec"][0] and tiers == ["llm"] * 10
     np.testing.assert_allclose(lps, greedy["spec"][1], atol=1e-5)
 
-    for policy in ("hilm", "uhlm", "rand"):  # the drafter keeps tokens: refused, named
-        code, out = _post(url, {**base, "model": policy})
-        assert code == 400 and "logprobs" in out["error"]["message"], (policy, out)
+    # lossy: every token kept on the device (uhlm, t1 = t2 = 2) has the drafter's logprob; under
+    # hilm each token has the logprob of the tier that decided it
+    out = completion("uhlm", temperature=1.0, seed=3, thresholds={"t1": 2.0, "t2": 2.0})
+    lp = out["choices"][0]["logprobs"]
+    assert lp["hilm_tiers"] == ["slm"] * 10
+    np.testing.assert_allclose(lp["token_logprobs"],
+                               reference(hilm_usage_json(out)["token_ids"], lp["hilm_tiers"]),
+                               atol=2e-3)
+    for seed in (1, 2):
+        out = completion("hilm", temperature=1.0, seed=seed)
+        lp = out["choices"][0]["logprobs"]
+        assert set(lp["hilm_tiers"]) <= {"slm", "ilm", "llm"}
+        np.testing.assert_allclose(lp["token_logprobs"], reference(
+            hilm_usage_json(out)["token_ids"], lp["hilm_tiers"]), atol=2e-3)
+        assert hilm_usage_json(out)["deciders"] == lp["hilm_tiers"]
     code, out = _post(url, {**base, "model": "spec", "logprobs": 21})
     assert code == 400 and "logprobs must be in [0, 20]" in out["error"]["message"]
 

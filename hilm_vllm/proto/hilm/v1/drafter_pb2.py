@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from hilm_vllm.proto.hilm.v1 import common_pb2 as hilm__vllm_dot_proto_dot_hilm_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%hilm_vllm/proto/hilm/v1/drafter.proto\x12\x07hilm.v1\x1a$hilm_vllm/proto/hilm/v1/common.proto\"\xd8\x01\n\x19OpenDrafterSessionRequest\x12\x1f\n\x06prompt\x18\x01 \x01(\x0b\x32\x0f.hilm.v1.Prompt\x12)\n\x08sampling\x18\x02 \x01(\x0b\x32\x17.hilm.v1.SamplingParams\x12/\n\x0buncertainty\x18\x03 \x01(\x0b\x32\x1a.hilm.v1.UncertaintyConfig\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x12\n\nmin_tokens\x18\x05 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\"\xcc\x01\n\x1aOpenDrafterSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x03\x12\x14\n\x0c\x65os_token_id\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\x05\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x12\x15\n\rmax_model_len\x18\x07 \x01(\x05\x12\x16\n\x0eother_sessions\x18\x08 \x01(\x05\"\xc0\x01\n\x0c\x44raftRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x03\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x1d\n\x10stop_uncertainty\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x18\n\x0brollback_to\x18\x05 \x01(\x03H\x01\x88\x01\x01\x12\x18\n\x10\x61ppend_token_ids\x18\x06 \x03(\x05\x42\x13\n\x11_stop_uncertaintyB\x0e\n\x0c_rollback_to\"`\n\x0c\x44raftedToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x13\n\x0buncertainty\x18\x02 \x01(\x02\x12)\n\x04\x64ist\x18\x03 \x01(\x0b\x32\x1b.hilm.v1.SparseDistribution\"\x82\x01\n\rDraftResponse\x12%\n\x06tokens\x18\x01 \x03(\x0b\x32\x15.hilm.v1.DraftedToken\x12\x10\n\x08position\x18\x02 \x01(\x03\x12!\n\x07timings\x18\x03 \x01(\x0b\x32\x10.hilm.v1.Timings\x12\x15\n\rstopped_early\x18\x04 \x01(\x08\"7\n\x0fRollbackRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x03\"$\n\x10RollbackResponse\x12\x10\n\x08position\x18\x01 \x01(\x03\"H\n\rAppendRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x03\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\"\"\n\x0e\x41ppendResponse\x12\x10\n\x08position\x18\x01 \x01(\x03\"0\n\x1a\x43loseDrafterSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x1d\n\x1b\x43loseDrafterSessionResponse2\xf0\x02\n\x07\x44rafter\x12V\n\x0bOpenSession\x12\".hilm.v1.OpenDrafterSessionRequest\x1a#.hilm.v1.OpenDrafterSessionResponse\x12\x36\n\x05\x44raft\x12\x15.hilm.v1.DraftRequest\x1a\x16.hilm.v1.DraftResponse\x12?\n\x08Rollback\x12\x18.hilm.v1.RollbackRequest\x1a\x19.hilm.v1.RollbackResponse\x12\x39\n\x06\x41ppend\x12\x16.hilm.v1.AppendRequest\x1a\x17.hilm.v1.AppendResponse\x12Y\n\x0c\x43loseSession\x12#.hilm.v1.CloseDrafterSessionRequest\x1a$.hilm.v1.CloseDrafterSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%hilm_vllm/proto/hilm/v1/drafter.proto\x12\x07hilm.v1\x1a$hilm_vllm/proto/hilm/v1/common.proto\"\xfc\x01\n\x19OpenDrafterSessionRequest\x12\x1f\n\x06prompt\x18\x01 \x01(\x0b\x32\x0f.hilm.v1.Prompt\x12)\n\x08sampling\x18\x02 \x01(\x0b\x32\x17.hilm.v1.SamplingParams\x12/\n\x0buncertainty\x18\x03 \x01(\x0b\x32\x1a.hilm.v1.UncertaintyConfig\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x12\n\nmin_tokens\x18\x05 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x15\n\x08logprobs\x18\x07 \x01(\x05H\x00\x88\x01\x01\x42\x0b\n\t_logprobs\"\xcc\x01\n\x1aOpenDrafterSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x03\x12\x14\n\x0c\x65os_token_id\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\x05\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x12\x15\n\rmax_model_len\x18\x07 \x01(\x05\x12\x16\n\x0eother_sessions\x18\x08 \x01(\x05\"\xc0\x01\n\x0c\x44raftRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x03\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x1d\n\x10stop_uncertainty\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x18\n\x0brollback_to\x18\x05 \x01(\x03H\x01\x88\x01\x01\x12\x18\n\x10\x61ppend_token_ids\x18\x06 \x03(\x05\x42\x13\n\x11_stop_uncertaintyB\x0e\n\x0c_rollback_to\"\x88\x01\n\x0c\x44raftedToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x13\n\x0buncertainty\x18\x02 \x01(\x02\x12)\n\x04\x64ist\x18\x03 \x01(\x0b\x32\x1b.hilm.v1.SparseDistribution\x12&\n\x07logprob\x18\x04 \x01(\x0b\x32\x15.hilm.v1.TokenLogprob\"\x82\x01\n\rDraftResponse\x12%\n\x06tokens\x18\x01 \x03(\x0b\x32\x15.hilm.v1.DraftedToken\x12\x10\n\x08position\x18\x02 \x01(\x03\x12!\n\x07timings\x18\x03 \x01(\x0b\x32\x10.hilm.v1.Timings\x12\x15\n\rstopped_early\x18\x04 \x01(\x08\"7\n\x0fRollbackRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x03\"$\n\x10RollbackResponse\x12\x10\n\x08position\x18\x01 \x01(\x03\"H\n\rAppendRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x03\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\"\"\n\x0e\x41ppendResponse\x12\x10\n\x08position\x18\x01 \x01(\x03\"0\n\x1a\x43loseDrafterSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x1d\n\x1b\x43loseDrafterSessionResponse2\xf0\x02\n\x07\x44rafter\x12V\n\x0bOpenSession\x12\".hilm.v1.OpenDrafterSessionRequest\x1a#.hilm.v1.OpenDrafterSessionResponse\x12\x36\n\x05\x44raft\x12\x15.hilm.v1.DraftRequest\x1a\x16.hilm.v1.DraftResponse\x12?\n\x08Rollback\x12\x18.hilm.v1.RollbackRequest\x1a\x19.hilm.v1.RollbackResponse\x12\x39\n\x06\x41ppend\x12\x16.hilm.v1.AppendRequest\x1a\x17.hilm.v1.AppendResponse\x12Y\n\x0c\x43loseSession\x12#.hilm.v1.CloseDrafterSessionRequest\x1a$.hilm.v1.CloseDrafterSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,27 +33,27 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hilm_vllm.proto.hilm.v1.dra
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_OPENDRAFTERSESSIONREQUEST']._serialized_start=89
-  _globals['_OPENDRAFTERSESSIONREQUEST']._serialized_end=305
-  _globals['_OPENDRAFTERSESSIONRESPONSE']._serialized_start=308
-  _globals['_OPENDRAFTERSESSIONRESPONSE']._serialized_end=512
-  _globals['_DRAFTREQUEST']._serialized_start=515
-  _globals['_DRAFTREQUEST']._serialized_end=707
-  _globals['_DRAFTEDTOKEN']._serialized_start=709
-  _globals['_DRAFTEDTOKEN']._serialized_end=805
-  _globals['_DRAFTRESPONSE']._serialized_start=808
-  _globals['_DRAFTRESPONSE']._serialized_end=938
-  _globals['_ROLLBACKREQUEST']._serialized_start=940
-  _globals['_ROLLBACKREQUEST']._serialized_end=995
-  _globals['_ROLLBACKRESPONSE']._serialized_start=997
-  _globals['_ROLLBACKRESPONSE']._serialized_end=1033
-  _globals['_APPENDREQUEST']._serialized_start=1035
-  _globals['_APPENDREQUEST']._serialized_end=1107
-  _globals['_APPENDRESPONSE']._serialized_start=1109
-  _globals['_APPENDRESPONSE']._serialized_end=1143
-  _globals['_CLOSEDRAFTERSESSIONREQUEST']._serialized_start=1145
-  _globals['_CLOSEDRAFTERSESSIONREQUEST']._serialized_end=1193
-  _globals['_CLOSEDRAFTERSESSIONRESPONSE']._serialized_start=1195
-  _globals['_CLOSEDRAFTERSESSIONRESPONSE']._serialized_end=1224
-  _globals['_DRAFTER']._serialized_start=1227
-  _globals['_DRAFTER']._serialized_end=1595
+  _globals['_OPENDRAFTERSESSIONREQUEST']._serialized_end=341
+  _globals['_OPENDRAFTERSESSIONRESPONSE']._serialized_start=344
+  _globals['_OPENDRAFTERSESSIONRESPONSE']._serialized_end=548
+  _globals['_DRAFTREQUEST']._serialized_start=551
+  _globals['_DRAFTREQUEST']._serialized_end=743
+  _globals['_DRAFTEDTOKEN']._serialized_start=746
+  _globals['_DRAFTEDTOKEN']._serialized_end=882
+  _globals['_DRAFTRESPONSE']._serialized_start=885
+  _globals['_DRAFTRESPONSE']._serialized_end=1015
+  _globals['_ROLLBACKREQUEST']._serialized_start=1017
+  _globals['_ROLLBACKREQUEST']._serialized_end=1072
+  _globals['_ROLLBACKRESPONSE']._serialized_start=1074
+  _globals['_ROLLBACKRESPONSE']._serialized_end=1110
+  _globals['_APPENDREQUEST']._serialized_start=1112
+  _globals['_APPENDREQUEST']._serialized_end=1184
+  _globals['_APPENDRESPONSE']._serialized_start=1186
+  _globals['_APPENDRESPONSE']._serialized_end=1220
+  _globals['_CLOSEDRAFTERSESSIONREQUEST']._serialized_start=1222
+  _globals['_CLOSEDRAFTERSESSIONREQUEST']._serialized_end=1270
+  _globals['_CLOSEDRAFTERSESSIONRESPONSE']._serialized_start=1272
+  _globals['_CLOSEDRAFTERSESSIONRESPONSE']._serialized_end=1301
+  _globals['_DRAFTER']._serialized_start=1304
+  _globals['_DRAFTER']._serialized_end=1672
 # @@protoc_insertion_point(module_scope)

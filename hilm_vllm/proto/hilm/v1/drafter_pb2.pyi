@@ -8,20 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class OpenDrafterSessionRequest(_message.Message):
-    __slots__ = ("prompt", "sampling", "uncertainty", "max_tokens", "min_tokens", "stop_token_ids")
+    __slots__ = ("prompt", "sampling", "uncertainty", "max_tokens", "min_tokens", "stop_token_ids", "logprobs")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     UNCERTAINTY_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     prompt: _common_pb2.Prompt
     sampling: _common_pb2.SamplingParams
     uncertainty: _common_pb2.UncertaintyConfig
     max_tokens: int
     min_tokens: int
     stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, prompt: _Optional[_Union[_common_pb2.Prompt, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., uncertainty: _Optional[_Union[_common_pb2.UncertaintyConfig, _Mapping]] = ..., max_tokens: _Optional[int] = ..., min_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    logprobs: int
+    def __init__(self, prompt: _Optional[_Union[_common_pb2.Prompt, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., uncertainty: _Optional[_Union[_common_pb2.UncertaintyConfig, _Mapping]] = ..., max_tokens: _Optional[int] = ..., min_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[int] = ...) -> None: ...
 
 class OpenDrafterSessionResponse(_message.Message):
     __slots__ = ("session_id", "position", "eos_token_id", "vocab_size", "prompt_token_ids", "eos_token_ids", "max_model_len", "other_sessions")
@@ -60,14 +62,16 @@ class DraftRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., max_tokens: _Optional[int] = ..., stop_uncertainty: _Optional[float] = ..., rollback_to: _Optional[int] = ..., append_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DraftedToken(_message.Message):
-    __slots__ = ("token_id", "uncertainty", "dist")
+    __slots__ = ("token_id", "uncertainty", "dist", "logprob")
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     UNCERTAINTY_FIELD_NUMBER: _ClassVar[int]
     DIST_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
     token_id: int
     uncertainty: float
     dist: _common_pb2.SparseDistribution
-    def __init__(self, token_id: _Optional[int] = ..., uncertainty: _Optional[float] = ..., dist: _Optional[_Union[_common_pb2.SparseDistribution, _Mapping]] = ...) -> None: ...
+    logprob: _common_pb2.TokenLogprob
+    def __init__(self, token_id: _Optional[int] = ..., uncertainty: _Optional[float] = ..., dist: _Optional[_Union[_common_pb2.SparseDistribution, _Mapping]] = ..., logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ...) -> None: ...
 
 class DraftResponse(_message.Message):
     __slots__ = ("tokens", "position", "timings", "stopped_early")
