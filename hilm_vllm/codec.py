@@ -18,6 +18,7 @@ raises `InvalidArgument` saying what to send instead.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +123,84 @@ def _with_penalties(spec: SamplingSpec, d: Mapping, output_start: int) -> Sampli
 def sampling_from_vllm(params) -> SamplingSpec:
     """The transform vLLM's sampler applies for these `vllm.SamplingParams` (its seed aside)."""
     return SamplingSpec(params.temperature, params.top_k, params.top_p)
+
+
+# ---- structured outputs -----------------------------------------------------------------------
+
+# vLLM's StructuredOutputsParams fields this project passes on (one constraint at a time).
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+# Fields vLLM 0.32's backends read from the engine's --structured-outputs-config, not from the
+# request (a request's value would be ignored): refused, with where to set them.
+STRUCTURED_ENGINE_OPTIONS = ("disable_any_whitespace", "disable_additional_properties",
+                             "whitespace_pattern")
+MAX_STRUCTURED_BYTES = 64 << 10
+
+
+def structured_outputs(response_format: object = None, structured: object = None
+                       ) -> dict | None:
+    """The OpenAI `response_format` and vLLM's `structured_outputs` request fields (JSON values)
+    -> StructuredOutputsParams keyword arguments (as vLLM's server combines them: the format
+    overrides), or None when neither constrains the output; InvalidArgument saying what to fix."""
+    out: dict = {}
+    if structured is not None:
+        if not isinstance(structured, Mapping):
+            raise InvalidArgument("structured_outputs must be an object (vLLM's "
+                                  "StructuredOutputsParams: json, regex, choice, grammar, ...)")
+        engine = sorted(k for k in structured if k in STRUCTURED_ENGINE_OPTIONS
+                        and structured[k] not in (None, False, ""))
+        if engine:
+            raise InvalidArgument(
+                f"structured_outputs.{engine[0]}: vLLM's backends take it from the LLM "
+                f"engine's --structured-outputs-config (e.g. --llm-args "
+                f"'--structured-outputs-config {{\"backend\": \"xgrammar\", "
+                f"\"{engine[0]}\": true}}'), not from a request: leave it unset")
+        unknown = (set(structured) - set(STRUCTURED_KINDS) - set(STRUCTURED_ENGINE_OPTIONS))
+        if unknown:
+            raise InvalidArgument(f"structured_outputs.{sorted(unknown)[0]}: not supported "
+                                  f"(use one of {', '.join(STRUCTURED_KINDS)})")
+        out = {k: v for k, v in structured.items()
+               if k in STRUCTURED_KINDS and v is not None and v is not False}
+    if response_format is not None:
+        if not isinstance(response_format, Mapping) or "type" not in response_format:
+            raise InvalidArgument("response_format must be an object with a type: text, "
+                                  "json_object or json_schema")
+        kind = response_format["type"]
+        if kind == "json_object":
+            out = {k: v for k, v in out.items() if k not in STRUCTURED_KINDS}
+            out["json_object"] = True
+        elif kind == "json_schema":
+            js = response_format.get("json_schema")
+            schema = js.get("schema", js.get("json_schema")) if isinstance(js, Mapping) else None
+            if not isinstance(schema, Mapping):
+                raise InvalidArgument("response_format json_schema needs json_schema.schema "
+                                      "(an object)")
+            out = {k: v for k, v in out.items() if k not in STRUCTURED_KINDS}
+            out["json"] = dict(schema)
+        elif kind != "text":
+            raise InvalidArgument(f"response_format.type {kind!r}: use text, json_object or "
+                                  f"json_schema")
+    kinds = [k for k in STRUCTURED_KINDS if k in out]
+    if not kinds:
+        return None
+    if len(kinds) > 1:
+        raise InvalidArgument(f"structured output: one constraint at a time, got "
+                              f"{', '.join(kinds)}")
+    if len(json.dumps(out)) > MAX_STRUCTURED_BYTES:
+        raise InvalidArgument(f"structured output larger than {MAX_STRUCTURED_BYTES} bytes")
+    return out
+
+
+def structured_from_json(text: str) -> dict | None:
+    """GenerateRequest.structured_outputs -> StructuredOutputsParams keyword arguments."""
+    if not text:
+        return None
+    if len(text) > MAX_STRUCTURED_BYTES:
+        raise InvalidArgument(f"structured_outputs larger than {MAX_STRUCTURED_BYTES} bytes")
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise InvalidArgument("structured_outputs is not JSON") from None
+    return structured_outputs(None, value)
 
 
 # ---- logprobs ---------------------------------------------------------------------------------

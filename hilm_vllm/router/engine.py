@@ -123,6 +123,9 @@ class GenerationRequest:
     # each token's logprob under the distribution that decided it and this many top tokens
     # there (None: none)
     logprobs: int | None = None
+    # vLLM's StructuredOutputsParams fields (codec.structured_outputs): llm-only, the LLM's own
+    # structured-output backend applies them
+    structured: dict | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -139,6 +142,12 @@ class GenerationRequest:
                 f"drafter and verifiers of {self.policy.value!r} do not apply it: send model "
                 f"'llm-only', or leave it unset")
         self.sampling_spec(0)  # the transforms' values are checked here, whatever the policy
+        if self.structured and self.policy is not Policy.LLM_ONLY:
+            raise InvalidArgument(
+                f"structured output (response_format, structured_outputs): applied only by "
+                f"the llm-only policy (the LLM's own structured-output backend); the drafter "
+                f"and verifiers of {self.policy.value!r} do not mask q and p with a grammar: "
+                f"send model 'llm-only', or leave it unset")
         if self.skip_rate is not None and not 0.0 <= self.skip_rate <= 1.0:
             raise InvalidArgument(f"skip_rate must be in [0, 1], got {self.skip_rate}")
         if self.block_size is not None and not 1 <= self.block_size <= 64:
@@ -628,7 +637,7 @@ class _Run:
                                          usage, self.req.stop_token_ids,
                                          max(0, self.req.min_tokens - self.generated),
                                          self.req.stop, self.req.penalties or None,
-                                         self.req.logprobs)
+                                         self.req.logprobs, self.req.structured)
             t0 = time.perf_counter()
             try:
                 async for ids, finish, logprobs in stream:

@@ -47,6 +47,10 @@ def _transform(*neutral) -> Field:
 
 
 _FORMAT = "asks for data the router does not return"
+_STRUCTURED = ("structured output: the LLM's own structured-output backend (vLLM's) applies it "
+               "under llm-only; refused under the speculative policies (their drafter and "
+               "verifiers do not mask q and p with the grammar yet)")
+STRUCTURED = ("response_format", "structured_outputs")  # read from the body's other fields
 _LOGPROBS = ("each token's raw logprob (as vLLM reports them) under the distribution that "
              "decided it: the LLM's (every token of the lossless policies), the ILM's or the "
              "drafter's for tokens they kept; the deciding tier in `hilm_tier(s)`")
@@ -82,8 +86,9 @@ FIELDS: dict[str, Field] = {
     "top_logprobs": Field(APPLIED, _LOGPROBS + " (chat, with logprobs: true)"),
     # -- applied by llm-only, refused under the others ------------------------------------------
     "bad_words": _llm_only([]),
-    "response_format": _refused("structured output: a grammar on every tier", {"type": "text"}),
-    "structured_outputs": _refused("structured output: a grammar on every tier"),
+    "response_format": Field(LLM_ONLY, _STRUCTURED, (None, {"type": "text"})),
+    "structured_outputs": Field(LLM_ONLY, _STRUCTURED + " (json, regex, choice, grammar, "
+                                "json_object)", (None,)),
     "prompt_logprobs": _refused(_FORMAT + " (prompt logprobs)"),
     "logprob_token_ids": _refused(_FORMAT + " (per-token logprobs)"),
     "echo": _refused(_FORMAT + " (the prompt in the text)", False),

@@ -100,7 +100,8 @@ def generation_request(router: Router, tokenizer, limits: RequestLimits, ids: Se
                        optimistic: bool | None = None, stop_token_ids: Sequence[int] = (),
                        min_tokens: int = 0, stop: Sequence[str] = (),
                        penalties: Mapping | None = None,
-                       logprobs: int | None = None) -> GenerationRequest:
+                       logprobs: int | None = None,
+                       structured: Mapping | None = None) -> GenerationRequest:
     """The checks every request passes, whichever door it came in by: the output cap, the
     policy this router can serve, the stop strings and stop ids (caps, vocabulary)."""
     if max_tokens < 1:
@@ -115,7 +116,8 @@ def generation_request(router: Router, tokenizer, limits: RequestLimits, ids: Se
     return GenerationRequest(tuple(ids), spec, max_tokens, policy, ignore_eos, skip_rate,
                              block_size, thresholds, optimistic, tuple(stop_token_ids),
                              min_tokens, tuple(stop), penalties,
-                             codec.check_logprobs(logprobs))
+                             codec.check_logprobs(logprobs),
+                             dict(structured) if structured else None)
 
 
 class TextStream:

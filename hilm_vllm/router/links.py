@@ -195,7 +195,8 @@ class VerifierLink(TierLink):
     async def generate(self, prompt: Sequence[int], spec: SamplingSpec, max_tokens: int,
                        ignore_eos: bool, usage: TierUsage, stop_token_ids: Sequence[int] = (),
                        min_tokens: int = 0, stop: Sequence[str] = (),
-                       penalties: Mapping | None = None, logprobs: int | None = None
+                       penalties: Mapping | None = None, logprobs: int | None = None,
+                       structured: Mapping | None = None
                        ) -> AsyncIterator[tuple[list[int], str, list[TokenLogprob]]]:
         """The LLM-only baseline: the tier's own streaming generation. The request pays the
         uplink delay; streamed chunks each arrive one downlink delay after they were sent
@@ -205,7 +206,7 @@ class VerifierLink(TierLink):
         not cut, a stalled tier is)."""
         request = verifier_messages.generate_request(prompt, spec, max_tokens, ignore_eos,
                                                      stop_token_ids, min_tokens, stop,
-                                                     penalties, logprobs)
+                                                     penalties, logprobs, structured)
         up = request.ByteSize()
         t0 = time.perf_counter()
         d_up = self.network.delay(Site.DEVICE, self.site, up)

@@ -286,7 +286,7 @@ class RouterAPI:
             self.policy_of(body), body.ignore_eos, body.skip_rate, body.block_size, th,
             body.optimistic, tuple(body.stop_token_ids or ()), body.min_tokens, stops(body),
             codec.penalties(fields.transform_values(body.model_extra or {})),
-            self.logprobs_wanted(body))
+            self.logprobs_wanted(body), self.structured(body))
 
     def prompt_ids(self, body: CompletionRequest | ChatCompletionRequest) -> list[int]:
         ids = self._prompt_ids(body)
@@ -313,6 +313,13 @@ class RouterAPI:
             raise InvalidArgument("echo is not supported by the router (the prompt's logprobs "
                                   "are not computed): leave it unset or false")
         return prompt_ids(body.prompt, self.tokenizer, self.limits)
+
+    @staticmethod
+    def structured(body: CompletionRequest | ChatCompletionRequest) -> dict | None:
+        """The request's structured output (response_format, structured_outputs), if any."""
+        extra = body.model_extra or {}
+        return codec.structured_outputs(extra.get("response_format"),
+                                        extra.get("structured_outputs"))
 
     @staticmethod
     def logprobs_wanted(body: CompletionRequest | ChatCompletionRequest) -> int | None:
@@ -363,6 +370,9 @@ class RouterAPI:
         """One completion or chat request of `client` (its API key, else its address: whom
         the fair queue serves in turn)."""
         applied = fields.transform_values(body.model_extra or {})  # the tiers apply them
+        applied |= {k: v for k, v in (body.model_extra or {}).items()
+                    if k in fields.STRUCTURED and not fields.is_neutral(
+                        v, fields.FIELDS[k].neutral)}
         ignored = [f for f in body.ignored_fields() if f not in applied]
         log_ignored(ignored)
         try:

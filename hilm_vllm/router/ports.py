@@ -67,5 +67,6 @@ class VerifyPort(TierPort, Protocol):
     def generate(self, prompt: Sequence[int], spec: SamplingSpec, max_tokens: int,
                  ignore_eos: bool, usage: TierUsage, stop_token_ids: Sequence[int] = (),
                  min_tokens: int = 0, stop: Sequence[str] = (),
-                 penalties: Mapping | None = None, logprobs: int | None = None
+                 penalties: Mapping | None = None, logprobs: int | None = None,
+                 structured: Mapping | None = None
                  ) -> AsyncIterator[tuple[list[int], str, list[TokenLogprob]]]: ...

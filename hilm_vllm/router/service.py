@@ -34,7 +34,8 @@ class RouterGenerator(generate_pb2_grpc.GeneratorServicer):
             stop_token_ids=request.stop_token_ids, min_tokens=request.min_tokens,
             stop=request.stop,
             penalties=codec.penalties_from_pb(request.penalties, len(api.tokenizer)),
-            logprobs=request.logprobs if request.HasField("logprobs") else None)
+            logprobs=request.logprobs if request.HasField("logprobs") else None,
+            structured=codec.structured_from_json(request.structured_outputs))
 
     @translate_stream_errors
     async def Generate(self, request, context):

@@ -64,11 +64,11 @@ class VerifierClient(TierClient):
     async def generate(self, prompt: Prompt, spec: SamplingSpec, max_tokens: int = 0,
                        ignore_eos: bool = False, stop_token_ids: Sequence[int] = (),
                        min_tokens: int = 0, stop: Sequence[str] = (),
-                       penalties: Mapping | None = None, logprobs: int | None = None
-                       ) -> AsyncIterator[GenerateChunk]:
+                       penalties: Mapping | None = None, logprobs: int | None = None,
+                       structured: Mapping | None = None) -> AsyncIterator[GenerateChunk]:
         call = self._generator.Generate(
             messages.generate_request(prompt, spec, max_tokens, ignore_eos, stop_token_ids,
-                                      min_tokens, stop, penalties, logprobs),
+                                      min_tokens, stop, penalties, logprobs, structured),
             metadata=self._metadata)
         try:
             async for r in call:

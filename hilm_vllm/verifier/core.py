@@ -326,8 +326,8 @@ class Verifier:
     async def generate(self, prompt: Prompt, spec: SamplingSpec, max_tokens: int = 0,
                        ignore_eos: bool = False, stop_token_ids: Sequence[int] = (),
                        min_tokens: int = 0, stop: Sequence[str] = (),
-                       penalties: Mapping | None = None, logprobs: int | None = None
-                       ) -> AsyncIterator[GenerateChunk]:
+                       penalties: Mapping | None = None, logprobs: int | None = None,
+                       structured: Mapping | None = None) -> AsyncIterator[GenerateChunk]:
         """Plain streaming generation (the LLM-only baseline), with vLLM's own stop rules
         (EOS of the model's generation config, `stop_token_ids`, `min_tokens`, `stop`) and
         sampler transforms (`penalties`: codec.PENALTY_FIELDS as SamplingParams takes them).
@@ -335,7 +335,7 @@ class Verifier:
         CancelledError / GeneratorExit)."""
         from vllm import SamplingParams
         from vllm.inputs.engine import tokens_input
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         ids = self._prompt_ids(prompt)
         if max_tokens < 0:
@@ -354,6 +354,8 @@ class Verifier:
                                 detokenize=self.engine.tokenizer is not None,
                                 stop_token_ids=list(stop_token_ids), min_tokens=min_tokens,
                                 stop=list(stop) or None, logprobs=logprobs,
+                                structured_outputs=None if not structured else
+                                StructuredOutputsParams(**structured),
                                 **dict(penalties or {}))
         async for out in self._engine_generate(tokens_input(ids), params):
             c = out.outputs[0]

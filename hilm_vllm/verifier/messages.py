@@ -6,6 +6,8 @@ messages). No engine code: the router imports this."""
 
 from __future__ import annotations
 
+import json
+
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -82,8 +84,8 @@ def close_request(session_id: str) -> verifier_pb2.CloseVerifierSessionRequest:
 def generate_request(prompt: Prompt | Sequence[int], spec: SamplingSpec, max_tokens: int = 0,
                      ignore_eos: bool = False, stop_token_ids: Sequence[int] = (),
                      min_tokens: int = 0, stop: Sequence[str] = (),
-                     penalties: Mapping | None = None, logprobs: int | None = None
-                     ) -> generate_pb2.GenerateRequest:
+                     penalties: Mapping | None = None, logprobs: int | None = None,
+                     structured: Mapping | None = None) -> generate_pb2.GenerateRequest:
     """`penalties`: vLLM's sampler transforms (codec.PENALTY_FIELDS), which the tier's own
     sampler applies."""
     request = generate_pb2.GenerateRequest(
@@ -94,4 +96,6 @@ def generate_request(prompt: Prompt | Sequence[int], spec: SamplingSpec, max_tok
         request.penalties.CopyFrom(codec.penalties_to_pb(penalties))
     if logprobs is not None:
         request.logprobs = logprobs
+    if structured:
+        request.structured_outputs = json.dumps(dict(structured))
     return request

@@ -112,7 +112,8 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
                                    codec.penalties_from_pb(request.penalties,
                                                            verifier.facts.vocab_size),
                                    codec.check_logprobs(request.logprobs if request.HasField(
-                                       "logprobs") else None))
+                                       "logprobs") else None),
+                                   codec.structured_from_json(request.structured_outputs))
         async for chunk in chunks:
             yield generate_pb2.GenerateResponse(
                 token_ids=chunk.token_ids, text=chunk.text,

@@ -64,7 +64,7 @@ def test_the_docs_page_is_the_table():
 def test_a_neutral_value_passes_and_anything_else_is_refused():
     fields.check({"presence_penalty": 0.5, "response_format": {"type": "text"}, "user": "u",
                   "frobnicate": 3, "echo": False})
-    for bad in ({"response_format": {"type": "json_object"}}, {"use_beam_search": True},
+    for bad in ({"suffix": "x"}, {"use_beam_search": True},
                 {"echo": True}, {"prompt_logprobs": 2}, {"tools": [{"type": "function"}]}):
         with pytest.raises(fields.InvalidArgument, match=f"`{next(iter(bad))}`"):
             fields.check(bad)
@@ -135,10 +135,24 @@ def test_the_http_door_refuses_an_output_changing_field_and_keeps_serving(served
     r = client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 1,
                                              "logit_bias": {"99999": 1}})
     assert r.status_code == 400 and "logit_bias" in r.json()["error"]["message"]
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    r = client.post("/v1/chat/completions", json={
+        "model": "spec", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
+        "response_format": fmt})
+    assert r.status_code == 400 and "structured output" in r.json()["error"]["message"] and \
+        "llm-only" in r.json()["error"]["message"]
     r = client.post("/v1/chat/completions", json={
         "model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
-        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}})
-    assert r.status_code == 400 and "`response_format`" in r.json()["error"]["message"]
+        "response_format": fmt})
+    assert r.status_code == 200, r.text  # llm-only: the LLM's own backend applies it
+    assert router.requests[-1].structured == {"json": {"type": "object"}}
+    assert r.json()["usage"]["hilm"]["ignored_fields"] == []
+    for bad, words in (({"response_format": {"type": "yaml"}}, "response_format.type"),
+                       ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "one constraint"),
+                       ({"structured_outputs": {"grammar": "x" * 70000}}, "larger than")):
+        r = client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 1,
+                                                 **bad})
+        assert r.status_code == 400 and words in r.json()["error"]["message"], (bad, r.text)
     r = client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 1,
                                              "presence_penalty": 0, "priority": 3})
     assert r.status_code == 200, r.text

@@ -32,9 +32,15 @@ ALL_POLICIES = ["llm-only", "hlm", "spec", "uhlm", "hilm", "cascade", "rand"]
 LOSSLESS = ["llm-only", "hlm", "spec", "cascade"]
 
 
+# JSON without free whitespace, so that the tiny model's constrained outputs end (structured
+# output under llm-only): an engine setting in vLLM 0.32, not a request field
+STRUCTURED_FLAGS = ["--structured-outputs-config",
+                    json.dumps({"backend": "xgrammar", "disable_any_whitespace": True})]
+
+
 @contextlib.contextmanager
-def tier(name: str, model_dir):
-    proc = TierProcess.start(name, ["--model", str(model_dir), *ENGINE_FLAGS])
+def tier(name: str, model_dir, *flags: str):
+    proc = TierProcess.start(name, ["--model", str(model_dir), *ENGINE_FLAGS, *flags])
     try:
         proc.wait_healthy()
         yield proc
@@ -62,7 +68,7 @@ def router(zoo, llm, slm=None, ilm=None, *flags: str):
 
 @pytest.fixture(scope="module")
 def tiers(tiny_zoo):
-    with tier("llm", tiny_zoo.llm) as llm, tier("ilm", tiny_zoo.ilm) as ilm, \
+    with tier("llm", tiny_zoo.llm, *STRUCTURED_FLAGS) as llm, tier("ilm", tiny_zoo.ilm) as ilm, \
             tier("slm", tiny_zoo.slm) as slm:
         yield llm, ilm, slm
 
@@ -726,6 +732,47 @@ def test_logprobs_are_the_llms_own_in_every_lossless_policy(served, tiny_zoo):
         assert hilm_usage_json(out)["deciders"] == lp["hilm_tiers"]
     code, out = _post(url, {**base, "model": "spec", "logprobs": 21})
     assert code == 400 and "logprobs must be in [0, 20]" in out["error"]["message"]
+
+
+def test_structured_output_under_llm_only_through_the_llms_own_backend(served, tiny_zoo):
+    """response_format json_schema and json_object, and vLLM's structured_outputs (choice,
+    regex), under llm-only: the LLM's own structured-output backend constrains it, every output
+    parses and follows its constraint (seeded, T = 1); a bad constraint is a 400 and the router
+    keeps serving; the speculative policies refuse it with a 400 naming llm-only."""
+    prompt = _prompts(tiny_zoo, 1)[0]
+    url = served.http_url + "/v1/completions"
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"},
+                                               "n": {"type": "integer", "enum": [1, 2, 3]}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    base = {"model": "llm-only", "prompt": prompt, "max_tokens": 40, "temperature": 1.0}
+    for seed in range(4):
+        code, out = _post(url, {**base, "seed": seed, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "s", "schema": schema}}})
+        assert code == 200, out
+        value = json.loads(out["choices"][0]["text"])
+        assert set(value) == {"ok", "n"} and isinstance(value["ok"], bool) and \
+            value["n"] in (1, 2, 3), value
+        code, out = _post(url, {**base, "seed": seed,
+                                "structured_outputs": {"choice": ["yes", "no", "maybe"]}})
+        assert code == 200 and out["choices"][0]["text"] in ("yes", "no", "maybe"), out
+        code, out = _post(url, {**base, "seed": seed, "structured_outputs": {"regex": "[a-c]{3}"}})
+        assert code == 200 and re.fullmatch("[a-c]{3}", out["choices"][0]["text"]), out
+    # json_object: any object (the tiny model's strings run long: it starts as one)
+    code, out = _post(url, {**base, "seed": 1, "response_format": {"type": "json_object"}})
+    assert code == 200 and out["choices"][0]["text"].startswith("{"), out
+    if out["choices"][0]["finish_reason"] == "stop":
+        assert isinstance(json.loads(out["choices"][0]["text"]), dict)
+    code, out = _post(url, {**base, "structured_outputs": {"choice": ["a"],
+                                                           "disable_any_whitespace": True}})
+    assert code == 400 and "--structured-outputs-config" in out["error"]["message"], out
+    code, out = _post(url, {**base, "structured_outputs": {"regex": "(unclosed"}})
+    assert 400 <= code < 500, (code, out)
+    code, out = _post(url, {**base, "seed": 1, "structured_outputs": {"choice": ["a", "b"]}})
+    assert code == 200 and out["choices"][0]["text"] in ("a", "b")  # still serving
+    for policy in ("spec", "hilm"):
+        code, out = _post(url, {**base, "model": policy, "response_format": {
+            "type": "json_object"}})
+        assert code == 400 and "llm-only" in out["error"]["message"], (policy, out)
 
 
 def hilm_usage_json(out: dict) -> dict:

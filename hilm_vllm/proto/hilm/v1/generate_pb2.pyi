@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "sampling", "max_tokens", "ignore_eos", "policy", "block_size", "optimistic", "stop_token_ids", "min_tokens", "stop", "penalties", "logprobs")
+    __slots__ = ("prompt", "sampling", "max_tokens", "ignore_eos", "policy", "block_size", "optimistic", "stop_token_ids", "min_tokens", "stop", "penalties", "logprobs", "structured_outputs")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +21,7 @@ class GenerateRequest(_message.Message):
     STOP_FIELD_NUMBER: _ClassVar[int]
     PENALTIES_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    STRUCTURED_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     prompt: _common_pb2.Prompt
     sampling: _common_pb2.SamplingParams
     max_tokens: int
@@ -33,7 +34,8 @@ class GenerateRequest(_message.Message):
     stop: _containers.RepeatedScalarFieldContainer[str]
     penalties: _common_pb2.Penalties
     logprobs: int
-    def __init__(self, prompt: _Optional[_Union[_common_pb2.Prompt, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., policy: _Optional[str] = ..., block_size: _Optional[int] = ..., optimistic: _Optional[bool] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., min_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., penalties: _Optional[_Union[_common_pb2.Penalties, _Mapping]] = ..., logprobs: _Optional[int] = ...) -> None: ...
+    structured_outputs: str
+    def __init__(self, prompt: _Optional[_Union[_common_pb2.Prompt, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., policy: _Optional[str] = ..., block_size: _Optional[int] = ..., optimistic: _Optional[bool] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., min_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., penalties: _Optional[_Union[_common_pb2.Penalties, _Mapping]] = ..., logprobs: _Optional[int] = ..., structured_outputs: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("token_ids", "text", "finish_reason", "logprobs", "deciders")
