@@ -83,6 +83,9 @@ FIELDS: dict[str, Field] = {
     "min_p": _transform(0, 0.0),
     "allowed_token_ids": _transform(),
     "logprobs": Field(APPLIED, _LOGPROBS),
+    "echo": Field(APPLIED, "completions: the prompt's text before the completion's (a 400 "
+                  "with logprobs: the prompt's logprobs are not computed); chat: a 400",
+                  (None, False)),
     "top_logprobs": Field(APPLIED, _LOGPROBS + " (chat, with logprobs: true)"),
     # -- applied by llm-only, refused under the others ------------------------------------------
     "bad_words": _llm_only([]),
@@ -91,7 +94,6 @@ FIELDS: dict[str, Field] = {
                                 "json_object)", (None,)),
     "prompt_logprobs": _refused(_FORMAT + " (prompt logprobs)"),
     "logprob_token_ids": _refused(_FORMAT + " (per-token logprobs)"),
-    "echo": _refused(_FORMAT + " (the prompt in the text)", False),
     "use_beam_search": _refused("beam search is not speculative sampling", False),
     "length_penalty": _refused("beam search only", 1, 1.0),
     "suffix": _refused("insertion (fill-in-the-middle) prompts"),

@@ -309,9 +309,9 @@ class RouterAPI:
     def _prompt_ids(self, body: CompletionRequest | ChatCompletionRequest) -> list[int]:
         if isinstance(body, ChatCompletionRequest):
             return self.chat_ids(body.messages, body.add_generation_prompt)
-        if body.echo:
-            raise InvalidArgument("echo is not supported by the router (the prompt's logprobs "
-                                  "are not computed): leave it unset or false")
+        if body.echo and body.logprobs is not None:
+            raise InvalidArgument("echo with logprobs: the prompt's logprobs are not computed "
+                                  "by the router; ask for one or the other")
         return prompt_ids(body.prompt, self.tokenizer, self.limits)
 
     @staticmethod
@@ -377,6 +377,10 @@ class RouterAPI:
         log_ignored(ignored)
         try:
             fields.check(body.model_extra or {})  # what would change the output: refused
+            if chat and not fields.is_neutral((body.model_extra or {}).get("echo"),
+                                              fields.FIELDS["echo"].neutral):
+                raise InvalidArgument("echo: not supported for chat completions (the last "
+                                      "message is not prepended): leave it unset or false")
             self.limits.check_n(body.n)
             ids = self.prompt_ids(body)
             reqs = [self.generation_request(body, ids, chat, i) for i in range(body.n)]
@@ -436,11 +440,14 @@ class RouterAPI:
             opts = body.stream_options or StreamOptions()
             return AdmittedStream(
                 self._sse(rid, created, body.model, chat, choices, opts.include_usage,
-                          opts.include_usage and opts.continuous_usage_stats, ignored),
+                          opts.include_usage and opts.continuous_usage_stats, ignored,
+                          self.echo_text(body)),
                 slot=slot, media_type="text/event-stream")
 
+        echo = self.echo_text(body)
+
         async def collect(c: _Choice) -> tuple[str, str, dict | None]:
-            text, finish, toks, lps, tiers = "", "length", [], [], []
+            text, finish, toks, lps, tiers = echo, "length", [], [], []
             ev = c.first
             while ev is not None:
                 kind, value = ev
@@ -539,8 +546,16 @@ class RouterAPI:
         finally:
             await _close_choices(choices, tasks)
 
+    def echo_text(self, body: CompletionRequest | ChatCompletionRequest) -> str:
+        """The prompt's text, which `echo` puts before a completion's (vLLM's: the prompt as
+        sent, or its token ids decoded)."""
+        if isinstance(body, ChatCompletionRequest) or not body.echo:
+            return ""
+        return body.prompt if isinstance(body.prompt, str) else self.tokenizer.decode(
+            body.prompt)
+
     async def _sse(self, rid, created, model, chat, choices: list[_Choice], include_usage: bool,
-                   continuous: bool, ignored: list[str]) -> AsyncIterator[str]:
+                   continuous: bool, ignored: list[str], echo: str = "") -> AsyncIterator[str]:
         obj = "chat.completion.chunk" if chat else "text_completion"
         n_prompt = len(choices[0].req.prompt_ids)
 
@@ -577,6 +592,9 @@ class RouterAPI:
         if chat:
             for c in choices:
                 yield chunk(c, None, None, role=True)
+        elif echo:
+            for c in choices:
+                yield chunk(c, echo, None)
         try:
             async for c, (kind, value) in self._merged(choices):
                 yield chunk(c, value, None) if kind == "text" else chunk(c, None, value)

@@ -4,6 +4,7 @@ the output (with the router's pure request handling over a scripted router)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -65,7 +66,8 @@ def test_a_neutral_value_passes_and_anything_else_is_refused():
     fields.check({"presence_penalty": 0.5, "response_format": {"type": "text"}, "user": "u",
                   "frobnicate": 3, "echo": False})
     for bad in ({"suffix": "x"}, {"use_beam_search": True},
-                {"echo": True}, {"prompt_logprobs": 2}, {"tools": [{"type": "function"}]}):
+                {"return_prompt_text": True}, {"prompt_logprobs": 2},
+                {"tools": [{"type": "function"}]}):
         with pytest.raises(fields.InvalidArgument, match=f"`{next(iter(bad))}`"):
             fields.check(bad)
     # the sampler transforms: only non-neutral values are taken
@@ -168,3 +170,26 @@ def test_add_generation_prompt_is_applied(served):
         assert r.status_code == 200, r.text
     with_prompt, without = (len(r.prompt_ids) for r in router.requests)
     assert with_prompt > without
+
+
+def test_echo_puts_the_prompt_before_a_completion_and_is_refused_where_it_cannot_be(served):
+    router, client = served
+    plain = client.post("/v1/completions", json={"model": "m", "prompt": "x = ",
+                                                 "max_tokens": 1}).json()
+    r = client.post("/v1/completions", json={"model": "m", "prompt": "x = ", "max_tokens": 1,
+                                             "echo": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == "x = " + plain["choices"][0]["text"]
+    with client.stream("POST", "/v1/completions", json={
+            "model": "m", "prompt": "x = ", "max_tokens": 1, "echo": True,
+            "stream": True}) as s:
+        texts = [json.loads(line[6:])["choices"][0]["text"] for line in s.iter_lines()
+                 if line.startswith("data: {")]
+    assert "".join(texts) == r.json()["choices"][0]["text"] and texts[0] == "x = "
+    r = client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 1,
+                                             "echo": True, "logprobs": 1})
+    assert r.status_code == 400 and "echo with logprobs" in r.json()["error"]["message"]
+    r = client.post("/v1/chat/completions", json={
+        "model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
+        "echo": True})
+    assert r.status_code == 400 and "echo" in r.json()["error"]["message"]
