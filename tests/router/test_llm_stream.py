@@ -48,7 +48,7 @@ async def consume(stop_after: int) -> list[bool]:
         for _ in range(3):
             stream = link.generate([1, 2, 3], SamplingSpec(0.0), 3, False, TierUsage())
             seen = 0
-            async for _ids, finish in stream:
+            async for _ids, finish, _logprobs in stream:
                 seen += 1
                 if finish or seen == stop_after:
                     break

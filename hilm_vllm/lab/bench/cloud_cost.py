@@ -132,7 +132,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--replot", type=Path, default=None,
                    help="only redraw the PNG of an existing cloud-cost JSON")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--request-fields", default="{}", metavar="JSON",
+                   help="more request fields for every request (a JSON object, e.g. "
+                        "'{\"presence_penalty\": 0.5, \"logprobs\": 5}'; recorded in config)")
     args = p.parse_args(argv)
+    try:
+        args.request_fields = json.loads(args.request_fields)
+    except ValueError:
+        p.error(f"--request-fields: not JSON: {args.request_fields!r}")
+    if not isinstance(args.request_fields, dict):
+        p.error("--request-fields: a JSON object of request fields")
     args.policies = [x for x in args.policies.split(",") if x]
     unknown = set(args.policies) - {*ROUTER_POLICIES, VLLM_SPEC}
     if unknown:
@@ -258,7 +267,7 @@ def router_runs(prompts: list[str], args, report) -> None:
         def settle() -> None:
             stack.wait_sessions_closed(SETTLE_S)
         for policy in policies:
-            extra = {"policy": policy}
+            extra = {**args.request_fields, "policy": policy}
             if policy in DRAFTING and args.optimistic is not None:
                 extra["optimistic"] = args.optimistic
             for c in args.concurrency:
@@ -273,7 +282,8 @@ def vllm_spec_runs(zoo, prompts: list[str], args, report) -> None:
         return
     with vllm_spec_server(zoo, args, prompts) as (url, proc):
         for c in args.concurrency:
-            report(measure(url, VLLM_SPEC, VLLM_SPEC, c, {"llm": proc.pid}, prompts, args, {}))
+            report(measure(url, VLLM_SPEC, VLLM_SPEC, c, {"llm": proc.pid}, prompts, args,
+                           dict(args.request_fields)))
 
 
 # ---- report -------------------------------------------------------------------------------------
