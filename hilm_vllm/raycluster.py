@@ -487,13 +487,7 @@ class RayStack:
                        placement=placement, timeout=timeout, log=log)
         stack = Stack({})
         try:
-            stack.args["router"] = [*plan.router, *placed.addresses(), "--host", plan.host,
-                                    "--port", str(plan.port), "--grpc-port", "0",
-                                    "--metrics-port", "0"]
-            stack.tiers["router"] = TierProcess.start(
-                "router", stack.args["router"],
-                echo=(lambda line: echo("router", line)) if echo else None)
-            stack.router.wait_healthy(timeout)
+            stack.start_router(plan, placed.addresses(), timeout, echo)
             if log:
                 log(f"router ready at {stack.url}")
         except BaseException:

@@ -173,13 +173,7 @@ class Stack:
                 say(f"{tier} ready at {stack.tiers[tier].grpc_address} "
                     f"(metrics {stack.tiers[tier].metrics_url}) after "
                     f"{time.monotonic() - t0:.0f} s")
-            stack.args["router"] = [*plan.router, *stack.addresses(), "--host", plan.host,
-                                    "--port", str(plan.port), "--grpc-port", "0",
-                                    "--metrics-port", "0"]
-            stack.tiers["router"] = TierProcess.start(
-                "router", stack.args["router"],
-                echo=(lambda line: echo("router", line)) if echo else None)
-            stack.tiers["router"].wait_healthy(timeout)
+            stack.start_router(plan, stack.addresses(), timeout, echo)
             say(f"router ready at {stack.url} after {time.monotonic() - t0:.0f} s")
         except BaseException:
             stack.stop()
@@ -190,6 +184,19 @@ class Stack:
         """--slm/--ilm/--llm flags naming the engine tiers' gRPC addresses."""
         return [x for t in ENGINE_TIERS if t in self.tiers
                 for x in (f"--{t}", self.tiers[t].grpc_address)]
+
+    def start_router(self, plan: StackPlan, addresses: list[str], timeout: float,
+                     echo: Callable[[str, str], None] | None = None) -> TierProcess:
+        """The plan's router on the engine tiers at `addresses` (--slm/--ilm/--llm flags), at
+        the plan's host and port, healthy; `echo(tier, line)` gets its output lines."""
+        self.args["router"] = [*plan.router, *addresses, "--host", plan.host,
+                               "--port", str(plan.port), "--grpc-port", "0",
+                               "--metrics-port", "0"]
+        self.tiers["router"] = TierProcess.start(
+            "router", self.args["router"],
+            echo=(lambda line: echo("router", line)) if echo else None)
+        self.tiers["router"].wait_healthy(timeout)
+        return self.tiers["router"]
 
     def add_router(self, flags: list[str], timeout: float = 300.0) -> TierProcess:
         """Another router on the same engine tiers (e.g. another network model); stopped with
