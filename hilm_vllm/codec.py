@@ -18,6 +18,7 @@ raises `InvalidArgument` saying what to send instead.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,8 @@ import numpy as np
 from hilm_vllm.errors import InvalidArgument
 from hilm_vllm.proto.hilm.v1 import common_pb2
 from hilm_vllm.sampling import (ID_DTYPE, LOGIT_BIAS_LIMIT, MAX_LOGPROBS, WEIGHT_DTYPE,
-                                Penalties, SamplingSpec, ScoredToken, TokenLogprob, unpack_row)
+                                Penalties, SamplingSpec, ScoredToken, Structured, TokenLogprob,
+                                unpack_row)
 from hilm_vllm.server.caps import check_client_samples
 from hilm_vllm.thresholds import Thresholds
 from hilm_vllm.uncertainty import MAX_SAMPLES, Gate, Perturbation, UncertaintyConfig
@@ -56,6 +58,9 @@ def sampling_to_pb(spec: SamplingSpec) -> common_pb2.SamplingParams:
     if spec.penalties is not None:
         pb.penalties.CopyFrom(penalties_to_pb(_penalty_kwargs(spec.penalties)))
         pb.penalties.output_start = spec.penalties.output_start
+    if spec.structured is not None:
+        pb.structured.params = spec.structured.params
+        pb.structured.output_start = spec.structured.output_start
     return pb
 
 
@@ -65,6 +70,10 @@ def sampling_from_pb(pb: common_pb2.SamplingParams, vocab_size: int | None = Non
     checked (token ids against `vocab_size` when given); bad_words have no place here."""
     spec = sampling(pb.temperature, pb.top_k, pb.top_p if pb.top_p != 0 else 1.0,
                     pb.seed if pb.HasField("seed") else None)
+    if pb.HasField("structured"):
+        spec = dataclasses.replace(spec, structured=structured_spec(
+            structured_from_json(pb.structured.params, "sampling.structured.params"),
+            pb.structured.output_start))
     if not pb.HasField("penalties"):
         return spec
     if pb.penalties.bad_words:
@@ -79,6 +88,9 @@ def generate_sampling_from_pb(pb: common_pb2.SamplingParams) -> SamplingSpec:
     if pb.HasField("penalties"):
         raise InvalidArgument("GenerateRequest.sampling.penalties: send the sampler transforms "
                               "as GenerateRequest.penalties")
+    if pb.HasField("structured"):
+        raise InvalidArgument("GenerateRequest.sampling.structured: send the constraint as "
+                              "GenerateRequest.structured_outputs")
     return sampling_from_pb(pb)
 
 
@@ -89,11 +101,16 @@ def sampling_to_dict(spec: SamplingSpec) -> dict:
         d["penalties"] = _penalty_kwargs(spec.penalties) | {
             "logit_bias": [list(b) for b in spec.penalties.logit_bias],
             "output_start": spec.penalties.output_start}
+    if spec.structured is not None:
+        d["structured"] = [spec.structured.params, spec.structured.output_start,
+                           list(spec.structured.stop_token_ids)]
     return d
 
 
 def sampling_from_dict(d: Mapping) -> SamplingSpec:
-    spec = SamplingSpec(d["temperature"], d["top_k"], d["top_p"], d.get("seed"))
+    spec = SamplingSpec(d["temperature"], d["top_k"], d["top_p"], d.get("seed"),
+                        structured=(Structured(*d["structured"][:2], tuple(d["structured"][2]))
+                                    if d.get("structured") else None))
     if (p := d.get("penalties")) is None:
         return spec
     return _with_penalties(spec, dict(p) | {"logit_bias": {int(t): b for t, b in
@@ -115,7 +132,8 @@ def _with_penalties(spec: SamplingSpec, d: Mapping, output_start: int) -> Sampli
                         float(d.get("repetition_penalty", 1.0)), float(d.get("min_p", 0.0)),
                         tuple(dict(d.get("logit_bias") or {}).items()),
                         tuple(d.get("allowed_token_ids") or ()), output_start)
-        return SamplingSpec(spec.temperature, spec.top_k, spec.top_p, spec.seed, pen)
+        return SamplingSpec(spec.temperature, spec.top_k, spec.top_p, spec.seed, pen,
+                            spec.structured)
     except (TypeError, ValueError) as e:
         raise InvalidArgument(f"sampling.penalties: {e}") from None
 
@@ -190,16 +208,25 @@ def structured_outputs(response_format: object = None, structured: object = None
     return out
 
 
-def structured_from_json(text: str) -> dict | None:
+def structured_spec(params: Mapping | None, output_start: int) -> Structured | None:
+    """StructuredOutputsParams keyword arguments (checked by `structured_outputs`) -> the
+    constraint a session's tiers apply to their rows (canonical JSON), or None."""
+    if not params:
+        return None
+    return Structured(json.dumps(dict(params), sort_keys=True, separators=(",", ":")),
+                      int(output_start))
+
+
+def structured_from_json(text: str, what: str = "structured_outputs") -> dict | None:
     """GenerateRequest.structured_outputs -> StructuredOutputsParams keyword arguments."""
     if not text:
         return None
     if len(text) > MAX_STRUCTURED_BYTES:
-        raise InvalidArgument(f"structured_outputs larger than {MAX_STRUCTURED_BYTES} bytes")
+        raise InvalidArgument(f"{what} larger than {MAX_STRUCTURED_BYTES} bytes")
     try:
         value = json.loads(text)
     except ValueError:
-        raise InvalidArgument("structured_outputs is not JSON") from None
+        raise InvalidArgument(f"{what} is not JSON") from None
     return structured_outputs(None, value)
 
 

@@ -82,6 +82,30 @@ class Penalties:
 
 
 @dataclass(frozen=True)
+class Structured:
+    """A structured-output constraint on the rows a tier computes: vLLM's
+    StructuredOutputsParams fields as canonical JSON (`codec.structured_outputs` checked them),
+    matched against the output from absolute position `output_start` on (the tokens before it
+    are the prompt, which a grammar does not read, as in vLLM). A tier compiles it with vLLM's
+    xgrammar backend (`hilm_vllm.server.grammar`) and masks each row with the grammar's state
+    after the tokens before the row, as vLLM masks its logits before the sampler.
+    `stop_token_ids`: the tokens that end the grammar's output, as vLLM passes them (EOS and the
+    request's stop_token_ids); the tier that opens the session fills them in."""
+
+    params: str
+    output_start: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.params, str) or not self.params:
+            raise ValueError("structured output params must be a non-empty JSON object text")
+        if self.output_start < 0:
+            raise ValueError(f"output_start must be >= 0, got {self.output_start}")
+        object.__setattr__(self, "stop_token_ids",
+                           tuple(sorted({int(t) for t in self.stop_token_ids})))
+
+
+@dataclass(frozen=True)
 class SamplingSpec:
     """A request's sampling parameters, validated once."""
 
@@ -90,6 +114,7 @@ class SamplingSpec:
     top_p: float = 1.0  # 1 = off
     seed: int | None = None
     penalties: Penalties | None = field(default=None)  # None = none
+    structured: Structured | None = None  # None = free text (the tiers mask rows with it)
 
     def __post_init__(self) -> None:
         # Finite as a float32 too: the wire carries it as one, and a larger double arrives as
@@ -305,6 +330,29 @@ def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int
     vals, ids = logp.topk(min(top, logp.shape[-1]), dim=-1)
     return [TokenLogprob(v, tuple(i), tuple(t))
             for v, i, t in zip(own, ids.tolist(), vals.tolist())]
+
+
+def bitmask_allowed(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """A grammar's token bitmask (xgrammar's layout: int32 [N, W], bit j of word i = token
+    32 i + j allowed) -> bool [N, vocab], on the bitmask's device; ids past 32 W are not
+    allowed."""
+    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask.to(torch.int32).unsqueeze(-1) >> bits) & 1).bool().flatten(1)
+    if allowed.shape[1] < vocab:
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+    return allowed[:, :vocab]
+
+
+def apply_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor
+                  ) -> torch.Tensor:
+    """logits [N, V] with every token a grammar does not allow set to -inf in `rows` (long [R];
+    bitmask [R, W], xgrammar's layout), as vLLM's `apply_grammar_bitmask` does before its
+    sampler; a copy, on the logits' device (the bitmask is moved there)."""
+    allowed = bitmask_allowed(bitmask.to(logits.device), logits.shape[1])
+    out = logits.clone()
+    rows = rows.to(logits.device)
+    out[rows] = out.index_select(0, rows).masked_fill(~allowed, float("-inf"))
+    return out
 
 
 def mask_tokens(logits: torch.Tensor, ids, rows: int) -> torch.Tensor:

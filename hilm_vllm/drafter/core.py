@@ -39,6 +39,7 @@ from hilm_vllm.drafter.wire import DraftResult
 from hilm_vllm.errors import (Aborted, FailedPrecondition, HilmError, InvalidArgument,
                               Unavailable)
 from hilm_vllm.sampling import SamplingSpec, ScoredToken, Truncation, unpack_row
+from hilm_vllm.server import grammar
 from hilm_vllm.server.engine_session import Chunk, ResidentSessions, SessionLost
 from hilm_vllm.server.caps import (DEFAULT_EXEMPT_PRINCIPALS, DEFAULT_MAX_CLIENT_SAMPLES,
                                     DEFAULT_MAX_SESSIONS_PER_CLIENT, check_caps)
@@ -258,6 +259,7 @@ class Drafter:
         if max_tokens:
             limit = min(limit, len(ids) + max_tokens)
         ban = tuple(dict.fromkeys([*self.info.eos_token_ids, *stop_token_ids]))
+        spec = grammar.for_session(spec, self.engine.vllm_config, ban)
         ban_until = len(ids) + min_tokens if min_tokens and ban else 0
         seeded = spec.seed is not None
         seed = spec.seed if seeded else secrets.randbits(63)
@@ -395,7 +397,7 @@ class Drafter:
                                spec=state.spec, truncation=self.settings.truncation,
                                ban=state.ban if position < state.ban_until else (),
                                ban_until=state.ban_until if position < state.ban_until else 0,
-                               logprobs=state.logprobs)
+                               logprobs=state.logprobs, session=session.id)
         # The processor draws every token from q (seeded by the session and the position) and
         # forces it: vLLM's sampler only has to keep greedy rows greedy, so it gets no top-k,
         # top-p or seed to work on.

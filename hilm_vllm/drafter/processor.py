@@ -52,10 +52,11 @@ from vllm.exceptions import VLLMValidationError
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from hilm_vllm import codec
-from hilm_vllm.sampling import (SamplingSpec, Truncation, draw, pack_row, processed_probs_batch,
-                                seed_uniform, token_logprobs, truncate)
+from hilm_vllm.sampling import (SamplingSpec, Truncation, apply_bitmask, draw, pack_row,
+                                processed_probs_batch, seed_uniform, token_logprobs, truncate)
 from hilm_vllm.seeds import Stream, derive_seed
 from hilm_vllm.server import memtrace
+from hilm_vllm.server.grammar import RowGrammars
 from hilm_vllm.uncertainty import (TOKEN_FREE_GATES, UncertaintyConfig, noise,
                                    perturbed_disagreement)
 
@@ -83,6 +84,7 @@ class DraftOptions:
     ban: tuple[int, ...] = ()
     ban_until: int = 0
     logprobs: int = -1  # >= 0: each token's raw logprob (before any mask) and this many top
+    session: str = ""  # the drafter session's id: its grammar state is kept under it
 
     def __post_init__(self) -> None:
         if not isinstance(self.key, str) or not self.key:
@@ -112,7 +114,8 @@ class DraftOptions:
                        truncation=Truncation(int(cap), float(eps)),
                        ban=tuple(int(t) for t in d.get("ban", ())),
                        ban_until=int(d.get("ban_until", 0)),
-                       logprobs=int(d.get("logprobs", -1)))
+                       logprobs=int(d.get("logprobs", -1)),
+                       session=str(d.get("session", "")))
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed extra_args[{DRAFT_ARG!r}]: {e!r}") from e
 
@@ -249,6 +252,7 @@ class DraftStore:
 
 
 STORE = DraftStore()
+GRAMMARS: RowGrammars | None = None  # structured outputs' masks (set by the processor)
 STATS = {"apply_s": 0.0, "apply_calls": 0, "rows": 0}  # processor cost, for the benchmark
 
 
@@ -261,6 +265,13 @@ def observe_rows(logits: torch.Tensor, active: list[tuple[int, Draft, int]]
     rows = torch.tensor([r for r, _, _ in active], dtype=torch.long, device=logits.device)
     raw = logits.index_select(0, rows).float()  # [B, V]
     drafts = [d for _, d, _ in active]
+    constrained = [i for i, d in enumerate(drafts) if d.options.spec.structured is not None]
+    if constrained:  # drafted inside the grammar: q (and raw logprobs) see its mask first
+        if GRAMMARS is None:
+            raise RuntimeError("a structured draft reached a processor built without a config")
+        raw = apply_bitmask(raw, torch.tensor(constrained, dtype=torch.long), GRAMMARS.bitmask([
+            (drafts[i].options.session or drafts[i].options.key, drafts[i].options.spec.structured,
+             context_of(drafts[i], active[i][2])) for i in constrained]))
     wants_lp = [i for i, d in enumerate(drafts) if d.options.logprobs >= 0]
     # vLLM's raw logprobs are of the logits before any mask: keep those rows as they are
     bare = raw.index_select(0, torch.tensor(wants_lp, dtype=torch.long, device=raw.device)
@@ -269,8 +280,7 @@ def observe_rows(logits: torch.Tensor, active: list[tuple[int, Draft, int]]
               if d.options.ban and d.options.base + index < d.options.ban_until]
     if banned:  # min_tokens: the stop ids cannot be drawn yet (q and u see them masked)
         raw = ban_rows(raw, banned)
-    contexts = [list(d.prompt_ids[:d.options.base]) + list(d.output_ids[:index])
-                if d.options.spec.penalties is not None
+    contexts = [context_of(d, index) if d.options.spec.penalties is not None
                 and d.options.spec.penalties.counts_history else None
                 for _, d, index in active]
     probs = processed_probs_batch(raw, [d.options.spec for d in drafts], contexts)
@@ -308,6 +318,12 @@ def observe_rows(logits: torch.Tensor, active: list[tuple[int, Draft, int]]
         packed = pack_row(ids.cpu().numpy(), weights.cpu().numpy())
         out.append(Position(tokens_host[i], u[i], *packed, lps.get(i)))
     return out
+
+
+def context_of(draft: Draft, index: int) -> list[int]:
+    """The session's tokens before the draft's output index `index` (what the row at that
+    index sees: the context, then the draft tokens before it)."""
+    return list(draft.prompt_ids[:draft.options.base]) + list(draft.output_ids[:index])
 
 
 def ban_rows(raw: torch.Tensor, banned: list[tuple[int, tuple[int, ...]]]) -> torch.Tensor:
@@ -393,7 +409,10 @@ class UncertaintyProcessor(LogitsProcessor):
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
 
+        global GRAMMARS
         memtrace.start_from_env("drafter-engine")
+        if GRAMMARS is None:
+            GRAMMARS = RowGrammars(vllm_config)
         self.rows: dict[int, Draft] = {}  # batch row -> draft
 
     def is_argmax_invariant(self) -> bool:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from hilm_vllm import errors
+from hilm_vllm import codec, errors
 from hilm_vllm.errors import HilmError, InvalidArgument, Unavailable
 from hilm_vllm.netmodel import NetworkModel
 from hilm_vllm.router import metrics
@@ -123,8 +123,9 @@ class GenerationRequest:
     # each token's logprob under the distribution that decided it and this many top tokens
     # there (None: none)
     logprobs: int | None = None
-    # vLLM's StructuredOutputsParams fields (codec.structured_outputs): llm-only, the LLM's own
-    # structured-output backend applies them
+    # vLLM's StructuredOutputsParams fields (codec.structured_outputs): the LLM's own
+    # structured-output backend applies them under llm-only, the drafter and verifiers mask
+    # their rows with the same grammar under the others (`sampling_spec`, server/grammar.py)
     structured: dict | None = None
 
     def __post_init__(self) -> None:
@@ -142,12 +143,6 @@ class GenerationRequest:
                 f"drafter and verifiers of {self.policy.value!r} do not apply it: send model "
                 f"'llm-only', or leave it unset")
         self.sampling_spec(0)  # the transforms' values are checked here, whatever the policy
-        if self.structured and self.policy is not Policy.LLM_ONLY:
-            raise InvalidArgument(
-                f"structured output (response_format, structured_outputs): applied only by "
-                f"the llm-only policy (the LLM's own structured-output backend); the drafter "
-                f"and verifiers of {self.policy.value!r} do not mask q and p with a grammar: "
-                f"send model 'llm-only', or leave it unset")
         if self.skip_rate is not None and not 0.0 <= self.skip_rate <= 1.0:
             raise InvalidArgument(f"skip_rate must be in [0, 1], got {self.skip_rate}")
         if self.block_size is not None and not 1 <= self.block_size <= 64:
@@ -167,7 +162,8 @@ class GenerationRequest:
             raise InvalidArgument(str(e)) from None
         if self.policy is Policy.LLM_ONLY:
             return self.spec
-        return dataclasses.replace(self.spec, penalties=pen)
+        return dataclasses.replace(self.spec, penalties=pen,
+                                   structured=codec.structured_spec(self.structured, output_start))
 
 
 Note = tuple[str, "TokenLogprob | None"]  # a final token's deciding tier and its logprob there
@@ -629,6 +625,12 @@ class _Run:
         usage = self.stats.tiers[Tier.LLM]
         deadline, wait = None, 0.25
         while True:
+            if self.req.structured and self.generated:
+                # vLLM's grammar reads a request's own output: from this history it would
+                # start over in the middle of the structure
+                raise Unavailable(
+                    f"a structured output cannot go on as the LLM's own generation after "
+                    f"{self.generated} tokens (its grammar would start over): retry")
             self.stats.rounds += 1
             # the LLM's own sampler applies the transforms (req.penalties), not the spec's copy
             spec = dataclasses.replace(self.spec_for(Tier.LLM, self.generated), penalties=None)

@@ -47,9 +47,11 @@ def _transform(*neutral) -> Field:
 
 
 _FORMAT = "asks for data the router does not return"
-_STRUCTURED = ("structured output: the LLM's own structured-output backend (vLLM's) applies it "
-               "under llm-only; refused under the speculative policies (their drafter and "
-               "verifiers do not mask q and p with the grammar yet)")
+_STRUCTURED = ("structured output, with vLLM's xgrammar backend: the LLM's own under llm-only; "
+               "under the others the drafter drafts inside the grammar and every verifier masks "
+               "its p with it (each draft row after the draft tokens before it), so lossless "
+               "policies sample the LLM's constrained law; every tier needs the same "
+               "--structured-outputs-config")
 STRUCTURED = ("response_format", "structured_outputs")  # read from the body's other fields
 _LOGPROBS = ("each token's raw logprob (as vLLM reports them) under the distribution that "
              "decided it: the LLM's (every token of the lossless policies), the ILM's or the "
@@ -89,8 +91,9 @@ FIELDS: dict[str, Field] = {
     "top_logprobs": Field(APPLIED, _LOGPROBS + " (chat, with logprobs: true)"),
     # -- applied by llm-only, refused under the others ------------------------------------------
     "bad_words": _llm_only([]),
-    "response_format": Field(LLM_ONLY, _STRUCTURED, (None, {"type": "text"})),
-    "structured_outputs": Field(LLM_ONLY, _STRUCTURED + " (json, regex, choice, grammar, "
+    "response_format": Field(APPLIED, _STRUCTURED + " (json_object, json_schema)",
+                             (None, {"type": "text"})),
+    "structured_outputs": Field(APPLIED, _STRUCTURED + " (json, regex, choice, grammar, "
                                 "json_object)", (None,)),
     "prompt_logprobs": _refused(_FORMAT + " (prompt logprobs)"),
     "logprob_token_ids": _refused(_FORMAT + " (per-token logprobs)"),

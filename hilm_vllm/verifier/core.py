@@ -27,6 +27,7 @@ from hilm_vllm import codec
 from hilm_vllm.sampling import SamplingSpec, ScoredToken, TokenLogprob, Truncation
 from hilm_vllm.server.engine_session import (Chunk, EngineSession, ResidentSessions,
                                              SessionLost)
+from hilm_vllm.server import grammar
 from hilm_vllm.server.gate import BatchGate
 from hilm_vllm.server.grpc_util import is_engine_client_error
 from hilm_vllm.server.caps import (DEFAULT_EXEMPT_PRINCIPALS, DEFAULT_MAX_CLIENT_SAMPLES,
@@ -180,6 +181,7 @@ class Verifier:
         codec.check_token_ids(stop_token_ids, self.facts.vocab_size, "stop_token_ids")
         ids = self._prompt_ids(prompt)
         stop_ids = tuple(dict.fromkeys([*self.facts.eos_token_ids, *stop_token_ids]))
+        spec = grammar.for_session(spec, self.engine.vllm_config, stop_ids)
         limits = SessionLimits(self.facts.vocab_size, self.facts.max_model_len,
                                self.settings.max_block, max_tokens or None, min_tokens,
                                stop_ids)

@@ -44,10 +44,11 @@ from dataclasses import dataclass, field
 import torch
 
 from hilm_vllm.rejection import BlockOutcome, verify_block
-from hilm_vllm.sampling import (pack_row, processed_probs_batch, token_logprobs,
-                                truncated_probs)
+from hilm_vllm.sampling import (apply_bitmask, pack_row, processed_probs_batch,
+                                token_logprobs, truncated_probs)
 from hilm_vllm.seeds import Stream, derive_seed
 from hilm_vllm.server import memtrace
+from hilm_vllm.server.grammar import RowGrammars
 from hilm_vllm.server.runner import check_v1_runner, pushes_results
 from hilm_vllm.uncertainty import TOKEN_FREE_GATES, perturbed_u
 from hilm_vllm.verifier.channel import ResultSink
@@ -142,6 +143,7 @@ class VerifyHook:
 
         memtrace.start_from_env("verifier-engine")
         self.runner = runner
+        self.grammars = RowGrammars(runner.vllm_config)  # structured outputs' masks
         self.pending = _Bounded()  # key -> _Pending
         self.results = _Bounded()  # key -> VerifyResult
         self.verified, self.hook_s = 0, 0.0  # counters for hilm_verify_stats
@@ -220,6 +222,12 @@ class VerifyHook:
                 ban_rows = min(st.hi - st.lo, args.ban_rows - (st.lo - st.first))
                 banned += [(at + i, args.ban) for i in range(ban_rows)] if args.ban else []
                 at += st.hi - st.lo
+            structured = [(i, st.state.req_id, specs[i].structured, contexts_of(st, a))
+                          for st, i, a in _rows_of(with_rows) if specs[i].structured is not None]
+            if structured:  # vLLM masks with the grammar before its sampler (and raw logprobs)
+                logits = apply_bitmask(
+                    logits, torch.tensor([i for i, *_ in structured], dtype=torch.long),
+                    self.grammars.bitmask([row for _, *row in structured]))
             unmasked = logits
             if banned:
                 logits = ban_rows_of(logits, banned)
@@ -319,6 +327,21 @@ class VerifyHook:
             rows.append(EmittedRow(token, u, base64.b64encode(ids).decode("ascii"),
                                    base64.b64encode(weights).decode("ascii")))
         return tuple(rows)
+
+
+def _rows_of(steps: list[_Step]):
+    """(step, row index in the step's logits, position) of every row, in order."""
+    at = 0
+    for st in steps:
+        for a in range(st.lo, st.hi):
+            yield st, at, a
+            at += 1
+
+
+def contexts_of(st: _Step, a: int) -> list[int]:
+    """The tokens up to and including position a of the step's request (row a predicts a + 1;
+    the draft tokens before it included)."""
+    return st.state.prompt_token_ids[:a + 1]
 
 
 def ban_rows_of(logits: torch.Tensor, banned: list[tuple[int, tuple[int, ...]]]) -> torch.Tensor:

@@ -32,8 +32,8 @@ ALL_POLICIES = ["llm-only", "hlm", "spec", "uhlm", "hilm", "cascade", "rand"]
 LOSSLESS = ["llm-only", "hlm", "spec", "cascade"]
 
 
-# JSON without free whitespace, so that the tiny model's constrained outputs end (structured
-# output under llm-only): an engine setting in vLLM 0.32, not a request field
+# JSON without free whitespace, so that the tiny model's constrained outputs end: an engine
+# setting in vLLM 0.32, not a request field
 STRUCTURED_FLAGS = ["--structured-outputs-config",
                     json.dumps({"backend": "xgrammar", "disable_any_whitespace": True})]
 
@@ -68,8 +68,10 @@ def router(zoo, llm, slm=None, ilm=None, *flags: str):
 
 @pytest.fixture(scope="module")
 def tiers(tiny_zoo):
-    with tier("llm", tiny_zoo.llm, *STRUCTURED_FLAGS) as llm, tier("ilm", tiny_zoo.ilm) as ilm, \
-            tier("slm", tiny_zoo.slm) as slm:
+    # every tier of a session with the same structured-output settings (they shape the grammar)
+    with tier("llm", tiny_zoo.llm, *STRUCTURED_FLAGS) as llm, \
+            tier("ilm", tiny_zoo.ilm, *STRUCTURED_FLAGS) as ilm, \
+            tier("slm", tiny_zoo.slm, *STRUCTURED_FLAGS) as slm:
         yield llm, ilm, slm
 
 
@@ -738,7 +740,7 @@ def test_structured_output_under_llm_only_through_the_llms_own_backend(served, t
     """response_format json_schema and json_object, and vLLM's structured_outputs (choice,
     regex), under llm-only: the LLM's own structured-output backend constrains it, every output
     parses and follows its constraint (seeded, T = 1); a bad constraint is a 400 and the router
-    keeps serving; the speculative policies refuse it with a 400 naming llm-only."""
+    keeps serving."""
     prompt = _prompts(tiny_zoo, 1)[0]
     url = served.http_url + "/v1/completions"
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"},
@@ -769,10 +771,136 @@ def test_structured_output_under_llm_only_through_the_llms_own_backend(served, t
     assert 400 <= code < 500, (code, out)
     code, out = _post(url, {**base, "seed": 1, "structured_outputs": {"choice": ["a", "b"]}})
     assert code == 200 and out["choices"][0]["text"] in ("a", "b")  # still serving
-    for policy in ("spec", "hilm"):
-        code, out = _post(url, {**base, "model": policy, "response_format": {
-            "type": "json_object"}})
-        assert code == 400 and "llm-only" in out["error"]["message"], (policy, out)
+
+
+JSON_SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"},
+                                                "n": {"type": "integer", "enum": [1, 2, 3]},
+                                                "tag": {"type": "string", "maxLength": 6}},
+               "required": ["ok", "n", "tag"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("policy", ALL_POLICIES[1:])
+def test_structured_output_in_every_policy(served, tiny_zoo, policy):
+    """json_schema, json_object, choice and regex under every speculative policy (the drafter
+    drafts inside the grammar, the verifiers mask p with it, across many rounds and rollbacks):
+    at T = 1 every output parses and follows its constraint (seeded, streamed and not); a
+    constraint the tiers' backend refuses is a 400 and the router keeps serving."""
+    prompt = _prompts(tiny_zoo, 1)[0]
+    url = served.http_url + "/v1/completions"
+    base = {"model": policy, "prompt": prompt, "max_tokens": 60, "temperature": 1.0}
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": JSON_SCHEMA}}
+    for seed in range(3):
+        code, out = _post(url, {**base, "seed": seed, "response_format": fmt})
+        assert code == 200, out
+        # strict=False: xgrammar's JSON strings admit control characters (llm-only's too)
+        value = json.loads(out["choices"][0]["text"], strict=False)
+        assert set(value) == {"ok", "n", "tag"} and isinstance(value["ok"], bool) and \
+            value["n"] in (1, 2, 3) and len(value["tag"]) <= 6, value
+        assert out["choices"][0]["finish_reason"] == "stop"
+        code, out = _post(url, {**base, "seed": seed,
+                                "structured_outputs": {"choice": ["yes", "no", "maybe"]}})
+        assert code == 200 and out["choices"][0]["text"] in ("yes", "no", "maybe"), out
+        code, out = _post(url, {**base, "seed": seed,
+                                "structured_outputs": {"regex": "[a-c]{3}[0-9]{2,5}"}})
+        assert code == 200 and re.fullmatch("[a-c]{3}[0-9]{2,5}", out["choices"][0]["text"]), out
+    c = client(served)
+    chunks = list(c.completions.create(model=policy, prompt=prompt, max_tokens=60, seed=7,
+                                       temperature=1.0, stream=True,
+                                       extra_body={"response_format": fmt}))
+    value = json.loads("".join(ch.choices[0].text for ch in chunks if ch.choices), strict=False)
+    assert set(value) == {"ok", "n", "tag"}, value
+    code, out = _post(url, {**base, "seed": 1, "response_format": {"type": "json_object"}})
+    assert code == 200 and out["choices"][0]["text"].startswith("{"), out
+    code, out = _post(url, {**base, "structured_outputs": {"regex": "(unclosed"}})
+    assert code == 400 and "structured output" in out["error"]["message"], (code, out)
+    code, out = _post(url, {**base, "seed": 1, "structured_outputs": {"choice": ["a", "b"]}})
+    assert code == 200 and out["choices"][0]["text"] in ("a", "b")  # still serving
+
+
+def test_structured_output_gives_the_llms_own_tokens_in_every_lossless_policy(served):
+    """At T = 0 a json_schema completion of hlm, spec and cascade is the LLM's own under its
+    vLLM backend (llm-only), token for token, on several prompts."""
+    url = served.http_url + "/v1/completions"
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": JSON_SCHEMA}}
+    for prompt in ["def read_config(path):\n    ", "{\"a\": ", "Answer in JSON: "]:
+        base = {"prompt": prompt, "max_tokens": 60, "temperature": 0, "response_format": fmt}
+        code, out = _post(url, {**base, "model": "llm-only"})
+        assert code == 200, out
+        expected = out["usage"]["hilm"]["token_ids"]
+        json.loads(out["choices"][0]["text"], strict=False)
+        for policy in LOSSLESS[1:]:
+            code, out = _post(url, {**base, "model": policy})
+            assert code == 200, (policy, out)
+            assert out["usage"]["hilm"]["token_ids"] == expected, (policy, prompt)
+
+
+STRUCTURED_REGEX = "[a-f][0-9a-f]"
+
+
+def constrained_pair_law(model_dir, prompt: list[int], spec: SamplingSpec, regex: str) -> dict:
+    """The joint law of the first two tokens under `regex` as vLLM samples it: the grammar's
+    bitmask (xgrammar, the tokenizer's vocabulary, EOS its stop token) applied to the logits,
+    then the sampling transform. Independent of hilm_vllm's grammar code."""
+    import torch
+    import xgrammar as xgr
+    from transformers import AutoConfig, AutoTokenizer
+
+    from hilm_vllm.sampling import processed_probs
+    from tests.verifier.helpers import hf_model
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    vocab = AutoConfig.from_pretrained(str(model_dir)).vocab_size
+    info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=vocab)
+    matcher = xgr.GrammarMatcher(xgr.GrammarCompiler(info).compile_regex(regex),
+                                 override_stop_tokens=[tok.eos_token_id])
+
+    def row(ids: list[int]) -> np.ndarray:
+        with torch.no_grad():
+            logits = hf_model(model_dir)(torch.tensor([ids])).logits[0, -1:].float()
+        mask = xgr.allocate_token_bitmask(1, vocab)
+        matcher.fill_next_token_bitmask(mask)
+        xgr.apply_token_bitmask_inplace(logits, mask)
+        p = processed_probs(logits, spec)[0].numpy().astype(np.float64)
+        return p / p.sum()
+
+    out = {}
+    p0 = row(prompt)
+    for x0 in np.nonzero(p0)[0].tolist():
+        assert matcher.accept_token(x0)
+        p1 = row(prompt + [x0])
+        for x1 in np.nonzero(p1)[0].tolist():
+            out[(x0, x1)] = float(p0[x0] * p1[x1])
+        matcher.rollback(1)
+    return out
+
+
+def test_lossless_policies_sample_the_llms_constrained_law(served, tiny_zoo):
+    """A regex constraint at T = 1 (top-k 3 after the grammar's mask, as vLLM orders them)
+    under spec and cascade with k = 2: the pair (x0, x1) of N seeded requests against the LLM's
+    constrained joint law, chi-square p > 1e-3; power: the same pairs reject the drafter's
+    constrained law (p < 1e-3)."""
+    prompt = _prompts(tiny_zoo, 1)[0]
+    spec = SamplingSpec(temperature=1.0, top_k=3)
+    target = constrained_pair_law(tiny_zoo.llm, prompt, spec, STRUCTURED_REGEX)
+    drafter = constrained_pair_law(tiny_zoo.slm, prompt, spec, STRUCTURED_REGEX)
+    structured = json.dumps({"regex": STRUCTURED_REGEX})
+    for policy in ("spec", "cascade"):
+        async def pairs() -> list[tuple]:
+            sem = asyncio.Semaphore(8)
+
+            async def one(seed: int) -> tuple:
+                async with sem:
+                    ids = await generate(served.grpc_address, prompt,
+                                         SamplingSpec(1.0, 3, 1.0, 12000 + seed), 3, policy,
+                                         ignore_eos=False, block_size=2,
+                                         structured_outputs=structured)
+                    return tuple(ids[:2])
+
+            return await asyncio.gather(*(one(s) for s in range(N_SEEDS)))
+
+        got = asyncio.run(pairs())
+        assert law_pvalue(got, target) > 1e-3, (policy, sorted(target.items()))
+        assert law_pvalue(got, drafter) < POWER_P_VALUE, f"power: {policy} vs the drafter's law"
 
 
 def hilm_usage_json(out: dict) -> dict:
