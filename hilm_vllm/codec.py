@@ -210,11 +210,11 @@ def structured_outputs(response_format: object = None, structured: object = None
 
 def structured_spec(params: Mapping | None, output_start: int) -> Structured | None:
     """StructuredOutputsParams keyword arguments (checked by `structured_outputs`) -> the
-    constraint a session's tiers apply to their rows (canonical JSON), or None."""
+    constraint a session's tiers apply to their rows (compact JSON, keys in their order: a
+    JSON schema's property order is the order its grammar generates them in), or None."""
     if not params:
         return None
-    return Structured(json.dumps(dict(params), sort_keys=True, separators=(",", ":")),
-                      int(output_start))
+    return Structured(json.dumps(dict(params), separators=(",", ":")), int(output_start))
 
 
 def structured_from_json(text: str, what: str = "structured_outputs") -> dict | None:

@@ -84,7 +84,7 @@ class Penalties:
 @dataclass(frozen=True)
 class Structured:
     """A structured-output constraint on the rows a tier computes: vLLM's
-    StructuredOutputsParams fields as canonical JSON (`codec.structured_outputs` checked them),
+    StructuredOutputsParams fields as JSON (`codec.structured_outputs` checked them),
     matched against the output from absolute position `output_start` on (the tokens before it
     are the prompt, which a grammar does not read, as in vLLM). A tier compiles it with vLLM's
     xgrammar backend (`hilm_vllm.server.grammar`) and masks each row with the grammar's state

@@ -38,7 +38,7 @@ def grammars(tokenizer):
 
 
 def constraint(tokenizer, start: int = 0, **params) -> Structured:
-    return Structured(json.dumps(params, sort_keys=True), start, (tokenizer.eos_token_id,))
+    return Structured(json.dumps(params), start, (tokenizer.eos_token_id,))
 
 
 def ids(tokenizer, text: str) -> list[int]:
@@ -140,3 +140,14 @@ def test_the_constraint_on_the_wire():
         codec.sampling_from_pb(pb)
     with pytest.raises(InvalidArgument, match="GenerateRequest.structured_outputs"):
         codec.generate_sampling_from_pb(codec.sampling_to_pb(spec))
+
+
+def test_a_schemas_property_order_is_kept(grammars, tokenizer):
+    """xgrammar generates an object's properties in the schema's order (as vLLM's backend sees
+    the request's schema): the wire must not reorder them."""
+    schema = {"type": "object", "properties": {"z": {"type": "integer"}, "a": {"type": "integer"}},
+              "required": ["z", "a"], "additionalProperties": False}
+    st = codec.structured_spec({"json": schema}, 0)
+    st = Structured(st.params, 0, (tokenizer.eos_token_id,))
+    after = allowed(grammars, tokenizer, st, ids(tokenizer, '{"'))
+    assert ids(tokenizer, "z")[0] in after and ids(tokenizer, "a")[0] not in after

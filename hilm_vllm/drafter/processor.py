@@ -32,6 +32,11 @@ The request's sampler transforms travel in `DraftOptions.spec.penalties` instead
 q (`sampling.processed_probs_batch`, with each row's context: the request's tokens before the
 position, earlier draft tokens included).
 
+Structured outputs: a draft whose spec carries a constraint has each row masked with its
+grammar's bitmask first (`server/grammar.py`, the session's tracker after the tokens before
+the position), so the drafter drafts inside the grammar and q, u and the raw logprobs see the
+mask, as vLLM's sampler would.
+
 All state lives in the worker process (`STORE`). A record lives while its request is in the
 batch and not finished: it is dropped when its last token is pushed, or when vLLM removes the
 request from the batch (finished, aborted, preempted: a preempted request re-attaches and goes on

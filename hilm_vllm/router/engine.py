@@ -31,7 +31,7 @@ import os
 import dataclasses
 import random
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -377,6 +377,21 @@ class Router:
         if policy.uses_ilm and self.ilm is None:
             raise InvalidArgument(f"policy {policy.value!r} needs an ILM: start the router "
                                   f"with --ilm HOST:PORT")
+
+    async def prompt_logprobs(self, prompt_ids: Sequence[int], top: int,
+                              stats: RequestStats) -> list[TokenLogprob]:
+        """The LLM's logprobs of the prompt's tokens after the first and the `top` tokens at
+        each (vLLM's prompt_logprobs, for `echo` with logprobs): one Generate of one token on
+        the LLM tier, counted in `stats` as LLM traffic."""
+        sink: list[TokenLogprob] = []
+        try:
+            async for _ in self.llm.generate(prompt_ids, SamplingSpec(temperature=0.0), 1, True,
+                                             stats.tiers[Tier.LLM], prompt_logprobs=top,
+                                             prompt_sink=sink):
+                pass
+        except grpc.aio.AioRpcError as e:
+            raise _translate(Tier.LLM, e) from None
+        return sink
 
     async def generate(self, req: GenerationRequest,
                        stats: RequestStats) -> AsyncIterator[list[int]]:

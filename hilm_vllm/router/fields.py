@@ -85,9 +85,10 @@ FIELDS: dict[str, Field] = {
     "min_p": _transform(0, 0.0),
     "allowed_token_ids": _transform(),
     "logprobs": Field(APPLIED, _LOGPROBS),
-    "echo": Field(APPLIED, "completions: the prompt's text before the completion's (a 400 "
-                  "with logprobs: the prompt's logprobs are not computed); chat: a 400",
-                  (None, False)),
+    "echo": Field(APPLIED, "completions: the prompt's text before the completion's; with "
+                  "logprobs, the prompt's tokens with the LLM's logprobs of them (vLLM's "
+                  "prompt logprobs, one more LLM call, any policy; `prompt` in hilm_tiers); "
+                  "chat: a 400", (None, False)),
     "top_logprobs": Field(APPLIED, _LOGPROBS + " (chat, with logprobs: true)"),
     # -- applied by llm-only, refused under the others ------------------------------------------
     "bad_words": _llm_only([]),

@@ -196,17 +196,20 @@ class VerifierLink(TierLink):
                        ignore_eos: bool, usage: TierUsage, stop_token_ids: Sequence[int] = (),
                        min_tokens: int = 0, stop: Sequence[str] = (),
                        penalties: Mapping | None = None, logprobs: int | None = None,
-                       structured: Mapping | None = None
+                       structured: Mapping | None = None, prompt_logprobs: int | None = None,
+                       prompt_sink: list | None = None
                        ) -> AsyncIterator[tuple[list[int], str, list[TokenLogprob]]]:
         """The LLM-only baseline: the tier's own streaming generation. The request pays the
         uplink delay; streamed chunks each arrive one downlink delay after they were sent
         (pipelined: delays overlap, order is kept). Yields (token ids, the tier's finish
         reason on the last chunk, else ""). A stream that sends nothing for the link's
         timeout ends with DEADLINE_EXCEEDED (the deadline is per chunk: a long generation is
-        not cut, a stalled tier is)."""
+        not cut, a stalled tier is). `prompt_logprobs`: the prompt's, appended to
+        `prompt_sink` when the first chunk brings them."""
         request = verifier_messages.generate_request(prompt, spec, max_tokens, ignore_eos,
                                                      stop_token_ids, min_tokens, stop,
-                                                     penalties, logprobs, structured)
+                                                     penalties, logprobs, structured,
+                                                     prompt_logprobs)
         up = request.ByteSize()
         t0 = time.perf_counter()
         d_up = self.network.delay(Site.DEVICE, self.site, up)
@@ -246,6 +249,8 @@ class VerifierLink(TierLink):
                     await asyncio.sleep(wait)
                     usage.network_ms += wait * 1e3
                 finished = finished or bool(chunk.finish_reason)
+                if prompt_sink is not None and chunk.prompt_logprobs:
+                    prompt_sink += [codec.logprob_from_pb(t) for t in chunk.prompt_logprobs]
                 if chunk.token_ids or chunk.finish_reason:
                     yield (list(chunk.token_ids), chunk.finish_reason,
                            [codec.logprob_from_pb(t) for t in chunk.logprobs])

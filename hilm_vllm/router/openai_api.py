@@ -152,6 +152,9 @@ class ChatCompletionRequest(_Sampling):
     add_generation_prompt: bool = True
 
 
+PROMPT_DECIDER = "prompt"  # hilm_tiers of an echoed prompt's tokens (their logprobs: the LLM's)
+
+
 def _lp(lp) -> float | None:
     """A logprob as JSON: -inf (a masked token) as vLLM writes it, -9999.0."""
     return None if lp is None else max(lp.logprob, -9999.0)
@@ -309,9 +312,6 @@ class RouterAPI:
     def _prompt_ids(self, body: CompletionRequest | ChatCompletionRequest) -> list[int]:
         if isinstance(body, ChatCompletionRequest):
             return self.chat_ids(body.messages, body.add_generation_prompt)
-        if body.echo and body.logprobs is not None:
-            raise InvalidArgument("echo with logprobs: the prompt's logprobs are not computed "
-                                  "by the router; ask for one or the other")
         return prompt_ids(body.prompt, self.tokenizer, self.limits)
 
     @staticmethod
@@ -409,6 +409,11 @@ class RouterAPI:
             choices.append(_Choice(i, req, stats, self._events(
                 req, stats, body.include_stop_str_in_output)))
         t0 = time.perf_counter()
+        try:
+            echo = await self.echo_chunk(body, reqs[0], choices[0].stats)
+        except HilmError as e:
+            await _close_choices(choices)
+            return _hilm_error(e)
 
         async def first(c: _Choice):
             try:
@@ -441,13 +446,14 @@ class RouterAPI:
             return AdmittedStream(
                 self._sse(rid, created, body.model, chat, choices, opts.include_usage,
                           opts.include_usage and opts.continuous_usage_stats, ignored,
-                          self.echo_text(body)),
+                          echo),
                 slot=slot, media_type="text/event-stream")
 
-        echo = self.echo_text(body)
-
         async def collect(c: _Choice) -> tuple[str, str, dict | None]:
-            text, finish, toks, lps, tiers = echo, "length", [], [], []
+            text, finish, toks, lps, tiers = "", "length", [], [], []
+            if echo is not None:
+                text, toks, lps, tiers = (echo.text, list(echo.token_ids), list(echo.logprobs),
+                                          list(echo.deciders))
             ev = c.first
             while ev is not None:
                 kind, value = ev
@@ -546,6 +552,22 @@ class RouterAPI:
         finally:
             await _close_choices(choices, tasks)
 
+    async def echo_chunk(self, body: CompletionRequest | ChatCompletionRequest,
+                         req: GenerationRequest, stats: RequestStats) -> TextChunk | None:
+        """What `echo` puts before each choice's completion: the prompt's text and, with
+        logprobs, its tokens with the LLM's logprobs of them (vLLM's prompt_logprobs, from the
+        LLM tier whatever the policy: the first token has none), marked `prompt` in
+        hilm_tiers. None without echo."""
+        text = self.echo_text(body)
+        if isinstance(body, ChatCompletionRequest) or not body.echo:
+            return None
+        if body.logprobs is None:
+            return TextChunk([], text)
+        ids = list(req.prompt_ids)
+        found = await self.router.prompt_logprobs(ids, body.logprobs, stats)
+        return TextChunk(ids, text, deciders=[PROMPT_DECIDER] * len(ids),
+                         logprobs=[None, *found][:len(ids)])
+
     def echo_text(self, body: CompletionRequest | ChatCompletionRequest) -> str:
         """The prompt's text, which `echo` puts before a completion's (vLLM's: the prompt as
         sent, or its token ids decoded)."""
@@ -555,7 +577,8 @@ class RouterAPI:
             body.prompt)
 
     async def _sse(self, rid, created, model, chat, choices: list[_Choice], include_usage: bool,
-                   continuous: bool, ignored: list[str], echo: str = "") -> AsyncIterator[str]:
+                   continuous: bool, ignored: list[str], echo: TextChunk | None = None
+                   ) -> AsyncIterator[str]:
         obj = "chat.completion.chunk" if chat else "text_completion"
         n_prompt = len(choices[0].req.prompt_ids)
 
@@ -592,7 +615,7 @@ class RouterAPI:
         if chat:
             for c in choices:
                 yield chunk(c, None, None, role=True)
-        elif echo:
+        elif echo is not None:
             for c in choices:
                 yield chunk(c, echo, None)
         try:

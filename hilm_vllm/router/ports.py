@@ -68,5 +68,6 @@ class VerifyPort(TierPort, Protocol):
                  ignore_eos: bool, usage: TierUsage, stop_token_ids: Sequence[int] = (),
                  min_tokens: int = 0, stop: Sequence[str] = (),
                  penalties: Mapping | None = None, logprobs: int | None = None,
-                 structured: Mapping | None = None
+                 structured: Mapping | None = None, prompt_logprobs: int | None = None,
+                 prompt_sink: list | None = None
                  ) -> AsyncIterator[tuple[list[int], str, list[TokenLogprob]]]: ...

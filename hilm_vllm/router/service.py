@@ -40,6 +40,8 @@ class RouterGenerator(generate_pb2_grpc.GeneratorServicer):
     @translate_stream_errors
     async def Generate(self, request, context):
         req = self._request(request)
+        prompt_top = codec.check_logprobs(request.prompt_logprobs if request.HasField(
+            "prompt_logprobs") else None, "prompt_logprobs")
         try:
             slot = await self.api.router.admission.acquire(grpc_client(context))
         except TooBusy as e:
@@ -47,6 +49,10 @@ class RouterGenerator(generate_pb2_grpc.GeneratorServicer):
                 (RETRY_AFTER_METADATA, str(e.retry_after_s)),))
         try:
             stats = RequestStats(req.policy.value)
+            if prompt_top is not None:  # the LLM's, in a first message of their own
+                found = await self.api.router.prompt_logprobs(req.prompt_ids, prompt_top, stats)
+                yield generate_pb2.GenerateResponse(
+                    prompt_logprobs=[codec.logprob_to_pb(t) for t in found])
             async for chunk in text_chunks(self.api.router, req, stats, self.api.tokenizer):
                 yield generate_pb2.GenerateResponse(
                     token_ids=chunk.token_ids, text=chunk.text,

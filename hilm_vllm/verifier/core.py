@@ -329,10 +329,12 @@ class Verifier:
                        ignore_eos: bool = False, stop_token_ids: Sequence[int] = (),
                        min_tokens: int = 0, stop: Sequence[str] = (),
                        penalties: Mapping | None = None, logprobs: int | None = None,
-                       structured: Mapping | None = None) -> AsyncIterator[GenerateChunk]:
+                       structured: Mapping | None = None, prompt_logprobs: int | None = None
+                       ) -> AsyncIterator[GenerateChunk]:
         """Plain streaming generation (the LLM-only baseline), with vLLM's own stop rules
         (EOS of the model's generation config, `stop_token_ids`, `min_tokens`, `stop`) and
-        sampler transforms (`penalties`: codec.PENALTY_FIELDS as SamplingParams takes them).
+        sampler transforms (`penalties`: codec.PENALTY_FIELDS as SamplingParams takes them);
+        `prompt_logprobs`: vLLM's, in the first chunk.
         Cancelling the consumer aborts the vLLM request (AsyncLLM.generate aborts on
         CancelledError / GeneratorExit)."""
         from vllm import SamplingParams
@@ -358,12 +360,18 @@ class Verifier:
                                 stop=list(stop) or None, logprobs=logprobs,
                                 structured_outputs=None if not structured else
                                 StructuredOutputsParams(**structured),
-                                **dict(penalties or {}))
+                                prompt_logprobs=prompt_logprobs, **dict(penalties or {}))
+        first = True
         async for out in self._engine_generate(tokens_input(ids), params):
             c = out.outputs[0]
+            prompt = ()
+            if first and prompt_logprobs is not None:
+                prompt = ranked_logprobs(ids[1:], (out.prompt_logprobs or [None])[1:],
+                                         prompt_logprobs)
+            first = False
             yield GenerateChunk(tuple(c.token_ids), c.text or "",
                                 c.finish_reason if out.finished else None,
-                                () if logprobs is None else vllm_logprobs(c, logprobs))
+                                () if logprobs is None else vllm_logprobs(c, logprobs), prompt)
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -386,8 +394,14 @@ def vllm_logprobs(completion, top: int) -> tuple[TokenLogprob, ...]:
     """vLLM's per-token logprobs of a (delta) CompletionOutput asked with `logprobs=top` -> one
     TokenLogprob per token: the sampled token's, and the `top` tokens of ranks 1..top (vLLM
     lists them, and the sampled token with its own rank)."""
+    return ranked_logprobs(completion.token_ids, completion.logprobs or (), top)
+
+
+def ranked_logprobs(tokens, entries, top: int) -> tuple[TokenLogprob, ...]:
+    """vLLM's logprob entries ({token: Logprob(logprob, rank)} per position, for `tokens`)
+    -> one TokenLogprob per token with the `top` tokens of ranks 1..top."""
     out = []
-    for token, entry in zip(completion.token_ids, completion.logprobs or ()):
+    for token, entry in zip(tokens, entries):
         ranked = sorted((lp.rank, t, lp.logprob) for t, lp in entry.items()
                         if lp.rank is not None and 1 <= lp.rank <= top)
         out.append(TokenLogprob(entry[token].logprob, tuple(t for _, t, _ in ranked),

@@ -40,6 +40,8 @@ class GenerateChunk:
     text: str
     finish_reason: str | None  # set on the last chunk
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when asked
+    # first chunk, when asked: one per prompt token after the first (vLLM's prompt_logprobs)
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
 
 def open_request(prompt: Prompt | Sequence[int], spec: SamplingSpec, max_tokens: int = 0,
@@ -85,7 +87,8 @@ def generate_request(prompt: Prompt | Sequence[int], spec: SamplingSpec, max_tok
                      ignore_eos: bool = False, stop_token_ids: Sequence[int] = (),
                      min_tokens: int = 0, stop: Sequence[str] = (),
                      penalties: Mapping | None = None, logprobs: int | None = None,
-                     structured: Mapping | None = None) -> generate_pb2.GenerateRequest:
+                     structured: Mapping | None = None, prompt_logprobs: int | None = None
+                     ) -> generate_pb2.GenerateRequest:
     """`penalties`: vLLM's sampler transforms (codec.PENALTY_FIELDS), which the tier's own
     sampler applies."""
     request = generate_pb2.GenerateRequest(
@@ -98,4 +101,6 @@ def generate_request(prompt: Prompt | Sequence[int], spec: SamplingSpec, max_tok
         request.logprobs = logprobs
     if structured:
         request.structured_outputs = json.dumps(dict(structured))
+    if prompt_logprobs is not None:
+        request.prompt_logprobs = prompt_logprobs
     return request

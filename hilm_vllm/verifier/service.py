@@ -113,12 +113,15 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
                                                            verifier.facts.vocab_size),
                                    codec.check_logprobs(request.logprobs if request.HasField(
                                        "logprobs") else None),
-                                   codec.structured_from_json(request.structured_outputs))
+                                   codec.structured_from_json(request.structured_outputs),
+                                   codec.check_logprobs(request.prompt_logprobs if request.HasField(
+                                       "prompt_logprobs") else None, "prompt_logprobs"))
         async for chunk in chunks:
             yield generate_pb2.GenerateResponse(
                 token_ids=chunk.token_ids, text=chunk.text,
                 finish_reason=chunk.finish_reason or "",
-                logprobs=[codec.logprob_to_pb(t) for t in chunk.logprobs])
+                logprobs=[codec.logprob_to_pb(t) for t in chunk.logprobs],
+                prompt_logprobs=[codec.logprob_to_pb(t) for t in chunk.prompt_logprobs])
 
 
 def add_services(server: grpc.aio.Server, verifier: VerifierGetter) -> list[str]:

@@ -29,6 +29,12 @@ perturbation noise seeded from (session noise seed, absolute position) on the dr
 stream, exactly as the drafter's processor does. A next tier verifies them as a draft with q =
 that row and stays exact; the rows stay small on any vocabulary.
 
+Structured outputs: a request whose spec carries a constraint (`sampling.Structured`) has each
+row masked with its grammar's bitmask before anything else (`server/grammar.py`: the session's
+tracker, keyed by the request, after the output tokens before the row, the draft tokens
+included), as vLLM masks its logits before the sampler; the raw logprobs see the mask, as
+vLLM's do.
+
 The hook wraps two methods of vLLM 0.32's V1 model runner (`GPUModelRunner`, subclassed by
 `CPUModelRunner`), so it pins that version and that runner.
 """

@@ -18,6 +18,7 @@ from hilm_vllm.router.engine import RouterConfig
 from hilm_vllm.router.openai_api import (ChatCompletionRequest, CompletionRequest, RouterAPI,
                                          build_app)
 from hilm_vllm.router.policy import Policy
+from hilm_vllm.sampling import TokenLogprob
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -99,6 +100,12 @@ class OneTokenRouter:
         stats.tokens += 1
         yield [65]
 
+    async def prompt_logprobs(self, ids, top, stats):
+        """Made-up values for the prompt's tokens after the first (the shape is tested here;
+        the LLM's own values in tests/router/test_router.py)."""
+        return [TokenLogprob(-float(i), tuple(range(top)), tuple([-0.5] * top))
+                for i in range(1, len(ids))]
+
 
 @pytest.fixture
 def served(tiny_zoo):
@@ -176,6 +183,8 @@ def test_add_generation_prompt_is_applied(served):
 
 
 def test_echo_puts_the_prompt_before_a_completion_and_is_refused_where_it_cannot_be(served):
+    """The prompt's text first (streamed first); with logprobs, its tokens and the LLM's
+    logprobs of them (none for the first), marked "prompt"; chat refuses echo."""
     router, client = served
     plain = client.post("/v1/completions", json={"model": "m", "prompt": "x = ",
                                                  "max_tokens": 1}).json()
@@ -189,9 +198,15 @@ def test_echo_puts_the_prompt_before_a_completion_and_is_refused_where_it_cannot
         texts = [json.loads(line[6:])["choices"][0]["text"] for line in s.iter_lines()
                  if line.startswith("data: {")]
     assert "".join(texts) == r.json()["choices"][0]["text"] and texts[0] == "x = "
-    r = client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 1,
+    r = client.post("/v1/completions", json={"model": "m", "prompt": "x = ", "max_tokens": 1,
                                              "echo": True, "logprobs": 1})
-    assert r.status_code == 400 and "echo with logprobs" in r.json()["error"]["message"]
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    n = len(router.requests[-1].prompt_ids)
+    assert len(lp["tokens"]) == n + 1 and lp["token_logprobs"][0] is None and \
+        lp["top_logprobs"][0] is None and lp["token_logprobs"][1:n] == [-float(i)
+                                                                         for i in range(1, n)]
+    assert lp["hilm_tiers"][:n] == ["prompt"] * n and lp["text_offset"][0] == 0
     r = client.post("/v1/chat/completions", json={
         "model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
         "echo": True})

@@ -736,6 +736,57 @@ def test_logprobs_are_the_llms_own_in_every_lossless_policy(served, tiny_zoo):
     assert code == 400 and "logprobs must be in [0, 20]" in out["error"]["message"]
 
 
+def test_echo_with_logprobs_gives_the_prompts_llm_logprobs(served, tiny_zoo):
+    """Completions echo + logprobs (vLLM's prompt logprobs) under llm-only and spec: the prompt's
+    tokens first, the first without a logprob, each other with the LLM's log-softmax at its
+    position (transformers) and its top 2, marked "prompt"; then the completion's; the stream
+    carries the same; gRPC GenerateRequest.prompt_logprobs gives the same values."""
+    import torch
+
+    from tests.verifier.helpers import hf_model
+
+    prompt = _prompts(tiny_zoo, 1)[0][:12]
+    with torch.no_grad():
+        logp = torch.log_softmax(hf_model(tiny_zoo.llm)(torch.tensor([prompt])).logits[0].float(),
+                                 -1)
+    expected = [float(logp[i - 1, prompt[i]]) for i in range(1, len(prompt))]
+    url = served.http_url + "/v1/completions"
+    for policy in ("llm-only", "spec"):
+        body = {"model": policy, "prompt": prompt, "max_tokens": 4, "temperature": 0,
+                "ignore_eos": True, "echo": True, "logprobs": 2}
+        code, out = _post(url, body)
+        assert code == 200, (policy, out)
+        lp = out["choices"][0]["logprobs"]
+        n = len(prompt)
+        assert len(lp["tokens"]) == n + 4 and lp["token_logprobs"][0] is None
+        assert lp["hilm_tiers"] == ["prompt"] * n + ["llm"] * 4, lp["hilm_tiers"]
+        np.testing.assert_allclose(lp["token_logprobs"][1:n], expected, atol=2e-3)
+        assert all(len(top) >= 2 for top in lp["top_logprobs"][1:])
+        req = urllib.request.Request(url, json.dumps({**body, "stream": True}).encode(),
+                                     {"Content-Type": "application/json"})
+        streamed = []
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            for line in resp.read().decode().splitlines():
+                if line.startswith("data: {"):
+                    part = json.loads(line[6:])["choices"][0]["logprobs"]
+                    streamed += part["token_logprobs"] if part else []
+        assert streamed[0] is None
+        np.testing.assert_allclose(streamed[1:], lp["token_logprobs"][1:], atol=1e-6)
+
+    async def grpc_run():
+        async with grpc.aio.insecure_channel(served.grpc_address) as ch:
+            stub = generate_pb2_grpc.GeneratorStub(ch)
+            got = []
+            async for r in stub.Generate(generate_pb2.GenerateRequest(
+                    prompt=codec.prompt_to_pb(prompt),
+                    sampling=codec.sampling_to_pb(SamplingSpec(0.0)), max_tokens=2,
+                    ignore_eos=True, policy="hilm", prompt_logprobs=1)):
+                got += [t.logprob for t in r.prompt_logprobs]
+            return got
+
+    np.testing.assert_allclose(asyncio.run(grpc_run()), expected, atol=2e-3)
+
+
 def test_structured_output_under_llm_only_through_the_llms_own_backend(served, tiny_zoo):
     """response_format json_schema and json_object, and vLLM's structured_outputs (choice,
     regex), under llm-only: the LLM's own structured-output backend constrains it, every output
@@ -834,7 +885,7 @@ def test_structured_output_gives_the_llms_own_tokens_in_every_lossless_policy(se
             assert out["usage"]["hilm"]["token_ids"] == expected, (policy, prompt)
 
 
-STRUCTURED_REGEX = "[a-f][0-9a-f]"
+STRUCTURED_REGEX = "[a-z ]{2}"  # top-3 after its mask: total variation 0.33 between LLM and SLM
 
 
 def constrained_pair_law(model_dir, prompt: list[int], spec: SamplingSpec, regex: str) -> dict:
@@ -876,15 +927,16 @@ def constrained_pair_law(model_dir, prompt: list[int], spec: SamplingSpec, regex
 
 def test_lossless_policies_sample_the_llms_constrained_law(served, tiny_zoo):
     """A regex constraint at T = 1 (top-k 3 after the grammar's mask, as vLLM orders them)
-    under spec and cascade with k = 2: the pair (x0, x1) of N seeded requests against the LLM's
-    constrained joint law, chi-square p > 1e-3; power: the same pairs reject the drafter's
-    constrained law (p < 1e-3)."""
+    under llm-only (the LLM's own vLLM backend: the reference is its law), spec and cascade
+    with k = 2: the pair (x0, x1) of N seeded requests against the LLM's constrained joint law,
+    chi-square p > 1e-3; power: the same pairs reject the drafter's constrained law
+    (p < 1e-3)."""
     prompt = _prompts(tiny_zoo, 1)[0]
     spec = SamplingSpec(temperature=1.0, top_k=3)
     target = constrained_pair_law(tiny_zoo.llm, prompt, spec, STRUCTURED_REGEX)
     drafter = constrained_pair_law(tiny_zoo.slm, prompt, spec, STRUCTURED_REGEX)
     structured = json.dumps({"regex": STRUCTURED_REGEX})
-    for policy in ("spec", "cascade"):
+    for policy in ("llm-only", "spec", "cascade"):
         async def pairs() -> list[tuple]:
             sem = asyncio.Semaphore(8)
 

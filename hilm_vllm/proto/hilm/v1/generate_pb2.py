@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from hilm_vllm.proto.hilm.v1 import common_pb2 as hilm__vllm_dot_proto_dot_hilm_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&hilm_vllm/proto/hilm/v1/generate.proto\x12\x07hilm.v1\x1a$hilm_vllm/proto/hilm/v1/common.proto\"\x86\x03\n\x0fGenerateRequest\x12\x1f\n\x06prompt\x18\x01 \x01(\x0b\x32\x0f.hilm.v1.Prompt\x12)\n\x08sampling\x18\x02 \x01(\x0b\x32\x17.hilm.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x12\n\nignore_eos\x18\x04 \x01(\x08\x12\x0e\n\x06policy\x18\x05 \x01(\t\x12\x17\n\nblock_size\x18\x06 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\noptimistic\x18\x07 \x01(\x08H\x01\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nmin_tokens\x18\t \x01(\x05\x12\x0c\n\x04stop\x18\n \x03(\t\x12%\n\tpenalties\x18\x0b \x01(\x0b\x32\x12.hilm.v1.Penalties\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\x02\x88\x01\x01\x12\x1a\n\x12structured_outputs\x18\r \x01(\tB\r\n\x0b_block_sizeB\r\n\x0b_optimisticB\x0b\n\t_logprobs\"\x85\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\'\n\x08logprobs\x18\x04 \x03(\x0b\x32\x15.hilm.v1.TokenLogprob\x12\x10\n\x08\x64\x65\x63iders\x18\x05 \x03(\t2N\n\tGenerator\x12\x41\n\x08Generate\x12\x18.hilm.v1.GenerateRequest\x1a\x19.hilm.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&hilm_vllm/proto/hilm/v1/generate.proto\x12\x07hilm.v1\x1a$hilm_vllm/proto/hilm/v1/common.proto\"\xb8\x03\n\x0fGenerateRequest\x12\x1f\n\x06prompt\x18\x01 \x01(\x0b\x32\x0f.hilm.v1.Prompt\x12)\n\x08sampling\x18\x02 \x01(\x0b\x32\x17.hilm.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x12\n\nignore_eos\x18\x04 \x01(\x08\x12\x0e\n\x06policy\x18\x05 \x01(\t\x12\x17\n\nblock_size\x18\x06 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\noptimistic\x18\x07 \x01(\x08H\x01\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nmin_tokens\x18\t \x01(\x05\x12\x0c\n\x04stop\x18\n \x03(\t\x12%\n\tpenalties\x18\x0b \x01(\x0b\x32\x12.hilm.v1.Penalties\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\x02\x88\x01\x01\x12\x1a\n\x12structured_outputs\x18\r \x01(\t\x12\x1c\n\x0fprompt_logprobs\x18\x0e \x01(\x05H\x03\x88\x01\x01\x42\r\n\x0b_block_sizeB\r\n\x0b_optimisticB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\xb5\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\'\n\x08logprobs\x18\x04 \x03(\x0b\x32\x15.hilm.v1.TokenLogprob\x12\x10\n\x08\x64\x65\x63iders\x18\x05 \x03(\t\x12.\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x15.hilm.v1.TokenLogprob2N\n\tGenerator\x12\x41\n\x08Generate\x12\x18.hilm.v1.GenerateRequest\x1a\x19.hilm.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hilm_vllm.proto.hilm.v1.gen
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=90
-  _globals['_GENERATEREQUEST']._serialized_end=480
-  _globals['_GENERATERESPONSE']._serialized_start=483
-  _globals['_GENERATERESPONSE']._serialized_end=616
-  _globals['_GENERATOR']._serialized_start=618
-  _globals['_GENERATOR']._serialized_end=696
+  _globals['_GENERATEREQUEST']._serialized_end=530
+  _globals['_GENERATERESPONSE']._serialized_start=533
+  _globals['_GENERATERESPONSE']._serialized_end=714
+  _globals['_GENERATOR']._serialized_start=716
+  _globals['_GENERATOR']._serialized_end=794
 # @@protoc_insertion_point(module_scope)
