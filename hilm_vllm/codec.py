@@ -23,6 +23,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -58,6 +59,8 @@ def sampling_to_pb(spec: SamplingSpec) -> common_pb2.SamplingParams:
     if spec.penalties is not None:
         pb.penalties.CopyFrom(penalties_to_pb(_penalty_kwargs(spec.penalties)))
         pb.penalties.output_start = spec.penalties.output_start
+        for word in spec.penalties.bad_words:
+            pb.penalties.bad_words_token_ids.add(ids=word)
     if spec.structured is not None:
         pb.structured.params = spec.structured.params
         pb.structured.output_start = spec.structured.output_start
@@ -67,7 +70,7 @@ def sampling_to_pb(spec: SamplingSpec) -> common_pb2.SamplingParams:
 def sampling_from_pb(pb: common_pb2.SamplingParams, vocab_size: int | None = None
                      ) -> SamplingSpec:
     """top_p 0 (unset) is 1 (off); a negative one is an error, as over HTTP. `penalties` are
-    checked (token ids against `vocab_size` when given); bad_words have no place here."""
+    checked (token ids against `vocab_size` when given); bad words travel as token ids."""
     spec = sampling(pb.temperature, pb.top_k, pb.top_p if pb.top_p != 0 else 1.0,
                     pb.seed if pb.HasField("seed") else None)
     if pb.HasField("structured"):
@@ -77,10 +80,12 @@ def sampling_from_pb(pb: common_pb2.SamplingParams, vocab_size: int | None = Non
     if not pb.HasField("penalties"):
         return spec
     if pb.penalties.bad_words:
-        raise InvalidArgument("sampling.penalties.bad_words: a session's tier does not apply "
-                              "bad words (only the LLM's own generation does: Generate)")
-    d = penalties_from_pb(pb.penalties, vocab_size)
-    return _with_penalties(spec, d, pb.penalties.output_start)
+        raise InvalidArgument("sampling.penalties.bad_words: a session's tier takes bad words "
+                              "as token ids (bad_words_token_ids), tokenized as vLLM does")
+    d = penalties_from_pb(pb.penalties, vocab_size, in_session=True)
+    words = [list(w.ids) for w in pb.penalties.bad_words_token_ids]
+    check_bad_word_ids(words, vocab_size)
+    return _with_penalties(spec, d | {"bad_words_ids": words}, pb.penalties.output_start)
 
 
 def generate_sampling_from_pb(pb: common_pb2.SamplingParams) -> SamplingSpec:
@@ -100,7 +105,8 @@ def sampling_to_dict(spec: SamplingSpec) -> dict:
     if spec.penalties is not None:
         d["penalties"] = _penalty_kwargs(spec.penalties) | {
             "logit_bias": [list(b) for b in spec.penalties.logit_bias],
-            "output_start": spec.penalties.output_start}
+            "output_start": spec.penalties.output_start,
+            "bad_words_ids": [list(w) for w in spec.penalties.bad_words]}
     if spec.structured is not None:
         d["structured"] = [spec.structured.params, spec.structured.output_start,
                            list(spec.structured.stop_token_ids)]
@@ -131,7 +137,8 @@ def _with_penalties(spec: SamplingSpec, d: Mapping, output_start: int) -> Sampli
                         float(d.get("frequency_penalty", 0.0)),
                         float(d.get("repetition_penalty", 1.0)), float(d.get("min_p", 0.0)),
                         tuple(dict(d.get("logit_bias") or {}).items()),
-                        tuple(d.get("allowed_token_ids") or ()), output_start)
+                        tuple(d.get("allowed_token_ids") or ()), output_start,
+                        tuple(tuple(w) for w in d.get("bad_words_ids") or ()))
         return SamplingSpec(spec.temperature, spec.top_k, spec.top_p, spec.seed, pen,
                             spec.structured)
     except (TypeError, ValueError) as e:
@@ -408,7 +415,8 @@ def penalties_to_pb(p: Mapping) -> common_pb2.Penalties:
     return out
 
 
-def penalties_from_pb(pb: common_pb2.Penalties, vocab_size: int | None) -> dict:
+def penalties_from_pb(pb: common_pb2.Penalties, vocab_size: int | None,
+                      in_session: bool = False) -> dict:
     """Penalties -> vLLM keyword arguments; token ids checked (against `vocab_size` when
     given), logit biases clamped as over HTTP."""
     out: dict = {n: getattr(pb, n) for n in ("presence_penalty", "frequency_penalty",
@@ -424,10 +432,52 @@ def penalties_from_pb(pb: common_pb2.Penalties, vocab_size: int | None) -> dict:
         out["allowed_token_ids"] = list(pb.allowed_token_ids)
     if pb.bad_words:
         out["bad_words"] = list(pb.bad_words)
+    if pb.bad_words_token_ids and not in_session:
+        raise InvalidArgument("penalties.bad_words_token_ids: a session's field (SamplingParams);"
+                              " here send the bad_words strings")
     for name in ("logit_bias", "allowed_token_ids", "bad_words"):
         if len(out.get(name, ())) > MAX_PENALTY_ITEMS:
             raise InvalidArgument(f"{name} has {len(out[name])} entries; at most "
                                   f"{MAX_PENALTY_ITEMS}")
+    return out
+
+
+MAX_BAD_WORDS = 128  # vLLM's VLLM_MAX_NUM_BAD_WORDS default: sequences after tokenization
+MAX_BAD_WORDS_TOKENS = 1024  # vLLM's VLLM_MAX_BAD_WORDS_TOTAL_TOKENS default
+
+
+def check_bad_word_ids(words: Sequence[Sequence[int]], vocab_size: int | None) -> None:
+    """Bad words as token-id sequences: bounded as vLLM bounds them, ids in the vocabulary."""
+    if len(words) > MAX_BAD_WORDS:
+        raise InvalidArgument(f"{len(words)} bad words after tokenization; at most "
+                              f"{MAX_BAD_WORDS}")
+    if sum(len(w) for w in words) > MAX_BAD_WORDS_TOKENS:
+        raise InvalidArgument(f"bad words hold more than {MAX_BAD_WORDS_TOKENS} tokens in all")
+    if any(not w for w in words):
+        raise InvalidArgument("a bad word is an empty token sequence")
+    if vocab_size is not None:
+        check_token_ids([t for w in words for t in w], vocab_size, "bad_words_token_ids")
+
+
+def bad_words_token_ids(words: Sequence[str], tokenizer) -> tuple[tuple[int, ...], ...]:
+    """vLLM's tokenization of bad words (`SamplingParams.update_from_tokenizer`: each word as
+    is and with a leading space, where that makes a new first token), checked and bounded as
+    vLLM checks them; InvalidArgument with vLLM's message."""
+    if not words:
+        return ()
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMClientError
+
+    # a transformers tokenizer seen as vLLM's tokenizer wrapper sees it (max_token_id)
+    seen = SimpleNamespace(encode=tokenizer.encode, max_token_id=getattr(
+        tokenizer, "max_token_id", None) or len(tokenizer) - 1)
+    try:
+        params = SamplingParams(bad_words=list(words))
+        params.update_from_tokenizer(seen)
+    except (ValueError, VLLMClientError) as e:  # vLLM's message, without the words echoed
+        raise InvalidArgument(f"bad_words: {e.args[0] if e.args else e}") from None
+    out = tuple(tuple(int(t) for t in w) for w in params.bad_words_token_ids or ())
+    check_bad_word_ids(out, len(tokenizer))
     return out
 
 

@@ -7,8 +7,9 @@ allowed-token mask, bad words, the logit bias, the presence / frequency / repeti
 (its own masks), then softmax. `processed_probs_batch` does the same with the same vLLM
 functions (`apply_penalties`, `apply_top_k_top_p`), so q and p are what the sampler uses; a
 draft row's output counts the draft tokens before it, as vLLM's own speculative decoding counts
-them (`Sampler._combine_outputs_with_spec_tokens`). Bad words stay with the LLM's own sampler
-(llm-only). Pure functions of tensors; no I/O.
+them (`Sampler._combine_outputs_with_spec_tokens`); bad words (as token ids, tokenized as vLLM
+does) are checked against the row's output with vLLM's own function. Pure functions of tensors;
+no I/O.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ class Penalties:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), sorted by id
     allowed_token_ids: tuple[int, ...] = ()  # empty = every token
     output_start: int = 0
+    # vLLM's bad words as token-id sequences (`SamplingParams.bad_words_token_ids`, from the
+    # strings by vLLM's own tokenization): a sequence's last token is banned where the output
+    # so far ends with the rest of it
+    bad_words: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
@@ -67,6 +72,10 @@ class Penalties:
             raise ValueError("token ids in logit_bias and allowed_token_ids must be >= 0")
         if self.output_start < 0:
             raise ValueError(f"output_start must be >= 0, got {self.output_start}")
+        words = tuple(tuple(int(t) for t in w) for w in self.bad_words)
+        if any(not w for w in words) or any(t < 0 for w in words for t in w):
+            raise ValueError("bad words must be non-empty sequences of token ids >= 0")
+        object.__setattr__(self, "bad_words", words)
 
     @property
     def counts_history(self) -> bool:
@@ -75,10 +84,15 @@ class Penalties:
                     or self.repetition_penalty != 1.0)
 
     @property
+    def needs_context(self) -> bool:
+        """Does a row need the tokens before it (the penalties, the bad words)?"""
+        return self.counts_history or bool(self.bad_words)
+
+    @property
     def neutral(self) -> bool:
         """Would vLLM's sampler do nothing with these?"""
         return not (self.counts_history or self.min_p or self.logit_bias
-                    or self.allowed_token_ids)
+                    or self.allowed_token_ids or self.bad_words)
 
 
 @dataclass(frozen=True)
@@ -251,9 +265,10 @@ def processed_probs_batch(logits: torch.Tensor, specs: Sequence[SamplingSpec],
 
 def penalised_logits(logits: torch.Tensor, specs: Sequence[SamplingSpec],
                      contexts: Sequence[Sequence[int] | None] | None = None) -> torch.Tensor:
-    """logits [N, V] float32 -> a copy with each row's allowed-token mask, logit bias and
-    presence / frequency / repetition penalties applied in vLLM's order and with vLLM's own
-    `apply_penalties` (row i's prompt: contexts[i][:output_start], its output: the rest). Rows
+    """logits [N, V] float32 -> a copy with each row's allowed-token mask, bad words (vLLM's
+    own check, on the row's output), logit bias and presence / frequency / repetition penalties
+    applied in vLLM's order and with vLLM's own `apply_penalties` (row i's prompt:
+    contexts[i][:output_start], its output: the rest). Rows
     without penalties are unchanged; the input is returned as is when no row has any. On the
     logits' device."""
     rows = [i for i, s in enumerate(specs) if s.penalties is not None]
@@ -272,6 +287,17 @@ def penalised_logits(logits: torch.Tensor, specs: Sequence[SamplingSpec],
             banned = torch.ones(vocab, dtype=torch.bool, device=device)
             banned[torch.tensor(pen.allowed_token_ids, dtype=torch.long, device=device)] = False
             out[i].masked_fill_(banned, float("-inf"))
+        if pen.bad_words:  # vLLM's own check, on the row's output so far
+            if any(t >= vocab for w in pen.bad_words for t in w):
+                raise ValueError(f"a bad word's token id is outside the vocabulary of {vocab} "
+                                 f"tokens")
+            if contexts is None or contexts[i] is None:
+                raise ValueError("bad words need each row's context (the tokens before the "
+                                 "position it predicts)")
+            from vllm.v1.sample.ops.bad_words import _apply_bad_words_single_batch
+
+            _apply_bad_words_single_batch(out[i], [list(w) for w in pen.bad_words],
+                                          list(contexts[i][pen.output_start:]))
         if pen.logit_bias:
             ids = torch.tensor([t for t, _ in pen.logit_bias], dtype=torch.long, device=device)
             out[i, ids] += torch.tensor([b for _, b in pen.logit_bias], dtype=torch.float32,

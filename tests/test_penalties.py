@@ -47,7 +47,7 @@ def vllm_sampler_probs(logits: torch.Tensor, prompt: list[int], output: list[int
         presence_penalties=torch.tensor([pen.presence_penalty]),
         repetition_penalties=torch.tensor([pen.repetition_penalty]),
         output_token_ids=[list(output)], allowed_token_ids_mask=allowed,
-        bad_words_token_ids={},
+        bad_words_token_ids={0: [list(w) for w in pen.bad_words]} if pen.bad_words else {},
         logitsprocs=LogitsProcessors([bias, min_p]), spec_token_ids=[[]])
     sampler = Sampler(logprobs_mode="processed_logprobs")
     meta.max_num_logprobs = -1
@@ -73,6 +73,8 @@ def _batch(params, prompt, output):
     Penalties(repetition_penalty=0.8, min_p=0.05),
     Penalties(logit_bias=((3, 2.5), (7, -1.0)), allowed_token_ids=(1, 3, 4, 7, 9)),
     Penalties(presence_penalty=-0.5, logit_bias=((2, 1.0),), min_p=0.2),
+    # bad words: 9 always, 4 after a 7 (the output ends with one), 2 after a 5 (it does not)
+    Penalties(bad_words=((9,), (7, 4), (5, 2)), presence_penalty=0.3),
 ])
 def test_the_processed_row_is_what_vllms_own_sampler_samples_from(pen):
     torch.manual_seed(0)
@@ -107,6 +109,21 @@ def test_each_row_counts_its_own_context_and_rows_without_penalties_are_untouche
         penalised_logits(logits, specs, None)
 
 
+def test_bad_words_are_tokenized_and_bounded_as_vllm_does(tiny_zoo):
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+    from vllm.tokenizers import get_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_zoo.llm))  # the router's
+    params = SamplingParams(bad_words=["def", "return x"])
+    params.update_from_tokenizer(get_tokenizer(str(tiny_zoo.llm)))  # vLLM's own
+    assert codec.bad_words_token_ids(["def", "return x"], tok) == tuple(
+        tuple(w) for w in params.bad_words_token_ids)
+    assert codec.bad_words_token_ids([], tok) == ()
+    with pytest.raises(InvalidArgument, match="max number is 128"):
+        codec.bad_words_token_ids([f"w{i}" for i in range(200)], tok)
+
+
 def test_greedy_takes_the_argmax_after_the_penalties():
     logits = torch.tensor([[0.0, 5.0, 4.0, 1.0]])
     pen = Penalties(repetition_penalty=2.0)  # token 1 was seen: 5 -> 2.5 < 4
@@ -130,10 +147,16 @@ def test_values_are_checked_as_vllm_checks_them_and_neutral_values_are_none():
 
 def test_the_spec_crosses_every_wire_unchanged():
     # values a float32 holds exactly: the wire carries float32 (as vLLM's sampler uses them)
-    pen = Penalties(0.5, 0.25, 1.25, 0.125, ((3, 1.5), (8, -2.0)), (1, 3, 8), output_start=17)
+    pen = Penalties(0.5, 0.25, 1.25, 0.125, ((3, 1.5), (8, -2.0)), (1, 3, 8), output_start=17,
+                    bad_words=((4,), (2, 6, 9)))
     spec = SamplingSpec(0.75, 5, 0.875, 42, pen)
     assert codec.sampling_from_pb(codec.sampling_to_pb(spec), 16) == spec
     assert codec.sampling_from_dict(codec.sampling_to_dict(spec)) == spec
+    with pytest.raises(InvalidArgument, match="bad_words_token_ids has token id 9"):
+        codec.sampling_from_pb(codec.sampling_to_pb(SamplingSpec(penalties=Penalties(
+            bad_words=((9,),)))), 9)
+    with pytest.raises(InvalidArgument, match="a session's field"):
+        codec.penalties_from_pb(codec.sampling_to_pb(spec).penalties, 16)  # a Generate's
     plain = SamplingSpec(0.75, 5, 0.875, 42)
     assert not codec.sampling_to_pb(plain).HasField("penalties")
     assert codec.sampling_from_pb(codec.sampling_to_pb(plain)) == plain

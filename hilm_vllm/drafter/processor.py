@@ -286,7 +286,7 @@ def observe_rows(logits: torch.Tensor, active: list[tuple[int, Draft, int]]
     if banned:  # min_tokens: the stop ids cannot be drawn yet (q and u see them masked)
         raw = ban_rows(raw, banned)
     contexts = [context_of(d, index) if d.options.spec.penalties is not None
-                and d.options.spec.penalties.counts_history else None
+                and d.options.spec.penalties.needs_context else None
                 for _, d, index in active]
     probs = processed_probs_batch(raw, [d.options.spec for d in drafts], contexts)
     by_trunc: dict[Truncation, list[int]] = {}

@@ -118,7 +118,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()  # stop strings: llm-only passes them to the tier
     # vLLM's sampler transforms (codec.PENALTY_FIELDS as SamplingParams takes them): the LLM's
     # own sampler applies them under llm-only, the drafter and verifiers under the others
-    # (`sampling_spec`); bad_words only under llm-only
+    # (`sampling_spec`; bad_words as bad_words_ids)
     penalties: dict = field(default_factory=dict)
     # each token's logprob under the distribution that decided it and this many top tokens
     # there (None: none)
@@ -127,6 +127,9 @@ class GenerationRequest:
     # structured-output backend applies them under llm-only, the drafter and verifiers mask
     # their rows with the same grammar under the others (`sampling_spec`, server/grammar.py)
     structured: dict | None = None
+    # penalties["bad_words"] as token-id sequences, tokenized as vLLM does
+    # (codec.bad_words_token_ids): what the drafter and verifiers apply
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -137,11 +140,10 @@ class GenerationRequest:
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise InvalidArgument(f"min_tokens must be in [0, max_tokens], got "
                                   f"{self.min_tokens}")
-        if self.penalties.get("bad_words") and self.policy is not Policy.LLM_ONLY:
-            raise InvalidArgument(
-                f"bad_words: applied only by the llm-only policy (the LLM's own sampler); the "
-                f"drafter and verifiers of {self.policy.value!r} do not apply it: send model "
-                f"'llm-only', or leave it unset")
+        if (self.penalties.get("bad_words") and not self.bad_words_ids
+                and self.policy is not Policy.LLM_ONLY):
+            raise InvalidArgument("bad_words: give the router's tokenization of them "
+                                  "(codec.bad_words_token_ids) as bad_words_ids")
         self.sampling_spec(0)  # the transforms' values are checked here, whatever the policy
         if self.skip_rate is not None and not 0.0 <= self.skip_rate <= 1.0:
             raise InvalidArgument(f"skip_rate must be in [0, 1], got {self.skip_rate}")
@@ -157,7 +159,8 @@ class GenerationRequest:
             pen = Penalties(p.get("presence_penalty", 0.0), p.get("frequency_penalty", 0.0),
                             p.get("repetition_penalty", 1.0), p.get("min_p", 0.0),
                             tuple(p.get("logit_bias", {}).items()),
-                            tuple(p.get("allowed_token_ids", ())), output_start)
+                            tuple(p.get("allowed_token_ids", ())), output_start,
+                            self.bad_words_ids)
         except (TypeError, ValueError) as e:
             raise InvalidArgument(str(e)) from None
         if self.policy is Policy.LLM_ONLY:

@@ -33,12 +33,6 @@ def _refused(note: str, *neutral) -> Field:
     return Field(REFUSED, note, (None, *neutral))
 
 
-def _llm_only(*neutral) -> Field:
-    return Field(LLM_ONLY, "the LLM's own sampler applies it under llm-only; refused under the "
-                 "speculative policies (their drafter and verifiers do not apply it yet)",
-                 (None, *neutral))
-
-
 def _transform(*neutral) -> Field:
     return Field(APPLIED, "a sampler transform: the LLM's own sampler under llm-only; the "
                  "drafter's q and every verifier's p under the others, each draft row counting "
@@ -90,8 +84,12 @@ FIELDS: dict[str, Field] = {
                   "prompt logprobs, one more LLM call, any policy; `prompt` in hilm_tiers); "
                   "chat: a 400", (None, False)),
     "top_logprobs": Field(APPLIED, _LOGPROBS + " (chat, with logprobs: true)"),
-    # -- applied by llm-only, refused under the others ------------------------------------------
-    "bad_words": _llm_only([]),
+    "bad_words": Field(APPLIED, "a sampler transform: the LLM's own sampler under llm-only; "
+                       "under the others the router tokenizes the words as vLLM does and the "
+                       "drafter's q and every verifier's p ban a word's last token where the "
+                       "output before the row ends with the rest of it",
+                       (None, [])),
+    # -- refused: no policy applies them ---------------------------------------------------------
     "response_format": Field(APPLIED, _STRUCTURED + " (json_object, json_schema)",
                              (None, {"type": "text"})),
     "structured_outputs": Field(APPLIED, _STRUCTURED + " (json, regex, choice, grammar, "
@@ -183,8 +181,8 @@ def markdown() -> str:
            "Every field of vLLM 0.32's request models and what the router does with it "
            "(`hilm_vllm/router/fields.py`; `tests/router/test_fields.py` checks this page and "
            "the table against vLLM). **applied**: in every policy. **llm-only**: applied by the "
-           "LLM's own vLLM sampler under the `llm-only` policy, a 400 under the others. "
-           "**refused**: a 400 naming "
+           "LLM's own vLLM sampler under the `llm-only` policy, a 400 under the others (no "
+           "field today). **refused**: a 400 naming "
            "the field when it is set to anything but a value that changes nothing (those are "
            "accepted and listed in `usage.hilm.ignored_fields`). **ignored**: it cannot change "
            "the output; accepted and listed in `usage.hilm.ignored_fields`. A field vLLM does "

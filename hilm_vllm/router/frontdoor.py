@@ -117,7 +117,8 @@ def generation_request(router: Router, tokenizer, limits: RequestLimits, ids: Se
                              block_size, thresholds, optimistic, tuple(stop_token_ids),
                              min_tokens, tuple(stop), penalties,
                              codec.check_logprobs(logprobs),
-                             dict(structured) if structured else None)
+                             dict(structured) if structured else None,
+                             codec.bad_words_token_ids(penalties.get("bad_words", ()), tokenizer))
 
 
 class TextStream:

@@ -221,7 +221,7 @@ class VerifyHook:
                 specs += [args.spec] * (st.hi - st.lo)
                 # the row at position a predicts token a + 1: its penalties count tokens 0..a
                 # (the draft tokens before it included, as vLLM's spec decoding counts them)
-                counts = args.spec.penalties is not None and args.spec.penalties.counts_history
+                counts = args.spec.penalties is not None and args.spec.penalties.needs_context
                 tokens = st.state.prompt_token_ids if counts else None
                 contexts += [tokens[:a + 1] if counts else None for a in range(st.lo, st.hi)]
                 # vLLM's min_tokens: the stop tokens have p = 0 in the rows before it

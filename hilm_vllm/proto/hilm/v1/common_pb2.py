@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$hilm_vllm/proto/hilm/v1/common.proto\x12\x07hilm.v1\"\xb5\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12%\n\tpenalties\x18\x05 \x01(\x0b\x32\x12.hilm.v1.Penalties\x12-\n\nstructured\x18\x06 \x01(\x0b\x32\x19.hilm.v1.StructuredOutputB\x07\n\x05_seed\"8\n\x10StructuredOutput\x12\x0e\n\x06params\x18\x01 \x01(\t\x12\x14\n\x0coutput_start\x18\x02 \x01(\r\"\xf8\x02\n\tPenalties\x12\x1d\n\x10presence_penalty\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x35\n\nlogit_bias\x18\x05 \x03(\x0b\x32!.hilm.v1.Penalties.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x06 \x03(\x05\x12\x11\n\tbad_words\x18\x07 \x03(\t\x12\x14\n\x0coutput_start\x18\x08 \x01(\r\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x08\n\x06_min_p\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"H\n\x06Prompt\x12&\n\ttoken_ids\x18\x01 \x01(\x0b\x32\x11.hilm.v1.TokenIdsH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"h\n\x12SparseDistribution\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x03(\x02\x12\x18\n\x10packed_token_ids\x18\x03 \x01(\x0c\x12\x16\n\x0epacked_weights\x18\x04 \x01(\x0c\"A\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nforward_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\x90\x01\n\x11UncertaintyConfig\x12&\n\x04gate\x18\x01 \x01(\x0e\x32\x18.hilm.v1.UncertaintyGate\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x05\x12\x11\n\ttheta_max\x18\x03 \x01(\x02\x12+\n\x0cperturbation\x18\x04 \x01(\x0e\x32\x15.hilm.v1.Perturbation\"L\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02*z\n\x0fUncertaintyGate\x12 \n\x1cUNCERTAINTY_GATE_UNSPECIFIED\x10\x00\x12\x19\n\x15PERTURBED_TEMPERATURE\x10\x01\x12\x0b\n\x07\x45NTROPY\x10\x02\x12\x0f\n\x0bVAR_ENTROPY\x10\x03\x12\x0c\n\x08MAX_PROB\x10\x04*C\n\x0cPerturbation\x12\x1c\n\x18PERTURBATION_UNSPECIFIED\x10\x00\x12\x0b\n\x07UNIFORM\x10\x01\x12\x08\n\x04GRID\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$hilm_vllm/proto/hilm/v1/common.proto\x12\x07hilm.v1\"\xb5\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12%\n\tpenalties\x18\x05 \x01(\x0b\x32\x12.hilm.v1.Penalties\x12-\n\nstructured\x18\x06 \x01(\x0b\x32\x19.hilm.v1.StructuredOutputB\x07\n\x05_seed\"8\n\x10StructuredOutput\x12\x0e\n\x06params\x18\x01 \x01(\t\x12\x14\n\x0coutput_start\x18\x02 \x01(\r\"\xa8\x03\n\tPenalties\x12\x1d\n\x10presence_penalty\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x35\n\nlogit_bias\x18\x05 \x03(\x0b\x32!.hilm.v1.Penalties.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x06 \x03(\x05\x12\x11\n\tbad_words\x18\x07 \x03(\t\x12\x14\n\x0coutput_start\x18\x08 \x01(\r\x12.\n\x13\x62\x61\x64_words_token_ids\x18\t \x03(\x0b\x32\x11.hilm.v1.TokenIds\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x08\n\x06_min_p\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"H\n\x06Prompt\x12&\n\ttoken_ids\x18\x01 \x01(\x0b\x32\x11.hilm.v1.TokenIdsH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"h\n\x12SparseDistribution\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x03(\x02\x12\x18\n\x10packed_token_ids\x18\x03 \x01(\x0c\x12\x16\n\x0epacked_weights\x18\x04 \x01(\x0c\"A\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nforward_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\x90\x01\n\x11UncertaintyConfig\x12&\n\x04gate\x18\x01 \x01(\x0e\x32\x18.hilm.v1.UncertaintyGate\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x05\x12\x11\n\ttheta_max\x18\x03 \x01(\x02\x12+\n\x0cperturbation\x18\x04 \x01(\x0e\x32\x15.hilm.v1.Perturbation\"L\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02*z\n\x0fUncertaintyGate\x12 \n\x1cUNCERTAINTY_GATE_UNSPECIFIED\x10\x00\x12\x19\n\x15PERTURBED_TEMPERATURE\x10\x01\x12\x0b\n\x07\x45NTROPY\x10\x02\x12\x0f\n\x0bVAR_ENTROPY\x10\x03\x12\x0c\n\x08MAX_PROB\x10\x04*C\n\x0cPerturbation\x12\x1c\n\x18PERTURBATION_UNSPECIFIED\x10\x00\x12\x0b\n\x07UNIFORM\x10\x01\x12\x08\n\x04GRID\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,28 +33,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PENALTIES_LOGITBIASENTRY']._loaded_options = None
   _globals['_PENALTIES_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_UNCERTAINTYGATE']._serialized_start=1167
-  _globals['_UNCERTAINTYGATE']._serialized_end=1289
-  _globals['_PERTURBATION']._serialized_start=1291
-  _globals['_PERTURBATION']._serialized_end=1358
+  _globals['_UNCERTAINTYGATE']._serialized_start=1215
+  _globals['_UNCERTAINTYGATE']._serialized_end=1337
+  _globals['_PERTURBATION']._serialized_start=1339
+  _globals['_PERTURBATION']._serialized_end=1406
   _globals['_SAMPLINGPARAMS']._serialized_start=50
   _globals['_SAMPLINGPARAMS']._serialized_end=231
   _globals['_STRUCTUREDOUTPUT']._serialized_start=233
   _globals['_STRUCTUREDOUTPUT']._serialized_end=289
   _globals['_PENALTIES']._serialized_start=292
-  _globals['_PENALTIES']._serialized_end=668
-  _globals['_PENALTIES_LOGITBIASENTRY']._serialized_start=544
-  _globals['_PENALTIES_LOGITBIASENTRY']._serialized_end=592
-  _globals['_TOKENIDS']._serialized_start=670
-  _globals['_TOKENIDS']._serialized_end=693
-  _globals['_PROMPT']._serialized_start=695
-  _globals['_PROMPT']._serialized_end=767
-  _globals['_SPARSEDISTRIBUTION']._serialized_start=769
-  _globals['_SPARSEDISTRIBUTION']._serialized_end=873
-  _globals['_TIMINGS']._serialized_start=875
-  _globals['_TIMINGS']._serialized_end=940
-  _globals['_UNCERTAINTYCONFIG']._serialized_start=943
-  _globals['_UNCERTAINTYCONFIG']._serialized_end=1087
-  _globals['_TOKENLOGPROB']._serialized_start=1089
-  _globals['_TOKENLOGPROB']._serialized_end=1165
+  _globals['_PENALTIES']._serialized_end=716
+  _globals['_PENALTIES_LOGITBIASENTRY']._serialized_start=592
+  _globals['_PENALTIES_LOGITBIASENTRY']._serialized_end=640
+  _globals['_TOKENIDS']._serialized_start=718
+  _globals['_TOKENIDS']._serialized_end=741
+  _globals['_PROMPT']._serialized_start=743
+  _globals['_PROMPT']._serialized_end=815
+  _globals['_SPARSEDISTRIBUTION']._serialized_start=817
+  _globals['_SPARSEDISTRIBUTION']._serialized_end=921
+  _globals['_TIMINGS']._serialized_start=923
+  _globals['_TIMINGS']._serialized_end=988
+  _globals['_UNCERTAINTYCONFIG']._serialized_start=991
+  _globals['_UNCERTAINTYCONFIG']._serialized_end=1135
+  _globals['_TOKENLOGPROB']._serialized_start=1137
+  _globals['_TOKENLOGPROB']._serialized_end=1213
 # @@protoc_insertion_point(module_scope)
