@@ -189,7 +189,8 @@ class FakeVerifier(FakeLink):
                              [] if logprobs is None else [TokenLogprob(0.0)] * (m + 1))
 
     async def generate(self, prompt, spec, max_tokens, ignore_eos, usage, stop_token_ids=(),
-                       min_tokens=0, stop=(), penalties=None, logprobs=None, structured=None):
+                       min_tokens=0, stop=(), penalties=None, logprobs=None, structured=None,
+                       prompt_logprobs=None, prompt_sink=None):
         self.calls.append({"generate": len(prompt), "stop_token_ids": list(stop_token_ids),
                            "seed": spec.seed})
         self._fault("generate")
