@@ -88,7 +88,8 @@ class DraftOptions:
     # before `ban_until` (absolute), as vLLM's min-tokens processor does before the sampler
     ban: tuple[int, ...] = ()
     ban_until: int = 0
-    logprobs: int = -1  # >= 0: each token's raw logprob (before any mask) and this many top
+    logprobs: int = -1  # >= 0: each token's raw logprob (before any mask but the grammar's)
+    # and this many top
     session: str = ""  # the drafter session's id: its grammar state is kept under it
 
     def __post_init__(self) -> None:
@@ -278,7 +279,8 @@ def observe_rows(logits: torch.Tensor, active: list[tuple[int, Draft, int]]
             (drafts[i].options.session or drafts[i].options.key, drafts[i].options.spec.structured,
              context_of(drafts[i], active[i][2])) for i in constrained]))
     wants_lp = [i for i, d in enumerate(drafts) if d.options.logprobs >= 0]
-    # vLLM's raw logprobs are of the logits before any mask: keep those rows as they are
+    # vLLM's raw logprobs are of the logits before any mask but the grammar's (vLLM masks with
+    # the grammar before its sampler): keep those rows as they are now
     bare = raw.index_select(0, torch.tensor(wants_lp, dtype=torch.long, device=raw.device)
                             ) if wants_lp else None
     banned = [(i, d.options.ban) for i, (_, d, index) in enumerate(active)

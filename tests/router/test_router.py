@@ -626,6 +626,19 @@ def test_the_drafter_applies_the_penalties_to_the_tokens_the_device_keeps(served
     assert run()["token_ids"] != want  # the penalties changed the device's tokens
 
 
+def streamed_logprobs(url: str, body: dict) -> list:
+    """The token_logprobs of a streamed completion, chunk after chunk."""
+    req = urllib.request.Request(url, json.dumps({**body, "stream": True}).encode(),
+                                 {"Content-Type": "application/json"})
+    out = []
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith("data: {"):
+                part = json.loads(line[6:])["choices"][0]["logprobs"]
+                out += part["token_logprobs"] if part else []
+    return out
+
+
 def test_logprobs_are_the_llms_own_in_every_lossless_policy(served, tiny_zoo):
     """Completions `logprobs: 3` at T = 1 (seeded) and T = 0: every lossless policy reports,
     for each token, the LLM's raw logprob (as vLLM reports it: the model's log-softmax, before
@@ -675,15 +688,7 @@ def test_logprobs_are_the_llms_own_in_every_lossless_policy(served, tiny_zoo):
         np.testing.assert_allclose(greedy[policy][1], greedy["llm-only"][1], atol=1e-3)
 
     # streaming: the chunks carry the logprobs of their tokens
-    req = urllib.request.Request(url, json.dumps({**base, "model": "spec", "temperature": 0.0,
-                                                  "stream": True}).encode(),
-                                 {"Content-Type": "application/json"})
-    streamed = []
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith("data: {"):
-                lp = json.loads(line[6:])["choices"][0]["logprobs"]
-                streamed += lp["token_logprobs"] if lp else []
+    streamed = streamed_logprobs(url, {**base, "model": "spec", "temperature": 0.0})
     np.testing.assert_allclose(streamed, greedy["spec"][1], atol=1e-6)
 
     # chat: the OpenAI shape, with each token's tier
@@ -762,14 +767,7 @@ def test_echo_with_logprobs_gives_the_prompts_llm_logprobs(served, tiny_zoo):
         assert lp["hilm_tiers"] == ["prompt"] * n + ["llm"] * 4, lp["hilm_tiers"]
         np.testing.assert_allclose(lp["token_logprobs"][1:n], expected, atol=2e-3)
         assert all(len(top) >= 2 for top in lp["top_logprobs"][1:])
-        req = urllib.request.Request(url, json.dumps({**body, "stream": True}).encode(),
-                                     {"Content-Type": "application/json"})
-        streamed = []
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            for line in resp.read().decode().splitlines():
-                if line.startswith("data: {"):
-                    part = json.loads(line[6:])["choices"][0]["logprobs"]
-                    streamed += part["token_logprobs"] if part else []
+        streamed = streamed_logprobs(url, body)
         assert streamed[0] is None
         np.testing.assert_allclose(streamed[1:], lp["token_logprobs"][1:], atol=1e-6)
 

@@ -16,7 +16,6 @@ import os
 import random
 
 import numpy as np
-import pytest
 import torch
 
 from hilm_vllm.sampling import SamplingSpec
