@@ -119,8 +119,10 @@ def test_check_refuses_what_vllm_refuses_and_other_backends(tokenizer):
         grammar.check(constraint(tokenizer, 0, regex="(unclosed"), config(len(tokenizer)))
     with pytest.raises(InvalidArgument, match="backend 'guidance'"):
         grammar.check(ok, config(len(tokenizer), backend="guidance"))
+    engine = SimpleNamespace(vllm_config=config(len(tokenizer)))
     spec = grammar.for_session(SamplingSpec(structured=Structured('{"regex":"a"}', 3)),
-                               config(len(tokenizer)), (9, 1))
+                               engine, (9, 1))
+    assert grammar.for_session(SamplingSpec(0.5), None, (1,)) == SamplingSpec(0.5)
     assert spec.structured.stop_token_ids == (1, 9) and spec.structured.output_start == 3
 
 

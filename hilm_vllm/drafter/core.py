@@ -259,7 +259,7 @@ class Drafter:
         if max_tokens:
             limit = min(limit, len(ids) + max_tokens)
         ban = tuple(dict.fromkeys([*self.info.eos_token_ids, *stop_token_ids]))
-        spec = grammar.for_session(spec, self.engine.vllm_config, ban)
+        spec = grammar.for_session(spec, self.engine, ban)
         ban_until = len(ids) + min_tokens if min_tokens and ban else 0
         seeded = spec.seed is not None
         seed = spec.seed if seeded else secrets.randbits(63)

@@ -163,12 +163,12 @@ class RowGrammars:
         return out
 
 
-def for_session(spec: SamplingSpec, vllm_config, stop_token_ids: Sequence[int]
-                ) -> SamplingSpec:
-    """A session's spec on this tier: its constraint checked against the engine (`check`)
-    and given the session's stop tokens (EOS and stop_token_ids, as vLLM gives its grammar)."""
+def for_session(spec: SamplingSpec, engine, stop_token_ids: Sequence[int]) -> SamplingSpec:
+    """A session's spec on this tier: its constraint checked against the engine's config
+    (`check`) and given the session's stop tokens (EOS and stop_token_ids, as vLLM gives its
+    grammar). The engine is only read when there is a constraint."""
     if spec.structured is None:
         return spec
-    check(spec.structured, vllm_config)
+    check(spec.structured, engine.vllm_config)
     return dataclasses.replace(spec, structured=dataclasses.replace(
         spec.structured, stop_token_ids=tuple(stop_token_ids)))

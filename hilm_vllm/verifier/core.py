@@ -181,7 +181,7 @@ class Verifier:
         codec.check_token_ids(stop_token_ids, self.facts.vocab_size, "stop_token_ids")
         ids = self._prompt_ids(prompt)
         stop_ids = tuple(dict.fromkeys([*self.facts.eos_token_ids, *stop_token_ids]))
-        spec = grammar.for_session(spec, self.engine.vllm_config, stop_ids)
+        spec = grammar.for_session(spec, self.engine, stop_ids)
         limits = SessionLimits(self.facts.vocab_size, self.facts.max_model_len,
                                self.settings.max_block, max_tokens or None, min_tokens,
                                stop_ids)

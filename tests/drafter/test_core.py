@@ -120,7 +120,7 @@ def test_sampling_params_carry_the_spec_and_truncation_to_the_processor():
     assert (sp.temperature, sp.detokenize) == (0.7, False)
     opts = DraftOptions.from_extra_args(sp.extra_args[DRAFT_ARG])
     assert opts == DraftOptions("k1", 4, 3, UncertaintyConfig(num_samples=8), spec=spec,
-                                truncation=Truncation(32, 0.01))
+                                truncation=Truncation(32, 0.01), session=s.id)
     stop = d.sampling_params(s, "k3", 4, 0.5).extra_args[DRAFT_ARG]
     assert stop["stop_uncertainty"] == 0.5 and stop["stop_token"] == 1
 
