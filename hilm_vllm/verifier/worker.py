@@ -149,7 +149,7 @@ class VerifyHook:
 
         memtrace.start_from_env("verifier-engine")
         self.runner = runner
-        self.grammars = RowGrammars(runner.vllm_config)  # structured outputs' masks
+        self._grammars: RowGrammars | None = None  # structured outputs' masks, once asked
         self.pending = _Bounded()  # key -> _Pending
         self.results = _Bounded()  # key -> VerifyResult
         self.verified, self.hook_s = 0, 0.0  # counters for hilm_verify_stats
@@ -161,6 +161,12 @@ class VerifyHook:
         self._bookkeeping_sync = runner._bookkeeping_sync
         runner.execute_model = self.execute_model
         runner._bookkeeping_sync = self.bookkeeping_sync
+
+    @property
+    def grammars(self) -> RowGrammars:
+        if self._grammars is None:
+            self._grammars = RowGrammars(self.runner.vllm_config)
+        return self._grammars
 
     def pop(self, key: str) -> dict | None:
         result = self.results.pop(key, None)
