@@ -4,6 +4,7 @@ gRPC Generate, and the first tokens of many seeded requests (the chi-square test
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import grpc
 import openai
@@ -39,19 +40,28 @@ async def generate(address: str, prompt: list[int], spec: SamplingSpec, max_toke
         return ids
 
 
+def seeded_tokens(address: str, prompt: list[int], policy: str, spec: SamplingSpec,
+                  seeds, max_tokens: int, keep: slice = slice(None), ignore_eos: bool = True,
+                  **options) -> list[tuple[int, ...]]:
+    """gRPC Generate once per seed (`spec` with that seed), at most 8 in flight: the tokens
+    `keep` of each, in seed order. `options`: GenerateRequest's fields (block_size, ...)."""
+    async def run() -> list[tuple[int, ...]]:
+        sem = asyncio.Semaphore(8)
+
+        async def one(seed: int) -> tuple[int, ...]:
+            async with sem:
+                ids = await generate(address, prompt, dataclasses.replace(spec, seed=seed),
+                                     max_tokens, policy, ignore_eos, **options)
+                return tuple(ids[keep])
+
+        return await asyncio.gather(*(one(s) for s in seeds))
+
+    return asyncio.run(run())
+
+
 def first_tokens(address: str, prompt: list[int], policy: str, n: int, top_k: int,
                  first_seed: int) -> list[int]:
     """The first token of n requests at T = 1 (seeds first_seed .. first_seed + n - 1), at most
     8 in flight."""
-    async def run() -> list[int]:
-        sem = asyncio.Semaphore(8)
-
-        async def one(seed: int) -> int:
-            async with sem:
-                ids = await generate(address, prompt, SamplingSpec(1.0, top_k, 1.0, seed), 1,
-                                     policy)
-                return ids[0]
-
-        return await asyncio.gather(*(one(first_seed + s) for s in range(n)))
-
-    return asyncio.run(run())
+    return [t[0] for t in seeded_tokens(address, prompt, policy, SamplingSpec(1.0, top_k),
+                                        range(first_seed, first_seed + n), 1)]

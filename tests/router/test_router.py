@@ -24,7 +24,7 @@ from hilm_vllm.launch import TierProcess
 from hilm_vllm import codec
 from hilm_vllm.proto.hilm.v1 import generate_pb2, generate_pb2_grpc
 from hilm_vllm.sampling import SamplingSpec
-from tests.router.helpers import client, first_tokens, generate, hilm_usage
+from tests.router.helpers import client, first_tokens, generate, hilm_usage, seeded_tokens
 from tests.verifier.helpers import ENGINE_FLAGS, next_probs
 
 PROMPT = "def read_config(path):\n    "
@@ -226,17 +226,6 @@ def test_lossless_policies_keep_the_llm_distribution_beyond_the_first_token(
     joint = pair_distribution(tiny_zoo.llm, prompt, spec)
     drafter_joint = pair_distribution(tiny_zoo.slm, prompt, spec)
 
-    async def pairs(policy: str) -> list[tuple]:
-        sem = asyncio.Semaphore(8)
-
-        async def one(seed: int) -> tuple:
-            async with sem:
-                ids = await generate(served.grpc_address, prompt,
-                                      SamplingSpec(1.0, 3, top_p, 5000 + seed), 3, policy,
-                                      block_size=block_size, optimistic=True)
-                return tuple(ids[1:3])
-
-        return await asyncio.gather(*(one(s) for s in range(N_SEEDS)))
 
     def counters() -> dict[str, float]:
         text = _get(served.metrics_url)[1]
@@ -247,7 +236,9 @@ def test_lossless_policies_keep_the_llm_distribution_beyond_the_first_token(
 
     for policy in ("spec", "cascade"):
         before = counters()
-        got = asyncio.run(pairs(policy))
+        got = seeded_tokens(served.grpc_address, prompt, policy, spec,
+                            range(5000, 5000 + N_SEEDS), 3, slice(1, 3),
+                            block_size=block_size, optimistic=True)
         used = {k: v - before[k] for k, v in counters().items()}
         assert set(got) <= set(joint), policy  # no pair the LLM cannot produce
         pvalue = law_pvalue(got, joint)
@@ -935,20 +926,9 @@ def test_lossless_policies_sample_the_llms_constrained_law(served, tiny_zoo):
     drafter = constrained_pair_law(tiny_zoo.slm, prompt, spec, STRUCTURED_REGEX)
     structured = json.dumps({"regex": STRUCTURED_REGEX})
     for policy in ("llm-only", "spec", "cascade"):
-        async def pairs() -> list[tuple]:
-            sem = asyncio.Semaphore(8)
-
-            async def one(seed: int) -> tuple:
-                async with sem:
-                    ids = await generate(served.grpc_address, prompt,
-                                         SamplingSpec(1.0, 3, 1.0, 12000 + seed), 3, policy,
-                                         ignore_eos=False, block_size=2,
-                                         structured_outputs=structured)
-                    return tuple(ids[:2])
-
-            return await asyncio.gather(*(one(s) for s in range(N_SEEDS)))
-
-        got = asyncio.run(pairs())
+        got = seeded_tokens(served.grpc_address, prompt, policy, spec,
+                            range(12000, 12000 + N_SEEDS), 3, slice(0, 2), ignore_eos=False,
+                            block_size=2, structured_outputs=structured)
         assert law_pvalue(got, target) > 1e-3, (policy, sorted(target.items()))
         assert law_pvalue(got, drafter) < POWER_P_VALUE, f"power: {policy} vs the drafter's law"
 
@@ -1424,20 +1404,9 @@ def test_lossless_policies_sample_the_llms_penalised_law(served, tiny_zoo):
 
     target, plain, stale = joint(PENALTIES), joint({}), joint(PENALTIES, count_draft=False)
     for policy in ("spec", "cascade"):
-        async def pairs() -> list[tuple]:
-            sem = asyncio.Semaphore(8)
-
-            async def one(seed: int) -> tuple:
-                async with sem:
-                    ids = await generate(served.grpc_address, prompt,
-                                         SamplingSpec(1.0, 3, 1.0, 9000 + seed), 2, policy,
-                                         block_size=2,
-                                         penalties=codec.penalties_to_pb(PENALTIES))
-                    return tuple(ids[:2])
-
-            return await asyncio.gather(*(one(s) for s in range(N_SEEDS)))
-
-        got = asyncio.run(pairs())
+        got = seeded_tokens(served.grpc_address, prompt, policy, spec,
+                            range(9000, 9000 + N_SEEDS), 2, slice(0, 2), block_size=2,
+                            penalties=codec.penalties_to_pb(PENALTIES))
         assert law_pvalue(got, target) > 1e-3, (policy, sorted(target.items()))
         assert law_pvalue(got, plain) < POWER_P_VALUE, f"power: {policy} vs the plain law"
         assert law_pvalue(got, stale) < POWER_P_VALUE, f"power: {policy} vs uncounted drafts"

@@ -12,7 +12,7 @@ import pytest
 
 from hilm_vllm.launch import TierProcess
 from hilm_vllm.sampling import SamplingSpec
-from tests.router.helpers import generate
+from tests.router.helpers import generate, seeded_tokens
 from tests.router.test_router import (N_SEEDS, _prompts, law_pvalue, pair_distribution,
                                       router)
 from tests.verifier.helpers import ENGINE_FLAGS
@@ -43,19 +43,8 @@ def test_a_tp2_llm_tier_is_token_identical_to_tp1_and_keeps_the_llms_law(tiny_zo
             spec = SamplingSpec(temperature=1.0, top_k=3)
             joint = pair_distribution(tiny_zoo.llm, prompt, spec)
 
-            async def pairs():
-                sem = asyncio.Semaphore(8)
-
-                async def one(seed):
-                    async with sem:
-                        ids = await generate(r2.grpc_address, prompt,
-                                             SamplingSpec(1.0, 3, 1.0, 7000 + seed), 3, "spec",
-                                             block_size=2)
-                        return tuple(ids[1:3])
-
-                return await asyncio.gather(*(one(s) for s in range(N_SEEDS)))
-
-            got = asyncio.run(pairs())
+            got = seeded_tokens(r2.grpc_address, prompt, "spec", spec,
+                                range(7000, 7000 + N_SEEDS), 3, slice(1, 3), block_size=2)
             assert law_pvalue(got, joint) > 1e-3
     finally:
         for p in (slm, tp1, tp2):
