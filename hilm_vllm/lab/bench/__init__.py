@@ -26,6 +26,8 @@ BENCHMARKS = {
     "load": ("load", "every policy at 1-32 concurrent streams, network off and on"),
     "cloud-cost": ("cloud_cost", "each tier's CPU per generated token (the cloud's cost) against "
                                  "concurrency, every policy and vllm-spec"),
+    "profile": ("profile", "py-spy of every tier process while a policy runs under load: the "
+                           "top frames per process, beside each tier's CPU per token"),
     "soak": ("soak", "Locust users for minutes: failures, memory, sessions, TTFT, ITL"),
     "faults": ("faults", "tiers killed, restarted and stopped under a soak load"),
     "round-cost": ("round_cost", "Draft and Verify latency and call rates, co-located"),
