@@ -205,6 +205,37 @@ def scrape(tier, name: str) -> float:
     return float(m.group(1))
 
 
+def test_a_draft_hands_the_engine_only_its_new_tokens(slm_tier):
+    """Sessions live in the engine (issue 21): after the first Draft of a 200-token prompt,
+    each Draft of 6 rounds (the router's way: cut back into the drafts, append a correction)
+    hands the session's engine request at most the appended token and the context's last
+    token (whose row gives the first draft token), never the history. Read from the tier's
+    count of the tokens its engine sessions handed vLLM (server/engine_session.py: `Chunk.sent`,
+    the length of the prompt chunk given to AsyncLLM; the same count the verifier's test checks
+    on the engine core's requests, tests/verifier/test_engine_sessions.py)."""
+    prompt = [(7 * i + 3) % 250 + 1 for i in range(200)]
+    sent = "hilm_drafter_engine_tokens_sent_total"
+
+    async def flow(d: DrafterClient):
+        s = await d.open_session(prompt, SamplingSpec(temperature=0.8, seed=11))
+        before = scrape(slm_tier, sent)
+        r = await d.draft(s.session_id, s.position, 4)
+        first = scrape(slm_tier, sent) - before
+        per_round = []
+        for i in range(6):
+            keep = i % 4  # drafts the verifier kept, then its correction
+            count = scrape(slm_tier, sent)
+            r = await d.draft(s.session_id, r.position, 4, rollback_to=r.position - 4 + keep,
+                              append=[(31 * i) % 200 + 1])
+            per_round.append(scrape(slm_tier, sent) - count)
+            assert len(r.tokens) == 4
+        return first, per_round
+
+    first, per_round = call(flow, slm_tier.grpc_address)
+    assert first <= len(prompt), first  # the prompt once (less what the prefix cache holds)
+    assert all(1 <= n <= 2 for n in per_round), per_round
+
+
 def test_busy_loop_plugin_runs_in_every_engine_process(slm_tier):
     """The shm window plugin (patches/hilm_vllm_patches/shm_busy_loop.py) is active in the engine core and the
     worker, with the window --engine-busy-loop-ms gave."""

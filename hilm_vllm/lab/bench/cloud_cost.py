@@ -21,7 +21,14 @@ sessions, the last until they have closed the timed requests' (closing is asynch
 speculative decoding of the same pair runs the same requests as the policy `vllm-spec` (`vllm
 serve` with `--speculative-config`, as `hilm bench load` runs it:
 hilm_vllm.lab.bench.load.vllm_spec_server); its drafter runs inside the engine, in the cloud, so
-its whole process tree counts as the LLM.
+its whole process tree counts as the LLM. Last, on the same four tiers, `verify-saturated`: the
+LLM's cost when drafts cost it nothing and Verify calls keep it busy, as when the drafters run on
+devices and many of them share one LLM (on this benchmark's machine the drafter shares the
+LLM's cores and sets the pace of every router policy). For each concurrency N, N verifier
+sessions on held-out prompts call Verify back to back for `--saturated-s` seconds, each with a
+block of `--block-size` tokens the drafter drafted once (its real q; two variants alternate),
+cut back to the same position every call and drawn afresh (unseeded); its `tokens` are the
+tokens the calls emitted (accepted + 1 each), its `tr_llm` Verify calls per emitted token.
 
 Each run is one entry of `results.runs` in bench/results/cloud-cost-<UTC>.json (beside config,
 git_commit and machine), with these keys (the first ten are the issue's):
@@ -34,8 +41,9 @@ git_commit and machine), with these keys (the first ten are the issue's):
                            router policy, also those that do not call the tier: its idle cost;
                            null for vllm-spec, which has no such process)
   llm_cpu_ms_per_verify    the LLM's CPU milliseconds / the Verify calls the router made to it
-                           (usage.hilm.llm_messages summed over the requests); null for llm-only
-                           (it streams from the LLM's Generate, no Verify) and vllm-spec
+                           (usage.hilm.llm_messages summed over the requests; verify-saturated:
+                           its calls); null for llm-only (it streams from the LLM's Generate, no
+                           Verify) and vllm-spec
   tr_llm                   messages to the LLM per generated token: usage.hilm.llm_messages /
                            tokens; llm-only and vllm-spec send one request per completion
                            (requests / tokens)
@@ -83,7 +91,8 @@ from hilm_vllm.zoo import ensure_zoo
 
 ROUTER_POLICIES = ("llm-only", "hlm", "spec", "uhlm", "hilm", "cascade", "rand")
 VLLM_SPEC = "vllm-spec"
-DEFAULT_POLICIES = ("llm-only", "spec", "hilm", "uhlm", "cascade", VLLM_SPEC)
+SATURATED = "verify-saturated"
+DEFAULT_POLICIES = ("llm-only", "spec", "hilm", "uhlm", "cascade", VLLM_SPEC, SATURATED)
 BASELINE = "llm-only"
 DRAFTING = set(ROUTER_POLICIES) - {BASELINE}
 TIERS = ("llm", "ilm", "slm", "router")
@@ -104,8 +113,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
     p.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
-                   help="comma-separated, of " + ", ".join([*ROUTER_POLICIES, VLLM_SPEC])
+                   help="comma-separated, of " + ", ".join([*ROUTER_POLICIES, VLLM_SPEC,
+                                                             SATURATED])
                         + " (default: %(default)s)")
+    p.add_argument("--saturated-s", type=float, default=8.0,
+                   help=f"seconds of back-to-back Verify calls per concurrency of "
+                        f"{SATURATED} (default: %(default)s)")
     p.add_argument("--concurrency", default="1,4,16,32",
                    help="concurrent streams, comma-separated (default: %(default)s)")
     p.add_argument("--waves", type=int, default=3,
@@ -143,10 +156,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not isinstance(args.request_fields, dict):
         p.error("--request-fields: a JSON object of request fields")
     args.policies = [x for x in args.policies.split(",") if x]
-    unknown = set(args.policies) - {*ROUTER_POLICIES, VLLM_SPEC}
+    unknown = set(args.policies) - {*ROUTER_POLICIES, VLLM_SPEC, SATURATED}
     if unknown:
         p.error(f"unknown policies {sorted(unknown)}; choose from "
-                f"{', '.join([*ROUTER_POLICIES, VLLM_SPEC])}")
+                f"{', '.join([*ROUTER_POLICIES, VLLM_SPEC, SATURATED])}")
+    if args.saturated_s <= 0:
+        p.error("--saturated-s must be > 0")
     try:
         args.concurrency = [int(x) for x in args.concurrency.split(",") if x]
     except ValueError:
@@ -169,7 +184,8 @@ def entry(policy: str, concurrency: int, metrics: dict, cpu_s: dict[str, float |
     usage = metrics.get("usage") or {}
     routed = policy in ROUTER_POLICIES
     one_per_request = policy in (BASELINE, VLLM_SPEC)
-    llm_verifies = usage.get("llm_messages") if routed and policy != BASELINE else None
+    llm_verifies = (usage.get("llm_messages")
+                    if (routed and policy != BASELINE) or policy == SATURATED else None)
     measured = [s for s in cpu_s.values() if s is not None]
     return {
         "policy": policy, "concurrency": concurrency, "tokens_per_s": metrics["tokens_per_s"],
@@ -251,11 +267,78 @@ def router_flags(args) -> list[str]:
     return flags + args.router_args.split()
 
 
+async def saturate(slm_address: str, llm_address: str, prompts: list[str], n: int,
+                   seconds: float, block: int, roots: dict[str, int | None]) -> dict:
+    """`n` verifier sessions on the LLM tier, each calling Verify back to back for `seconds`
+    with a block the drafter drafted once before the timing (its real q; two variants of it
+    alternate, so no call repeats the one before, which a verifier would replay as a retry),
+    every call cut back to the same position. Unseeded: each call draws afresh, so the tokens
+    a call yields follow the drafter's acceptance. The LLM tier's tree CPU is read around the
+    calls. run_metrics' shape: tokens = tokens the calls emitted (accepted + 1 each)."""
+
+    from hilm_vllm.drafter.client import DrafterClient
+    from hilm_vllm.lab.bench.round_cost import Pair, variant
+    from hilm_vllm.verifier.client import VerifierClient
+
+    async with DrafterClient(slm_address, "cloud-cost") as slm, \
+            VerifierClient(llm_address, "cloud-cost") as llm:
+        pairs = [await Pair(slm, llm, block, seed=None, prompt=prompts[i % len(prompts)]).open()
+                 for i in range(n)]
+        blocks = []
+        for pair in pairs:
+            drafted = await pair.draft()
+            blocks.append((drafted, variant(drafted)))
+            await pair.verify(blocks[-1][1])  # warm: the session's first chunk holds the prompt
+        calls, tokens, errors = [0] * n, [0] * n, []
+
+        async def loop(i: int) -> None:
+            pair = pairs[i]
+            while time.perf_counter() < deadline:
+                try:
+                    r = await pair.verify(blocks[i][calls[i] % 2])
+                except Exception as e:  # noqa: BLE001 - counted, the others go on
+                    errors.append(f"{type(e).__name__}: {e}")
+                    return
+                calls[i] += 1
+                tokens[i] += r.position - pair.base
+
+        with TreeCPU(roots) as cpu:
+            t0 = time.perf_counter()
+            deadline = t0 + seconds
+            await asyncio.gather(*(loop(i) for i in range(n)))
+            wall = time.perf_counter() - t0
+        for pair in pairs:
+            await pair.close()
+    total, verifies = sum(tokens), sum(calls)
+    metrics = {"requests": n, "errors": len(errors), "tokens": total, "wall_s": wall,
+               "tokens_per_s": total / wall if wall else None,
+               "tr_llm": ratio(verifies, total), "usage": {"llm_messages": verifies}}
+    if errors:
+        print(f"  {len(errors)} failed, e.g. {errors[0][:300]}", flush=True)
+    return {"metrics": metrics, "cpu": cpu}
+
+
+def saturated_runs(stack: Stack, prompts: list[str], args, report) -> None:
+    """The LLM's cost per token when Verify calls keep it busy and the drafts cost it nothing
+    (drafters on devices): `saturate` at every concurrency."""
+
+    if SATURATED not in args.policies:
+        return
+    roots = {t: stack.tiers[t].proc.pid if t in stack.tiers else None for t in TIERS}
+    for c in args.concurrency:
+        out = asyncio.run(saturate(stack.tiers["slm"].grpc_address,
+                                   stack.tiers["llm"].grpc_address, prompts, c,
+                                   args.saturated_s, args.block_size, roots))
+        cpu = out["cpu"]
+        report(entry(SATURATED, c, out["metrics"], cpu.seconds, cpu.by_role, cpu.vanished))
+
+
 def router_runs(prompts: list[str], args, report) -> None:
-    """The router policies on the family's four tiers (hilm_vllm.stack, as `hilm up`)."""
+    """The router policies on the family's four tiers (hilm_vllm.stack, as `hilm up`), and
+    verify-saturated on the same tiers."""
 
     policies = [p for p in args.policies if p in ROUTER_POLICIES]
-    if not policies:
+    if not policies and SATURATED not in args.policies:
         return
     window = f"--verify-batch-window-ms {args.verify_batch_window_ms:g}"
     plan = family_plan(args.zoo, router_flags=router_flags(args),
@@ -273,6 +356,7 @@ def router_runs(prompts: list[str], args, report) -> None:
             for c in args.concurrency:
                 report(measure(stack.url, policy, policy, c, roots, prompts, args, extra,
                                settle))
+        saturated_runs(stack, prompts, args, report)
 
 
 def vllm_spec_runs(zoo, prompts: list[str], args, report) -> None:
@@ -332,7 +416,7 @@ def plot(runs: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [*ROUTER_POLICIES, VLLM_SPEC]
+    names = [*ROUTER_POLICIES, VLLM_SPEC, SATURATED]
     colors = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(names)}
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     series: dict[str, list[dict]] = {}
@@ -342,7 +426,7 @@ def plot(runs: list[dict], path: Path) -> None:
         rs = sorted(rs, key=lambda r: r["concurrency"])
         xs = [r["concurrency"] for r in rs]
         style = dict(marker="o", color=colors.get(name), label=name,
-                     linestyle="--" if name == VLLM_SPEC else "-")
+                     linestyle="--" if name == VLLM_SPEC else ":" if name == SATURATED else "-")
         axes[0].plot(xs, [r["llm_cpu_ms_per_token"] for r in rs], **style)
         axes[1].plot(xs, [r["total_cpu_ms_per_token"] for r in rs], **style)
     ticks = sorted({r["concurrency"] for r in runs})

@@ -291,9 +291,10 @@ def median_or_none(values: Sequence[float]) -> float | None:
 class Pair:
     """A drafter session and a verifier session on the same prompt, cut back every call."""
 
-    def __init__(self, slm: DrafterClient, llm: VerifierClient, block: int, seed: int,
+    def __init__(self, slm: DrafterClient, llm: VerifierClient, block: int, seed: int | None,
                  prompt: str | Sequence[int] = PROMPT):
-        """`seed`: the verifier session's (its acceptance draws); `prompt`: text or token ids."""
+        """`seed`: the verifier session's (its acceptance draws; None: fresh draws every call);
+        `prompt`: text or token ids."""
         self.slm, self.llm, self.block, self.seed = slm, llm, block, seed
         self.prompt = prompt if isinstance(prompt, str) else list(prompt)
 
