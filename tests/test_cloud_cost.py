@@ -64,6 +64,19 @@ def test_llm_only_and_vllm_spec_have_no_verify_and_one_message_per_request():
     assert v["total_cpu_ms_per_token"] == pytest.approx(10.0)
 
 
+def test_verify_saturated_counts_its_verify_calls():
+    """verify-saturated: no router; its tokens are what its Verify calls emitted, its verifies
+    are its calls (usage.llm_messages), tr_llm = calls / tokens."""
+    m = metrics(tr_llm=0.4, tr_ilm=None, uplink_bytes_per_token=None,
+                draft_bytes_per_token=None, usage={"llm_messages": 26})
+    e = entry(cloud_cost.SATURATED, 16, m, {"llm": 0.52, "slm": 0.0, "router": 0.0})
+    assert e["llm_cpu_ms_per_token"] == pytest.approx(520 / 64)
+    assert e["llm_cpu_ms_per_verify"] == pytest.approx(520 / 26)
+    assert e["tr_llm"] == 0.4 and e["tr_ilm"] is None and e["uplink_bytes_per_token"] is None
+    assert add_ratios([entry("llm-only", 16, metrics(), {"llm": 0.26}), e])[1][
+        "llm_cpu_ratio"] == pytest.approx(2.0)
+
+
 def test_no_tokens_or_no_reading_gives_null_not_zero():
     e = entry("spec", 1, metrics(tokens=0, errors=4, tokens_per_s=None),
               {"llm": None, "ilm": None, "slm": None, "router": None})
@@ -100,11 +113,15 @@ def test_the_json_document_and_table(tmp_path, monkeypatch):
 def test_arguments_and_registration():
     args = parse_args([])
     assert args.concurrency == [1, 4, 16, 32] and args.waves == 3 and args.max_tokens == 48
-    assert args.policies == ["llm-only", "spec", "hilm", "uhlm", "cascade", "vllm-spec"]
+    assert args.policies == ["llm-only", "spec", "hilm", "uhlm", "cascade", "vllm-spec",
+                             "verify-saturated"]
     args = parse_args(["--policies", "hilm,vllm-spec", "--concurrency", "1,4", "--zoo", "tiny"])
     assert args.policies == ["hilm", "vllm-spec"] and args.concurrency == [1, 4]
-    with pytest.raises(SystemExit):
-        parse_args(["--policies", "nope"])
+    args = parse_args(["--policies", "verify-saturated", "--saturated-s", "2.5"])
+    assert args.policies == ["verify-saturated"] and args.saturated_s == 2.5
+    for bad in (["--policies", "nope"], ["--saturated-s", "0"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
     assert BENCHMARKS["cloud-cost"][0] == "cloud_cost"
 
 

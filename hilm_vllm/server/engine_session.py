@@ -157,7 +157,20 @@ class EngineSession:
 # one request of max-model-len; before each chunk the least recently used idle sessions past
 # that are closed (evicted): their next call opens a new request from the history the tier
 # keeps, reading what is left of it in the prefix cache.
+# A paused request also keeps its seat: vLLM 0.32's scheduler counts requests waiting for
+# their next chunk against max-num-seqs (`Scheduler.schedule`: "Paused streaming sessions ...
+# still hold a model-runner request slot"). With max-num-seqs idle sessions resident, a new
+# session's request would never be scheduled (and, when those sessions' clients wait for it,
+# nothing would move again). So the sessions with a request are also at most max-num-seqs: a
+# call that needs a seat evicts the least recently used idle session, and a chunk that ends
+# while the seats are over-subscribed gives its seat back.
 RESIDENT_KV_SHARE = 0.5
+
+
+def request_slots(engine) -> int:
+    """max-num-seqs of the engine's scheduler (0: not known)."""
+    sched = getattr(getattr(engine, "vllm_config", None), "scheduler_config", None)
+    return int(getattr(sched, "max_num_seqs", 0) or 0)
 
 
 def kv_capacity_tokens(engine) -> int:
@@ -177,11 +190,13 @@ def resident_budget(capacity: int, max_model_len: int, share: float = RESIDENT_K
 
 class ResidentSessions:
     """A tier's engine sessions by session id, least recently used first, bounded in the tokens
-    they hold (`max_tokens`; 0 = unbounded)."""
+    they hold (`max_tokens`; 0 = unbounded) and in number (`max_sessions`, the engine's request
+    slots; 0 = unbounded)."""
 
-    def __init__(self, engine, max_tokens: int):
+    def __init__(self, engine, max_tokens: int, max_sessions: int = 0):
         self.engine = engine
         self.max_tokens = max_tokens
+        self.max_sessions = max_sessions
         self._lru: collections.OrderedDict[str, EngineSession] = collections.OrderedDict()
         self._opened: dict[str, int] = {}
         self.evicted = 0  # sessions closed to stay within max_tokens
@@ -191,7 +206,8 @@ class ResidentSessions:
     def of(cls, engine) -> ResidentSessions:
         model = getattr(engine, "model_config", None)
         return cls(engine, resident_budget(kv_capacity_tokens(engine),
-                                           int(getattr(model, "max_model_len", 0) or 0)))
+                                           int(getattr(model, "max_model_len", 0) or 0)),
+                   request_slots(engine))
 
     def __len__(self) -> int:
         return len(self._lru)
@@ -228,24 +244,31 @@ class ResidentSessions:
 
     def trim(self, keep: str | None = None) -> None:
         """Evict idle sessions, least recently used first, until the idle ones hold at most
-        `max_tokens` (`keep`, about to run, stays). Runs before each chunk and after each one
-        ends, so the running chunks always have the rest of the cache."""
-        if not self.max_tokens:
+        `max_tokens` and the sessions with a request (`keep`, about to run, counted whether it
+        has one yet or not) are at most `max_sessions`; `keep` stays. Runs before each chunk and
+        after each one ends, so the running chunks always have the rest of the cache and a
+        request waiting for a seat gets the one a finished chunk leaves."""
+        if not self.max_tokens and not self.max_sessions:
             return
         idle = {sid: s for sid, s in self._lru.items() if not s.busy}
         held = sum(len(s.held) for s in idle.values())
+        seats = len(self._lru) + (keep is not None and keep not in self._lru)
         for sid, session in idle.items():
-            if held <= self.max_tokens:
+            over_tokens = bool(self.max_tokens) and held > self.max_tokens
+            over_seats = bool(self.max_sessions) and seats > self.max_sessions
+            if not (over_tokens or over_seats):
                 break
             if sid == keep:
                 continue
             held -= len(session.held)
+            seats -= 1
             del self._lru[sid]
             session.close()
             self.evicted += 1
 
     def stats(self) -> dict:
         return {"resident_sessions": len(self._lru), "resident_tokens": self.held_tokens,
-                "max_resident_tokens": self.max_tokens, "evicted": self.evicted,
+                "max_resident_tokens": self.max_tokens,
+                "max_resident_sessions": self.max_sessions, "evicted": self.evicted,
                 "reopened": self.reopened,
                 "chunks": sum(s.chunks for s in self._lru.values())}

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from hilm_vllm.sampling import SamplingSpec
-from hilm_vllm.server.engine_session import kv_capacity_tokens
+from hilm_vllm.server.engine_session import ResidentSessions, kv_capacity_tokens
 from hilm_vllm.verifier.core import Verifier, VerifierSettings
 from hilm_vllm.verifier.session import VerifyCall
 from hilm_vllm.verifier.tier import WORKER_EXTENSION
@@ -32,7 +32,7 @@ BLOCK = 32  # the engine's block size (CPU: a multiple of 32)
 
 
 @contextlib.asynccontextmanager
-async def verifier_on(model_dir, kv_bytes: int = 64 << 20):
+async def verifier_on(model_dir, kv_bytes: int = 64 << 20, max_num_seqs: int | None = None):
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -46,6 +46,7 @@ async def verifier_on(model_dir, kv_bytes: int = 64 << 20):
         kv_cache_memory_bytes=kv_bytes, enable_prefix_caching=True, enforce_eager=True,
         # vLLM's Prometheus metrics would clash with the router's in this test process
         disable_log_stats=True,
+        **({} if max_num_seqs is None else {"max_num_seqs": max_num_seqs}),
         worker_extension_cls=WORKER_EXTENSION))
     try:
         verifier = await Verifier.start(engine, VerifierSettings(max_sessions=256,
@@ -205,6 +206,70 @@ def test_idle_sessions_are_evicted_and_every_session_stays_exact(tiny_zoo):
     assert held <= capacity // 2, (held, capacity)
     assert stats["reopened"] > 0, stats
     for prompt, history in zip(prompts, again):
+        assert history == prompt + greedy_draft(tiny_zoo.llm, prompt, len(history) - len(prompt))
+
+
+def test_sessions_with_a_request_never_outnumber_the_engine_seats():
+    """vLLM counts a request waiting for its next chunk against max-num-seqs: the pool keeps
+    at most that many sessions with a request. A session that needs a seat evicts the least
+    recently used idle one; busy ones are never evicted (the new one then waits in vLLM's queue)
+    and a chunk that ends while the seats are over-subscribed gives its seat back."""
+    pool = ResidentSessions(engine=None, max_tokens=0, max_sessions=2)
+    a, b = pool.get("a"), pool.get("b")
+    assert len(pool) == 2 and pool.evicted == 0
+    pool.get("c")  # a is the least recently used idle session
+    assert list(pool._lru) == ["b", "c"] and a.closed and pool.evicted == 1
+    pool.get("b")  # already has its seat: nothing moves
+    assert list(pool._lru) == ["c", "b"] and pool.evicted == 1
+
+    class Busy:  # a chunk in flight
+        def done(self):
+            return False
+    pool._lru["c"]._running = pool._lru["b"]._running = Busy()
+    pool.get("d")  # every seat busy: d goes over, to wait in vLLM's queue
+    assert list(pool._lru) == ["c", "b", "d"] and pool.evicted == 1
+    pool._lru["c"]._running = None  # c's chunk ended: its seat goes to the waiting one
+    pool.trim()
+    assert list(pool._lru) == ["b", "d"] and pool.evicted == 2
+    assert pool.stats()["max_resident_sessions"] == 2
+
+
+def test_more_sessions_than_seats_never_stall_and_stay_exact(tiny_zoo):
+    """max-num-seqs 4 and 10 sessions: each opened and verified in turn (before the pool kept
+    the sessions within the seats, the fifth waited forever behind four idle requests), then
+    all at once for 2 greedy rounds, then each once more: every session emits exactly the LLM's
+    greedy tokens, and at most 4 hold a request at the end. Stalls show as a timeout."""
+    prompts = [(p * 4)[k:k + 60] for p in heldout_prompts(tiny_zoo, 5, 60) for k in (0, 7)]
+    n = 3
+
+    async def round_(verifier, sid, history, spoil=True):
+        draft = greedy_draft(tiny_zoo.llm, history, n)
+        if spoil:
+            draft[-1] = (draft[-1] + 1) % 100
+        reply = await verify(verifier, sid, len(history), draft)
+        return history + [*draft[:reply.num_accepted], reply.next_token]
+
+    async def main():
+        async with verifier_on(tiny_zoo.llm, max_num_seqs=4) as verifier:
+            assert verifier.resident.max_sessions == 4
+            sessions = []
+            for prompt in prompts:  # one after the other: the earlier ones sit idle
+                opened = await verifier.open_session(OWNER, prompt, GREEDY)
+                history = await asyncio.wait_for(
+                    round_(verifier, opened.session_id, list(prompt)), 60)
+                sessions.append([opened.session_id, history])
+
+            async def two(entry):
+                for _ in range(2):
+                    entry[1] = await round_(verifier, *entry)
+            await asyncio.wait_for(asyncio.gather(*(two(e) for e in sessions)), 120)
+            for entry in sessions:
+                entry[1] = await asyncio.wait_for(round_(verifier, *entry, spoil=False), 60)
+            return sessions, verifier.resident.stats()
+
+    sessions, stats = asyncio.run(main())
+    assert stats["resident_sessions"] <= 4 and stats["evicted"] >= 6, stats
+    for prompt, (_, history) in zip(prompts, sessions):
         assert history == prompt + greedy_draft(tiny_zoo.llm, prompt, len(history) - len(prompt))
 
 
