@@ -215,7 +215,8 @@ def test_sessions_with_a_request_never_outnumber_the_engine_seats():
     recently used idle one; busy ones are never evicted (the new one then waits in vLLM's queue)
     and a chunk that ends while the seats are over-subscribed gives its seat back."""
     pool = ResidentSessions(engine=None, max_tokens=0, max_sessions=2)
-    a, b = pool.get("a"), pool.get("b")
+    a = pool.get("a")
+    pool.get("b")
     assert len(pool) == 2 and pool.evicted == 0
     pool.get("c")  # a is the least recently used idle session
     assert list(pool._lru) == ["b", "c"] and a.closed and pool.evicted == 1
