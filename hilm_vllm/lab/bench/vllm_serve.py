@@ -11,12 +11,30 @@ distribution name, and `vllm`'s argument parser asks for the version of the dist
 With the CUDA wheel, `vllm bench serve ...` and this are the same.
 
 The result JSON (`--save-result`) holds vLLM's `spec_decode_*` figures, which the benchmark
-computes from the router's `/metrics` (`vllm:spec_decode_*`) before and after the run.
+computes from the router's `/metrics` (`vllm:spec_decode_*`) before and after the run. As every
+benchmark of this project, it names the home directory `~` (results are committed: no machine
+paths; vLLM records the tokenizer's path).
 """
 
 from __future__ import annotations
 
 import sys
+import time
+from pathlib import Path
+
+
+def unhome(folder: Path, since: float) -> list[Path]:
+    """The JSON files under `folder` written since `since` (epoch seconds), with the home
+    directory written as `~`: the result files this run saved."""
+    home = str(Path.home())
+    changed = []
+    for path in folder.glob("*.json"):
+        if path.stat().st_mtime >= since:
+            text = path.read_text()
+            if home in text:
+                path.write_text(text.replace(home, "~"))
+            changed.append(path)
+    return changed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         description="vLLM's `vllm bench serve` (its code, its flags) against the router")
     add_cli_args(parser)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    started = time.time() - 1
     bench_main(args)
+    if getattr(args, "save_result", False) or getattr(args, "append_result", False):
+        unhome(Path(getattr(args, "result_dir", None) or "."), started)
     return 0
 
 
