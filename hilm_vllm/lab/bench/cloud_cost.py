@@ -107,6 +107,26 @@ ENTRY_KEYS = RUN_KEYS + EXTRA_KEYS
 SETTLE_S = 10.0  # at most this long for the tiers to close a wave's sessions
 
 
+def add_wave_args(p: argparse.ArgumentParser) -> None:
+    """The load's shape and the router's flags, declared once for the benchmarks that stream
+    waves through a family's router (this one and `hilm bench profile`): what `waves` and
+    `router_flags` read."""
+    p.add_argument("--waves", type=int, default=3,
+                   help="timed requests per run = concurrency x waves (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=48,
+                   help="tokens per request (default: %(default)s)")
+    p.add_argument("--warmup-tokens", type=int, default=4,
+                   help="tokens per request of the untimed warm-up wave (default: %(default)s)")
+    p.add_argument("--block-size", type=int, default=4, help="k (default: %(default)s)")
+    p.add_argument("--thresholds", default=None,
+                   help="the router's thresholds YAML (default: the family's "
+                        "engine_configs/thresholds-<zoo>.yaml when there is one)")
+    p.add_argument("--router-args", default="",
+                   help="more router flags, e.g. \"--t1 0.3 --t2 0.6\" (recorded in config)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="request i is seeded with SEED + i (default: %(default)s)")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]),
@@ -121,22 +141,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"{SATURATED} (default: %(default)s)")
     p.add_argument("--concurrency", default="1,4,16,32",
                    help="concurrent streams, comma-separated (default: %(default)s)")
-    p.add_argument("--waves", type=int, default=3,
-                   help="timed requests per run = concurrency x waves (default: %(default)s)")
-    p.add_argument("--max-tokens", type=int, default=48,
-                   help="tokens per request (default: %(default)s)")
-    p.add_argument("--warmup-tokens", type=int, default=4,
-                   help="tokens per request of the untimed warm-up wave (default: %(default)s)")
-    p.add_argument("--block-size", type=int, default=4, help="k (default: %(default)s)")
+    add_wave_args(p)
     p.add_argument("--optimistic", action=argparse.BooleanOptionalAction, default=None,
                    help="optimistic drafting for the drafting policies: --optimistic drafts "
                         "ahead every round, --no-optimistic never (default: the router's, on "
                         "while a request's draft-ahead is likely kept, --optimistic-min-keep)")
-    p.add_argument("--thresholds", default=None,
-                   help="the router's thresholds YAML (default: the family's "
-                        "engine_configs/thresholds-<zoo>.yaml when there is one)")
-    p.add_argument("--router-args", default="",
-                   help="more router flags, e.g. \"--t1 0.3 --t2 0.6\" (recorded in config)")
     p.add_argument("--verify-batch-window-ms", type=float, default=0.0,
                    help="the verifier tiers' batching window (hilm-serve "
                         "--verify-batch-window-ms; recorded in config) (default: %(default)s)")
@@ -144,7 +153,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="engine placement layout (docs/serving.md, 'placement'; default: hilm-serve's)")
     p.add_argument("--replot", type=Path, default=None,
                    help="only redraw the PNG of an existing cloud-cost JSON")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--request-fields", default="{}", metavar="JSON",
                    help="more request fields for every request (a JSON object, e.g. "
                         "'{\"presence_penalty\": 0.5, \"logprobs\": 5}'; recorded in config)")

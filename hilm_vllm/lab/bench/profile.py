@@ -51,7 +51,8 @@ from pathlib import Path
 import psutil
 
 from hilm_vllm.lab.bench import add_common_args
-from hilm_vllm.lab.bench.cloud_cost import ROUTER_POLICIES, TIERS, router_flags, waves
+from hilm_vllm.lab.bench.cloud_cost import (ROUTER_POLICIES, TIERS, add_wave_args,
+                                            router_flags, waves)
 from hilm_vllm.lab.bench.cpu import ROOT_ROLE, TreeCPU, ms_per
 from hilm_vllm.lab.bench.demo import run_metrics
 from hilm_vllm.lab.benchjson import write_result
@@ -78,21 +79,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         + " (default: %(default)s)")
     p.add_argument("--concurrency", type=int, default=16,
                    help="concurrent streams (default: %(default)s)")
-    p.add_argument("--waves", type=int, default=3,
-                   help="timed requests = concurrency x waves (default: %(default)s)")
-    p.add_argument("--max-tokens", type=int, default=48,
-                   help="tokens per request (default: %(default)s)")
-    p.add_argument("--warmup-tokens", type=int, default=4,
-                   help="tokens per request of the untimed warm-up wave (default: %(default)s)")
-    p.add_argument("--block-size", type=int, default=4, help="k (default: %(default)s)")
+    add_wave_args(p)
     p.add_argument("--rate", type=int, default=100,
                    help="py-spy samples per second (default: %(default)s)")
     p.add_argument("--top", type=int, default=40,
                    help="frames kept per process and ranking (default: %(default)s)")
-    p.add_argument("--thresholds", default=None,
-                   help="the router's thresholds YAML (default: the family's)")
-    p.add_argument("--router-args", default="", help="more router flags (recorded in config)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--summary", type=Path, default=None,
                    help="only print the top frames of an existing profile JSON")
     args = p.parse_args(argv)
@@ -102,8 +93,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown policies {sorted(unknown)}; choose from {', '.join(ROUTER_POLICIES)}")
     if args.concurrency < 1 or args.waves < 1 or args.rate < 1 or args.top < 1:
         p.error("--concurrency, --waves, --rate and --top must be at least 1")
-    # cloud_cost.router_flags reads these
-    args.verify_batch_window_ms, args.optimistic, args.request_fields = 0.0, None, {}
     return args
 
 
